@@ -1,0 +1,39 @@
+# Quick start: `make demo` (set up + main job on the embedded default), `make test` (set up + whole test suite).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+TORCH  := torch==2.13.0
+
+.PHONY: setup demo test bench bench-peers fashion clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/torchtn compress
+
+test: setup
+	$(PY) -m pytest
+
+# Peers the benchmarks compare with. torch-mpo declares Python >= 3.12 but imports and runs on 3.11.
+bench-peers: setup
+	$(PIP) install --quiet "tensorly-torch>=0.5" packaging
+	$(PIP) install --quiet --no-deps --ignore-requires-python torch-mpo
+
+bench: bench-peers
+	$(PY) bench/run.py --out docs/benchmarks.md
+
+# The Fashion-MNIST result quoted in the README (needs `apt-get install -y dataset-fashion-mnist`).
+fashion: setup
+	$(VENV)/bin/torchtn compress --dataset fashion-mnist --epochs 15 --ratio 50 --out runs/fashion-ratio50
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

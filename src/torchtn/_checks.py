@@ -1,0 +1,74 @@
+"""Argument validation shared by every public entry point.
+
+Each helper raises ``ValueError``/``TypeError`` naming the argument, the value received and what is allowed, so that
+bad input fails at the API boundary rather than deep inside a contraction.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from numbers import Integral, Real
+
+__all__ = [
+    "check_positive_int",
+    "check_nonnegative_int",
+    "check_rel_tol",
+    "check_shape",
+    "check_choice",
+    "check_positive_real",
+]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def check_positive_int(name: str, value: object, *, allow_none: bool = False) -> int | None:
+    """Return ``value`` if it is an integer ≥ 1 (or ``None`` when allowed)."""
+    if value is None and allow_none:
+        return None
+    if not _is_int(value) or int(value) < 1:  # type: ignore[arg-type]
+        allowed = "a positive integer" + (" or None" if allow_none else "")
+        raise ValueError(f"{name}={value!r} is not allowed: expected {allowed}")
+    return int(value)  # type: ignore[arg-type]
+
+
+def check_nonnegative_int(name: str, value: object) -> int:
+    """Return ``value`` if it is an integer ≥ 0."""
+    if not _is_int(value) or int(value) < 0:  # type: ignore[arg-type]
+        raise ValueError(f"{name}={value!r} is not allowed: expected an integer >= 0")
+    return int(value)  # type: ignore[arg-type]
+
+
+def check_positive_real(name: str, value: object, *, allow_none: bool = False, minimum_exclusive: float = 0.0) -> float | None:
+    """Return ``float(value)`` if it is a finite real number > ``minimum_exclusive``."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(float(value)) or float(value) <= minimum_exclusive:
+        raise ValueError(f"{name}={value!r} is not allowed: expected a finite number > {minimum_exclusive:g}")
+    return float(value)
+
+
+def check_rel_tol(name: str, value: object, *, allow_none: bool = True) -> float | None:
+    """Return a relative tolerance in the open interval (0, 1)."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, Real) or isinstance(value, bool) or not (0.0 < float(value) < 1.0):
+        raise ValueError(f"{name}={value!r} is not allowed: expected a number in the open interval (0, 1)")
+    return float(value)
+
+
+def check_shape(name: str, value: object) -> tuple[int, ...]:
+    """Return ``value`` as a tuple of positive ints (a mode shape such as ``(4, 7, 7, 4)``)."""
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)) or len(value) == 0:
+        raise ValueError(f"{name}={value!r} is not allowed: expected a non-empty sequence of positive integers")
+    if not all(_is_int(v) and int(v) >= 1 for v in value):
+        raise ValueError(f"{name}={value!r} is not allowed: every entry must be a positive integer")
+    return tuple(int(v) for v in value)
+
+
+def check_choice(name: str, value: object, choices: Sequence[object]) -> object:
+    """Return ``value`` if it is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not allowed: expected one of {', '.join(map(repr, choices))}")
+    return value

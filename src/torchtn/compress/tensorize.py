@@ -1,0 +1,231 @@
+"""``tensorize``: replace a model's ``nn.Linear`` layers by ``MPOLinear`` initialized by TT-SVD."""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .._checks import check_positive_real, check_rel_tol
+from ..core import bond_spectra, suggest_shapes, tt_num_params, tt_ranks, tt_round, tt_svd, tt_to_dense
+from ..core.tt import bond_caps
+from ..layers import MPOLinear
+from ..layers.mpo_linear import _resolve_ranks, _resolve_shapes
+from ..report import format_table
+
+__all__ = ["tensorize", "TensorizeReport", "LayerReport", "allocate_ranks"]
+
+Skip = Iterable[str] | Callable[[str, nn.Module], bool]
+
+
+@dataclass
+class LayerReport:
+    """What happened to one ``nn.Linear``."""
+
+    name: str
+    out_features: int
+    in_features: int
+    out_shape: tuple[int, ...]
+    in_shape: tuple[int, ...]
+    ranks: tuple[int, ...]
+    params_before: int  # weight + bias
+    params_after: int
+    rel_error: float  # ‖W − W_tt‖_F / ‖W‖_F
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.params_before / self.params_after
+
+
+@dataclass
+class TensorizeReport:
+    """Per-layer results plus whole-model parameter counts; ``print(report)`` shows a table."""
+
+    layers: list[LayerReport]
+    params_before: int
+    params_after: int
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def compression_ratio(self) -> float:
+        """Whole-model dense parameters / tensorized parameters (≥ 1 means smaller)."""
+        return self.params_before / self.params_after
+
+    def table(self) -> str:
+        rows = [
+            (r.name, f"{r.out_features}×{r.in_features}", f"{r.out_shape}←{r.in_shape}", str(r.ranks),
+             r.params_before, r.params_after, round(r.compression_ratio, 1), r.rel_error)
+            for r in self.layers
+        ]
+        body = format_table(
+            ["layer", "shape", "modes (out←in)", "ranks", "params before", "params after", "ratio", "rel. error"], rows)
+        lines = [body, f"whole model: {self.params_before:,} → {self.params_after:,} parameters, "
+                       f"compression ratio {self.compression_ratio:.2f}× (dense / tensorized, all parameters counted)"]
+        if self.skipped:
+            lines.append("kept dense: " + ", ".join(self.skipped))
+        return "\n".join(lines)
+
+    __str__ = table
+
+    def to_dict(self) -> dict:
+        return {"layers": [asdict(r) | {"compression_ratio": r.compression_ratio} for r in self.layers],
+                "params_before": self.params_before, "params_after": self.params_after,
+                "compression_ratio": self.compression_ratio, "skipped": list(self.skipped)}
+
+
+def _skipper(skip: Skip) -> Callable[[str, nn.Module], bool]:
+    if callable(skip):
+        return skip
+    if isinstance(skip, str):
+        skip = [skip]
+    patterns = list(skip)
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"skip must be module-name patterns (str) or a callable, got an entry {p!r}")
+    return lambda name, _m: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _targets(model: nn.Module, skip: Skip) -> tuple[list[tuple[str, nn.Linear]], list[str]]:
+    """``nn.Linear`` layers to convert, and the names of those kept dense."""
+    skip_fn = _skipper(skip)
+    inside_mha = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+                  for c, _ in m.named_children()}
+    chosen, kept = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            # nn.MultiheadAttention reads out_proj.weight directly, so its linear layers must stay dense.
+            if name in inside_mha or skip_fn(name, module):
+                kept.append(name)
+            else:
+                chosen.append((name, module))
+    return chosen, kept
+
+
+def allocate_ranks(spectra: Sequence[Sequence[torch.Tensor]], shapes: Sequence[tuple[Sequence[int], Sequence[int]]],
+                   budget: int) -> list[list[int]]:
+    """Choose every layer's inner ranks so that the cores hold at most ``budget`` entries in total.
+
+    Start from the ranks the spectra allow and repeatedly drop, across all layers and bonds, the singular value whose
+    discarding costs the least squared error per parameter saved (``s² / Δparams``) — the budget goes where the
+    spectra are largest. ``spectra[l][k]``: singular values at bond ``k`` of layer ``l``; ``shapes[l]``:
+    ``(in_shape, out_shape)``. Raises ``ValueError`` if even rank 1 everywhere exceeds the budget.
+    """
+    ranks = [[1] + [len(s) for s in layer] + [1] for layer in spectra]
+
+    def params(li: int) -> int:
+        return tt_num_params(shapes[li][0], shapes[li][1], ranks[li])
+
+    minimum = sum(tt_num_params(i, o, [1] * (len(i) + 1)) for i, o in shapes)
+    if minimum > budget:
+        raise ValueError(f"the parameter budget of {budget:,} core entries is below the {minimum:,} that rank 1 needs")
+    total = sum(params(li) for li in range(len(ranks)))
+    sq = [[(s.double() ** 2).tolist() for s in layer] for layer in spectra]
+    while total > budget:
+        best = None
+        for li, layer in enumerate(ranks):
+            before = params(li)
+            for k in range(1, len(layer) - 1):
+                r = layer[k]
+                if r <= 1:
+                    continue
+                layer[k] = r - 1
+                saved = before - params(li)
+                layer[k] = r
+                if saved <= 0:
+                    continue
+                score = sq[li][k - 1][r - 1] / saved
+                if best is None or score < best[0]:
+                    best = (score, li, k, saved)
+        if best is None:
+            break
+        _, li, k, saved = best
+        ranks[li][k] -= 1
+        total -= saved
+    return [r[1:-1] for r in ranks]
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def tensorize(
+    model: nn.Module,
+    rank: int | Sequence[int] | None = None,
+    rel_tol: float | None = None,
+    ratio: float | None = None,
+    skip: Skip = (),
+    shapes: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
+) -> tuple[nn.Module, TensorizeReport]:
+    """A copy of ``model`` with its ``nn.Linear`` layers replaced by ``MPOLinear`` (TT-SVD of the trained weights).
+
+    Give ``rank`` (cap on every bond) and/or ``rel_tol`` (per-layer relative Frobenius error bound), or ``ratio``: a
+    whole-model compression ``dense parameters / tensorized parameters``, reached by sharing one budget across the
+    layers by their spectra (:func:`allocate_ranks`). ``skip``: module-name glob patterns (``"classifier*"``) or a
+    callable ``(name, module) -> bool`` for layers to keep dense; ``shapes``: ``{name: (in_shape, out_shape)}`` to
+    override the default balanced 4-mode factorization. Returns ``(new_model, report)``; the input is not modified.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    rel_tol = check_rel_tol("rel_tol", rel_tol)
+    ratio = check_positive_real("ratio", ratio, allow_none=True)
+    if ratio is not None and (rank is not None or rel_tol is not None):
+        raise ValueError("give either ratio, or rank and/or rel_tol — not both kinds")
+    if ratio is None and rank is None and rel_tol is None:
+        raise ValueError("tensorize needs rank=, rel_tol= or ratio= to know how much to compress")
+    new = copy.deepcopy(model)
+    targets, kept = _targets(new, skip)
+    if not targets:
+        raise ValueError("the model has no nn.Linear layer to tensorize (after skip)")
+    shapes = dict(shapes or {})
+    unknown = set(shapes) - {n for n, _ in targets}
+    if unknown:
+        raise ValueError(f"shapes names layers that are not converted: {sorted(unknown)}")
+    layer_shapes = []
+    for name, lin in targets:
+        in_s, out_s = shapes.get(name, (None, None))
+        layer_shapes.append(_resolve_shapes(lin.in_features, lin.out_features, in_s, out_s))
+    if rank is not None:
+        for in_s, out_s in layer_shapes:
+            _resolve_ranks(rank, in_s, out_s)  # validates the value early, with the argument's name
+    before = sum(p.numel() for p in model.parameters())
+    weights = [lin.weight.detach() for _, lin in targets]
+
+    if ratio is None:
+        core_lists = [tt_svd(w, i, o, max_rank=None if rank is None else _resolve_ranks(rank, i, o)[1:-1],
+                             rel_tol=rel_tol) for w, (i, o) in zip(weights, layer_shapes)]
+    else:
+        fixed = before - sum(w.numel() for w in weights)
+        budget = math.floor(before / ratio) - fixed
+        if budget <= 0:
+            raise ValueError(f"ratio={ratio:g} is unreachable: the {fixed:,} parameters that stay dense already exceed "
+                             f"{before:,}/{ratio:g} = {before / ratio:,.0f}")
+        cap_lists = []
+        for i, o in layer_shapes:  # no layer can use more than the whole budget: cap the initial decomposition
+            caps = bond_caps(i, o)
+            r = 1
+            while r < max(caps) and tt_num_params(i, o, [1, *(min(r + 1, c) for c in caps), 1]) <= budget:
+                r += 1
+            cap_lists.append(r)
+        first = [tt_svd(w, i, o, max_rank=r) for w, (i, o), r in zip(weights, layer_shapes, cap_lists)]
+        try:
+            chosen = allocate_ranks([bond_spectra(c) for c in first], layer_shapes, budget)
+        except ValueError as err:
+            raise ValueError(f"ratio={ratio:g} is unreachable: {err}") from None
+        core_lists = [tt_round(c, max_rank=r) for c, r in zip(first, chosen)]
+
+    rows = []
+    for (name, lin), cores, (i, o), w in zip(targets, core_lists, layer_shapes, weights):
+        bias = None if lin.bias is None else lin.bias.detach()
+        layer = MPOLinear.from_cores([c.to(w.dtype) for c in cores], bias=bias)
+        _replace(new, name, layer)
+        err = float(torch.linalg.vector_norm((tt_to_dense(cores) - w).double()) / torch.linalg.vector_norm(w.double()))
+        nb = 0 if bias is None else bias.numel()
+        rows.append(LayerReport(name, lin.out_features, lin.in_features, o, i, tt_ranks(cores), w.numel() + nb,
+                                layer.num_weight_params + nb, err))
+    after = sum(p.numel() for p in new.parameters())
+    return new, TensorizeReport(rows, before, after, kept)

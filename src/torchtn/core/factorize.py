@@ -1,0 +1,85 @@
+"""Balanced factorization of a dimension into ``d`` integer factors (the *mode shape* of a TT-matrix)."""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+from .._checks import check_positive_int
+
+__all__ = ["factorize", "prime_factors", "default_num_cores", "suggest_shapes"]
+
+
+def prime_factors(n: int) -> list[int]:
+    """Prime factors of ``n`` with multiplicity, ascending (``prime_factors(784) == [2, 2, 2, 2, 7, 7]``)."""
+    n = check_positive_int("n", n)
+    out: list[int] = []
+    p = 2
+    while p * p <= n:
+        while n % p == 0:
+            out.append(p)
+            n //= p
+        p += 1
+    if n > 1:
+        out.append(n)
+    return out
+
+
+@lru_cache(maxsize=1024)
+def _best_split(n: int, d: int) -> tuple[int, ...]:
+    """Factors of ``n`` into exactly ``d`` parts minimizing the spread of their logarithms."""
+    primes = prime_factors(n)
+    best: tuple[float, tuple[int, ...]] | None = None
+    target = math.log(n) / d
+
+    def search(i: int, bins: list[int]) -> None:
+        nonlocal best
+        if i < 0:
+            cost = sum((math.log(b) - target) ** 2 for b in bins)
+            key = tuple(sorted(bins))
+            if best is None or cost < best[0] - 1e-12 or (abs(cost - best[0]) <= 1e-12 and key < best[1]):
+                best = (cost, key)
+            return
+        seen: set[int] = set()
+        for j in range(d):
+            if bins[j] in seen:  # symmetric placements give the same multiset
+                continue
+            seen.add(bins[j])
+            bins[j] *= primes[i]
+            search(i - 1, bins)
+            bins[j] //= primes[i]
+
+    if len(primes) > 24:  # huge powers of two etc.: greedy largest-prime-into-smallest-bin is already balanced
+        bins = [1] * d
+        for p in reversed(primes):
+            bins[bins.index(min(bins))] *= p
+        return tuple(sorted(bins))
+    search(len(primes) - 1, [1] * d)
+    assert best is not None
+    return best[1]
+
+
+def factorize(n: int, d: int) -> tuple[int, ...]:
+    """Split ``n`` into ``d`` factors that are as equal as possible, arranged small–large–small.
+
+    The arrangement puts the largest factors in the middle (``factorize(784, 4) == (4, 7, 7, 4)``, Gao et al.'s shape),
+    which keeps the bonds near the ends cheap. Padding with 1's happens when ``n`` has fewer than ``d`` prime factors.
+    """
+    n = check_positive_int("n", n)
+    d = check_positive_int("d", d)
+    asc = _best_split(n, d)
+    left = list(asc[0::2])
+    right = list(asc[1::2])
+    return tuple(left + right[::-1])
+
+
+def default_num_cores(in_features: int, out_features: int, max_cores: int = 4) -> int:
+    """Number of cores used when no shapes are given: ``max_cores`` unless neither size has that many prime factors."""
+    most = max(len(prime_factors(in_features)), len(prime_factors(out_features)))
+    return max(1, min(max_cores, most))
+
+
+def suggest_shapes(in_features: int, out_features: int, d: int | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(in_shape, out_shape)`` of ``d`` balanced factors each (``d`` chosen by :func:`default_num_cores` if None)."""
+    if d is None:
+        d = default_num_cores(in_features, out_features)
+    return factorize(in_features, d), factorize(out_features, d)

@@ -1,0 +1,185 @@
+"""Datasets as standardized tensors with fixed train/val/test splits.
+
+Every loader returns a :class:`Dataset`; images are flattened to ``(n, features)`` float32 rows, standardized with
+the training split's global mean and standard deviation; labels are int64. Splits are fixed (a seeded permutation that
+never depends on the user's seed), so every run and every model sees the same examples.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .._checks import check_choice
+from .idx import read_idx
+
+__all__ = ["Dataset", "load_dataset", "load_digits", "load_fashion_mnist", "load_mnist", "load_cifar10",
+           "DATASETS", "FASHION_MNIST_DIR", "DataFilesMissing"]
+
+DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
+_SPLIT_SEED = 20240101  # fixed: splits never change with the experiment's seed
+
+
+class DataFilesMissing(FileNotFoundError):
+    """A dataset's files are not where they should be; the message says where to put which files."""
+
+
+@dataclass
+class Dataset:
+    """Standardized splits: ``x_*`` ``(n, features)`` float32, ``y_*`` ``(n,)`` int64."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    image_shape: tuple[int, ...]
+    num_classes: int
+
+    @property
+    def num_features(self) -> int:
+        return int(self.x_train.shape[1])
+
+    def describe(self) -> str:
+        return (f"{self.name}: {len(self.y_train):,} train / {len(self.y_val):,} val / {len(self.y_test):,} test, "
+                f"{self.num_features} features {self.image_shape}, {self.num_classes} classes")
+
+
+def _finish(name: str, x_trainval: np.ndarray, y_trainval: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+            val_fraction: float, image_shape: tuple[int, ...], num_classes: int) -> Dataset:
+    x_trainval = x_trainval.reshape(len(x_trainval), -1).astype(np.float32)
+    x_test = x_test.reshape(len(x_test), -1).astype(np.float32)
+    perm = np.random.default_rng(_SPLIT_SEED).permutation(len(x_trainval))
+    n_val = int(round(val_fraction * len(x_trainval)))
+    val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    x_train = x_trainval[train_idx]
+    mean, std = float(x_train.mean()), float(x_train.std()) or 1.0
+
+    def t(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy((x - mean) / std)
+
+    def lab(y: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(y, dtype=np.int64))
+
+    return Dataset(name, t(x_train), lab(y_trainval[train_idx]), t(x_trainval[val_idx]), lab(y_trainval[val_idx]),
+                   t(x_test), lab(y_test), image_shape, num_classes)
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's 8×8 digits (1,797 images, ships with scikit-learn): 20% test, 10% of the rest validation."""
+    from sklearn.datasets import load_digits as _sk_digits
+
+    bunch = _sk_digits()
+    x, y = bunch.data.astype(np.float32), bunch.target.astype(np.int64)
+    perm = np.random.default_rng(_SPLIT_SEED + 1).permutation(len(x))
+    n_test = int(round(0.2 * len(x)))
+    test, rest = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+    return _finish("digits", x[rest], y[rest], x[test], y[test], 0.1, (8, 8), 10)
+
+
+def _find(directory: Path, stems: list[str], dataset: str, how: str) -> Path:
+    """The first existing file among ``stem``, ``stem.gz`` for each naming variant."""
+    for stem in stems:
+        for candidate in (directory / stem, directory / f"{stem}.gz"):
+            if candidate.is_file():
+                return candidate
+    raise DataFilesMissing(f"{dataset}: no {stems[0]}[.gz] in {directory}. {how}")
+
+
+def _load_idx_dir(directory: Path, dataset: str, how: str, image_shape: tuple[int, ...]) -> Dataset:
+    if not directory.is_dir():
+        raise DataFilesMissing(f"{dataset}: directory {directory} does not exist. {how}")
+    names = {
+        "xtr": ["train-images-idx3-ubyte", "train-images.idx3-ubyte"],
+        "ytr": ["train-labels-idx1-ubyte", "train-labels.idx1-ubyte"],
+        "xte": ["t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"],
+        "yte": ["t10k-labels-idx1-ubyte", "t10k-labels.idx1-ubyte"],
+    }
+    arrays = {k: read_idx(_find(directory, v, dataset, how)) for k, v in names.items()}
+    for split in ("tr", "te"):
+        if len(arrays["x" + split]) != len(arrays["y" + split]):
+            raise ValueError(f"{dataset}: {len(arrays['x' + split])} images but {len(arrays['y' + split])} labels "
+                             f"in the {'train' if split == 'tr' else 'test'} files of {directory}")
+    return _finish(dataset, arrays["xtr"], arrays["ytr"], arrays["xte"], arrays["yte"], 1 / 12, image_shape, 10)
+
+
+_IDX_FILES = "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz"
+
+
+def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
+    """Fashion-MNIST (60k/10k, 28×28) from IDX files; default directory is the Debian package's."""
+    directory = Path(data_dir) if data_dir is not None else FASHION_MNIST_DIR
+    how = (f"Install them with `apt-get install -y dataset-fashion-mnist` (files in {FASHION_MNIST_DIR}) or put "
+           f"{_IDX_FILES} there and pass --data-dir.")
+    return _load_idx_dir(directory, "fashion-mnist", how, (28, 28))
+
+
+def load_mnist(data_dir: str | os.PathLike | None) -> Dataset:
+    """MNIST (60k/10k, 28×28) from the standard IDX files (``.gz`` or raw) in ``data_dir``."""
+    if data_dir is None:
+        raise DataFilesMissing(f"mnist: no data directory given. Put {_IDX_FILES} in a directory and pass it "
+                               f"(--data-dir DIR, or data_dir=DIR)")
+    return _load_idx_dir(Path(data_dir), "mnist", f"Put {_IDX_FILES} (or their unzipped forms) there.", (28, 28))
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts/lists/bytes/NumPy arrays only: any other global is refused, so no code can run."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR-10 batch file")
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as fh:
+        batch = _ArrayOnlyUnpickler(fh, encoding="bytes").load()
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path} is not a CIFAR-10 python batch (expected a dict)")
+    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    if "data" not in batch or "labels" not in batch:
+        raise ValueError(f"{path} is not a CIFAR-10 python batch (no 'data'/'labels' entries)")
+    data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return data, np.asarray(batch["labels"], dtype=np.int64)
+
+
+def load_cifar10(data_dir: str | os.PathLike | None) -> Dataset:
+    """CIFAR-10 from its "python version" batches (``data_batch_1..5``, ``test_batch``), read without running code."""
+    files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    how = (f"Put the CIFAR-10 python-version files ({', '.join(files)}) there — the folder cifar-10-batches-py "
+           f"from cifar-10-python.tar.gz — and pass it with --data-dir.")
+    if data_dir is None:
+        raise DataFilesMissing(f"cifar10: no data directory given. {how}")
+    directory = Path(data_dir)
+    if (directory / "cifar-10-batches-py").is_dir():
+        directory = directory / "cifar-10-batches-py"
+    missing = [f for f in files if not (directory / f).is_file()]
+    if missing:
+        raise DataFilesMissing(f"cifar10: {', '.join(missing)} missing in {directory}. {how}")
+    parts = [_read_cifar_batch(directory / f) for f in files]
+    x_tr = np.concatenate([p[0] for p in parts[:5]])
+    y_tr = np.concatenate([p[1] for p in parts[:5]])
+    return _finish("cifar10", x_tr, y_tr, parts[5][0], parts[5][1], 0.1, (3, 32, 32), 10)
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
+    """Load one of :data:`DATASETS` by name."""
+    check_choice("dataset", name, DATASETS)
+    if name == "digits":
+        return load_digits()
+    if name == "fashion-mnist":
+        return load_fashion_mnist(data_dir)
+    if name == "mnist":
+        return load_mnist(data_dir)
+    return load_cifar10(data_dir)
