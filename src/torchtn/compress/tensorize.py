@@ -35,10 +35,17 @@ class LayerReport:
     params_before: int  # weight + bias
     params_after: int
     rel_error: float  # ‖W − W_tt‖_F / ‖W‖_F
+    bias_params: int = 0
 
     @property
     def compression_ratio(self) -> float:
+        """Layer parameters (weight + bias) dense / tensorized."""
         return self.params_before / self.params_after
+
+    @property
+    def weight_ratio(self) -> float:
+        """Weight entries / core entries (bias excluded), as ``MPOLinear.compression_ratio``."""
+        return (self.params_before - self.bias_params) / (self.params_after - self.bias_params)
 
 
 @dataclass
@@ -72,7 +79,8 @@ class TensorizeReport:
     __str__ = table
 
     def to_dict(self) -> dict:
-        return {"layers": [asdict(r) | {"compression_ratio": r.compression_ratio} for r in self.layers],
+        return {"layers": [asdict(r) | {"compression_ratio": r.compression_ratio, "weight_ratio": r.weight_ratio}
+                           for r in self.layers],
                 "params_before": self.params_before, "params_after": self.params_after,
                 "compression_ratio": self.compression_ratio, "skipped": list(self.skipped)}
 
@@ -226,6 +234,6 @@ def tensorize(
         err = float(torch.linalg.vector_norm((tt_to_dense(cores) - w).double()) / torch.linalg.vector_norm(w.double()))
         nb = 0 if bias is None else bias.numel()
         rows.append(LayerReport(name, lin.out_features, lin.in_features, o, i, tt_ranks(cores), w.numel() + nb,
-                                layer.num_weight_params + nb, err))
+                                layer.num_weight_params + nb, err, nb))
     after = sum(p.numel() for p in new.parameters())
     return new, TensorizeReport(rows, before, after, kept)

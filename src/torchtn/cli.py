@@ -1,0 +1,155 @@
+"""The ``torchtn`` command line. Bad input prints one line on stderr and exits with status 2, writing nothing."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one clear line instead of usage + message
+        raise SystemExit(_fail(f"{self.prog}: {message} (see --help)"))
+
+
+def _fail(message: str, status: int = 2) -> int:
+    print(f"torchtn: error: {message}", file=sys.stderr)
+    return status
+
+
+def _positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}={text!r} is not an integer") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name}={value} is not allowed: expected an integer >= 1")
+        return value
+    return parse
+
+
+def _nonnegative_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}={text!r} is not an integer") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{name}={value} is not allowed: expected an integer >= 0")
+        return value
+    return parse
+
+
+def _float_in(name: str, low: float, high: float | None, open_low: bool = True):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}={text!r} is not a number") from None
+        too_low = value <= low if open_low else value < low
+        if too_low or (high is not None and value >= high) or value != value:
+            allowed = f"in the open interval ({low:g}, {high:g})" if high is not None else f"> {low:g}"
+            raise argparse.ArgumentTypeError(f"{name}={text} is not allowed: expected a number {allowed}")
+        return value
+    return parse
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from .data import DATASETS
+
+    parser = _Parser(prog="torchtn", description="Tensor networks inside deep neural networks.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    c = sub.add_parser("compress", help="train a dense FC2, tensorize it (TT-SVD), fine-tune, report and plot",
+                       description="Train a dense FC2 (input → hidden → classes), tensorize it at a sweep of ranks "
+                                   "(default 1,2,4,8,16) or at --rank/--rel-tol/--ratio, fine-tune each, print a "
+                                   "table and write models, results.json and a plot into --out.")
+    c.add_argument("--dataset", choices=DATASETS, default="digits", help="default: digits (ships with scikit-learn)")
+    c.add_argument("--data-dir", type=Path, default=None, help="directory of the dataset's files (mnist, cifar10; "
+                                                               "fashion-mnist defaults to the Debian package's)")
+    how = c.add_mutually_exclusive_group()
+    how.add_argument("--rank", type=_positive_int("--rank"), nargs="+", default=None,
+                     help="bond-dimension cap(s) to sweep, e.g. --rank 4 8")
+    how.add_argument("--rel-tol", type=_float_in("--rel-tol", 0.0, 1.0), default=None,
+                     help="relative Frobenius error bound of each layer's TT-SVD, in (0, 1)")
+    how.add_argument("--ratio", type=_float_in("--ratio", 0.0, None), default=None,
+                     help="whole-model compression R× (dense parameters / tensorized parameters), R > 0")
+    c.add_argument("--epochs", type=_nonnegative_int("--epochs"), default=None,
+                   help="dense training epochs (default: 30 on digits, 15 otherwise)")
+    c.add_argument("--finetune-epochs", type=_nonnegative_int("--finetune-epochs"), default=None,
+                   help="fine-tuning epochs per setting (default: same as --epochs)")
+    c.add_argument("--hidden", type=_positive_int("--hidden"), default=256)
+    c.add_argument("--batch-size", type=_positive_int("--batch-size"), default=128)
+    c.add_argument("--lr", type=_float_in("--lr", 0.0, None), default=2e-3, help="dense training learning rate")
+    c.add_argument("--finetune-lr", type=_float_in("--finetune-lr", 0.0, None), default=1e-3)
+    c.add_argument("--seed", type=_nonnegative_int("--seed"), default=0)
+    c.add_argument("--out", type=Path, default=None,
+                   help="output directory (default: runs/compress-<dataset>-<time>); an existing non-empty one is "
+                        "refused unless --resume")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from .data import DataFilesMissing, load_dataset
+    from .experiments.compress import CompressConfig, run_compress
+    from .train import TrainingDiverged
+
+    try:
+        config = CompressConfig(dataset=args.dataset, data_dir=None if args.data_dir is None else str(args.data_dir),
+                                hidden=args.hidden, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+                                ranks=args.rank, rel_tol=args.rel_tol, ratio=args.ratio, batch_size=args.batch_size,
+                                lr=args.lr, finetune_lr=args.finetune_lr, seed=args.seed)
+    except ValueError as err:
+        return _fail(str(err))
+    out = args.out if args.out is not None else Path("runs") / f"compress-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.resume and args.out is None:
+        return _fail("--resume needs --out DIR (the directory of the run to continue)")
+    if out.exists() and not out.is_dir():
+        return _fail(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.resume:
+        return _fail(f"--out {out} already holds files: pass --resume to continue that run, or choose another --out")
+    try:
+        data = load_dataset(config.dataset, config.data_dir)  # before anything is written
+    except (DataFilesMissing, ValueError) as err:
+        return _fail(str(err))
+    try:
+        results = run_compress(config, out, resume=args.resume, progress=not args.no_progress,
+                               log=lambda s: print(s, flush=True), data=data)
+    except TrainingDiverged as err:
+        return _fail(str(err), status=1)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with: torchtn compress --resume --out {out} (and the same options)",
+              file=sys.stderr)
+        return 130
+    print()
+    print(results["table"])
+    print(f"\nwrote {out}/results.json, {out}/accuracy_vs_compression.png and the models (*.safetensors)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    if args.version:
+        from . import __version__
+
+        print(f"torchtn {__version__}")
+        return 0
+    if args.command == "compress":
+        return _cmd_compress(args)
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The main job: train a dense FC2, tensorize it at several settings, fine-tune each, report and plot.
+
+Layout of the output directory (every file written atomically; a rerun with ``resume=True`` skips finished stages and
+continues an interrupted training from its checkpoint)::
+
+    out/dense.safetensors (+ .json)          trained dense model
+    out/<setting>.safetensors (+ .json)      each fine-tuned MPO model ("rank-4", "rel_tol-0.3", "ratio-50")
+    out/checkpoints/*.safetensors            per-epoch training checkpoints
+    out/results.json                         every number in the table
+    out/accuracy_vs_compression.png          the plot
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .._checks import check_nonnegative_int, check_positive_int, check_positive_real, check_rel_tol
+from ..compress import tensorize
+from ..data import Dataset, load_dataset
+from ..io import atomic_write_text, load_model, read_metadata, save_model
+from ..models import FC2
+from ..report import format_table
+from ..train import TrainConfig, Trainer, evaluate
+
+__all__ = ["CompressConfig", "CompressRow", "run_compress", "DEFAULT_RANKS", "results_table"]
+
+DEFAULT_RANKS = (1, 2, 4, 8, 16)
+DEFAULT_EPOCHS = {"digits": 30, "fashion-mnist": 15, "mnist": 15, "cifar10": 15}
+
+
+@dataclass
+class CompressConfig:
+    """Settings of one ``torchtn compress`` run. Exactly one of ``ranks`` / ``rel_tol`` / ``ratio`` picks the sweep."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    hidden: int = 256
+    epochs: int | None = None  # dense training; None: DEFAULT_EPOCHS[dataset]
+    finetune_epochs: int | None = None  # None: same as epochs
+    ranks: Sequence[int] | None = None
+    rel_tol: float | None = None
+    ratio: float | None = None
+    batch_size: int = 128
+    lr: float = 2e-3
+    finetune_lr: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs is not None:
+            check_nonnegative_int("epochs", self.epochs)
+        if self.finetune_epochs is not None:
+            check_nonnegative_int("finetune_epochs", self.finetune_epochs)
+        check_positive_int("hidden", self.hidden)
+        check_positive_int("batch_size", self.batch_size)
+        check_positive_real("lr", self.lr)
+        check_positive_real("finetune_lr", self.finetune_lr)
+        check_nonnegative_int("seed", self.seed)
+        check_rel_tol("rel_tol", self.rel_tol)
+        check_positive_real("ratio", self.ratio, allow_none=True)
+        if self.ranks is not None:
+            self.ranks = [check_positive_int("rank", r) for r in self.ranks]
+        if sum(x is not None for x in (self.ranks, self.rel_tol, self.ratio)) > 1:
+            raise ValueError("give only one of rank, rel_tol and ratio")
+
+    def settings(self) -> list[tuple[str, dict]]:
+        """``(name, tensorize kwargs)`` for each point of the sweep."""
+        if self.rel_tol is not None:
+            return [(f"rel_tol-{self.rel_tol:g}", {"rel_tol": self.rel_tol})]
+        if self.ratio is not None:
+            return [(f"ratio-{self.ratio:g}", {"ratio": self.ratio})]
+        return [(f"rank-{r}", {"rank": r}) for r in (self.ranks or DEFAULT_RANKS)]
+
+    @property
+    def dense_epochs(self) -> int:
+        return DEFAULT_EPOCHS.get(self.dataset, 15) if self.epochs is None else self.epochs
+
+    @property
+    def tune_epochs(self) -> int:
+        return self.dense_epochs if self.finetune_epochs is None else self.finetune_epochs
+
+
+@dataclass
+class CompressRow:
+    """One line of the results table."""
+
+    setting: str
+    fc1_ranks: tuple[int, ...]
+    fc1_ratio: float  # first layer: dense weight / core entries
+    params: int  # whole model
+    ratio: float  # whole model: dense / tensorized
+    acc_before: float  # test accuracy right after TT-SVD
+    acc_after: float  # test accuracy after fine-tuning
+    val_after: float
+    seconds: float
+    layers: list[dict] = field(default_factory=list)
+
+
+def results_table(dense_params: int, dense_acc: float, dense_seconds: float, rows: Sequence[CompressRow]) -> str:
+    headers = ["model", "fc1 ranks", "fc1 ratio", "params", "ratio", "test acc TT-SVD %", "test acc tuned %", "time s"]
+    body = [("dense", "-", 1.0, dense_params, 1.0, "-", round(100 * dense_acc, 2), round(dense_seconds, 1))]
+    body += [(r.setting, str(r.fc1_ranks), round(r.fc1_ratio, 1), r.params, round(r.ratio, 1),
+              round(100 * r.acc_before, 2), round(100 * r.acc_after, 2), round(r.seconds, 1)) for r in rows]
+    note = "ratio = dense parameters / tensorized parameters (higher is smaller); fc1 ratio counts its weight only"
+    return format_table(headers, body) + "\n" + note
+
+
+def _train(model: torch.nn.Module, data: Dataset, cfg: TrainConfig, ckpt: Path, final: Path, meta: dict,
+           resume: bool) -> float:
+    """Train (or resume) and save the final model; returns seconds spent now."""
+    t0 = time.perf_counter()
+    Trainer(model, cfg, checkpoint=ckpt, metadata=meta).fit(data, resume=resume)
+    save_model(model, final, {**meta, "train_config": asdict(cfg)}, overwrite=True)
+    return time.perf_counter() - t0
+
+
+def run_compress(config: CompressConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
+                 log: Callable[[str], None] = print, data: Dataset | None = None) -> dict:
+    """Run the whole job into ``out`` and return the results (also written to ``out/results.json``)."""
+    out = Path(out)
+    data = load_dataset(config.dataset, config.data_dir) if data is None else data
+    log(data.describe())
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "checkpoints").mkdir(exist_ok=True)
+    base_meta = {"dataset": data.name, "seed": config.seed, "compress_config": asdict(config)}
+
+    torch.manual_seed(config.seed)
+    dense = FC2(data.num_features, config.hidden, data.num_classes)
+    dense_file = out / "dense.safetensors"
+    if resume and dense_file.exists():
+        load_model(dense_file, dense)
+        dense_seconds = float(read_metadata(dense_file)["metadata"].get("seconds", 0.0))
+        log(f"dense: loaded {dense_file}")
+    else:
+        cfg = TrainConfig(epochs=config.dense_epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed,
+                          progress=progress, desc="dense")
+        dense_seconds = _train(dense, data, cfg, out / "checkpoints" / "dense.safetensors", dense_file,
+                               {**base_meta, "stage": "dense"}, resume)
+        meta = read_metadata(dense_file)["metadata"]
+        save_model(dense, dense_file, {**meta, "seconds": dense_seconds}, overwrite=True)
+    _, dense_acc = evaluate(dense, data.x_test, data.y_test)
+    dense_params = sum(p.numel() for p in dense.parameters())
+    log(f"dense FC2 {data.num_features}→{config.hidden}→{data.num_classes}: {dense_params:,} parameters, "
+        f"test accuracy {100 * dense_acc:.2f}% ({dense_seconds:.1f} s)")
+
+    rows: list[CompressRow] = []
+    for name, kwargs in config.settings():
+        final = out / f"{name}.safetensors"
+        t0 = time.perf_counter()
+        model, report = tensorize(dense, **kwargs)
+        _, acc_before = evaluate(model, data.x_test, data.y_test)
+        if resume and final.exists():
+            load_model(final, model)
+            seconds = float(read_metadata(final)["metadata"].get("seconds", 0.0))
+            log(f"{name}: loaded {final}")
+        else:
+            cfg = TrainConfig(epochs=config.tune_epochs, batch_size=config.batch_size, lr=config.finetune_lr,
+                              seed=config.seed, progress=progress, desc=name)
+            _train(model, data, cfg, out / "checkpoints" / f"{name}.safetensors", final,
+                   {**base_meta, "stage": name, "tensorize": report.to_dict()}, resume)
+            seconds = time.perf_counter() - t0
+            meta = read_metadata(final)["metadata"]
+            save_model(model, final, {**meta, "seconds": seconds}, overwrite=True)
+        val_after = evaluate(model, data.x_val, data.y_val)[1]
+        _, acc_after = evaluate(model, data.x_test, data.y_test)
+        fc1 = report.layers[0]
+        rows.append(CompressRow(name, fc1.ranks, fc1.weight_ratio, report.params_after, report.compression_ratio,
+                                acc_before, acc_after, val_after, seconds, report.to_dict()["layers"]))
+        log(f"{name}: {report.params_after:,} parameters ({report.compression_ratio:.1f}×), test accuracy "
+            f"{100 * acc_before:.2f}% after TT-SVD → {100 * acc_after:.2f}% fine-tuned ({seconds:.1f} s)")
+
+    table = results_table(dense_params, dense_acc, dense_seconds, rows)
+    results = {"dataset": data.name, "config": asdict(config), "dense": {"params": dense_params, "test_accuracy": dense_acc,
+               "seconds": dense_seconds}, "rows": [asdict(r) for r in rows], "table": table}
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    from ..plotting import plot_accuracy_vs_compression
+
+    plot_accuracy_vs_compression([r.ratio for r in rows], [r.acc_before for r in rows], [r.acc_after for r in rows],
+                                 dense_acc, out / "accuracy_vs_compression.png",
+                                 title=f"FC2 on {data.name}: MPO compression", labels=[r.setting for r in rows])
+    return results

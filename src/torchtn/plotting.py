@@ -1,0 +1,48 @@
+"""Plots (matplotlib, imported lazily, Agg backend: works without a screen)."""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["plot_accuracy_vs_compression"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_vs_compression(ratios: Sequence[float], acc_before: Sequence[float], acc_after: Sequence[float],
+                                 dense_accuracy: float, path: str | os.PathLike, title: str = "",
+                                 labels: Sequence[str] | None = None) -> Path:
+    """Test accuracy (%) against compression ratio (dense/tensorized, log axis), before and after fine-tuning."""
+    plt = _pyplot()
+    path = Path(path)
+    order = sorted(range(len(ratios)), key=lambda i: ratios[i])
+    xs = [ratios[i] for i in order]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    ax.axhline(100 * dense_accuracy, color="0.3", ls="--", lw=1, label=f"dense ({100 * dense_accuracy:.2f}%)")
+    ax.plot(xs, [100 * acc_before[i] for i in order], "o-", color="tab:orange", label="MPO, TT-SVD only")
+    ax.plot(xs, [100 * acc_after[i] for i in order], "s-", color="tab:blue", label="MPO, fine-tuned")
+    if labels is not None:
+        for i in order:
+            ax.annotate(labels[i], (ratios[i], 100 * acc_after[i]), textcoords="offset points", xytext=(4, 5),
+                        fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("compression ratio (dense parameters / tensorized parameters)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

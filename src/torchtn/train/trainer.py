@@ -1,0 +1,219 @@
+"""One trainer for every model: AdamW/SGD, cosine schedule, seeds, evaluation, NaN stop, atomic resumable checkpoints."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .._checks import check_choice, check_nonnegative_int, check_positive_int, check_positive_real
+from ..data import Dataset
+from ..io import read_metadata, read_tensors, save_model
+
+__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "EpochRecord", "evaluate"]
+
+_OPTIMIZERS = ("adamw", "sgd")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being finite; the message says where and what to try."""
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (stored in every checkpoint)."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    momentum: float = 0.9  # SGD only
+    min_lr_fraction: float = 0.0  # cosine schedule decays lr to lr * min_lr_fraction
+    seed: int = 0
+    progress: bool = True
+    desc: str = "train"
+
+    def __post_init__(self) -> None:
+        check_nonnegative_int("epochs", self.epochs)
+        check_positive_int("batch_size", self.batch_size)
+        check_positive_real("lr", self.lr)
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay={self.weight_decay!r} is not allowed: expected a number >= 0")
+        check_choice("optimizer", self.optimizer, _OPTIMIZERS)
+        check_nonnegative_int("seed", self.seed)
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    lr: float
+    seconds: float
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        logits = model(xb)
+        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    model.train(was_training)
+    n = max(len(y), 1)
+    return loss_sum / n, correct / n
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer ``state_dict`` → (tensors for safetensors, JSON-able rest)."""
+    tensors, rest = {}, {"param_groups": state["param_groups"], "state": {}}
+    for idx, slots in state["state"].items():
+        rest["state"][str(idx)] = {}
+        for key, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"__optim/{idx}/{key}"] = value
+            else:
+                rest["state"][str(idx)][key] = value
+    return tensors, rest
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict:
+    state: dict[int, dict] = {int(i): dict(v) for i, v in rest["state"].items()}
+    for name, value in tensors.items():
+        idx, key = name.split("/", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+class Trainer:
+    """Train a classifier ``(batch, features) -> (batch, classes)`` on a :class:`Dataset`.
+
+    With ``checkpoint`` (a ``.safetensors`` path) the model, optimizer, RNG state and history are written atomically
+    after every epoch; ``fit(resume=True)`` continues from it and ends with the same weights as an uninterrupted run.
+    An existing checkpoint is never replaced by a fresh run: pass ``resume=True`` or choose another path.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig | None = None, checkpoint: str | os.PathLike | None = None,
+                 metadata: dict | None = None, on_epoch_end: Callable[[EpochRecord], None] | None = None) -> None:
+        self.model = model
+        self.config = config or TrainConfig()
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        if self.checkpoint is not None and self.checkpoint.suffix != ".safetensors":
+            raise ValueError(f"checkpoint={str(self.checkpoint)!r} must end in .safetensors")
+        self.metadata = dict(metadata or {})
+        self.on_epoch_end = on_epoch_end
+        self.history: list[EpochRecord] = []
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if c.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+
+    def _lr(self, step: int, total: int) -> float:
+        c = self.config
+        progress = step / max(total, 1)
+        return c.lr * (c.min_lr_fraction + (1 - c.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def _save(self, optimizer: torch.optim.Optimizer, epoch: int) -> None:
+        if self.checkpoint is None:
+            return
+        tensors, rest = _flatten_optimizer(optimizer.state_dict())
+        tensors["__rng/torch"] = torch.get_rng_state()
+        meta = {
+            "kind": "torchtn-checkpoint",
+            "epoch": epoch,
+            "train_config": asdict(self.config),
+            "history": [asdict(h) for h in self.history],
+            "optimizer": rest,
+            "architecture": self.model.config() if hasattr(self.model, "config") else type(self.model).__name__,
+            **self.metadata,
+        }
+        save_model(self.model, self.checkpoint, meta, overwrite=True, extra_tensors=tensors)
+
+    def _restore(self, optimizer: torch.optim.Optimizer) -> int:
+        assert self.checkpoint is not None
+        meta = read_metadata(self.checkpoint)["metadata"]
+        saved_cfg = {k: v for k, v in meta["train_config"].items() if k not in ("progress", "desc")}
+        now_cfg = {k: v for k, v in asdict(self.config).items() if k not in ("progress", "desc")}
+        if saved_cfg != now_cfg:
+            diff = {k: (saved_cfg.get(k), now_cfg.get(k)) for k in now_cfg if saved_cfg.get(k) != now_cfg.get(k)}
+            raise ValueError(f"cannot resume {self.checkpoint}: its training settings differ (saved, now): {diff}")
+        tensors = read_tensors(self.checkpoint)
+        model_state = {k: v for k, v in tensors.items() if not k.startswith("__")}
+        self.model.load_state_dict(model_state)
+        optim = {k[len("__optim/"):]: v for k, v in tensors.items() if k.startswith("__optim/")}
+        optimizer.load_state_dict(_unflatten_optimizer(optim, meta["optimizer"]))
+        torch.set_rng_state(tensors["__rng/torch"])
+        self.history = [EpochRecord(**h) for h in meta["history"]]
+        return int(meta["epoch"])
+
+    def fit(self, data: Dataset, resume: bool = False) -> list[EpochRecord]:
+        """Train for ``config.epochs`` epochs (continuing a checkpoint when ``resume``); returns the history."""
+        c = self.config
+        optimizer = self._make_optimizer()
+        start = 0
+        if self.checkpoint is not None and self.checkpoint.exists():
+            if not resume:
+                raise FileExistsError(f"checkpoint {self.checkpoint} exists: resume it (resume=True / --resume) or "
+                                      f"choose another output path; it is never overwritten by a fresh run")
+            start = self._restore(optimizer)
+        else:
+            torch.manual_seed(c.seed)
+        device = next(self.model.parameters()).device
+        n = len(data.y_train)
+        steps_per_epoch = math.ceil(n / c.batch_size)
+        total = steps_per_epoch * c.epochs
+        for epoch in range(start, c.epochs):
+            t0 = time.perf_counter()
+            self.model.train()
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(c.seed * 100_003 + epoch))
+            running, seen = 0.0, 0
+            bar = tqdm(range(steps_per_epoch), desc=f"{c.desc} {epoch + 1}/{c.epochs}", leave=False,
+                       disable=not c.progress, dynamic_ncols=True)
+            lr = c.lr
+            for i in bar:
+                step = epoch * steps_per_epoch + i
+                lr = self._lr(step, total)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                idx = order[i * c.batch_size:(i + 1) * c.batch_size]
+                xb, yb = data.x_train[idx].to(device), data.y_train[idx].to(device)
+                loss = F.cross_entropy(self.model(xb), yb)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise TrainingDiverged(f"{c.desc}: loss became {loss_value} at epoch {epoch + 1}, step {i + 1} "
+                                           f"(lr={lr:.3g}); lower --lr or check the data")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                running += loss_value * len(yb)
+                seen += len(yb)
+                if i % 20 == 0:
+                    bar.set_postfix(loss=f"{running / seen:.4f}")
+            bar.close()
+            val_loss, val_acc = evaluate(self.model, data.x_val, data.y_val)
+            record = EpochRecord(epoch + 1, running / max(seen, 1), val_loss, val_acc, lr, time.perf_counter() - t0)
+            self.history.append(record)
+            self._save(optimizer, epoch + 1)
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(record)
+        return self.history
+
+
