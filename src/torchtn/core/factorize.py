@@ -26,36 +26,17 @@ def prime_factors(n: int) -> list[int]:
 
 @lru_cache(maxsize=1024)
 def _best_split(n: int, d: int) -> tuple[int, ...]:
-    """Factors of ``n`` into exactly ``d`` parts minimizing the spread of their logarithms."""
-    primes = prime_factors(n)
-    best: tuple[float, tuple[int, ...]] | None = None
+    """Factors of ``n`` into exactly ``d`` parts (ascending) minimizing the spread of their logarithms.
+
+    Exhaustive over assignments of prime factors to parts, with states deduplicated as sorted tuples, so repeated
+    primes (``2^20``) stay cheap.
+    """
+    primes = prime_factors(n)[::-1]
     target = math.log(n) / d
-
-    def search(i: int, bins: list[int]) -> None:
-        nonlocal best
-        if i < 0:
-            cost = sum((math.log(b) - target) ** 2 for b in bins)
-            key = tuple(sorted(bins))
-            if best is None or cost < best[0] - 1e-12 or (abs(cost - best[0]) <= 1e-12 and key < best[1]):
-                best = (cost, key)
-            return
-        seen: set[int] = set()
-        for j in range(d):
-            if bins[j] in seen:  # symmetric placements give the same multiset
-                continue
-            seen.add(bins[j])
-            bins[j] *= primes[i]
-            search(i - 1, bins)
-            bins[j] //= primes[i]
-
-    if len(primes) > 24:  # huge powers of two etc.: greedy largest-prime-into-smallest-bin is already balanced
-        bins = [1] * d
-        for p in reversed(primes):
-            bins[bins.index(min(bins))] *= p
-        return tuple(sorted(bins))
-    search(len(primes) - 1, [1] * d)
-    assert best is not None
-    return best[1]
+    states = {tuple([1] * d)}
+    for p in primes:
+        states = {tuple(sorted(s[:j] + (s[j] * p,) + s[j + 1:])) for s in states for j in range(d)}
+    return min(states, key=lambda s: (round(sum((math.log(b) - target) ** 2 for b in s), 12), s))
 
 
 def factorize(n: int, d: int) -> tuple[int, ...]:

@@ -1,0 +1,183 @@
+"""MPOLinear against exact math: the dense reconstruction, finite differences, PyTorch conventions."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchtn
+import torchtn.layers.mpo_linear as mpo_module
+from torchtn import MPOLinear
+from torchtn.core import spectrum_entropy
+from torchtn.core.tt import _interleave
+
+
+def make(dtype=torch.float64, **kw):
+    args = dict(in_features=784, out_features=256, rank=4)
+    args.update(kw)
+    return MPOLinear(**args, dtype=dtype)
+
+
+@pytest.mark.parametrize("contraction", ["auto", "dense", "rtl", "ltr"])
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_forward_equals_linear_with_dense_weight(contraction, batch):
+    layer = make(contraction=contraction)
+    x = torch.randn(batch, 784, dtype=torch.float64)
+    expected = F.linear(x, layer.to_dense(), layer.bias)
+    assert torch.allclose(layer(x), expected, atol=1e-10)
+    layer.eval()
+    with torch.no_grad():
+        assert torch.allclose(layer(x), expected, atol=1e-10)
+        assert torch.allclose(layer(x), expected, atol=1e-10)  # second call uses the cached merged cores
+
+
+def test_float32_paths_agree_to_1e6():
+    layer = MPOLinear(1024, 1024, 8)
+    x = torch.randn(16, 1024)
+    ref = F.linear(x.double(), layer.to_dense().double(), layer.bias.double())
+    for c in ("dense", "rtl", "ltr", "auto"):
+        layer.contraction = c
+        layer._plans.clear()
+        assert (layer(x).double() - ref).abs().max() < 1e-5 * ref.abs().max()
+
+
+def test_leading_dims_and_empty_batch():
+    layer = make()
+    x = torch.randn(2, 3, 784, dtype=torch.float64)
+    assert torch.allclose(layer(x), F.linear(x, layer.to_dense(), layer.bias), atol=1e-10)
+    assert layer(torch.zeros(0, 784, dtype=torch.float64)).shape == (0, 256)
+
+
+def test_gradcheck():
+    layer = MPOLinear(12, 10, 3, in_shape=(2, 3, 2), out_shape=(1, 5, 2), dtype=torch.float64)
+    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda inp, *ps: torch.func.functional_call(
+        layer, {f"cores.{i}": p for i, p in enumerate(ps[:-1])} | {"bias": ps[-1]}, (inp,)),
+        (x, *[p.detach().clone().requires_grad_() for p in layer.cores], layer.bias.detach().clone().requires_grad_()))
+
+
+def test_from_dense_full_rank_is_exact_and_truncation_reduces():
+    lin = nn.Linear(784, 256, dtype=torch.float64)
+    exact = MPOLinear.from_dense(lin)
+    assert torch.allclose(exact.to_dense(), lin.weight, atol=1e-10)
+    x = torch.randn(3, 784, dtype=torch.float64)
+    assert torch.allclose(exact(x), lin(x), atol=1e-10)
+    small = MPOLinear.from_dense(lin, rank=4)
+    assert small.ranks == (1, 4, 4, 4, 1) and small.compression_ratio == pytest.approx(784 * 256 / (32 * 4 + 56 * 16))
+    tol = MPOLinear.from_dense(lin, rel_tol=0.3)
+    assert torch.linalg.norm(tol.to_dense() - lin.weight) <= 0.3 * torch.linalg.norm(lin.weight)
+    back = small.to_linear()
+    assert torch.allclose(back(x), small(x), atol=1e-10)
+
+
+def test_default_init_matches_nn_linear_output_variance():
+    torch.manual_seed(0)
+    x = torch.randn(2048, 784)
+    dense_var = torch.stack([nn.Linear(784, 256, bias=False)(x).var() for _ in range(8)]).mean()
+    mpo_var = torch.stack([MPOLinear(784, 256, 8, bias=False)(x).var() for _ in range(8)]).mean()
+    assert mpo_var.item() == pytest.approx(dense_var.item(), rel=0.25)
+    w = MPOLinear(4096, 4096, 8).to_dense()
+    assert w.var().item() == pytest.approx(1 / (3 * 4096), rel=0.2)
+
+
+def test_entanglement_entropy_matches_dense_svd():
+    layer = make(rank=5)
+    w = layer.to_dense().detach()
+    t = _interleave(w, layer.in_shape, layer.out_shape)
+    for k, ent in enumerate(layer.entanglement_entropy()):
+        s = torch.linalg.svdvals(t.reshape(math.prod(t.shape[: k + 1]), -1))
+        assert ent.item() == pytest.approx(spectrum_entropy(s[s > 1e-12 * s[0]]).item(), abs=1e-8)
+
+
+def test_plans_are_cached_not_remade(monkeypatch):
+    layer = make()
+    calls = []
+    real = mpo_module.plan_tt_linear
+    monkeypatch.setattr(mpo_module, "plan_tt_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(32, 784, dtype=torch.float64)
+    for _ in range(5):
+        layer(x).sum().backward()
+    assert len(calls) == 1
+    with torch.no_grad():
+        layer(x)
+        layer(x)
+    layer(x[:5])
+    assert len(calls) == 3  # one more for no-grad, one more for the new batch size
+    assert isinstance(str(layer.plan(32)), str) and "batch 32" in str(layer.plan(32))
+
+
+def test_cached_weights_follow_parameter_updates():
+    layer = MPOLinear(16, 16, 2, dtype=torch.float64).eval()
+    x = torch.randn(4, 16, dtype=torch.float64)
+    with torch.no_grad():
+        before = layer(x)
+        opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+        layer.cores[0].add_(1.0)  # in-place update, as an optimizer does
+        after = layer(x)
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, F.linear(x, layer.to_dense(), layer.bias), atol=1e-12)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    fresh = MPOLinear(16, 16, 2, dtype=torch.float64).eval()
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        fresh(x)
+        fresh.load_state_dict({k: v + 1 for k, v in state.items()})
+        assert torch.allclose(fresh(x), F.linear(x, fresh.to_dense(), fresh.bias), atol=1e-12)
+    del opt
+
+
+def test_dtype_moves_and_state_dict_keys():
+    layer = MPOLinear(64, 32, 3)
+    assert sorted(layer.state_dict()) == ["bias"] + [f"cores.{i}" for i in range(len(layer.cores))]
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        y32 = layer(x)
+        layer.double()
+        y64 = layer(x.double())
+    assert y64.dtype == torch.float64 and torch.allclose(y32.double(), y64, atol=1e-5)
+    assert "ranks=(1, 3, 3, 3, 1)" in repr(layer)
+
+
+def test_torch_func_grad_matches_autograd():
+    layer = MPOLinear(24, 12, 2, dtype=torch.float64)
+    params = dict(layer.named_parameters())
+    x = torch.randn(5, 24, dtype=torch.float64)
+    grads = torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x,)).pow(2).sum())(params)
+    layer(x).pow(2).sum().backward()
+    for name, p in layer.named_parameters():
+        assert torch.allclose(grads[name], p.grad, atol=1e-10)
+
+
+def test_torch_compile_agrees():
+    layer = MPOLinear(64, 32, 3)
+    compiled = torch.compile(layer, backend="eager", fullgraph=False)
+    x = torch.randn(8, 64)
+    assert torch.allclose(compiled(x), layer(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(rank=0), "rank=0"),
+    (dict(rank=-3), "rank=-3"),
+    (dict(rank=(2, 2)), "rank=.*entries"),
+    (dict(in_shape=(4, 7, 7, 5)), "in_shape=.*multiplies to 980"),
+    (dict(in_shape=(28, 28), out_shape=(4, 4, 16)), "same number of modes"),
+    (dict(in_features=0), "in_features=0"),
+    (dict(contraction="fast"), "contraction='fast'"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make(**kwargs)
+
+
+def test_bad_input_width():
+    with pytest.raises(ValueError, match="in_features=784"):
+        make()(torch.randn(2, 783, dtype=torch.float64))
+    with pytest.raises(TypeError, match="nn.Linear"):
+        MPOLinear.from_dense(nn.Conv1d(1, 1, 1))
+    with pytest.raises(ValueError, match="rel_tol=2"):
+        MPOLinear.from_dense(nn.Linear(4, 4), rel_tol=2)
+
+
+def test_top_level_api():
+    assert {"tt_svd", "tt_to_dense", "tt_round", "MPOLinear", "tensorize"} <= set(torchtn.__all__)

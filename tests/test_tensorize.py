@@ -1,0 +1,106 @@
+"""tensorize: copies, exactness, error bounds, global budgets, skip rules, reports."""
+import pytest
+import torch
+from torch import nn
+
+from torchtn import MPOLinear, tensorize
+from torchtn.compress import allocate_ranks
+
+
+def mlp(dtype=torch.float64):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10)).to(dtype)
+
+
+def test_returns_a_copy_and_full_rank_is_exact():
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    new, report = tensorize(model, rank=10_000)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(isinstance(new[i], MPOLinear) for i in (0, 2, 4)) and isinstance(model[0], nn.Linear)
+    x = torch.randn(6, 784, dtype=torch.float64)
+    assert torch.allclose(new(x), model(x), atol=1e-9)
+    assert max(r.rel_error for r in report.layers) < 1e-12
+
+
+def test_rel_tol_bound_per_layer_and_report_table():
+    model = mlp()
+    new, report = tensorize(model, rel_tol=0.4)
+    for row, idx in zip(report.layers, (0, 2, 4)):
+        w, w_tt = model[idx].weight.detach(), new[idx].to_dense().detach()
+        assert torch.linalg.norm(w_tt - w) / torch.linalg.norm(w) <= 0.4 + 1e-9
+        assert row.rel_error == pytest.approx(float(torch.linalg.norm(w_tt - w) / torch.linalg.norm(w)), rel=1e-6)
+    text = str(report)
+    assert "256×784" in text and "rel. error" in text and "dense / tensorized" in text
+    assert report.params_after == sum(p.numel() for p in new.parameters())
+
+
+@pytest.mark.parametrize("ratio", [5.0, 50.0, 200.0])
+def test_ratio_reaches_the_budget(ratio):
+    model = mlp(torch.float32)
+    new, report = tensorize(model, ratio=ratio)
+    dense = sum(p.numel() for p in model.parameters())
+    tensorized = sum(p.numel() for p in new.parameters())
+    assert dense / tensorized >= ratio
+    assert dense / tensorized < ratio * 1.25  # the budget is used, not wasted
+    assert report.compression_ratio == pytest.approx(dense / tensorized)
+
+
+def test_ratio_shares_budget_by_spectra():
+    torch.manual_seed(0)
+    low = nn.Linear(64, 64)
+    with torch.no_grad():  # layer 0: exactly TT-rank 2 across every bond, so a small budget suffices for it
+        low.weight.copy_(MPOLinear(64, 64, 2, bias=False).to_dense() * 10)
+    model = nn.Sequential(low, nn.Linear(64, 64))
+    _, report = tensorize(model, ratio=3.0)
+    assert max(report.layers[0].ranks) == 2 and report.layers[0].rel_error < 1e-5
+    assert max(report.layers[1].ranks) > 2
+
+
+def test_allocate_ranks_respects_budget():
+    spectra = [[torch.tensor([3.0, 2.0, 1.0])], [torch.tensor([5.0, 0.1])]]
+    shapes = [((4, 4), (4, 4)), ((2, 2), (2, 2))]
+    # start: 96 + 16 entries. Cheapest per entry saved: layer 1's 0.1 (0.01/8), then layer 0's 1.0 (1/32).
+    assert allocate_ranks(spectra, shapes, budget=80) == [[2], [1]]
+    assert allocate_ranks(spectra, shapes, budget=104) == [[3], [1]]
+    assert allocate_ranks(spectra, shapes, budget=40) == [[1], [1]]
+    with pytest.raises(ValueError, match="budget"):
+        allocate_ranks(spectra, shapes, budget=10)
+
+
+def test_skip_patterns_and_multihead_attention_kept_dense():
+    model = mlp()
+    new, report = tensorize(model, rank=2, skip=["4"])
+    assert isinstance(new[4], nn.Linear) and report.skipped == ["4"]
+    attn = nn.Sequential(nn.MultiheadAttention(16, 2, batch_first=True))
+    block = nn.ModuleDict({"attn": attn, "head": nn.Linear(16, 4)})
+    new_block, rep = tensorize(block, rank=2)
+    assert isinstance(new_block["attn"][0].out_proj, nn.Linear) and isinstance(new_block["head"], MPOLinear)
+    assert "attn.0.out_proj" in rep.skipped
+
+
+def test_custom_shapes():
+    new, report = tensorize(mlp(), rank=3, shapes={"0": ((28, 28), (16, 16))})
+    assert new[0].in_shape == (28, 28) and report.layers[0].in_shape == (28, 28)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(), "rank=, rel_tol= or ratio="),
+    (dict(ratio=0), "ratio=0"),
+    (dict(ratio=-2.0), "ratio=-2.0"),
+    (dict(ratio=5, rank=2), "either ratio"),
+    (dict(rank=0), "rank=0"),
+    (dict(rel_tol=1.0), "rel_tol=1.0"),
+    (dict(ratio=1e9), "unreachable"),
+    (dict(rank=2, shapes={"nope": ((2,), (2,))}), "nope"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tensorize(mlp(torch.float32), **kwargs)
+
+
+def test_model_without_linear_layers():
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        tensorize(nn.Sequential(nn.ReLU()), rank=2)
+    with pytest.raises(TypeError, match="nn.Module"):
+        tensorize("model", rank=2)
