@@ -25,7 +25,7 @@ test: setup
 
 # Peers the benchmarks compare with. torch-mpo declares Python >= 3.12 but imports and runs on 3.11.
 bench-peers: setup
-	$(PIP) install --quiet "tensorly-torch>=0.5" packaging
+	$(PIP) install --quiet "tensorly-torch>=0.5" tensorly packaging  # tensorly-torch forgets to declare tensorly
 	$(PIP) install --quiet --no-deps --ignore-requires-python torch-mpo
 
 bench: bench-peers

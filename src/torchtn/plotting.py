@@ -34,6 +34,11 @@ def plot_accuracy_vs_compression(ratios: Sequence[float], acc_before: Sequence[f
             ax.annotate(labels[i], (ratios[i], 100 * acc_after[i]), textcoords="offset points", xytext=(4, 5),
                         fontsize=8)
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(sorted(set(round(x, 1) for x in xs)))
     ax.set_xlabel("compression ratio (dense parameters / tensorized parameters)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)

@@ -1,0 +1,70 @@
+"""The torchtn command line: a tiny real run, resume, and every bad input giving one line and exit 2."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from torchtn.cli import main
+
+
+def test_tiny_compress_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["compress", "--epochs", "4", "--finetune-epochs", "2", "--rank", "2", "8", "--out", str(out),
+                 "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "rank-8" in printed and "test acc tuned %" in printed and "dense" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert [r["setting"] for r in results["rows"]] == ["rank-2", "rank-8"]
+    assert results["dense"]["test_accuracy"] > 0.85  # 4 epochs on digits
+    assert (out / "accuracy_vs_compression.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "rank-8.safetensors").is_file() and (out / "dense.safetensors").is_file()
+    # a second run into the same directory is refused; --resume reuses the finished stages
+    assert main(["compress", "--out", str(out), "--no-progress"]) == 2
+    assert main(["compress", "--epochs", "4", "--finetune-epochs", "2", "--rank", "2", "8", "--out", str(out),
+                 "--resume", "--no-progress"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert [r["acc_after"] for r in again["rows"]] == [r["acc_after"] for r in results["rows"]]
+
+
+def test_ratio_run(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["compress", "--epochs", "2", "--finetune-epochs", "1", "--ratio", "10", "--out", str(out),
+                 "--no-progress"]) == 0
+    row = json.loads((out / "results.json").read_text())["rows"][0]
+    assert row["setting"] == "ratio-10" and row["ratio"] >= 10
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--rank", "-1"], "--rank=-1"),
+    (["--rank", "0"], "--rank=0"),
+    (["--rel-tol", "0"], "--rel-tol=0"),
+    (["--rel-tol", "1.5"], "--rel-tol=1.5"),
+    (["--ratio", "0"], "--ratio=0"),
+    (["--ratio", "-3"], "--ratio=-3"),
+    (["--epochs", "-1"], "--epochs=-1"),
+    (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+    (["--dataset", "mnist", "--data-dir", "/nonexistent/mnist"], "/nonexistent/mnist does not exist"),
+    (["--dataset", "mnist"], "no data directory given"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "cifar10"),
+    (["--rank", "2", "--ratio", "5"], "not allowed with argument"),
+    (["--resume"], "--resume needs --out"),
+])
+def test_bad_arguments_one_line_exit_2_nothing_written(tmp_path, capsys, args, words):
+    out = tmp_path / "never"
+    extra = [] if "--resume" in args else ["--out", str(out)]
+    assert main(["compress", *args, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("torchtn: error:") and words in err
+    assert not out.exists()
+
+
+def test_console_script_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "torchtn.cli", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("torchtn ")
+    exe = Path(sys.executable).with_name("torchtn")
+    if exe.exists():
+        bad = subprocess.run([str(exe), "compress", "--rank", "-4"], capture_output=True, text=True)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1
