@@ -33,7 +33,7 @@ bench: bench-peers
 
 # The Fashion-MNIST result quoted in the README (needs `apt-get install -y dataset-fashion-mnist`).
 fashion: setup
-	$(VENV)/bin/torchtn compress --dataset fashion-mnist --epochs 15 --ratio 50 --out runs/fashion-ratio50
+	$(VENV)/bin/torchtn compress --dataset fashion-mnist --rank 8 --epochs 15 --finetune-epochs 30
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -20,26 +20,14 @@ def _fail(message: str, status: int = 2) -> int:
     return status
 
 
-def _positive_int(name: str):
+def _int_at_least(name: str, minimum: int):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name}={text!r} is not an integer") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name}={value} is not allowed: expected an integer >= 1")
-        return value
-    return parse
-
-
-def _nonnegative_int(name: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}={text!r} is not an integer") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{name}={value} is not allowed: expected an integer >= 0")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{name}={value} is not allowed: expected an integer >= {minimum}")
         return value
     return parse
 
@@ -73,21 +61,21 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data-dir", type=Path, default=None, help="directory of the dataset's files (mnist, cifar10; "
                                                                "fashion-mnist defaults to the Debian package's)")
     how = c.add_mutually_exclusive_group()
-    how.add_argument("--rank", type=_positive_int("--rank"), nargs="+", default=None,
+    how.add_argument("--rank", type=_int_at_least("--rank", 1), nargs="+", default=None,
                      help="bond-dimension cap(s) to sweep, e.g. --rank 4 8")
     how.add_argument("--rel-tol", type=_float_in("--rel-tol", 0.0, 1.0), default=None,
                      help="relative Frobenius error bound of each layer's TT-SVD, in (0, 1)")
     how.add_argument("--ratio", type=_float_in("--ratio", 0.0, None), default=None,
                      help="whole-model compression R× (dense parameters / tensorized parameters), R > 0")
-    c.add_argument("--epochs", type=_nonnegative_int("--epochs"), default=None,
+    c.add_argument("--epochs", type=_int_at_least("--epochs", 0), default=None,
                    help="dense training epochs (default: 30 on digits, 15 otherwise)")
-    c.add_argument("--finetune-epochs", type=_nonnegative_int("--finetune-epochs"), default=None,
+    c.add_argument("--finetune-epochs", type=_int_at_least("--finetune-epochs", 0), default=None,
                    help="fine-tuning epochs per setting (default: same as --epochs)")
-    c.add_argument("--hidden", type=_positive_int("--hidden"), default=256)
-    c.add_argument("--batch-size", type=_positive_int("--batch-size"), default=128)
+    c.add_argument("--hidden", type=_int_at_least("--hidden", 1), default=256)
+    c.add_argument("--batch-size", type=_int_at_least("--batch-size", 1), default=128)
     c.add_argument("--lr", type=_float_in("--lr", 0.0, None), default=2e-3, help="dense training learning rate")
     c.add_argument("--finetune-lr", type=_float_in("--finetune-lr", 0.0, None), default=1e-3)
-    c.add_argument("--seed", type=_nonnegative_int("--seed"), default=0)
+    c.add_argument("--seed", type=_int_at_least("--seed", 0), default=0)
     c.add_argument("--out", type=Path, default=None,
                    help="output directory (default: runs/compress-<dataset>-<time>); an existing non-empty one is "
                         "refused unless --resume")
