@@ -68,3 +68,24 @@ def test_console_script_entry_point():
     if exe.exists():
         bad = subprocess.run([str(exe), "compress", "--rank", "-4"], capture_output=True, text=True)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_inspect_reports_bonds_and_refuses_overwrite(tmp_path, capsys):
+    import math
+
+    import torch
+
+    from torchtn import MPOLinear, save_model
+    from torchtn.models import FC2
+
+    model = FC2(64, hidden=32)
+    model.fc1 = MPOLinear(64, 32, 3)
+    path = save_model(model, tmp_path / "m.safetensors")
+    plot = tmp_path / "ent.png"
+    assert main(["inspect", str(path), "--plot", str(plot)]) == 0
+    printed = capsys.readouterr().out
+    assert "entropy S_k" in printed and "fc1" in printed and plot.is_file()
+    for b in model.fc1.bond_report():
+        assert 0 <= b.entropy <= math.log(b.rank) + 1e-9 and f"{b.entropy:.4g}"[:4] in printed
+    assert main(["inspect", str(path), "--plot", str(plot)]) == 2  # never overwrites
+    assert main(["inspect", str(tmp_path / "missing.safetensors")]) == 2

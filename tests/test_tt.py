@@ -189,3 +189,16 @@ def test_tt_svd_bad_shapes():
         tt_svd(torch.randn(16), (4, 4), (4, 4))
     with pytest.raises(ValueError, match="outer bonds"):
         tt_to_dense([torch.randn(2, 2, 2, 1)])
+
+
+def test_bond_report_next_rank_error_is_exact():
+    from torchtn.core import bond_report
+
+    in_shape, out_shape = (3, 4), (2, 5)
+    cores = random_tt(in_shape, out_shape, 3)
+    w = tt_to_dense(cores)
+    (info,) = bond_report(cores)
+    truncated = tt_to_dense(tt_round(cores, max_rank=info.rank - 1))
+    assert info.next_rank_error == pytest.approx((torch.linalg.norm(truncated - w) / torch.linalg.norm(w)).item(),
+                                                 rel=1e-9)
+    assert info.entropy == pytest.approx(entanglement_entropy(cores).item())

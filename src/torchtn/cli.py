@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -81,7 +82,52 @@ def _build_parser() -> argparse.ArgumentParser:
                         "refused unless --resume")
     c.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    i = sub.add_parser("inspect", help="show a model file's MPO layers: ranks, entanglement, truncation errors",
+                       description="Print, for every MPO layer in a torchtn .safetensors file, each bond's rank, "
+                                   "entanglement entropy and the relative error the next smaller rank would cause.")
+    i.add_argument("file", type=Path, help="a .safetensors file written by torchtn")
+    i.add_argument("--plot", type=Path, default=None, help="also write a PNG of entropy per bond (refuses to "
+                                                            "overwrite an existing file)")
     return parser
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .core import bond_report, tt_num_params
+    from .io import read_metadata, read_tensors
+    from .report import format_table
+
+    if args.plot is not None and args.plot.exists():
+        return _fail(f"--plot {args.plot} exists; choose another path")
+    try:
+        meta = read_metadata(args.file)
+    except (FileNotFoundError, ValueError) as err:
+        return _fail(str(err))
+    layers = meta.get("mpo_layers", {})
+    print(f"{args.file}: {meta.get('model_class')} with {meta.get('num_parameters', 0):,} parameters, "
+          f"written by torchtn {meta.get('torchtn_version')} (torch {meta.get('torch_version')})")
+    if not layers:
+        print("no MPO layers")
+        return 0
+    tensors = read_tensors(args.file)
+    rows, entropies = [], {}
+    for name, spec in layers.items():
+        cores = [tensors[f"{name}.cores.{k}"].double() for k in range(len(spec["in_shape"]))]
+        dense = math.prod(spec["out_shape"]) * math.prod(spec["in_shape"])
+        params = tt_num_params(spec["in_shape"], spec["out_shape"], spec["ranks"])
+        info = bond_report(cores)
+        entropies[name] = [b.entropy for b in info]
+        for b in info:
+            rows.append((name, f"{tuple(spec['out_shape'])}←{tuple(spec['in_shape'])}", round(dense / params, 1),
+                         b.bond, b.rank, round(b.entropy, 4), b.next_rank_error))
+    print(format_table(["layer", "modes (out←in)", "ratio", "bond", "rank", "entropy S_k", "error at rank−1"], rows))
+    print("ratio = dense weight entries / core entries; entropy in nats (ln r for a flat spectrum); "
+          "error = ‖W − W'‖/‖W‖ if that bond alone lost one rank")
+    if args.plot is not None:
+        from .plotting import plot_entanglement
+
+        plot_entanglement(entropies, args.plot, title=f"entanglement of {args.file.name}")
+        print(f"wrote {args.plot}")
+    return 0
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
@@ -135,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "compress":
         return _cmd_compress(args)
+    if args.command == "inspect":
+        return _cmd_inspect(args)
     parser.print_help()
     return 2
 

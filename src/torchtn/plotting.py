@@ -5,7 +5,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["plot_accuracy_vs_compression"]
+__all__ = ["plot_accuracy_vs_compression", "plot_entanglement"]
 
 
 def _pyplot():
@@ -17,12 +17,24 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | os.PathLike) -> Path:
+    """Write the figure atomically (temporary file, then rename) and close it."""
+    plt = _pyplot()
+    path = Path(path)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def plot_accuracy_vs_compression(ratios: Sequence[float], acc_before: Sequence[float], acc_after: Sequence[float],
                                  dense_accuracy: float, path: str | os.PathLike, title: str = "",
                                  labels: Sequence[str] | None = None) -> Path:
     """Test accuracy (%) against compression ratio (dense/tensorized, log axis), before and after fine-tuning."""
     plt = _pyplot()
-    path = Path(path)
     order = sorted(range(len(ratios)), key=lambda i: ratios[i])
     xs = [ratios[i] for i in order]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
@@ -44,10 +56,18 @@ def plot_accuracy_vs_compression(ratios: Sequence[float], acc_before: Sequence[f
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)
+
+
+def plot_entanglement(layers: dict[str, Sequence[float]], path: str | os.PathLike, title: str = "") -> Path:
+    """Entanglement entropy per bond (x: bond index) for each named layer, one line per layer."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for name, entropies in layers.items():
+        ax.plot(range(1, len(entropies) + 1), list(entropies), "o-", label=name)
+    ax.set_xlabel("bond k (cut between sites ≤ k and > k)")
+    ax.set_ylabel("entanglement entropy S_k (nats)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

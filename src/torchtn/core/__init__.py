@@ -3,7 +3,9 @@ from .contraction import ContractionPlan, CostModel, merge_group, plan_tt_linear
 from .factorize import default_num_cores, factorize, prime_factors, suggest_shapes
 from .svd import randomized_svd, truncated_svd
 from .tt import (
+    BondInfo,
     bond_caps,
+    bond_report,
     bond_spectra,
     check_cores,
     entanglement_entropy,
@@ -22,6 +24,6 @@ __all__ = [
     "ContractionPlan", "CostModel", "merge_group", "plan_tt_linear", "prepare_groups", "tt_linear",
     "default_num_cores", "factorize", "prime_factors", "suggest_shapes",
     "randomized_svd", "truncated_svd",
-    "bond_caps", "bond_spectra", "check_cores", "entanglement_entropy", "left_canonical", "right_canonical",
+    "BondInfo", "bond_caps", "bond_report", "bond_spectra", "check_cores", "entanglement_entropy", "left_canonical", "right_canonical",
     "spectrum_entropy", "tt_num_params", "tt_ranks", "tt_round", "tt_shapes", "tt_svd", "tt_to_dense",
 ]

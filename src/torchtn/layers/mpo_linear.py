@@ -11,8 +11,10 @@ from torch import nn
 
 from .._checks import check_choice, check_positive_int, check_rel_tol, check_shape
 from ..core import (
+    BondInfo,
     ContractionPlan,
     bond_caps,
+    bond_report,
     bond_spectra,
     entanglement_entropy,
     plan_tt_linear,
@@ -203,6 +205,10 @@ class MPOLinear(nn.Module):
     def entanglement_entropy(self) -> torch.Tensor:
         """Entanglement entropy of the weight at each inner bond, ``(d−1,)`` float64 (natural log)."""
         return entanglement_entropy(list(self.cores))
+
+    def bond_report(self) -> list[BondInfo]:
+        """Per inner bond: rank, entanglement entropy, error that the next smaller rank would cause."""
+        return bond_report(list(self.cores))
 
     def extra_repr(self) -> str:
         return (
