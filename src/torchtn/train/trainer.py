@@ -180,15 +180,16 @@ class Trainer:
         n = len(data.y_train)
         steps_per_epoch = math.ceil(n / c.batch_size)
         total = steps_per_epoch * c.epochs
+        # one bar per run (not per epoch): readable in a terminal and not flooding a log file
+        bar = tqdm(total=total, initial=start * steps_per_epoch, desc=c.desc, leave=False, disable=not c.progress,
+                   dynamic_ncols=True, mininterval=0.5, unit="step")
         for epoch in range(start, c.epochs):
             t0 = time.perf_counter()
             self.model.train()
             order = torch.randperm(n, generator=torch.Generator().manual_seed(c.seed * 100_003 + epoch))
             running, seen = 0.0, 0
-            bar = tqdm(range(steps_per_epoch), desc=f"{c.desc} {epoch + 1}/{c.epochs}", leave=False,
-                       disable=not c.progress, dynamic_ncols=True)
             lr = c.lr
-            for i in bar:
+            for i in range(steps_per_epoch):
                 step = epoch * steps_per_epoch + i
                 lr = self._lr(step, total)
                 for group in optimizer.param_groups:
@@ -198,6 +199,7 @@ class Trainer:
                 loss = F.cross_entropy(self.model(xb), yb)
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
+                    bar.close()
                     raise TrainingDiverged(f"{c.desc}: loss became {loss_value} at epoch {epoch + 1}, step {i + 1} "
                                            f"(lr={lr:.3g}); lower --lr or check the data")
                 optimizer.zero_grad(set_to_none=True)
@@ -205,15 +207,20 @@ class Trainer:
                 optimizer.step()
                 running += loss_value * len(yb)
                 seen += len(yb)
-                if i % 20 == 0:
-                    bar.set_postfix(loss=f"{running / seen:.4f}")
-            bar.close()
+                bar.update(1)
             val_loss, val_acc = evaluate(self.model, data.x_val, data.y_val)
+            bar.set_postfix(epoch=f"{epoch + 1}/{c.epochs}", loss=f"{running / max(seen, 1):.4f}",
+                            val_acc=f"{100 * val_acc:.2f}%", refresh=False)
             record = EpochRecord(epoch + 1, running / max(seen, 1), val_loss, val_acc, lr, time.perf_counter() - t0)
             self.history.append(record)
             self._save(optimizer, epoch + 1)
             if self.on_epoch_end is not None:
-                self.on_epoch_end(record)
+                try:
+                    self.on_epoch_end(record)
+                except BaseException:
+                    bar.close()
+                    raise
+        bar.close()
         return self.history
 
 
