@@ -149,11 +149,15 @@ def test_torch_func_grad_matches_autograd():
         assert torch.allclose(grads[name], p.grad, atol=1e-10)
 
 
-def test_torch_compile_agrees():
+def test_torch_compile_full_graph_agrees():
+    torch._dynamo.reset()
     layer = MPOLinear(64, 32, 3)
-    compiled = torch.compile(layer, backend="eager", fullgraph=False)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)  # fullgraph: any graph break is an error
     x = torch.randn(8, 64)
     assert torch.allclose(compiled(x), layer(x), atol=1e-6)
+    layer.eval()
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), layer(x), atol=1e-6)
 
 
 @pytest.mark.parametrize("kwargs,match", [

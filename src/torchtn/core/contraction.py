@@ -44,7 +44,7 @@ class CostModel:
         flops = 2.0 * batch * a * k * cols
         if cols == 1:  # a plain GEMM with `batch` rows
             sides = (batch, a, k)
-            eff = math.prod(min(1.0, s / self.fat) ** 0.5 for s in sides)
+            eff = math.prod([min(1.0, s / self.fat) ** 0.5 for s in sides])
         else:
             eff = min(1.0, cols / self.fat) ** 0.9 * min(1.0, a / self.fat) ** 0.3 * min(1.0, k / self.fat) ** 0.3
         traffic = itemsize * (batch * k * cols + batch * a * cols + a * k)
@@ -73,7 +73,7 @@ class ContractionPlan:
     def describe(self) -> str:
         groups = " | ".join(f"{a + 1}" if b - a == 1 else f"{a + 1}–{b}" for a, b in self.groups)
         how = "dense weight (all cores merged)" if self.is_dense else f"{self.direction} sweep over groups [{groups}]"
-        cache = ", merged cores cached" if self.cache_merged and any(b - a > 1 for a, b in self.groups) or (
+        cache = ", merged cores cached" if self.cache_merged and any([b - a > 1 for a, b in self.groups]) or (
             self.cache_merged and self.direction == "ltr") else ""
         return (
             f"{how}{cache}: batch {self.batch}, {self.flops / 1e6:.2f} MFLOP, "
@@ -173,8 +173,8 @@ def plan_tt_linear(
     for groups, direction in candidates:
         if len(groups) == 1 and direction == "ltr":
             continue  # the same dense plan as "rtl"
-        merged = sum(ranks[a] * math.prod(out_shape[a:b]) * math.prod(in_shape[a:b]) * ranks[b] for a, b in groups
-                     if b - a > 1 or direction == "ltr")
+        merged = sum([ranks[a] * math.prod(out_shape[a:b]) * math.prod(in_shape[a:b]) * ranks[b] for a, b in groups
+                      if b - a > 1 or direction == "ltr"])
         can_cache = cache_merged and merged <= cache_limit
         seconds, flops, biggest = _price(groups, direction, batch, in_shape, out_shape, ranks, can_cache, itemsize, model)
         if best is None or seconds < best.seconds:

@@ -54,18 +54,18 @@ def check_cores(cores: Sequence[torch.Tensor], name: str = "cores") -> list[torc
 
 def tt_shapes(cores: Sequence[torch.Tensor]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """``(out_shape, in_shape)`` of a TT-matrix: the ``m_k`` and the ``n_k``."""
-    return tuple(int(g.shape[1]) for g in cores), tuple(int(g.shape[2]) for g in cores)
+    return tuple([int(g.shape[1]) for g in cores]), tuple([int(g.shape[2]) for g in cores])
 
 
 def tt_ranks(cores: Sequence[torch.Tensor]) -> tuple[int, ...]:
     """Bond dimensions ``(r_0, …, r_d)`` (with ``r_0 = r_d = 1``)."""
-    return (int(cores[0].shape[0]),) + tuple(int(g.shape[3]) for g in cores)
+    return (int(cores[0].shape[0]),) + tuple([int(g.shape[3]) for g in cores])
 
 
 def bond_caps(in_shape: Sequence[int], out_shape: Sequence[int]) -> tuple[int, ...]:
     """Largest useful rank at each inner bond: ``min(∏_{l≤k} m_l n_l, ∏_{l>k} m_l n_l)``, ``k = 1 … d−1``."""
     sizes = [m * n for m, n in zip(out_shape, in_shape)]
-    return tuple(min(math.prod(sizes[: k + 1]), math.prod(sizes[k + 1 :])) for k in range(len(sizes) - 1))
+    return tuple([min(math.prod(sizes[: k + 1]), math.prod(sizes[k + 1 :])) for k in range(len(sizes) - 1)])
 
 
 def _expand_ranks(max_rank: RankSpec, caps: Sequence[int]) -> list[int]:
@@ -87,7 +87,7 @@ def _expand_ranks(max_rank: RankSpec, caps: Sequence[int]) -> list[int]:
 
 def tt_num_params(in_shape: Sequence[int], out_shape: Sequence[int], ranks: Sequence[int]) -> int:
     """Number of core entries ``Σ_k r_{k-1} m_k n_k r_k`` for ranks ``(r_0, …, r_d)``."""
-    return sum(ranks[k] * m * n * ranks[k + 1] for k, (m, n) in enumerate(zip(out_shape, in_shape)))
+    return sum([ranks[k] * m * n * ranks[k + 1] for k, (m, n) in enumerate(zip(out_shape, in_shape))])
 
 
 def _interleave(matrix: torch.Tensor, in_shape: Sequence[int], out_shape: Sequence[int]) -> torch.Tensor:

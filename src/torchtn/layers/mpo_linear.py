@@ -219,7 +219,7 @@ class MPOLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _needs_core_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(p.requires_grad for p in self.cores)
+        return torch.is_grad_enabled() and any([p.requires_grad for p in self.cores])
 
     def plan(self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
              needs_grad: bool | None = None) -> ContractionPlan:
@@ -227,14 +227,14 @@ class MPOLinear(nn.Module):
         batch_size = check_positive_int("batch_size", batch_size)
         ref = self.cores[0]
         dtype = ref.dtype if dtype is None else dtype
-        device = ref.device if device is None else torch.device(device)
+        device = ref.device if device is None else device
         needs_grad = self._needs_core_grad() if needs_grad is None else needs_grad
         key = (batch_size, dtype, device, needs_grad, self.contraction)
         plan = self._plans.get(key)
         if plan is None:
             plan = plan_tt_linear(
                 self.in_shape, self.out_shape, self.ranks, batch_size, cache_merged=not needs_grad,
-                itemsize=torch.empty((), dtype=dtype).element_size(),
+                itemsize=dtype.itemsize,
                 force=None if self.contraction == "auto" else self.contraction,
             )
             self._plans[key] = plan
