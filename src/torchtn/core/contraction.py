@@ -61,8 +61,8 @@ class ContractionPlan:
     groups: tuple[Span, ...]
     direction: str  # "rtl" | "ltr"
     batch: int
-    flops: int  # multiply-adds ×2 of the contraction steps (plus merges unless cached)
-    seconds: float  # cost-model estimate
+    flops: int  # multiply-adds ×2 of the contraction steps (plus merges unless cached; ×3 when training)
+    seconds: float  # cost-model estimate (forward + backward when training)
     cache_merged: bool  # merged groups may be cached between calls (inference)
     intermediate_numel: int  # largest intermediate of the sweep
 
@@ -97,13 +97,19 @@ def _spans(d: int) -> list[tuple[Span, ...]]:
     return out
 
 
-def _merge_flops(ranks: Sequence[int], out_shape: Sequence[int], in_shape: Sequence[int], span: Span) -> int:
+def _merge_cost(ranks: Sequence[int], out_shape: Sequence[int], in_shape: Sequence[int], span: Span,
+                itemsize: int, model: CostModel) -> tuple[float, int]:
+    """Seconds and flops of :func:`merge_group` for ``span``: one GEMM and one permuting copy per absorbed core."""
     a, b = span
-    flops, rows = 0, ranks[a] * out_shape[a] * in_shape[a]
+    seconds, flops = model.call_overhead, 0
+    rows = ranks[a] * out_shape[a] * in_shape[a]
     for k in range(a + 1, b):
-        flops += 2 * rows * ranks[k] * out_shape[k] * in_shape[k] * ranks[k + 1]
+        cols = out_shape[k] * in_shape[k] * ranks[k + 1]
+        seconds += model.matmul_seconds(rows, cols, ranks[k], 1, itemsize)
+        flops += 2 * rows * ranks[k] * cols
         rows *= out_shape[k] * in_shape[k]
-    return flops
+        seconds += 2 * itemsize * rows * ranks[k + 1] / model.bandwidth + model.call_overhead  # the permute copy
+    return seconds, flops
 
 
 def _price(
@@ -116,8 +122,13 @@ def _price(
     cache_merged: bool,
     itemsize: int,
     model: CostModel,
+    training: bool = False,
 ) -> tuple[float, int, int]:
-    """Estimated seconds, flops and largest intermediate of one candidate plan."""
+    """Estimated seconds, flops and largest intermediate of one candidate plan.
+
+    With ``training`` every step is priced three times (forward, and the two products of its backward).
+    """
+    passes = 3 if training else 1
     m = [math.prod(out_shape[a:b]) for a, b in groups]
     n = [math.prod(in_shape[a:b]) for a, b in groups]
     r = [ranks[a] for a, _ in groups] + [1]
@@ -125,10 +136,9 @@ def _price(
     for gi, span in enumerate(groups):
         if span[1] - span[0] > 1 or direction == "ltr":  # merging (or permuting) the group's cores
             if not cache_merged:
-                mf = _merge_flops(ranks, out_shape, in_shape, span)
-                flops += mf
-                size = r[gi] * m[gi] * n[gi] * r[gi + 1]
-                seconds += mf / model.peak_flops + itemsize * size / model.bandwidth + model.call_overhead * (span[1] - span[0])
+                ms, mf = _merge_cost(ranks, out_shape, in_shape, span, itemsize, model)
+                seconds += passes * ms
+                flops += passes * mf
     order = range(len(groups) - 1, -1, -1) if direction == "rtl" else range(len(groups))
     done = 1  # product of finished output modes
     rest = math.prod(n)  # product of untouched input modes
@@ -138,8 +148,8 @@ def _price(
             a, k, cols, prefix = r[gi] * m[gi], n[gi] * r[gi + 1], done, batch * rest
         else:
             a, k, cols, prefix = m[gi] * r[gi + 1], r[gi] * n[gi], rest, batch * done
-        seconds += model.matmul_seconds(prefix, a, k, cols, itemsize)
-        flops += 2 * prefix * a * k * cols
+        seconds += passes * model.matmul_seconds(prefix, a, k, cols, itemsize)
+        flops += passes * 2 * prefix * a * k * cols
         biggest = max(biggest, prefix * a * cols)
         done *= m[gi]
     return seconds, flops, biggest
@@ -156,12 +166,14 @@ def plan_tt_linear(
     cache_limit: int = 1 << 22,
     model: CostModel = DEFAULT_COST_MODEL,
     force: str | None = None,
+    training: bool = False,
 ) -> ContractionPlan:
     """Cheapest plan for ``(batch, ∏n) -> (batch, ∏m)``.
 
     ``cache_merged``: merged groups will be reused across calls, so their cost is not counted — but only for plans
     whose merged tensors hold at most ``cache_limit`` elements in total (a compressed layer must stay small).
     ``force``: ``"dense"``, ``"rtl"`` (core by core, right to left) or ``"ltr"`` restricts the search to that plan.
+    ``training``: price forward + backward (gradients flow to the cores), which makes merging dearer.
     """
     d = len(in_shape)
     best: ContractionPlan | None = None
@@ -176,7 +188,8 @@ def plan_tt_linear(
         merged = sum([ranks[a] * math.prod(out_shape[a:b]) * math.prod(in_shape[a:b]) * ranks[b] for a, b in groups
                       if b - a > 1 or direction == "ltr"])
         can_cache = cache_merged and merged <= cache_limit
-        seconds, flops, biggest = _price(groups, direction, batch, in_shape, out_shape, ranks, can_cache, itemsize, model)
+        seconds, flops, biggest = _price(groups, direction, batch, in_shape, out_shape, ranks, can_cache, itemsize, model,
+                                         training)
         if best is None or seconds < best.seconds:
             best = ContractionPlan(groups, direction, batch, flops, seconds, can_cache, biggest)
     assert best is not None

@@ -235,7 +235,7 @@ class MPOLinear(nn.Module):
             plan = plan_tt_linear(
                 self.in_shape, self.out_shape, self.ranks, batch_size, cache_merged=not needs_grad,
                 itemsize=dtype.itemsize,
-                force=None if self.contraction == "auto" else self.contraction,
+                force=None if self.contraction == "auto" else self.contraction, training=needs_grad,
             )
             self._plans[key] = plan
             if len(self._plans) > _MAX_PLANS:
