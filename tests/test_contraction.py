@@ -34,3 +34,18 @@ def test_planner_prefers_sweeps_for_big_low_rank_layers_and_dense_for_tiny_cache
     assert tiny.is_dense and tiny.cache_merged
     forced = plan_tt_linear((8, 8, 8, 8), (8, 8, 8, 8), (1, 8, 8, 8, 1), 64, force="dense")
     assert forced.is_dense and "dense weight" in str(forced)
+
+
+def test_flop_count_matches_gao_formula():
+    from torchtn.core import tt_linear_flops
+
+    in_shape, out_shape, ranks = (4, 7, 7, 4), (4, 4, 4, 4), (1, 3, 5, 2, 1)
+    expected = 0
+    for k in range(4):
+        left = math.prod(out_shape[:k])
+        right = math.prod(in_shape[k + 1:])
+        expected += ranks[k] * ranks[k + 1] * out_shape[k] * in_shape[k] * left * right
+    assert tt_linear_flops(in_shape, out_shape, ranks, batch=8) == 2 * 8 * expected
+    # the planner reports the same count for the forced core-by-core plan
+    plan = plan_tt_linear(in_shape, out_shape, ranks, 8, force="ltr")
+    assert plan.flops == 2 * 8 * expected

@@ -1,5 +1,13 @@
 """Math core: tensor-train algebra and contraction planning. Pure functions on tensors; no ``torch.nn``."""
-from .contraction import ContractionPlan, CostModel, merge_group, plan_tt_linear, prepare_groups, tt_linear
+from .contraction import (
+    ContractionPlan,
+    CostModel,
+    merge_group,
+    plan_tt_linear,
+    prepare_groups,
+    tt_linear,
+    tt_linear_flops,
+)
 from .factorize import default_num_cores, factorize, prime_factors, suggest_shapes
 from .svd import randomized_svd, truncated_svd
 from .tt import (
@@ -21,7 +29,7 @@ from .tt import (
 )
 
 __all__ = [
-    "ContractionPlan", "CostModel", "merge_group", "plan_tt_linear", "prepare_groups", "tt_linear",
+    "ContractionPlan", "CostModel", "merge_group", "plan_tt_linear", "prepare_groups", "tt_linear", "tt_linear_flops",
     "default_num_cores", "factorize", "prime_factors", "suggest_shapes",
     "randomized_svd", "truncated_svd",
     "BondInfo", "bond_caps", "bond_report", "bond_spectra", "check_cores", "entanglement_entropy", "left_canonical", "right_canonical",

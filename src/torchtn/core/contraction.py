@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ContractionPlan", "plan_tt_linear", "merge_group", "prepare_groups", "tt_linear", "CostModel"]
+__all__ = ["ContractionPlan", "plan_tt_linear", "merge_group", "prepare_groups", "tt_linear", "tt_linear_flops",
+           "CostModel"]
 
 Span = tuple[int, int]
 
@@ -249,3 +250,14 @@ def tt_linear(x: torch.Tensor, mats: Sequence[torch.Tensor], plan: ContractionPl
             else:
                 t = torch.matmul(mat, t.reshape(-1, k, rest))
     return t.reshape(batch, -1)
+
+
+def tt_linear_flops(in_shape: Sequence[int], out_shape: Sequence[int], ranks: Sequence[int], batch: int = 1,
+                    direction: str = "ltr") -> int:
+    """FLOPs (2 × multiply-adds) of ``(batch, ∏n) -> (batch, ∏m)`` contracted core by core, nothing merged.
+
+    For ``"ltr"`` this is ``2·batch·Σ_k r_{k-1} r_k m_k n_k (∏_{j<k} m_j)(∏_{j>k} n_j)`` (Gao et al.'s count);
+    compare with ``2·batch·∏m·∏n`` for the dense layer. :func:`plan_tt_linear` reports the chosen plan's own FLOPs.
+    """
+    groups = tuple((k, k + 1) for k in range(len(in_shape)))
+    return _price(groups, direction, batch, in_shape, out_shape, ranks, True, 4, DEFAULT_COST_MODEL)[1]
