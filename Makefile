@@ -21,6 +21,7 @@ demo: setup
 	$(VENV)/bin/torchtn compress
 
 test: setup
+	$(VENV)/bin/ruff check src tests bench
 	$(PY) -m pytest
 
 # Peers the benchmarks compare with. torch-mpo declares Python >= 3.12 but imports and runs on 3.11.

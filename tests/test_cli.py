@@ -73,8 +73,6 @@ def test_console_script_entry_point():
 def test_inspect_reports_bonds_and_refuses_overwrite(tmp_path, capsys):
     import math
 
-    import torch
-
     from torchtn import MPOLinear, save_model
     from torchtn.models import FC2
 

@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import random_tt
+
 from torchtn.core import ContractionPlan, plan_tt_linear, prepare_groups, tt_linear, tt_to_dense
 from torchtn.core.contraction import _spans
 

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from torchtn.data import DataFilesMissing, load_cifar10, load_dataset, load_digits, load_fashion_mnist, load_mnist, read_idx
+from torchtn.data import (
+    DataFilesMissing,
+    load_cifar10,
+    load_dataset,
+    load_digits,
+    load_fashion_mnist,
+    load_mnist,
+    read_idx,
+)
 from torchtn.data.datasets import FASHION_MNIST_DIR
 
 CODES = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C, np.float32: 0x0D, np.float64: 0x0E}

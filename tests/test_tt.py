@@ -3,13 +3,26 @@ import math
 
 import pytest
 import torch
+from conftest import random_tt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import random_tt
 from torchtn.core import (
-    bond_caps, bond_spectra, entanglement_entropy, factorize, left_canonical, prime_factors, right_canonical,
-    spectrum_entropy, suggest_shapes, truncated_svd, tt_num_params, tt_ranks, tt_round, tt_svd, tt_to_dense,
+    bond_caps,
+    bond_spectra,
+    entanglement_entropy,
+    factorize,
+    left_canonical,
+    prime_factors,
+    right_canonical,
+    spectrum_entropy,
+    suggest_shapes,
+    truncated_svd,
+    tt_num_params,
+    tt_ranks,
+    tt_round,
+    tt_svd,
+    tt_to_dense,
 )
 from torchtn.core.tt import _interleave
 

@@ -4,11 +4,11 @@ The top level holds the verbs and layers most users need; everything else is one
 (``torchtn.core``, ``torchtn.layers``, ``torchtn.models``, ``torchtn.compress``, ``torchtn.train``, ``torchtn.data``).
 """
 from ._version import __version__
+from .compress import tensorize
 from .core import tt_round, tt_svd, tt_to_dense
 from .core.tt import bond_spectra, entanglement_entropy
-from .layers import MPOLinear
-from .compress import tensorize
 from .io import load_model, save_model
+from .layers import MPOLinear
 
 __all__ = ["__version__", "tt_svd", "tt_to_dense", "tt_round", "bond_spectra", "entanglement_entropy",
            "MPOLinear", "tensorize", "save_model", "load_model"]

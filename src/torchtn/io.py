@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from ._version import __version__
@@ -98,16 +98,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str,
         "metadata": dict(metadata or {}),
     }
     text = json.dumps(info, indent=2, sort_keys=True, default=str)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"torchtn": text})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata={"torchtn": text}))
     atomic_write_text(path.with_suffix(".json"), text + "\n")
     return path
 

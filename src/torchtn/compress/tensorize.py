@@ -11,10 +11,18 @@ import torch
 from torch import nn
 
 from .._checks import check_positive_real, check_rel_tol
-from ..core import bond_spectra, suggest_shapes, tt_num_params, tt_ranks, tt_round, tt_svd, tt_to_dense
-from ..core.tt import bond_caps
+from ..core import (
+    bond_caps,
+    bond_spectra,
+    inner_ranks,
+    resolve_shapes,
+    tt_num_params,
+    tt_ranks,
+    tt_round,
+    tt_svd,
+    tt_to_dense,
+)
 from ..layers import MPOLinear
-from ..layers.mpo_linear import _resolve_ranks, _resolve_shapes
 from ..report import format_table
 
 __all__ = ["tensorize", "TensorizeReport", "LayerReport", "allocate_ranks"]
@@ -196,15 +204,15 @@ def tensorize(
     layer_shapes = []
     for name, lin in targets:
         in_s, out_s = shapes.get(name, (None, None))
-        layer_shapes.append(_resolve_shapes(lin.in_features, lin.out_features, in_s, out_s))
+        layer_shapes.append(resolve_shapes(lin.in_features, lin.out_features, in_s, out_s))
     if rank is not None:
         for in_s, out_s in layer_shapes:
-            _resolve_ranks(rank, in_s, out_s)  # validates the value early, with the argument's name
+            inner_ranks(rank, in_s, out_s, name="rank")  # validates the value early, with the argument's name
     before = sum(p.numel() for p in model.parameters())
     weights = [lin.weight.detach() for _, lin in targets]
 
     if ratio is None:
-        core_lists = [tt_svd(w, i, o, max_rank=None if rank is None else _resolve_ranks(rank, i, o)[1:-1],
+        core_lists = [tt_svd(w, i, o, max_rank=None if rank is None else inner_ranks(rank, i, o, name="rank"),
                              rel_tol=rel_tol) for w, (i, o) in zip(weights, layer_shapes)]
     else:
         fixed = before - sum(w.numel() for w in weights)

@@ -8,7 +8,7 @@ from .contraction import (
     tt_linear,
     tt_linear_flops,
 )
-from .factorize import default_num_cores, factorize, prime_factors, suggest_shapes
+from .factorize import default_num_cores, factorize, prime_factors, resolve_shapes, suggest_shapes
 from .svd import randomized_svd, truncated_svd
 from .tt import (
     BondInfo,
@@ -17,6 +17,7 @@ from .tt import (
     bond_spectra,
     check_cores,
     entanglement_entropy,
+    inner_ranks,
     left_canonical,
     right_canonical,
     spectrum_entropy,
@@ -30,8 +31,8 @@ from .tt import (
 
 __all__ = [
     "ContractionPlan", "CostModel", "merge_group", "plan_tt_linear", "prepare_groups", "tt_linear", "tt_linear_flops",
-    "default_num_cores", "factorize", "prime_factors", "suggest_shapes",
+    "default_num_cores", "factorize", "prime_factors", "resolve_shapes", "suggest_shapes",
     "randomized_svd", "truncated_svd",
-    "BondInfo", "bond_caps", "bond_report", "bond_spectra", "check_cores", "entanglement_entropy", "left_canonical", "right_canonical",
+    "BondInfo", "bond_caps", "bond_report", "bond_spectra", "check_cores", "entanglement_entropy", "inner_ranks", "left_canonical", "right_canonical",
     "spectrum_entropy", "tt_num_params", "tt_ranks", "tt_round", "tt_shapes", "tt_svd", "tt_to_dense",
 ]

@@ -74,14 +74,19 @@ class ContractionPlan:
     def describe(self) -> str:
         groups = " | ".join(f"{a + 1}" if b - a == 1 else f"{a + 1}–{b}" for a, b in self.groups)
         how = "dense weight (all cores merged)" if self.is_dense else f"{self.direction} sweep over groups [{groups}]"
-        cache = ", merged cores cached" if self.cache_merged and any([b - a > 1 for a, b in self.groups]) or (
-            self.cache_merged and self.direction == "ltr") else ""
+        cached = self.cache_merged and any([_builds_new_tensor(g, self.direction) for g in self.groups])
+        cache = ", merged cores cached" if cached else ""
         return (
             f"{how}{cache}: batch {self.batch}, {self.flops / 1e6:.2f} MFLOP, "
             f"largest intermediate {self.intermediate_numel:,} elements, est. {self.seconds * 1e3:.3f} ms"
         )
 
     __str__ = describe
+
+
+def _builds_new_tensor(span: Span, direction: str) -> bool:
+    """Whether a group's step matrix is a new tensor (merged cores, or a permuted core for ``ltr``) — cacheable."""
+    return span[1] - span[0] > 1 or direction == "ltr"
 
 
 def _spans(d: int) -> list[tuple[Span, ...]]:
@@ -135,11 +140,10 @@ def _price(
     r = [ranks[a] for a, _ in groups] + [1]
     seconds, flops, biggest = 0.0, 0, 0
     for gi, span in enumerate(groups):
-        if span[1] - span[0] > 1 or direction == "ltr":  # merging (or permuting) the group's cores
-            if not cache_merged:
-                ms, mf = _merge_cost(ranks, out_shape, in_shape, span, itemsize, model)
-                seconds += passes * ms
-                flops += passes * mf
+        if _builds_new_tensor(span, direction) and not cache_merged:
+            ms, mf = _merge_cost(ranks, out_shape, in_shape, span, itemsize, model)
+            seconds += passes * ms
+            flops += passes * mf
     order = range(len(groups) - 1, -1, -1) if direction == "rtl" else range(len(groups))
     done = 1  # product of finished output modes
     rest = math.prod(n)  # product of untouched input modes
@@ -187,7 +191,7 @@ def plan_tt_linear(
         if len(groups) == 1 and direction == "ltr":
             continue  # the same dense plan as "rtl"
         merged = sum([ranks[a] * math.prod(out_shape[a:b]) * math.prod(in_shape[a:b]) * ranks[b] for a, b in groups
-                      if b - a > 1 or direction == "ltr"])
+                      if _builds_new_tensor((a, b), direction)])
         can_cache = cache_merged and merged <= cache_limit
         seconds, flops, biggest = _price(groups, direction, batch, in_shape, out_shape, ranks, can_cache, itemsize, model,
                                          training)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
 
-from .._checks import check_positive_int
+from .._checks import check_positive_int, check_shape
 
-__all__ = ["factorize", "prime_factors", "default_num_cores", "suggest_shapes"]
+__all__ = ["factorize", "prime_factors", "default_num_cores", "suggest_shapes", "resolve_shapes"]
+
 
 
 def prime_factors(n: int) -> list[int]:
@@ -64,3 +66,23 @@ def suggest_shapes(in_features: int, out_features: int, d: int | None = None) ->
     if d is None:
         d = default_num_cores(in_features, out_features)
     return factorize(in_features, d), factorize(out_features, d)
+
+
+def resolve_shapes(in_features: int, out_features: int, in_shape: Sequence[int] | None = None,
+                   out_shape: Sequence[int] | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Validated ``(in_shape, out_shape)``: given ones are checked against the sizes, missing ones suggested."""
+    if in_shape is None and out_shape is None:
+        return suggest_shapes(in_features, out_features)
+    if in_shape is None or out_shape is None:
+        d = len(check_shape("in_shape" if in_shape is not None else "out_shape", in_shape if in_shape is not None else out_shape))
+        auto_in, auto_out = suggest_shapes(in_features, out_features, d)
+        in_shape = auto_in if in_shape is None else in_shape
+        out_shape = auto_out if out_shape is None else out_shape
+    in_shape, out_shape = check_shape("in_shape", in_shape), check_shape("out_shape", out_shape)
+    if math.prod(in_shape) != in_features:
+        raise ValueError(f"in_shape={in_shape} multiplies to {math.prod(in_shape)}, but in_features={in_features}")
+    if math.prod(out_shape) != out_features:
+        raise ValueError(f"out_shape={out_shape} multiplies to {math.prod(out_shape)}, but out_features={out_features}")
+    if len(in_shape) != len(out_shape):
+        raise ValueError(f"in_shape={in_shape} and out_shape={out_shape} must have the same number of modes (pad with 1's)")
+    return in_shape, out_shape

@@ -27,6 +27,7 @@ __all__ = [
     "BondInfo",
     "bond_report",
     "bond_caps",
+    "inner_ranks",
     "tt_ranks",
     "tt_shapes",
     "tt_num_params",
@@ -68,20 +69,26 @@ def bond_caps(in_shape: Sequence[int], out_shape: Sequence[int]) -> tuple[int, .
     return tuple([min(math.prod(sizes[: k + 1]), math.prod(sizes[k + 1 :])) for k in range(len(sizes) - 1)])
 
 
-def _expand_ranks(max_rank: RankSpec, caps: Sequence[int]) -> list[int]:
-    """Per-bond rank caps from an int (every bond) or a sequence (one per inner bond), clipped to ``caps``."""
-    if max_rank is None:
+def inner_ranks(value: RankSpec, in_shape: Sequence[int], out_shape: Sequence[int], name: str = "max_rank") -> list[int]:
+    """Per-inner-bond rank caps from ``value``, clipped to :func:`bond_caps` (``None``: the caps themselves).
+
+    ``value`` is an int (every bond), one int per inner bond, or a full ``(1, r_1, …, r_{d-1}, 1)`` tuple; ``name``
+    is the argument name used in error messages.
+    """
+    caps = bond_caps(in_shape, out_shape)
+    if value is None:
         return list(caps)
-    if isinstance(max_rank, Sequence) and not isinstance(max_rank, str):
-        ranks = list(max_rank)
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        ranks = list(value)
         if len(ranks) == len(caps) + 2 and ranks[0] == ranks[-1] == 1:  # full (r_0, …, r_d) tuple
             ranks = ranks[1:-1]
         if len(ranks) != len(caps):
-            raise ValueError(f"max_rank={tuple(max_rank)!r} has {len(ranks)} entries: expected one per inner bond ({len(caps)})")
+            raise ValueError(f"{name}={tuple(value)!r} has {len(ranks)} entries: expected an int or one per inner "
+                             f"bond ({len(caps)})")
         for r in ranks:
-            check_positive_int("max_rank", r)
+            check_positive_int(name, r)
         return [min(int(r), c) for r, c in zip(ranks, caps)]
-    r = check_positive_int("max_rank", max_rank)
+    r = check_positive_int(name, value)
     return [min(r, c) for c in caps]
 
 
@@ -124,7 +131,7 @@ def tt_svd(
         )
     rel_tol = check_rel_tol("rel_tol", rel_tol)
     d = len(in_shape)
-    caps = _expand_ranks(max_rank, bond_caps(in_shape, out_shape))
+    caps = inner_ranks(max_rank, in_shape, out_shape)
     work = matrix.detach()
     if not work.is_floating_point():
         raise TypeError(f"matrix has dtype {work.dtype}: expected a floating-point tensor")
@@ -215,7 +222,7 @@ def tt_round(cores: Sequence[torch.Tensor], max_rank: RankSpec = None, rel_tol: 
     rel_tol = check_rel_tol("rel_tol", rel_tol)
     out_shape, in_shape = tt_shapes(cores)
     d = len(cores)
-    caps = _expand_ranks(max_rank, bond_caps(in_shape, out_shape))
+    caps = inner_ranks(max_rank, in_shape, out_shape)
     budget = None
     if rel_tol is not None and d > 1:
         budget = rel_tol**2 * float(torch.linalg.vector_norm(cores[0]).double() ** 2) / (d - 1)

@@ -9,17 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_choice, check_positive_int, check_rel_tol, check_shape
+from .._checks import check_choice, check_positive_int, check_rel_tol
 from ..core import (
     BondInfo,
     ContractionPlan,
-    bond_caps,
     bond_report,
     bond_spectra,
     entanglement_entropy,
+    inner_ranks,
     plan_tt_linear,
     prepare_groups,
-    suggest_shapes,
+    resolve_shapes,
     tt_linear,
     tt_num_params,
     tt_ranks,
@@ -31,40 +31,6 @@ __all__ = ["MPOLinear"]
 
 _CONTRACTIONS = ("auto", "dense", "rtl", "ltr")
 _MAX_PLANS = 64
-
-
-def _resolve_shapes(in_features: int, out_features: int, in_shape, out_shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    if in_shape is None and out_shape is None:
-        return suggest_shapes(in_features, out_features)
-    if in_shape is None or out_shape is None:
-        d = len(check_shape("in_shape" if in_shape is not None else "out_shape", in_shape if in_shape is not None else out_shape))
-        auto_in, auto_out = suggest_shapes(in_features, out_features, d)
-        in_shape = auto_in if in_shape is None else in_shape
-        out_shape = auto_out if out_shape is None else out_shape
-    in_shape, out_shape = check_shape("in_shape", in_shape), check_shape("out_shape", out_shape)
-    if math.prod(in_shape) != in_features:
-        raise ValueError(f"in_shape={in_shape} multiplies to {math.prod(in_shape)}, but in_features={in_features}")
-    if math.prod(out_shape) != out_features:
-        raise ValueError(f"out_shape={out_shape} multiplies to {math.prod(out_shape)}, but out_features={out_features}")
-    if len(in_shape) != len(out_shape):
-        raise ValueError(f"in_shape={in_shape} and out_shape={out_shape} must have the same number of modes (pad with 1's)")
-    return in_shape, out_shape
-
-
-def _resolve_ranks(rank, in_shape: Sequence[int], out_shape: Sequence[int]) -> tuple[int, ...]:
-    """``(1, r_1, …, r_{d-1}, 1)`` from an int cap or one value per inner bond, clipped to the useful maximum."""
-    caps = bond_caps(in_shape, out_shape)
-    if isinstance(rank, Sequence) and not isinstance(rank, str):
-        inner = list(rank)
-        if len(inner) == len(caps) + 2 and inner[0] == inner[-1] == 1:
-            inner = inner[1:-1]
-        if len(inner) != len(caps):
-            raise ValueError(f"rank={tuple(rank)!r} has {len(inner)} entries: expected an int or {len(caps)} inner bonds")
-        for r in inner:
-            check_positive_int("rank", r)
-    else:
-        inner = [check_positive_int("rank", rank)] * len(caps)
-    return (1, *(min(int(r), c) for r, c in zip(inner, caps)), 1)
 
 
 class MPOLinear(nn.Module):
@@ -99,9 +65,9 @@ class MPOLinear(nn.Module):
         super().__init__()
         self.in_features = check_positive_int("in_features", in_features)
         self.out_features = check_positive_int("out_features", out_features)
-        self.in_shape, self.out_shape = _resolve_shapes(self.in_features, self.out_features, in_shape, out_shape)
+        self.in_shape, self.out_shape = resolve_shapes(self.in_features, self.out_features, in_shape, out_shape)
         self.contraction = check_choice("contraction", contraction, _CONTRACTIONS)
-        ranks = _resolve_ranks(rank, self.in_shape, self.out_shape)
+        ranks = (1, *inner_ranks(rank, self.in_shape, self.out_shape, name="rank"), 1)
         factory = {"device": device, "dtype": dtype}
         self.cores = nn.ParameterList(
             nn.Parameter(torch.empty(ranks[k], m, n, ranks[k + 1], **factory))
@@ -147,8 +113,8 @@ class MPOLinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         rel_tol = check_rel_tol("rel_tol", rel_tol)
-        in_shape, out_shape = _resolve_shapes(linear.in_features, linear.out_features, in_shape, out_shape)
-        max_rank = None if rank is None else _resolve_ranks(rank, in_shape, out_shape)[1:-1]
+        in_shape, out_shape = resolve_shapes(linear.in_features, linear.out_features, in_shape, out_shape)
+        max_rank = None if rank is None else inner_ranks(rank, in_shape, out_shape, name="rank")
         weight = linear.weight.detach()
         cores = tt_svd(weight, in_shape, out_shape, max_rank=max_rank, rel_tol=rel_tol)
         return cls.from_cores(cores, bias=None if linear.bias is None else linear.bias.detach(), **kwargs)
