@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from torchtn.cli import main
 
@@ -87,3 +88,30 @@ def test_inspect_reports_bonds_and_refuses_overwrite(tmp_path, capsys):
         assert 0 <= b.entropy <= math.log(b.rank) + 1e-9 and f"{b.entropy:.4g}"[:4] in printed
     assert main(["inspect", str(path), "--plot", str(plot)]) == 2  # never overwrites
     assert main(["inspect", str(tmp_path / "missing.safetensors")]) == 2
+
+
+def test_interrupted_job_resumes_to_identical_models(tmp_path, capsys, monkeypatch):
+    from safetensors.torch import load_file
+
+    from torchtn.train import trainer as trainer_module
+
+    args = ["compress", "--epochs", "3", "--finetune-epochs", "3", "--rank", "2", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+
+    real_save = trainer_module.Trainer._save
+    fired = []
+
+    def interrupt_mid_finetune(self, optimizer, epoch):
+        real_save(self, optimizer, epoch)
+        if self.config.desc == "rank-2" and epoch == 1 and not fired:
+            fired.append(1)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module.Trainer, "_save", interrupt_mid_finetune)
+    out = tmp_path / "cut"
+    assert main([*args, "--out", str(out)]) == 130
+    assert "--resume" in capsys.readouterr().err and not (out / "rank-2.safetensors").exists()
+    assert main([*args, "--out", str(out), "--resume"]) == 0
+    a = load_file(tmp_path / "straight" / "rank-2.safetensors")
+    b = load_file(out / "rank-2.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -109,13 +109,21 @@ def results_table(dense_params: int, dense_acc: float, dense_seconds: float, row
     return format_table(headers, body) + "\n" + note
 
 
-def _train(model: torch.nn.Module, data: Dataset, cfg: TrainConfig, ckpt: Path, final: Path, meta: dict,
-           resume: bool) -> float:
-    """Train (or resume) and save the final model; returns seconds spent now."""
-    t0 = time.perf_counter()
-    Trainer(model, cfg, checkpoint=ckpt, metadata=meta).fit(data, resume=resume)
-    save_model(model, final, {**meta, "train_config": asdict(cfg)}, overwrite=True)
-    return time.perf_counter() - t0
+def _run_stage(model: torch.nn.Module, data: Dataset, cfg: TrainConfig, out: Path, name: str, meta: dict,
+               resume: bool, log: Callable[[str], None], started: float) -> float:
+    """Train ``model`` as stage ``name`` (or load it when a resumed run already finished it); returns its seconds.
+
+    Checkpoints go to ``out/checkpoints/<name>.safetensors``; the final model to ``out/<name>.safetensors``.
+    """
+    final = out / f"{name}.safetensors"
+    if resume and final.exists():
+        load_model(final, model)
+        log(f"{name}: loaded {final}")
+        return float(read_metadata(final)["metadata"].get("seconds", 0.0))
+    Trainer(model, cfg, checkpoint=out / "checkpoints" / f"{name}.safetensors", metadata=meta).fit(data, resume=resume)
+    seconds = time.perf_counter() - started
+    save_model(model, final, {**meta, "train_config": asdict(cfg), "seconds": seconds}, overwrite=True)
+    return seconds
 
 
 def run_compress(config: CompressConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
@@ -130,18 +138,10 @@ def run_compress(config: CompressConfig, out: str | Path, *, resume: bool = Fals
 
     torch.manual_seed(config.seed)
     dense = FC2(data.num_features, config.hidden, data.num_classes)
-    dense_file = out / "dense.safetensors"
-    if resume and dense_file.exists():
-        load_model(dense_file, dense)
-        dense_seconds = float(read_metadata(dense_file)["metadata"].get("seconds", 0.0))
-        log(f"dense: loaded {dense_file}")
-    else:
-        cfg = TrainConfig(epochs=config.dense_epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed,
-                          progress=progress, desc="dense")
-        dense_seconds = _train(dense, data, cfg, out / "checkpoints" / "dense.safetensors", dense_file,
-                               {**base_meta, "stage": "dense"}, resume)
-        meta = read_metadata(dense_file)["metadata"]
-        save_model(dense, dense_file, {**meta, "seconds": dense_seconds}, overwrite=True)
+    cfg = TrainConfig(epochs=config.dense_epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed,
+                      progress=progress, desc="dense")
+    dense_seconds = _run_stage(dense, data, cfg, out, "dense", {**base_meta, "stage": "dense"}, resume, log,
+                               time.perf_counter())
     _, dense_acc = evaluate(dense, data.x_test, data.y_test)
     dense_params = sum(p.numel() for p in dense.parameters())
     log(f"dense FC2 {data.num_features}→{config.hidden}→{data.num_classes}: {dense_params:,} parameters, "
@@ -149,22 +149,13 @@ def run_compress(config: CompressConfig, out: str | Path, *, resume: bool = Fals
 
     rows: list[CompressRow] = []
     for name, kwargs in config.settings():
-        final = out / f"{name}.safetensors"
-        t0 = time.perf_counter()
+        started = time.perf_counter()
         model, report = tensorize(dense, **kwargs)
         _, acc_before = evaluate(model, data.x_test, data.y_test)
-        if resume and final.exists():
-            load_model(final, model)
-            seconds = float(read_metadata(final)["metadata"].get("seconds", 0.0))
-            log(f"{name}: loaded {final}")
-        else:
-            cfg = TrainConfig(epochs=config.tune_epochs, batch_size=config.batch_size, lr=config.finetune_lr,
-                              seed=config.seed, progress=progress, desc=name)
-            _train(model, data, cfg, out / "checkpoints" / f"{name}.safetensors", final,
-                   {**base_meta, "stage": name, "tensorize": report.to_dict()}, resume)
-            seconds = time.perf_counter() - t0
-            meta = read_metadata(final)["metadata"]
-            save_model(model, final, {**meta, "seconds": seconds}, overwrite=True)
+        cfg = TrainConfig(epochs=config.tune_epochs, batch_size=config.batch_size, lr=config.finetune_lr,
+                          seed=config.seed, progress=progress, desc=name)
+        seconds = _run_stage(model, data, cfg, out, name, {**base_meta, "stage": name, "tensorize": report.to_dict()},
+                             resume, log, started)
         val_after = evaluate(model, data.x_val, data.y_val)[1]
         _, acc_after = evaluate(model, data.x_test, data.y_test)
         fc1 = report.layers[0]
