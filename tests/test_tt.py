@@ -215,3 +215,25 @@ def test_bond_report_next_rank_error_is_exact():
     assert info.next_rank_error == pytest.approx((torch.linalg.norm(truncated - w) / torch.linalg.norm(w)).item(),
                                                  rel=1e-9)
     assert info.entropy == pytest.approx(entanglement_entropy(cores).item())
+
+
+def test_budget_only_svd_is_randomized_and_keeps_the_bound(monkeypatch):
+    import torchtn.core.svd as svd_module
+
+    torch.manual_seed(2)
+    n = 1024
+    u, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+    s = torch.exp(-torch.arange(n, dtype=torch.float64) / 15)
+    a = (u * s) @ v.T
+    budget = (0.05 * torch.linalg.norm(s)).item() ** 2
+    exact_rank = svd_module.rank_for_tail(s, budget)
+
+    def no_exact(_):
+        raise AssertionError("the exact SVD should not be needed here")
+
+    monkeypatch.setattr(svd_module, "_exact_svd", no_exact)
+    uu, ss, vh, err_sq = svd_module.truncated_svd(a, tail_sq_budget=budget)
+    assert err_sq <= budget * (1 + 1e-9)
+    assert torch.linalg.norm(a - (uu * ss) @ vh).item() ** 2 == pytest.approx(err_sq, rel=1e-8)
+    assert exact_rank <= len(ss) <= exact_rank + 2

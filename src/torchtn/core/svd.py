@@ -16,6 +16,8 @@ _OVERSAMPLE = 10
 _POWER_ITERS = 2
 # Use the randomized path only when the sketch is this much narrower than the smaller matrix side.
 _RANDOMIZED_MIN_GAIN = 4
+# With only an error budget, the first sketch has this many columns (then doubles).
+_ADAPTIVE_START = 32
 
 
 def rank_for_tail(s: torch.Tensor, tail_sq_budget: float, total_sq: float | None = None) -> int:
@@ -72,21 +74,30 @@ def truncated_svd(a: torch.Tensor, max_rank: int | None = None, tail_sq_budget: 
     """SVD of ``a`` ``(m, n)`` truncated to ``max_rank`` and/or a squared-error budget: returns ``U, S, Vh, err_sq``.
 
     The kept rank is the smallest that meets ``tail_sq_budget`` (if given), capped at ``max_rank`` (if given), and at
-    least 1. ``err_sq`` is the exact squared Frobenius error of the truncation. A randomized SVD is used when a
-    ``max_rank`` is given and is small compared with the matrix; the budget is then checked against the exact error of
-    the sketched projection, so it is never violated (the rank may come out slightly larger than an exact SVD's).
+    least 1. ``err_sq`` is the exact squared Frobenius error of the truncation. A randomized SVD is used while the
+    sketch is small compared with the matrix (one sketch for a ``max_rank``; doubling sketches for a budget alone); the
+    budget is checked against the exact error of the sketched projection, so it is never violated (the rank may come
+    out slightly larger than an exact SVD's).
     """
     m, n = a.shape
     small = min(m, n)
     cap = small if max_rank is None else min(max_rank, small)
-    sketch = cap + max(_OVERSAMPLE, cap // 2)
-    if max_rank is not None and sketch * _RANDOMIZED_MIN_GAIN <= small:
-        total_sq = float(torch.linalg.vector_norm(a).double() ** 2)
-        u, s, vh = randomized_svd(a, sketch)
-        s = s[:cap]
-        r = cap if tail_sq_budget is None else rank_for_tail(s, tail_sq_budget, total_sq)
-        err_sq = max(total_sq - float((s[:r].double() ** 2).sum()), 0.0)  # exact: the truncation is a projection
-        return u[:, :r], s[:r], vh[:r], err_sq
+    if max_rank is not None or tail_sq_budget is not None:
+        # Randomized while the sketch stays well below the matrix size: with max_rank, one sketch of that rank; with
+        # only a budget, sketches of doubling width until the exactly-measured error meets the budget.
+        k = cap if max_rank is not None else _ADAPTIVE_START
+        gain = _RANDOMIZED_MIN_GAIN if max_rank is not None else 2 * _RANDOMIZED_MIN_GAIN  # doubling costs ~2× more
+        total_sq = None
+        while (k + max(_OVERSAMPLE, k // 2)) * gain <= small:
+            if total_sq is None:
+                total_sq = float(torch.linalg.vector_norm(a).double() ** 2)
+            u, s, vh = randomized_svd(a, k + max(_OVERSAMPLE, k // 2))
+            s = s[:k]
+            r = k if tail_sq_budget is None else rank_for_tail(s, tail_sq_budget, total_sq)
+            err_sq = max(total_sq - float((s[:r].double() ** 2).sum()), 0.0)  # exact: the truncation is a projection
+            if max_rank is not None or err_sq <= tail_sq_budget * (1 + 1e-12):
+                return u[:, :r], s[:r], vh[:r], err_sq
+            k *= 2
     u, s, vh = _exact_svd(a)
     r = cap if tail_sq_budget is None else min(cap, rank_for_tail(s, tail_sq_budget))
     err_sq = float((s[r:].double() ** 2).sum())
