@@ -18,10 +18,10 @@ def test_every_plan_equals_dense(in_shape, out_shape, rank, direction):
     x = torch.randn(5, math.prod(in_shape), dtype=torch.float64)
     ranks = [1] + [c.shape[3] for c in cores]
     for groups in _spans(len(cores)):
-        plan = ContractionPlan(groups, direction, 5, 0, 0.0, False, 0)
-        ins = [math.prod(in_shape[a:b]) for a, b in groups]
-        outs = [math.prod(out_shape[a:b]) for a, b in groups]
-        y = tt_linear(x, prepare_groups(cores, plan), plan, ins, outs)
+        ins = tuple(math.prod(in_shape[a:b]) for a, b in groups)
+        outs = tuple(math.prod(out_shape[a:b]) for a, b in groups)
+        plan = ContractionPlan(groups, direction, 5, 0, 0.0, False, 0, ins, outs)
+        y = tt_linear(x, prepare_groups(cores, plan), plan)
         assert torch.allclose(y, x @ w.T, atol=1e-10), (groups, direction)
     chosen = plan_tt_linear(in_shape, out_shape, ranks, 5)
     assert chosen.groups in _spans(len(cores)) and chosen.direction in ("rtl", "ltr")

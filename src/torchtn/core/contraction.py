@@ -66,6 +66,8 @@ class ContractionPlan:
     seconds: float  # cost-model estimate (forward + backward when training)
     cache_merged: bool  # merged groups may be cached between calls (inference)
     intermediate_numel: int  # largest intermediate of the sweep
+    in_sizes: tuple[int, ...]  # product of the input modes of each group
+    out_sizes: tuple[int, ...]  # product of the output modes of each group
 
     @property
     def is_dense(self) -> bool:
@@ -196,7 +198,9 @@ def plan_tt_linear(
         seconds, flops, biggest = _price(groups, direction, batch, in_shape, out_shape, ranks, can_cache, itemsize, model,
                                          training)
         if best is None or seconds < best.seconds:
-            best = ContractionPlan(groups, direction, batch, flops, seconds, can_cache, biggest)
+            best = ContractionPlan(groups, direction, batch, flops, seconds, can_cache, biggest,
+                                   tuple([math.prod(in_shape[a:b]) for a, b in groups]),
+                                   tuple([math.prod(out_shape[a:b]) for a, b in groups]))
     assert best is not None
     return best
 
@@ -226,12 +230,9 @@ def prepare_groups(cores: Sequence[torch.Tensor], plan: ContractionPlan) -> list
     return mats
 
 
-def tt_linear(x: torch.Tensor, mats: Sequence[torch.Tensor], plan: ContractionPlan,
-              in_sizes: Sequence[int], out_sizes: Sequence[int]) -> torch.Tensor:
-    """``(batch, ∏n) -> (batch, ∏m)`` through the prepared group matrices of ``plan``.
-
-    ``in_sizes``/``out_sizes`` are the per-group products of the input/output modes.
-    """
+def tt_linear(x: torch.Tensor, mats: Sequence[torch.Tensor], plan: ContractionPlan) -> torch.Tensor:
+    """``(batch, ∏n) -> (batch, ∏m)`` through the group matrices that :func:`prepare_groups` made for ``plan``."""
+    in_sizes, out_sizes = plan.in_sizes, plan.out_sizes
     batch = x.shape[0]
     t = x
     if plan.direction == "rtl":

@@ -232,9 +232,7 @@ class MPOLinear(nn.Module):
         if plan.is_dense:
             y = F.linear(x2, mats[0], self.bias)
         else:
-            in_sizes = [math.prod(self.in_shape[a:b]) for a, b in plan.groups]
-            out_sizes = [math.prod(self.out_shape[a:b]) for a, b in plan.groups]
-            y = tt_linear(x2, mats, plan, in_sizes, out_sizes)
+            y = tt_linear(x2, mats, plan)
             if self.bias is not None:
                 y = y + self.bias
         return y.reshape(*lead, self.out_features)
