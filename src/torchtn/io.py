@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from ._modules import parent_and_attr
 from ._version import __version__
 from .layers import MPOLinear
 
@@ -56,8 +57,7 @@ def mpo_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
 def apply_mpo_layout(model: nn.Module, layout: Mapping[str, Mapping[str, Any]]) -> nn.Module:
     """Replace, in place, each named ``nn.Linear`` of ``model`` by an ``MPOLinear`` of the recorded shapes/ranks."""
     for name, spec in layout.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
+        parent, child = parent_and_attr(model, name)
         old = getattr(parent, child, None)
         if isinstance(old, MPOLinear):
             continue

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .._checks import check_positive_real, check_rel_tol
+from .._modules import replace_submodule
 from ..core import (
     bond_caps,
     bond_spectra,
@@ -164,11 +165,6 @@ def allocate_ranks(spectra: Sequence[Sequence[torch.Tensor]], shapes: Sequence[t
     return [r[1:-1] for r in ranks]
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def tensorize(
     model: nn.Module,
     rank: int | Sequence[int] | None = None,
@@ -205,15 +201,14 @@ def tensorize(
     for name, lin in targets:
         in_s, out_s = shapes.get(name, (None, None))
         layer_shapes.append(resolve_shapes(lin.in_features, lin.out_features, in_s, out_s))
-    if rank is not None:
-        for in_s, out_s in layer_shapes:
-            inner_ranks(rank, in_s, out_s, name="rank")  # validates the value early, with the argument's name
+    # per-layer bond caps from `rank`, validated here so a bad value is reported under its own name
+    rank_caps = [None if rank is None else inner_ranks(rank, i, o, name="rank") for i, o in layer_shapes]
     before = sum(p.numel() for p in model.parameters())
     weights = [lin.weight.detach() for _, lin in targets]
 
     if ratio is None:
-        core_lists = [tt_svd(w, i, o, max_rank=None if rank is None else inner_ranks(rank, i, o, name="rank"),
-                             rel_tol=rel_tol) for w, (i, o) in zip(weights, layer_shapes)]
+        core_lists = [tt_svd(w, i, o, max_rank=caps, rel_tol=rel_tol)
+                      for w, (i, o), caps in zip(weights, layer_shapes, rank_caps)]
     else:
         fixed = before - sum(w.numel() for w in weights)
         budget = math.floor(before / ratio) - fixed
@@ -238,7 +233,7 @@ def tensorize(
     for (name, lin), cores, (i, o), w in zip(targets, core_lists, layer_shapes, weights):
         bias = None if lin.bias is None else lin.bias.detach()
         layer = MPOLinear.from_cores([c.to(w.dtype) for c in cores], bias=bias)
-        _replace(new, name, layer)
+        replace_submodule(new, name, layer)
         err = float(torch.linalg.vector_norm((tt_to_dense(cores) - w).double()) / torch.linalg.vector_norm(w.double()))
         nb = 0 if bias is None else bias.numel()
         rows.append(LayerReport(name, lin.out_features, lin.in_features, o, i, tt_ranks(cores), w.numel() + nb,

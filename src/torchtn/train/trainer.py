@@ -164,6 +164,35 @@ class Trainer:
         self.history = [EpochRecord(**h) for h in meta["history"]]
         return int(meta["epoch"])
 
+    def _train_epoch(self, optimizer: torch.optim.Optimizer, data: Dataset, epoch: int, steps_per_epoch: int,
+                     total: int, bar: tqdm) -> tuple[float, float]:
+        """One pass over the training split in a seeded order; returns (mean training loss, last learning rate)."""
+        c = self.config
+        device = next(self.model.parameters()).device
+        n = len(data.y_train)
+        self.model.train()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(c.seed * 100_003 + epoch))
+        running, seen, lr = 0.0, 0, c.lr
+        for i in range(steps_per_epoch):
+            lr = self._lr(epoch * steps_per_epoch + i, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx = order[i * c.batch_size:(i + 1) * c.batch_size]
+            xb, yb = data.x_train[idx].to(device), data.y_train[idx].to(device)
+            loss = F.cross_entropy(self.model(xb), yb)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(f"{c.desc}: loss became {loss_value} at epoch {epoch + 1}, step {i + 1} "
+                                       f"(lr={lr:.3g}); lower the learning rate (--lr / TrainConfig.lr) or check the "
+                                       f"data for NaN/inf")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += loss_value * len(yb)
+            seen += len(yb)
+            bar.update(1)
+        return running / max(seen, 1), lr
+
     def fit(self, data: Dataset, resume: bool = False) -> list[EpochRecord]:
         """Train for ``config.epochs`` epochs (continuing a checkpoint when ``resume``); returns the history."""
         c = self.config
@@ -176,51 +205,25 @@ class Trainer:
             start = self._restore(optimizer)
         else:
             torch.manual_seed(c.seed)
-        device = next(self.model.parameters()).device
-        n = len(data.y_train)
-        steps_per_epoch = math.ceil(n / c.batch_size)
+        steps_per_epoch = math.ceil(len(data.y_train) / c.batch_size)
         total = steps_per_epoch * c.epochs
         # one bar per run (not per epoch): readable in a terminal and not flooding a log file
         bar = tqdm(total=total, initial=start * steps_per_epoch, desc=c.desc, leave=False, disable=not c.progress,
                    dynamic_ncols=True, mininterval=0.5, unit="step")
-        for epoch in range(start, c.epochs):
-            t0 = time.perf_counter()
-            self.model.train()
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(c.seed * 100_003 + epoch))
-            running, seen = 0.0, 0
-            lr = c.lr
-            for i in range(steps_per_epoch):
-                step = epoch * steps_per_epoch + i
-                lr = self._lr(step, total)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                idx = order[i * c.batch_size:(i + 1) * c.batch_size]
-                xb, yb = data.x_train[idx].to(device), data.y_train[idx].to(device)
-                loss = F.cross_entropy(self.model(xb), yb)
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    bar.close()
-                    raise TrainingDiverged(f"{c.desc}: loss became {loss_value} at epoch {epoch + 1}, step {i + 1} "
-                                           f"(lr={lr:.3g}); lower --lr or check the data")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                running += loss_value * len(yb)
-                seen += len(yb)
-                bar.update(1)
-            val_loss, val_acc = evaluate(self.model, data.x_val, data.y_val)
-            bar.set_postfix(epoch=f"{epoch + 1}/{c.epochs}", loss=f"{running / max(seen, 1):.4f}",
-                            val_acc=f"{100 * val_acc:.2f}%", refresh=False)
-            record = EpochRecord(epoch + 1, running / max(seen, 1), val_loss, val_acc, lr, time.perf_counter() - t0)
-            self.history.append(record)
-            self._save(optimizer, epoch + 1)
-            if self.on_epoch_end is not None:
-                try:
+        try:
+            for epoch in range(start, c.epochs):
+                t0 = time.perf_counter()
+                train_loss, lr = self._train_epoch(optimizer, data, epoch, steps_per_epoch, total, bar)
+                val_loss, val_acc = evaluate(self.model, data.x_val, data.y_val)
+                bar.set_postfix(epoch=f"{epoch + 1}/{c.epochs}", loss=f"{train_loss:.4f}",
+                                val_acc=f"{100 * val_acc:.2f}%", refresh=False)
+                record = EpochRecord(epoch + 1, train_loss, val_loss, val_acc, lr, time.perf_counter() - t0)
+                self.history.append(record)
+                self._save(optimizer, epoch + 1)
+                if self.on_epoch_end is not None:
                     self.on_epoch_end(record)
-                except BaseException:
-                    bar.close()
-                    raise
-        bar.close()
+        finally:
+            bar.close()
         return self.history
 
 
