@@ -1,12 +1,22 @@
-"""Every contraction plan computes exactly x Wᵀ; plans are cached, never re-made per call."""
+"""Contraction planning: every plan computes exactly x Wᵀ; plans are objects keyed on everything they depend on."""
 import math
 
 import pytest
 import torch
 from conftest import random_tt
 
-from torchtn.core import ContractionPlan, plan_tt_linear, prepare_groups, tt_linear, tt_to_dense
-from torchtn.core.contraction import _spans
+from torchtn import MPOLinear
+from torchtn.core import (
+    ContractionPlan,
+    CostModel,
+    plan_tt_linear,
+    prepare_groups,
+    set_autotune,
+    tt_linear,
+    tt_to_dense,
+)
+from torchtn.core.contraction import clear_plan_cache, plan_cache_info, strategy_names
+from torchtn.core.contraction.tt_linear_plans import _spans
 
 
 @pytest.mark.parametrize("in_shape,out_shape,rank", [((4, 7, 7, 4), (4, 4, 4, 4), 3), ((2, 3, 4), (5, 1, 2), 4),
@@ -16,15 +26,13 @@ def test_every_plan_equals_dense(in_shape, out_shape, rank, direction):
     cores = random_tt(in_shape, out_shape, rank)
     w = tt_to_dense(cores)
     x = torch.randn(5, math.prod(in_shape), dtype=torch.float64)
-    ranks = [1] + [c.shape[3] for c in cores]
+    ranks = tuple([1] + [c.shape[3] for c in cores])
     for groups in _spans(len(cores)):
         ins = tuple(math.prod(in_shape[a:b]) for a, b in groups)
         outs = tuple(math.prod(out_shape[a:b]) for a, b in groups)
-        plan = ContractionPlan(groups, direction, 5, 0, 0.0, False, 0, ins, outs)
+        plan = ContractionPlan(groups, direction, 5, 0, 0.0, False, 0, ins, outs, ranks)
         y = tt_linear(x, prepare_groups(cores, plan), plan)
         assert torch.allclose(y, x @ w.T, atol=1e-10), (groups, direction)
-    chosen = plan_tt_linear(in_shape, out_shape, ranks, 5)
-    assert chosen.groups in _spans(len(cores)) and chosen.direction in ("rtl", "ltr")
 
 
 def test_planner_prefers_sweeps_for_big_low_rank_layers_and_dense_for_tiny_cached_ones():
@@ -49,3 +57,75 @@ def test_flop_count_matches_gao_formula():
     # the planner reports the same count for the forced core-by-core plan
     plan = plan_tt_linear(in_shape, out_shape, ranks, 8, force="ltr")
     assert plan.flops == 2 * 8 * expected
+
+
+def test_unknown_strategy_names_raise():
+    assert set(strategy_names("tt_linear")) == {"auto", "dense", "rtl", "ltr"}
+    with pytest.raises(ValueError, match="contraction='fastest'.*'auto'"):
+        plan_tt_linear((4, 4), (4, 4), (1, 4, 1), 8, force="fastest")
+    with pytest.raises(ValueError, match="contraction='autp'"):
+        MPOLinear(16, 16, 2, contraction="autp")
+
+
+def test_plans_are_cached_per_key_and_rank_changes_give_new_plans():
+    clear_plan_cache()
+    args = ((8, 8), (8, 8), (1, 8, 1), 32)
+    first = plan_tt_linear(*args)
+    assert plan_tt_linear(*args) is first and plan_cache_info()["hits"] >= 1
+    assert plan_tt_linear(*args, dtype=torch.float64) is not first  # dtype is in the key
+    assert plan_tt_linear(*args, training=True) is not first  # so is the grad mode
+    layer = MPOLinear(64, 64, 8, in_shape=(8, 8), out_shape=(8, 8), dtype=torch.float64)
+    x = torch.randn(32, 64, dtype=torch.float64)
+    before = layer.plan(32, needs_grad=False)
+    assert before.ranks == (1, 8, 1)
+    layer.set_cores(layer.tt.round(max_rank=3).cores)  # a bond shrinks, as in sweep training
+    after = layer.plan(32, needs_grad=False)
+    assert after.ranks == (1, 3, 1) and after is not before
+    layer.eval()
+    with torch.no_grad():
+        assert torch.allclose(layer(x), x @ layer.to_dense().T + layer.bias, atol=1e-12)
+
+
+def test_a_plan_checks_its_inputs():
+    cores = random_tt((4, 4), (4, 4), 3)
+    plan = plan_tt_linear((4, 4), (4, 4), (1, 3, 1), 2, force="rtl")
+    mats = prepare_groups(cores, plan)
+    with pytest.raises(ValueError, match=r"x has shape \(2, 15\)"):
+        tt_linear(torch.randn(2, 15, dtype=torch.float64), mats, plan)
+    bigger = random_tt((4, 4), (4, 4), 5)
+    with pytest.raises(ValueError, match="plan again after a rank change"):
+        tt_linear(torch.randn(2, 16, dtype=torch.float64), prepare_groups(bigger, plan), plan)
+
+
+def test_cost_model_reaches_the_layer():
+    # with a huge fixed cost per call, the fewest calls win: everything merged into one GEMM
+    slow_calls = CostModel(call_overhead=1.0)
+    layer = MPOLinear(1024, 1024, 8, in_shape=(4, 4, 8, 8), out_shape=(4, 4, 8, 8), cost_model=slow_calls)
+    default = MPOLinear(1024, 1024, 8, in_shape=(4, 4, 8, 8), out_shape=(4, 4, 8, 8))
+    assert layer.plan(64, needs_grad=False).is_dense and not default.plan(64, needs_grad=False).is_dense
+
+
+def test_autotuned_choice_is_never_slower_than_the_cost_models_pick():
+    set_autotune(True)
+    try:
+        plan = plan_tt_linear((4, 7, 7, 4), (4, 4, 4, 4), (1, 4, 4, 4, 1), 64)
+        trained = plan_tt_linear((4, 7, 7, 4), (4, 4, 4, 4), (1, 4, 4, 4, 1), 64, training=True)
+    finally:
+        set_autotune(None)
+    for p in (plan, trained):
+        assert p.measured_seconds is not None and len(p.measurements) >= 2
+        assert p.measured_seconds <= p.model_pick_seconds  # both timed in the same measurement
+        assert p.measured_seconds == min(t for _, t in p.measurements)
+    assert "measured" in str(plan)
+    assert plan_tt_linear((4, 7, 7, 4), (4, 4, 4, 4), (1, 4, 4, 4, 1), 64).measured_seconds is None
+
+
+def test_autotune_environment_variable(monkeypatch):
+    from torchtn.core import autotune_enabled
+
+    monkeypatch.setenv("TORCHTN_AUTOTUNE", "1")
+    assert autotune_enabled()
+    monkeypatch.setenv("TORCHTN_AUTOTUNE", "0")
+    assert not autotune_enabled()
+    with pytest.raises(TypeError, match="enabled='yes'"):
+        set_autotune("yes")

@@ -65,7 +65,10 @@ def make_mnist_dir(directory: Path, n_train=24, n_test=12, variant="-idx", gz=Tr
 @pytest.mark.parametrize("variant,gz", [("-idx", True), ("-idx", False), (".idx", False)])
 def test_mnist_loader(tmp_path, variant, gz):
     data = load_mnist(make_mnist_dir(tmp_path / "m", variant=variant, gz=gz))
-    assert data.x_train.shape == (22, 784) and data.x_val.shape == (2, 784) and data.x_test.shape == (12, 784)
+    assert data.x_train.shape == (22, 1, 28, 28) and data.x_val.shape == (2, 1, 28, 28)
+    assert data.x_test.shape == (12, 1, 28, 28) and data.num_features == 784
+    flat = data.flattened()
+    assert flat.x_train.shape == (22, 784) and torch.equal(flat.x_train[3], data.x_train[3].reshape(-1))
     assert data.x_train.dtype == torch.float32 and data.y_train.dtype == torch.int64
     assert abs(data.x_train.mean().item()) < 1e-4 and abs(data.x_train.std().item() - 1) < 1e-2
 
@@ -97,7 +100,8 @@ def write_cifar(directory: Path, n=10) -> Path:
 
 def test_cifar_loader_and_refuses_code(tmp_path):
     data = load_cifar10(write_cifar(tmp_path / "cifar-10-batches-py").parent)
-    assert data.x_train.shape == (45, 3072) and data.x_test.shape == (10, 3072) and data.image_shape == (3, 32, 32)
+    assert data.x_train.shape == (45, 3, 32, 32) and data.x_test.shape == (10, 3, 32, 32)
+    assert data.image_shape == (3, 32, 32)
 
     class Evil:
         def __reduce__(self):
@@ -116,6 +120,12 @@ def test_digits_splits_are_fixed_and_standardized():
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
     assert len(a.y_train) + len(a.y_val) + len(a.y_test) == 1797
     assert abs(a.x_train.mean().item()) < 1e-5
+    assert a.x_train.shape[1:] == (1, 8, 8) and a.image_shape == (1, 8, 8)
+    from sklearn.datasets import load_digits as sk_digits  # the image layout is sklearn's, pixel for pixel
+    raw = torch.from_numpy(sk_digits().images).float()
+    std_img = a.x_train[0, 0]
+    corr = torch.corrcoef(torch.cat([std_img.reshape(1, 64), raw.reshape(-1, 64)]))[0, 1:]
+    assert corr.nan_to_num().max() > 0.9999  # some raw image, up to the global affine standardization
 
 
 fashion = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="apt-get install -y dataset-fashion-mnist")

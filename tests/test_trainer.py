@@ -30,7 +30,7 @@ def test_dense_and_mpo_fc2_learn_digits(digits):
 def test_nan_loss_stops_clearly(digits):
     bad = Dataset("bad", digits.x_train.clone(), digits.y_train, digits.x_val, digits.y_val, digits.x_test,
                   digits.y_test, (8, 8), 10)
-    bad.x_train[:, 3] = float("nan")
+    bad.x_train.view(len(bad.x_train), -1)[:, 3] = float("nan")
     with pytest.raises(TrainingDiverged, match="loss became nan at epoch 1, step 1"):
         Trainer(FC2(64), TrainConfig(epochs=1, progress=False)).fit(bad)
 

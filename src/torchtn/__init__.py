@@ -1,14 +1,15 @@
 """torchtn — tensor networks inside deep neural networks, for PyTorch.
 
 The top level holds the verbs and layers most users need; everything else is one import deeper
-(``torchtn.core``, ``torchtn.layers``, ``torchtn.models``, ``torchtn.compress``, ``torchtn.train``, ``torchtn.data``).
+(``torchtn.core``, ``torchtn.functional``, ``torchtn.layers``, ``torchtn.models``, ``torchtn.compress``,
+``torchtn.train``, ``torchtn.data``).
 """
 from ._version import __version__
 from .compress import tensorize
-from .core import tt_round, tt_svd, tt_to_dense
+from .core import TTMatrix, set_autotune, tt_round, tt_svd, tt_to_dense
 from .core.tt import bond_spectra, entanglement_entropy
 from .io import load_model, save_model
 from .layers import MPOLinear
 
-__all__ = ["__version__", "tt_svd", "tt_to_dense", "tt_round", "bond_spectra", "entanglement_entropy",
-           "MPOLinear", "tensorize", "save_model", "load_model"]
+__all__ = ["__version__", "TTMatrix", "tt_svd", "tt_to_dense", "tt_round", "bond_spectra", "entanglement_entropy",
+           "MPOLinear", "tensorize", "save_model", "load_model", "set_autotune"]

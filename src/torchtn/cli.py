@@ -16,6 +16,12 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(_fail(f"{self.prog}: {message} (see --help)"))
 
 
+def _float64():
+    import torch
+
+    return torch.float64
+
+
 def _fail(message: str, status: int = 2) -> int:
     print(f"torchtn: error: {message}", file=sys.stderr)
     return status
@@ -82,44 +88,60 @@ def _build_parser() -> argparse.ArgumentParser:
                         "refused unless --resume")
     c.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
-    i = sub.add_parser("inspect", help="show a model file's MPO layers: ranks, entanglement, truncation errors",
-                       description="Print, for every MPO layer in a torchtn .safetensors file, each bond's rank, "
-                                   "entanglement entropy and the relative error the next smaller rank would cause.")
+    i = sub.add_parser("inspect", help="show a model file's tensor-network layers: ranks, entanglement, errors",
+                       description="Print, for every tensor-network layer in a torchtn .safetensors file (any "
+                                   "registered type), each bond's rank, entanglement entropy and the relative error "
+                                   "the next smaller rank would cause.")
     i.add_argument("file", type=Path, help="a .safetensors file written by torchtn")
     i.add_argument("--plot", type=Path, default=None, help="also write a PNG of entropy per bond (refuses to "
                                                             "overwrite an existing file)")
     return parser
 
 
+def _layer_tensor_networks(path: Path, record: dict, name: str, tensors: dict):
+    """Rebuild one recorded layer from the file and return its tensor networks (``{label: TTMatrix}``)."""
+    from .layers import layer_type
+
+    layer = layer_type(str(record["type"]), where=name).from_layout(dict(record["spec"]))
+    prefix = f"{name}."
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    try:
+        layer.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1].strip()
+        raise ValueError(f"{path}: the tensors of layer {name!r} disagree with its recorded layout ({first})") from None
+    return layer.tt_matrices()
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .core import bond_report, tt_num_params
-    from .io import read_metadata, read_tensors
+    from .io import read_metadata, read_tensors, recorded_layers
     from .report import format_table
 
     if args.plot is not None and args.plot.exists():
         return _fail(f"--plot {args.plot} exists; choose another path")
     try:
         meta = read_metadata(args.file)
-    except (FileNotFoundError, ValueError) as err:
+        layers = recorded_layers(args.file)
+        tensors = read_tensors(args.file) if layers else {}
+        networks = {name: _layer_tensor_networks(args.file, rec, name, tensors) for name, rec in layers.items()}
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
         return _fail(str(err))
-    layers = meta.get("mpo_layers", {})
     print(f"{args.file}: {meta.get('model_class')} with {meta.get('num_parameters', 0):,} parameters, "
           f"written by torchtn {meta.get('torchtn_version')} (torch {meta.get('torch_version')})")
     if not layers:
-        print("no MPO layers")
+        print("no tensor-network layers")
         return 0
-    tensors = read_tensors(args.file)
     rows, entropies = [], {}
-    for name, spec in layers.items():
-        cores = [tensors[f"{name}.cores.{k}"].double() for k in range(len(spec["in_shape"]))]
-        dense = math.prod(spec["out_shape"]) * math.prod(spec["in_shape"])
-        params = tt_num_params(spec["in_shape"], spec["out_shape"], spec["ranks"])
-        info = bond_report(cores)
-        entropies[name] = [b.entropy for b in info]
-        for b in info:
-            rows.append((name, f"{tuple(spec['out_shape'])}←{tuple(spec['in_shape'])}", round(dense / params, 1),
-                         b.bond, b.rank, round(b.entropy, 4), b.next_rank_error))
-    print(format_table(["layer", "modes (out←in)", "ratio", "bond", "rank", "entropy S_k", "error at rank−1"], rows))
+    for name, nets in networks.items():
+        for label, tt in nets.items():
+            full = f"{name}.{label}" if label else name
+            info = tt.to(dtype=_float64()).bond_report()
+            entropies[full] = [b.entropy for b in info]
+            for b in info:
+                rows.append((full, layers[name]["type"], f"{tt.out_shape}←{tt.in_shape}", round(tt.compression_ratio, 1),
+                             b.bond, b.rank, round(b.entropy, 4), b.next_rank_error))
+    print(format_table(["layer", "type", "modes (out←in)", "ratio", "bond", "rank", "entropy S_k", "error at rank−1"],
+                       rows))
     print("ratio = dense weight entries / core entries; entropy in nats (ln r for a flat spectrum); "
           "error = ‖W − W'‖/‖W‖ if that bond alone lost one rank")
     if args.plot is not None:

@@ -15,10 +15,10 @@ from torch import nn
 
 from ._modules import parent_and_attr
 from ._version import __version__
-from .layers import MPOLinear
+from .layers.registry import factory_of, layer_type, type_name
 
-__all__ = ["save_model", "load_model", "read_metadata", "atomic_write_bytes", "atomic_write_text", "mpo_layout",
-           "apply_mpo_layout"]
+__all__ = ["save_model", "load_model", "read_metadata", "read_tensors", "atomic_write_bytes", "atomic_write_text",
+           "layer_layout", "apply_layout", "recorded_layers"]
 
 
 def _atomic(path: Path, write) -> None:
@@ -45,30 +45,38 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def mpo_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Where the model's ``MPOLinear`` layers are and their shapes/ranks (enough to rebuild them from a skeleton)."""
-    return {
-        name: {"in_shape": list(m.in_shape), "out_shape": list(m.out_shape), "ranks": list(m.ranks),
-               "bias": m.bias is not None}
-        for name, m in model.named_modules() if isinstance(m, MPOLinear)
-    }
+def layer_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Where the model's registered torchtn layers are: ``{name: {"type": registry name, "spec": layout}}``."""
+    return {name: {"type": type_name(m), "spec": m.layout()}
+            for name, m in model.named_modules() if name and type_name(m) is not None}
 
 
-def apply_mpo_layout(model: nn.Module, layout: Mapping[str, Mapping[str, Any]]) -> nn.Module:
-    """Replace, in place, each named ``nn.Linear`` of ``model`` by an ``MPOLinear`` of the recorded shapes/ranks."""
-    for name, spec in layout.items():
-        parent, child = parent_and_attr(model, name)
+def _recorded_layers(meta: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The layer records of a file's metadata (files from torchtn 0.1 list only MPOLinear under ``mpo_layers``)."""
+    layers = dict(meta.get("layers", {}))
+    for name, spec in meta.get("mpo_layers", {}).items():
+        layers.setdefault(name, {"type": "MPOLinear", "spec": spec})
+    return layers
+
+
+def apply_layout(model: nn.Module, layout: Mapping[str, Mapping[str, Any]]) -> nn.Module:
+    """Put, in place, an empty registered layer of each recorded type and layout where the file says it goes."""
+    for name, record in layout.items():
+        if not isinstance(record, Mapping) or "type" not in record or "spec" not in record:
+            raise ValueError(f"the file's record of layer {name!r} is malformed: expected {{'type': ..., 'spec': ...}}")
+        cls = layer_type(str(record["type"]), where=name)
+        try:
+            parent, child = parent_and_attr(model, name)
+        except AttributeError:
+            raise ValueError(f"the file has a {record['type']} layer at {name!r}, but the model has no module "
+                             f"there") from None
         old = getattr(parent, child, None)
-        if isinstance(old, MPOLinear):
-            continue
-        if not isinstance(old, nn.Linear):
-            raise ValueError(f"the file has an MPO layer at {name!r}, but the model has {type(old).__name__} there")
-        ref = old.weight
-        ranks = spec["ranks"]
-        new = MPOLinear(old.in_features, old.out_features, ranks[1:-1] or 1, spec["in_shape"], spec["out_shape"],
-                        bias=spec["bias"], device=ref.device, dtype=ref.dtype)
-        if list(new.ranks) != list(ranks):
-            raise ValueError(f"layer {name!r}: recorded ranks {ranks} are not valid for its shapes")
+        if not isinstance(old, nn.Module):
+            raise ValueError(f"the file has a {record['type']} layer at {name!r}, but the model has no module there")
+        try:
+            new = cls.from_layout(dict(record["spec"]), **factory_of(old))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"layer {name!r}: its recorded {record['type']} layout is invalid ({err})") from None
         setattr(parent, child, new)
     return model
 
@@ -93,7 +101,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str,
         "torchtn_version": __version__,
         "torch_version": torch.__version__,
         "model_class": type(model).__name__,
-        "mpo_layers": mpo_layout(model),
+        "layers": layer_layout(model),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "metadata": dict(metadata or {}),
     }
@@ -121,14 +129,25 @@ def read_tensors(path: str | os.PathLike, prefix: str = "") -> dict[str, torch.T
         return {k[len(prefix):]: fh.get_tensor(k) for k in fh.keys() if k.startswith(prefix)}
 
 
+def recorded_layers(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """``{name: {"type", "spec"}}`` of the torchtn layers recorded in a model file."""
+    return _recorded_layers(read_metadata(path))
+
+
 def load_model(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> nn.Module:
     """Load a file written by :func:`save_model` into ``model`` (a freshly built dense skeleton is fine).
 
-    ``nn.Linear`` layers recorded as MPO layers in the file are first swapped for ``MPOLinear`` of the recorded
-    shapes and ranks. Returns the (same) model.
+    The registered torchtn layers recorded in the file (any type: ``MPOLinear`` and every later one) are first put
+    where the file says, with the recorded shapes and ranks. A file naming an unknown layer type, or holding tensors
+    whose shapes disagree with its metadata, raises ``ValueError`` saying which. Returns the (same) model.
     """
     meta = read_metadata(path)
-    apply_mpo_layout(model, meta.get("mpo_layers", {}))
+    apply_layout(model, _recorded_layers(meta))
     state = {k: v for k, v in read_tensors(path).items() if not k.startswith("__")}
+    expected = model.state_dict()
+    for key, tensor in state.items():
+        if key in expected and tuple(expected[key].shape) != tuple(tensor.shape):
+            raise ValueError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)} but the model described by the "
+                             f"file's metadata needs {tuple(expected[key].shape)}")
     model.load_state_dict(state, strict=strict)
     return model

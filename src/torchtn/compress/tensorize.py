@@ -1,4 +1,8 @@
-"""``tensorize``: replace a model's ``nn.Linear`` layers by ``MPOLinear`` initialized by TT-SVD."""
+"""``tensorize``: replace a model's dense layers by registered torchtn layers initialized by TT-SVD.
+
+Which dense module becomes which layer is the layer registry's business (:func:`torchtn.layers.register_layer`,
+``converts=``): today ``nn.Linear → MPOLinear``; each new layer type adds its rule there, not here.
+"""
 from __future__ import annotations
 
 import copy
@@ -12,18 +16,8 @@ from torch import nn
 
 from .._checks import check_positive_real, check_rel_tol
 from .._modules import replace_submodule
-from ..core import (
-    bond_caps,
-    bond_spectra,
-    inner_ranks,
-    resolve_shapes,
-    tt_num_params,
-    tt_ranks,
-    tt_round,
-    tt_svd,
-    tt_to_dense,
-)
-from ..layers import MPOLinear
+from ..core import TTMatrix, bond_caps, inner_ranks, tt_compression_ratio, tt_num_params
+from ..layers.registry import converter_for
 from ..report import format_table
 
 __all__ = ["tensorize", "TensorizeReport", "LayerReport", "allocate_ranks"]
@@ -33,7 +27,7 @@ Skip = Iterable[str] | Callable[[str, nn.Module], bool]
 
 @dataclass
 class LayerReport:
-    """What happened to one ``nn.Linear``."""
+    """What happened to one dense layer (its weight read as an ``(out_features, in_features)`` matrix)."""
 
     name: str
     out_features: int
@@ -45,6 +39,7 @@ class LayerReport:
     params_after: int
     rel_error: float  # ‖W − W_tt‖_F / ‖W‖_F
     bias_params: int = 0
+    layer_type: str = "MPOLinear"
 
     @property
     def compression_ratio(self) -> float:
@@ -53,8 +48,8 @@ class LayerReport:
 
     @property
     def weight_ratio(self) -> float:
-        """Weight entries / core entries (bias excluded), as ``MPOLinear.compression_ratio``."""
-        return (self.params_before - self.bias_params) / (self.params_after - self.bias_params)
+        """Weight entries / core entries (bias excluded), as the layer's ``compression_ratio``."""
+        return tt_compression_ratio(self.in_shape, self.out_shape, self.ranks)
 
 
 @dataclass
@@ -106,19 +101,20 @@ def _skipper(skip: Skip) -> Callable[[str, nn.Module], bool]:
     return lambda name, _m: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _targets(model: nn.Module, skip: Skip) -> tuple[list[tuple[str, nn.Linear]], list[str]]:
-    """``nn.Linear`` layers to convert, and the names of those kept dense."""
+def _targets(model: nn.Module, skip: Skip) -> tuple[list[tuple[str, nn.Module, type]], list[str]]:
+    """``(name, dense module, layer class)`` to convert (by the registry's rules), and the names of those kept dense."""
     skip_fn = _skipper(skip)
     inside_mha = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
                   for c, _ in m.named_children()}
     chosen, kept = [], []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
+        cls = converter_for(module)
+        if cls is not None:
             # nn.MultiheadAttention reads out_proj.weight directly, so its linear layers must stay dense.
             if name in inside_mha or skip_fn(name, module):
                 kept.append(name)
             else:
-                chosen.append((name, module))
+                chosen.append((name, module, cls))
     return chosen, kept
 
 
@@ -173,7 +169,9 @@ def tensorize(
     skip: Skip = (),
     shapes: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
 ) -> tuple[nn.Module, TensorizeReport]:
-    """A copy of ``model`` with its ``nn.Linear`` layers replaced by ``MPOLinear`` (TT-SVD of the trained weights).
+    """A copy of ``model`` with its dense layers replaced by registered torchtn layers (TT-SVD of the trained weights).
+
+    Today every ``nn.Linear`` becomes an ``MPOLinear``; the rules come from the layer registry.
 
     Give ``rank`` (cap on every bond) and/or ``rel_tol`` (per-layer relative Frobenius error bound), or ``ratio``: a
     whole-model compression ``dense parameters / tensorized parameters``, reached by sharing one budget across the
@@ -192,23 +190,20 @@ def tensorize(
     new = copy.deepcopy(model)
     targets, kept = _targets(new, skip)
     if not targets:
-        raise ValueError("the model has no nn.Linear layer to tensorize (after skip)")
+        raise ValueError("the model has no layer that tensorize can convert (nn.Linear; after skip)")
     shapes = dict(shapes or {})
-    unknown = set(shapes) - {n for n, _ in targets}
+    unknown = set(shapes) - {n for n, _, _ in targets}
     if unknown:
         raise ValueError(f"shapes names layers that are not converted: {sorted(unknown)}")
-    layer_shapes = []
-    for name, lin in targets:
-        in_s, out_s = shapes.get(name, (None, None))
-        layer_shapes.append(resolve_shapes(lin.in_features, lin.out_features, in_s, out_s))
+    layer_shapes = [cls.tt_shapes_for(module, *shapes.get(name, (None, None))) for name, module, cls in targets]
     # per-layer bond caps from `rank`, validated here so a bad value is reported under its own name
     rank_caps = [None if rank is None else inner_ranks(rank, i, o, name="rank") for i, o in layer_shapes]
     before = sum(p.numel() for p in model.parameters())
-    weights = [lin.weight.detach() for _, lin in targets]
+    weights = [cls.dense_matrix(module) for _, module, cls in targets]
 
     if ratio is None:
-        core_lists = [tt_svd(w, i, o, max_rank=caps, rel_tol=rel_tol)
-                      for w, (i, o), caps in zip(weights, layer_shapes, rank_caps)]
+        tts = [TTMatrix.from_dense(w, i, o, max_rank=caps, rel_tol=rel_tol)
+               for w, (i, o), caps in zip(weights, layer_shapes, rank_caps)]
     else:
         fixed = before - sum(w.numel() for w in weights)
         budget = math.floor(before / ratio) - fixed
@@ -222,21 +217,20 @@ def tensorize(
             while r < max(caps) and tt_num_params(i, o, [1, *(min(r + 1, c) for c in caps), 1]) <= budget:
                 r += 1
             cap_lists.append(r)
-        first = [tt_svd(w, i, o, max_rank=r) for w, (i, o), r in zip(weights, layer_shapes, cap_lists)]
+        first = [TTMatrix.from_dense(w, i, o, max_rank=r) for w, (i, o), r in zip(weights, layer_shapes, cap_lists)]
         try:
-            chosen = allocate_ranks([bond_spectra(c) for c in first], layer_shapes, budget)
+            chosen = allocate_ranks([tt.spectra() for tt in first], layer_shapes, budget)
         except ValueError as err:
             raise ValueError(f"ratio={ratio:g} is unreachable: {err}") from None
-        core_lists = [tt_round(c, max_rank=r) for c, r in zip(first, chosen)]
+        tts = [tt.round(max_rank=r) for tt, r in zip(first, chosen)]
 
     rows = []
-    for (name, lin), cores, (i, o), w in zip(targets, core_lists, layer_shapes, weights):
-        bias = None if lin.bias is None else lin.bias.detach()
-        layer = MPOLinear.from_cores([c.to(w.dtype) for c in cores], bias=bias)
+    for (name, module, cls), tt, (i, o), w in zip(targets, tts, layer_shapes, weights):
+        layer = cls.from_tt(module, tt)
         replace_submodule(new, name, layer)
-        err = float(torch.linalg.vector_norm((tt_to_dense(cores) - w).double()) / torch.linalg.vector_norm(w.double()))
-        nb = 0 if bias is None else bias.numel()
-        rows.append(LayerReport(name, lin.out_features, lin.in_features, o, i, tt_ranks(cores), w.numel() + nb,
-                                layer.num_weight_params + nb, err, nb))
+        err = float(torch.linalg.vector_norm((tt.to_dense() - w).double()) / torch.linalg.vector_norm(w.double()))
+        nb = sum(p.numel() for p in layer.parameters()) - tt.num_params
+        rows.append(LayerReport(name, w.shape[0], w.shape[1], o, i, tt.ranks, w.numel() + nb, tt.num_params + nb,
+                                err, nb, cls.__name__))
     after = sum(p.numel() for p in new.parameters())
     return new, TensorizeReport(rows, before, after, kept)

@@ -1,17 +1,30 @@
-"""Math core: tensor-train algebra and contraction planning. Pure functions on tensors; no ``torch.nn``."""
+"""Math core: the TT-matrix type, tensor-train algebra and contraction planning. Pure tensor math; no ``torch.nn``."""
 from .contraction import (
+    CONTRACTIONS,
     ContractionPlan,
     CostModel,
+    MergedCache,
+    autotune_enabled,
+    clear_plan_cache,
+    get_cost_model,
+    make_plan,
     merge_group,
+    plan_for,
     plan_tt_linear,
     prepare_groups,
+    register_strategy,
+    set_autotune,
+    set_cost_model,
+    strategy_names,
     tt_linear,
+    tt_linear_apply,
     tt_linear_flops,
 )
 from .factorize import default_num_cores, factorize, prime_factors, resolve_shapes, suggest_shapes
 from .svd import randomized_svd, truncated_svd
 from .tt import (
     BondInfo,
+    TTMatrix,
     bond_caps,
     bond_report,
     bond_spectra,
@@ -19,8 +32,11 @@ from .tt import (
     entanglement_entropy,
     inner_ranks,
     left_canonical,
+    merge_cores,
     right_canonical,
     spectrum_entropy,
+    tt_compression_ratio,
+    tt_init_std,
     tt_num_params,
     tt_ranks,
     tt_round,
@@ -30,9 +46,13 @@ from .tt import (
 )
 
 __all__ = [
-    "ContractionPlan", "CostModel", "merge_group", "plan_tt_linear", "prepare_groups", "tt_linear", "tt_linear_flops",
+    "TTMatrix",
+    "CONTRACTIONS", "ContractionPlan", "CostModel", "MergedCache", "autotune_enabled", "clear_plan_cache",
+    "get_cost_model", "make_plan", "merge_group", "plan_for", "plan_tt_linear", "prepare_groups", "register_strategy",
+    "set_autotune", "set_cost_model", "strategy_names", "tt_linear", "tt_linear_apply", "tt_linear_flops",
     "default_num_cores", "factorize", "prime_factors", "resolve_shapes", "suggest_shapes",
     "randomized_svd", "truncated_svd",
-    "BondInfo", "bond_caps", "bond_report", "bond_spectra", "check_cores", "entanglement_entropy", "inner_ranks", "left_canonical", "right_canonical",
-    "spectrum_entropy", "tt_num_params", "tt_ranks", "tt_round", "tt_shapes", "tt_svd", "tt_to_dense",
+    "BondInfo", "bond_caps", "bond_report", "bond_spectra", "check_cores", "entanglement_entropy", "inner_ranks",
+    "left_canonical", "merge_cores", "right_canonical", "spectrum_entropy", "tt_compression_ratio", "tt_init_std",
+    "tt_num_params", "tt_ranks", "tt_round", "tt_shapes", "tt_svd", "tt_to_dense",
 ]

@@ -14,8 +14,11 @@ __all__ = ["truncated_svd", "randomized_svd", "rank_for_tail"]
 # error on a slowly decaying 4096² spectrum at r = 64), and refined by _POWER_ITERS power iterations.
 _OVERSAMPLE = 10
 _POWER_ITERS = 2
-# Use the randomized path only when the sketch is this much narrower than the smaller matrix side.
+# Use the randomized path only when the sketch is this much narrower than the smaller matrix side ...
 _RANDOMIZED_MIN_GAIN = 4
+# ... and the matrix is large in absolute terms: below this smaller side an exact SVD costs milliseconds and gives the
+# optimal (Eckart–Young) truncation, which a sketch only approaches.
+_RANDOMIZED_MIN_SIDE = 512
 # With only an error budget, the first sketch has this many columns (then doubles).
 _ADAPTIVE_START = 32
 
@@ -74,15 +77,16 @@ def truncated_svd(a: torch.Tensor, max_rank: int | None = None, tail_sq_budget: 
     """SVD of ``a`` ``(m, n)`` truncated to ``max_rank`` and/or a squared-error budget: returns ``U, S, Vh, err_sq``.
 
     The kept rank is the smallest that meets ``tail_sq_budget`` (if given), capped at ``max_rank`` (if given), and at
-    least 1. ``err_sq`` is the exact squared Frobenius error of the truncation. A randomized SVD is used while the
-    sketch is small compared with the matrix (one sketch for a ``max_rank``; doubling sketches for a budget alone); the
+    least 1. ``err_sq`` is the exact squared Frobenius error of the truncation. Small matrices (smaller side below
+    ``_RANDOMIZED_MIN_SIDE``) always get an exact SVD; a randomized SVD is used while the sketch is small compared
+    with a large matrix (one sketch for a ``max_rank``; doubling sketches for a budget alone); the
     budget is checked against the exact error of the sketched projection, so it is never violated (the rank may come
     out slightly larger than an exact SVD's).
     """
     m, n = a.shape
     small = min(m, n)
     cap = small if max_rank is None else min(max_rank, small)
-    if max_rank is not None or tail_sq_budget is not None:
+    if small >= _RANDOMIZED_MIN_SIDE and (max_rank is not None or tail_sq_budget is not None):
         # Randomized while the sketch stays well below the matrix size: with max_rank, one sketch of that rank; with
         # only a budget, sketches of doubling width until the exactly-measured error meets the budget.
         k = cap if max_rank is not None else _ADAPTIVE_START

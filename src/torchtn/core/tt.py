@@ -31,7 +31,11 @@ __all__ = [
     "tt_ranks",
     "tt_shapes",
     "tt_num_params",
+    "tt_compression_ratio",
+    "tt_init_std",
     "check_cores",
+    "merge_cores",
+    "TTMatrix",
 ]
 
 Cores = list[torch.Tensor]
@@ -97,12 +101,52 @@ def tt_num_params(in_shape: Sequence[int], out_shape: Sequence[int], ranks: Sequ
     return sum([ranks[k] * m * n * ranks[k + 1] for k, (m, n) in enumerate(zip(out_shape, in_shape))])
 
 
+def tt_compression_ratio(in_shape: Sequence[int], out_shape: Sequence[int], ranks: Sequence[int]) -> float:
+    """Dense entries ``∏m·∏n`` / core entries (≥ 1 means smaller). The one definition every report uses."""
+    return math.prod(in_shape) * math.prod(out_shape) / tt_num_params(in_shape, out_shape, ranks)
+
+
+def tt_init_std(in_shape: Sequence[int], ranks: Sequence[int], variance: float) -> float:
+    """Std of i.i.d. zero-mean Gaussian cores giving ``Var(W_ij) = variance``.
+
+    ``W_ij`` is a sum over ``∏_k r_k`` bond paths of products of ``d`` core entries, so
+    ``Var(W_ij) = σ^{2d} ∏_k r_k`` and ``σ = (variance / ∏ r_k)^{1/(2d)}``.
+    """
+    return (variance / math.prod(ranks[1:-1])) ** (0.5 / len(in_shape))
+
+
 def _interleave(matrix: torch.Tensor, in_shape: Sequence[int], out_shape: Sequence[int]) -> torch.Tensor:
     """``(M, N)`` → tensor with modes ``(m_1 n_1, …, m_d n_d)``."""
     d = len(in_shape)
     t = matrix.reshape(*out_shape, *in_shape)
     order = [i for k in range(d) for i in (k, d + k)]
     return t.permute(order).reshape([m * n for m, n in zip(out_shape, in_shape)])
+
+
+def _error_budget(norm_sq: float, rel_tol: float | None, d: int) -> float | None:
+    """Squared error each of the ``d−1`` bonds may discard so that the whole stays within ``rel_tol·‖W‖``."""
+    if rel_tol is None or d < 2:
+        return None
+    return rel_tol**2 * norm_sq / (d - 1)
+
+
+def _truncating_sweep(first: torch.Tensor, absorb, out_shape: Sequence[int], in_shape: Sequence[int],
+                      caps: Sequence[int], budget: float | None) -> Cores:
+    """The left-to-right SVD sweep shared by :func:`tt_svd` and :func:`tt_round`.
+
+    ``first`` is the unfolding ``(m_1 n_1, rest)``; ``absorb(k, carry)`` returns the unfolding
+    ``(r_{k-1} m_k n_k, rest)`` at site ``k`` given the carried factor ``S·Vᵀ`` of the previous bond.
+    """
+    d = len(in_shape)
+    cores: Cores = []
+    mat, r_prev = first, 1
+    for k in range(d - 1):
+        u, s, vh, _ = truncated_svd(mat, caps[k], budget)
+        r = s.shape[0]
+        cores.append(u.reshape(r_prev, out_shape[k], in_shape[k], r))
+        mat, r_prev = absorb(k + 1, s[:, None] * vh), r
+    cores.append(mat.reshape(r_prev, out_shape[-1], in_shape[-1], 1))
+    return [c.contiguous() for c in cores]
 
 
 def tt_svd(
@@ -116,7 +160,8 @@ def tt_svd(
 
     ``rel_tol = ε`` guarantees ``‖W − W_tt‖_F ≤ ε‖W‖_F`` (each of the ``d−1`` bonds may discard ``ε²‖W‖²/(d−1)``);
     ``max_rank`` (an int, or one int per inner bond) caps the bonds; with both, the smaller rank wins. Ranks are
-    silently clipped to :func:`bond_caps`. Large unfoldings with a small ``max_rank`` use a randomized SVD.
+    silently clipped to :func:`bond_caps`. Unfoldings that are large in absolute terms and asked for a small rank use
+    a randomized SVD (:func:`~torchtn.core.svd.truncated_svd`); the others an exact one.
     """
     if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2:
         shape = tuple(matrix.shape) if isinstance(matrix, torch.Tensor) else type(matrix).__name__
@@ -130,42 +175,35 @@ def tt_svd(
             f"matrix, but matrix is {matrix.shape[0]}×{matrix.shape[1]}"
         )
     rel_tol = check_rel_tol("rel_tol", rel_tol)
-    d = len(in_shape)
-    caps = inner_ranks(max_rank, in_shape, out_shape)
     work = matrix.detach()
     if not work.is_floating_point():
         raise TypeError(f"matrix has dtype {work.dtype}: expected a floating-point tensor")
-    budget = None
-    if rel_tol is not None and d > 1:
-        budget = rel_tol**2 * float(torch.linalg.vector_norm(work).double() ** 2) / (d - 1)
+    budget = _error_budget(float(torch.linalg.vector_norm(work).double() ** 2), rel_tol, len(in_shape))
     t = _interleave(work, in_shape, out_shape)
     sizes = t.shape
-    cores: Cores = []
-    carry = t.reshape(sizes[0], -1)
-    r_prev = 1
-    for k in range(d - 1):
-        carry = carry.reshape(r_prev * sizes[k], -1)
-        u, s, vh, _ = truncated_svd(carry, caps[k], budget)
-        r = s.shape[0]
-        cores.append(u.reshape(r_prev, out_shape[k], in_shape[k], r))
-        carry = s[:, None] * vh
-        r_prev = r
-    cores.append(carry.reshape(r_prev, out_shape[-1], in_shape[-1], 1))
-    return [c.contiguous() for c in cores]
+    return _truncating_sweep(t.reshape(sizes[0], -1), lambda k, carry: carry.reshape(carry.shape[0] * sizes[k], -1),
+                             out_shape, in_shape, inner_ranks(max_rank, in_shape, out_shape), budget)
+
+
+def merge_cores(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Contract neighbouring cores into one core ``(r_first, ∏m, ∏n, r_last)`` (C-order modes). Differentiable.
+
+    The one place where cores are multiplied together: :func:`tt_to_dense` is the merge of all cores, and the
+    contraction planner's merged groups are merges of spans.
+    """
+    acc = cores[0]
+    for g in cores[1:]:
+        ra, mm, nn, r = acc.shape
+        _, m, n, rb = g.shape
+        acc = (acc.reshape(-1, r) @ g.reshape(r, -1)).reshape(ra, mm, nn, m, n, rb)
+        acc = acc.permute(0, 1, 3, 2, 4, 5).reshape(ra, mm * m, nn * n, rb)
+    return acc
 
 
 def tt_to_dense(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     """Contract cores into the dense weight ``(∏ m_k, ∏ n_k)``. Differentiable."""
-    cores = check_cores(cores)
-    out_shape, in_shape = tt_shapes(cores)
-    # acc has modes (m_1..m_k, n_1..n_k, r_k), flattened as (M_k, N_k, r_k)
-    acc = cores[0].reshape(out_shape[0], in_shape[0], -1)
-    for g in cores[1:]:
-        r, m, n, r_next = g.shape
-        mk, nk = acc.shape[0], acc.shape[1]
-        acc = (acc.reshape(mk * nk, r) @ g.reshape(r, m * n * r_next)).reshape(mk, nk, m, n, r_next)
-        acc = acc.permute(0, 2, 1, 3, 4).reshape(mk * m, nk * n, r_next)
-    return acc.reshape(acc.shape[0], acc.shape[1])
+    merged = merge_cores(check_cores(cores))
+    return merged.reshape(merged.shape[1], merged.shape[2])
 
 
 def _qr_left(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,17 +259,14 @@ def tt_round(cores: Sequence[torch.Tensor], max_rank: RankSpec = None, rel_tol: 
     cores = right_canonical(cores)
     rel_tol = check_rel_tol("rel_tol", rel_tol)
     out_shape, in_shape = tt_shapes(cores)
-    d = len(cores)
-    caps = inner_ranks(max_rank, in_shape, out_shape)
-    budget = None
-    if rel_tol is not None and d > 1:
-        budget = rel_tol**2 * float(torch.linalg.vector_norm(cores[0]).double() ** 2) / (d - 1)
-    for k in range(d - 1):
-        r_prev, m, n, r = cores[k].shape
-        u, s, vh, _ = truncated_svd(cores[k].reshape(r_prev * m * n, r), caps[k], budget)
-        cores[k] = u.reshape(r_prev, m, n, s.shape[0])
-        cores[k + 1] = _absorb_left(s[:, None] * vh, cores[k + 1])
-    return [c.contiguous() for c in cores]
+    budget = _error_budget(float(torch.linalg.vector_norm(cores[0]).double() ** 2), rel_tol, len(cores))
+
+    def absorb(k: int, carry: torch.Tensor) -> torch.Tensor:
+        g = _absorb_left(carry, cores[k])
+        return g.reshape(-1, g.shape[3])
+
+    first = cores[0].reshape(-1, cores[0].shape[3])
+    return _truncating_sweep(first, absorb, out_shape, in_shape, inner_ranks(max_rank, in_shape, out_shape), budget)
 
 
 def bond_spectra(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -289,3 +324,127 @@ def bond_report(cores: Sequence[torch.Tensor]) -> list[BondInfo]:
         err = float(s[-1]) / norm if len(s) > 1 and norm > 0 else 1.0
         out.append(BondInfo(k, int(s.shape[0]), float(spectrum_entropy(s)), err))
     return out
+
+
+class TTMatrix:
+    """A matrix ``W`` ``(∏m, ∏n)`` held as an MPO / TT-matrix: cores ``(r_{k-1}, m_k, n_k, r_k)``, ``r_0 = r_d = 1``.
+
+    The one type every tensorized layer shares. It owns the MPO math — construction by TT-SVD, the dense form,
+    rounding, canonical forms, bond spectra, entanglement entropies and the bond report, parameter counts and the
+    compression ratio, and planning and applying ``x Wᵀ``. It is a light, immutable view over the core tensors (they
+    are shared, not copied, and may be ``nn.Parameter``s with gradients), so building one is free: a layer makes one
+    from its current cores whenever it needs one, and a bond whose rank changed simply gives a new ``TTMatrix`` with
+    new shapes (plans are keyed on the ranks, see :mod:`torchtn.core.contraction`).
+    """
+
+    __slots__ = ("cores",)
+
+    def __init__(self, cores: Sequence[torch.Tensor]) -> None:
+        self.cores: tuple[torch.Tensor, ...] = tuple(check_cores(cores))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dense(cls, matrix: torch.Tensor, in_shape: Sequence[int], out_shape: Sequence[int], *,
+                   max_rank: RankSpec = None, rel_tol: float | None = None) -> "TTMatrix":
+        """TT-SVD of ``matrix`` ``(out_features, in_features)``; see :func:`tt_svd` for the truncation rule."""
+        return cls(tt_svd(matrix, in_shape, out_shape, max_rank=max_rank, rel_tol=rel_tol))
+
+    @classmethod
+    def random(cls, in_shape: Sequence[int], out_shape: Sequence[int], rank: RankSpec, *, variance: float,
+               dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+               generator: torch.Generator | None = None) -> "TTMatrix":
+        """Gaussian cores with every inner bond at ``rank`` (clipped to :func:`bond_caps`) and ``Var(W_ij) = variance``."""
+        in_shape, out_shape = check_shape("in_shape", in_shape), check_shape("out_shape", out_shape)
+        ranks = (1, *inner_ranks(rank, in_shape, out_shape, name="rank"), 1)
+        std = tt_init_std(in_shape, ranks, variance)
+        return cls([torch.randn(ranks[k], m, n, ranks[k + 1], dtype=dtype, device=device, generator=generator) * std
+                    for k, (m, n) in enumerate(zip(out_shape, in_shape))])
+
+    # ------------------------------------------------------------------ shapes and counts
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return tt_shapes(self.cores)[1]
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return tt_shapes(self.cores)[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(out_features, in_features)``, the shape of the dense matrix."""
+        out_shape, in_shape = tt_shapes(self.cores)
+        return math.prod(out_shape), math.prod(in_shape)
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """Bond dimensions ``(1, r_1, …, r_{d-1}, 1)``."""
+        return tt_ranks(self.cores)
+
+    @property
+    def num_params(self) -> int:
+        """Core entries ``Σ_k r_{k-1} m_k n_k r_k``."""
+        return tt_num_params(self.in_shape, self.out_shape, self.ranks)
+
+    @property
+    def compression_ratio(self) -> float:
+        """Dense entries / core entries (≥ 1 means smaller)."""
+        return tt_compression_ratio(self.in_shape, self.out_shape, self.ranks)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cores[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.cores[0].device
+
+    # ------------------------------------------------------------------ algebra
+    def to_dense(self) -> torch.Tensor:
+        """The matrix ``(∏m, ∏n)``; differentiable with respect to the cores."""
+        return tt_to_dense(self.cores)
+
+    def round(self, max_rank: RankSpec = None, rel_tol: float | None = None) -> "TTMatrix":
+        """TT-rounding (:func:`tt_round`): the same matrix within ``rel_tol`` and/or with bonds capped at ``max_rank``."""
+        return TTMatrix(tt_round(self.cores, max_rank=max_rank, rel_tol=rel_tol))
+
+    def left_canonical(self) -> "TTMatrix":
+        return TTMatrix(left_canonical(self.cores))
+
+    def right_canonical(self) -> "TTMatrix":
+        return TTMatrix(right_canonical(self.cores))
+
+    def spectra(self) -> list[torch.Tensor]:
+        """Singular values across each inner bond, from a mixed-canonical form (never densifies)."""
+        return bond_spectra(self.cores)
+
+    def entanglement_entropy(self) -> torch.Tensor:
+        """``(d−1,)`` float64 entropies ``−Σ p ln p`` per inner bond."""
+        return entanglement_entropy(self.cores)
+
+    def bond_report(self) -> list[BondInfo]:
+        """Per inner bond: rank, entropy, error that the next smaller rank would cause."""
+        return bond_report(self.cores)
+
+    def detach(self) -> "TTMatrix":
+        return TTMatrix([c.detach() for c in self.cores])
+
+    def to(self, *args, **kwargs) -> "TTMatrix":
+        """``Tensor.to`` applied to every core."""
+        return TTMatrix([c.to(*args, **kwargs) for c in self.cores])
+
+    # ------------------------------------------------------------------ x Wᵀ
+    def plan(self, batch: int, **options):
+        """The (cached) contraction plan of ``(batch, ∏n) -> (batch, ∏m)``; options as :func:`~torchtn.core.contraction.plan_tt_linear`."""
+        from .contraction import plan_for
+
+        return plan_for(self.cores, batch, **options)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, **options) -> torch.Tensor:
+        """``(*, ∏n) -> (*, ∏m)``: ``x Wᵀ + bias``, planned, never forming ``W`` unless that is cheapest."""
+        from .contraction import tt_linear_apply
+
+        return tt_linear_apply(x, self.cores, bias, **options)
+
+    def __repr__(self) -> str:
+        return (f"TTMatrix(out_shape={self.out_shape}, in_shape={self.in_shape}, ranks={self.ranks}, "
+                f"compression={self.compression_ratio:.1f}x, dtype={self.dtype})")

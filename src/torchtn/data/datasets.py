@@ -1,11 +1,14 @@
 """Datasets as standardized tensors with fixed train/val/test splits.
 
-Every loader returns a :class:`Dataset`; images are flattened to ``(n, features)`` float32 rows, standardized with
-the training split's global mean and standard deviation; labels are int64. Splits are fixed (a seeded permutation that
+Every loader returns a :class:`Dataset`; images keep their shape ``(n, C, H, W)`` (float32, standardized with the
+training split's global mean and standard deviation) and models that want rows flatten them (``FC2`` does;
+:meth:`Dataset.flattened` gives a flat copy); labels are int64. Splits are fixed (a seeded permutation that
 never depends on the user's seed), so every run and every model sees the same examples.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -31,7 +34,7 @@ class DataFilesMissing(FileNotFoundError):
 
 @dataclass
 class Dataset:
-    """Standardized splits: ``x_*`` ``(n, features)`` float32, ``y_*`` ``(n,)`` int64."""
+    """Standardized splits: ``x_*`` ``(n, *image_shape)`` float32 (images ``(n, C, H, W)``), ``y_*`` ``(n,)`` int64."""
 
     name: str
     x_train: torch.Tensor
@@ -45,7 +48,15 @@ class Dataset:
 
     @property
     def num_features(self) -> int:
-        return int(self.x_train.shape[1])
+        """Entries per example (``C·H·W`` for images)."""
+        return math.prod(self.x_train.shape[1:])
+
+    def flattened(self) -> "Dataset":
+        """The same data with every example as a row ``(n, features)`` (views, no copy)."""
+        def flat(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(len(x), -1)
+
+        return dataclasses.replace(self, x_train=flat(self.x_train), x_val=flat(self.x_val), x_test=flat(self.x_test))
 
     def describe(self) -> str:
         return (f"{self.name}: {len(self.y_train):,} train / {len(self.y_val):,} val / {len(self.y_test):,} test, "
@@ -54,8 +65,8 @@ class Dataset:
 
 def _finish(name: str, x_trainval: np.ndarray, y_trainval: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
             val_fraction: float, image_shape: tuple[int, ...], num_classes: int) -> Dataset:
-    x_trainval = x_trainval.reshape(len(x_trainval), -1).astype(np.float32)
-    x_test = x_test.reshape(len(x_test), -1).astype(np.float32)
+    x_trainval = x_trainval.reshape(len(x_trainval), *image_shape).astype(np.float32)
+    x_test = x_test.reshape(len(x_test), *image_shape).astype(np.float32)
     perm = np.random.default_rng(_SPLIT_SEED).permutation(len(x_trainval))
     n_val = int(round(val_fraction * len(x_trainval)))
     val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
@@ -81,7 +92,7 @@ def load_digits() -> Dataset:
     perm = np.random.default_rng(_SPLIT_SEED + 1).permutation(len(x))
     n_test = int(round(0.2 * len(x)))
     test, rest = np.sort(perm[:n_test]), np.sort(perm[n_test:])
-    return _finish("digits", x[rest], y[rest], x[test], y[test], 0.1, (8, 8), 10)
+    return _finish("digits", x[rest], y[rest], x[test], y[test], 0.1, (1, 8, 8), 10)
 
 
 def _find(directory: Path, stems: list[str], dataset: str, how: str) -> Path:
@@ -103,6 +114,10 @@ def _load_idx_dir(directory: Path, dataset: str, how: str, image_shape: tuple[in
         "yte": ["t10k-labels-idx1-ubyte", "t10k-labels.idx1-ubyte"],
     }
     arrays = {k: read_idx(_find(directory, v, dataset, how)) for k, v in names.items()}
+    for split in ("xtr", "xte"):
+        if math.prod(arrays[split].shape[1:]) != math.prod(image_shape):
+            raise ValueError(f"{dataset}: the images in {directory} are {arrays[split].shape[1:]}, expected "
+                             f"{image_shape[1:]}")
     for split in ("tr", "te"):
         if len(arrays["x" + split]) != len(arrays["y" + split]):
             raise ValueError(f"{dataset}: {len(arrays['x' + split])} images but {len(arrays['y' + split])} labels "
@@ -118,7 +133,7 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
     directory = Path(data_dir) if data_dir is not None else FASHION_MNIST_DIR
     how = (f"Install them with `apt-get install -y dataset-fashion-mnist` (files in {FASHION_MNIST_DIR}) or put "
            f"{_IDX_FILES} there and pass --data-dir.")
-    return _load_idx_dir(directory, "fashion-mnist", how, (28, 28))
+    return _load_idx_dir(directory, "fashion-mnist", how, (1, 28, 28))
 
 
 def load_mnist(data_dir: str | os.PathLike | None) -> Dataset:
@@ -126,7 +141,7 @@ def load_mnist(data_dir: str | os.PathLike | None) -> Dataset:
     if data_dir is None:
         raise DataFilesMissing(f"mnist: no data directory given. Put {_IDX_FILES} in a directory and pass it "
                                f"(--data-dir DIR, or data_dir=DIR)")
-    return _load_idx_dir(Path(data_dir), "mnist", f"Put {_IDX_FILES} (or their unzipped forms) there.", (28, 28))
+    return _load_idx_dir(Path(data_dir), "mnist", f"Put {_IDX_FILES} (or their unzipped forms) there.", (1, 28, 28))
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):

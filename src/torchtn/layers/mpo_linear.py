@@ -2,63 +2,57 @@
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_choice, check_positive_int, check_rel_tol
-from ..core import (
-    BondInfo,
-    ContractionPlan,
-    bond_report,
-    bond_spectra,
-    entanglement_entropy,
-    inner_ranks,
-    plan_tt_linear,
-    prepare_groups,
-    resolve_shapes,
-    tt_linear,
-    tt_num_params,
-    tt_ranks,
-    tt_svd,
-    tt_to_dense,
-)
+from .._checks import check_positive_int, check_rel_tol
+from ..core.contraction import ContractionPlan, CostModel, get_strategy
+from ..core.factorize import resolve_shapes
+from ..core.tt import TTMatrix, inner_ranks, tt_shapes
+from ..functional import mpo_linear
+from .registry import register_layer
+from .tt_layer import TTLayer
 
 __all__ = ["MPOLinear"]
 
-_CONTRACTIONS = ("auto", "dense", "rtl", "ltr")
-_MAX_PLANS = 64
 
-
-class MPOLinear(nn.Module):
+@register_layer(converts=(nn.Linear,))
+class MPOLinear(TTLayer):
     """Linear map ``y = x Wᵀ + b`` with ``W`` ``(out_features, in_features)`` held as an MPO / TT-matrix.
 
     Cores ``cores[k]`` have shape ``(r_{k-1}, m_k, n_k, r_k)`` with ``∏ m_k = out_features`` (``out_shape``) and
     ``∏ n_k = in_features`` (``in_shape``). ``rank`` caps every inner bond (an int) or gives each (a sequence); ranks
     above the useful maximum ``min(∏_{l≤k} m_l n_l, ∏_{l>k} m_l n_l)`` are clipped. Shapes default to a balanced
-    factorization into 4 modes (fewer when a size has fewer prime factors).
+    factorization into 4 modes (fewer when a size has fewer prime factors). ``bias``, ``device`` and ``dtype`` are
+    keywords exactly as for ``nn.Linear``.
 
     Shape: ``(*, in_features) -> (*, out_features)``.
 
-    The forward pass is planned per (batch size, dtype, device, whether the cores need gradients) by
-    :func:`torchtn.core.plan_tt_linear` and the plan is cached; ``contraction`` forces ``"dense"`` (rebuild ``W``),
-    ``"rtl"``/``"ltr"`` (core by core) instead of ``"auto"``. When the cores need no gradient (``eval`` under
-    ``torch.no_grad()``, or frozen cores) merged cores are cached and rebuilt only when the parameters change.
+    ``forward`` is :func:`torchtn.functional.mpo_linear`: planned per (batch size, dtype, device, grad mode, ranks)
+    and cached; ``contraction`` forces a strategy (``"dense"``: rebuild ``W``; ``"rtl"``/``"ltr"``: core by core)
+    instead of ``"auto"``; ``cost_model`` prices plans for this layer (default: the device's). When the cores need no
+    gradient (eval under ``torch.no_grad()``, or frozen cores), merged cores are cached and rebuilt only when the
+    parameters change.
+
+    ``weight`` is read-only: the reconstructed matrix, for code that reads ``.weight.shape/.dtype/.device`` or the
+    values. Building it costs one contraction of all cores (``O(∏m·∏n·r)``); without gradients it is cached like the
+    merged cores. Assigning to it raises.
     """
 
     def __init__(
         self,
         in_features: int,
         out_features: int,
-        rank: int | Sequence[int],
+        rank: int | Sequence[int] = 8,
         in_shape: Sequence[int] | None = None,
         out_shape: Sequence[int] | None = None,
         bias: bool = True,
         *,
         contraction: str = "auto",
+        cost_model: CostModel | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -66,46 +60,34 @@ class MPOLinear(nn.Module):
         self.in_features = check_positive_int("in_features", in_features)
         self.out_features = check_positive_int("out_features", out_features)
         self.in_shape, self.out_shape = resolve_shapes(self.in_features, self.out_features, in_shape, out_shape)
-        self.contraction = check_choice("contraction", contraction, _CONTRACTIONS)
-        ranks = (1, *inner_ranks(rank, self.in_shape, self.out_shape, name="rank"), 1)
-        factory = {"device": device, "dtype": dtype}
-        self.cores = nn.ParameterList(
-            nn.Parameter(torch.empty(ranks[k], m, n, ranks[k + 1], **factory))
-            for k, (m, n) in enumerate(zip(self.out_shape, self.in_shape))
-        )
-        self.bias = nn.Parameter(torch.empty(self.out_features, **factory)) if bias else None
-        self._plans: OrderedDict[tuple, ContractionPlan] = OrderedDict()
-        self._merged: tuple[tuple, list[torch.Tensor]] | None = None
+        get_strategy("tt_linear", contraction)
+        self.contraction = contraction
+        if cost_model is not None and not isinstance(cost_model, CostModel):
+            raise TypeError(f"cost_model must be a torchtn.core.CostModel, got {type(cost_model).__name__}")
+        self.cost_model = cost_model
+        inner_ranks(rank, self.in_shape, self.out_shape, name="rank")  # validate under the argument's own name
+        self._init_cores(TTMatrix.random(self.in_shape, self.out_shape, rank, variance=1.0, device=device,
+                                         dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
 
     # ------------------------------------------------------------------ construction
     def reset_parameters(self) -> None:
-        """Gaussian cores scaled so that ``Var(W_ij) = 1/(3·in_features)``, as for ``nn.Linear``'s default init.
-
-        With i.i.d. zero-mean cores, ``Var(W_ij) = ∏_k σ_k² · ∏_k r_k`` (one term per bond path), so each core gets
-        ``σ² = (1/(3·in_features) / ∏ r_k)^{1/d}``. The bias is ``U(−1/√in, 1/√in)`` like ``nn.Linear``.
-        """
-        ranks = self.ranks
-        d = len(self.cores)
-        target = 1.0 / (3.0 * self.in_features)
-        std = math.sqrt((target / math.prod(ranks[1:-1])) ** (1.0 / d))
+        """Gaussian cores with ``Var(W_ij) = 1/(3·in_features)``, as ``nn.Linear``'s default init (see
+        :func:`~torchtn.core.tt_init_std`); the bias is ``U(−1/√in, 1/√in)`` like ``nn.Linear``'s."""
+        fresh = TTMatrix.random(self.in_shape, self.out_shape, self.ranks, variance=1.0 / (3.0 * self.in_features),
+                                device=self.cores[0].device, dtype=self.cores[0].dtype)
         with torch.no_grad():
-            for g in self.cores:
-                g.normal_(0.0, std)
+            for p, c in zip(self.cores, fresh.cores):
+                p.copy_(c)
             if self.bias is not None:
                 bound = 1.0 / math.sqrt(self.in_features)
                 self.bias.uniform_(-bound, bound)
 
     @classmethod
-    def from_dense(
-        cls,
-        linear: nn.Linear,
-        rank: int | Sequence[int] | None = None,
-        rel_tol: float | None = None,
-        in_shape: Sequence[int] | None = None,
-        out_shape: Sequence[int] | None = None,
-        **kwargs,
-    ) -> "MPOLinear":
+    def from_dense(cls, linear: nn.Linear, rank: int | Sequence[int] | None = None, rel_tol: float | None = None,
+                   in_shape: Sequence[int] | None = None, out_shape: Sequence[int] | None = None,
+                   **kwargs) -> "MPOLinear":
         """Convert a trained ``nn.Linear`` by TT-SVD of its weight (``rank`` cap and/or ``rel_tol`` error bound).
 
         With neither, the decomposition is exact (full TT-rank). The bias is copied.
@@ -113,68 +95,92 @@ class MPOLinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         rel_tol = check_rel_tol("rel_tol", rel_tol)
-        in_shape, out_shape = resolve_shapes(linear.in_features, linear.out_features, in_shape, out_shape)
+        in_shape, out_shape = cls.tt_shapes_for(linear, in_shape, out_shape)
         max_rank = None if rank is None else inner_ranks(rank, in_shape, out_shape, name="rank")
-        weight = linear.weight.detach()
-        cores = tt_svd(weight, in_shape, out_shape, max_rank=max_rank, rel_tol=rel_tol)
-        return cls.from_cores(cores, bias=None if linear.bias is None else linear.bias.detach(), **kwargs)
+        tt = TTMatrix.from_dense(cls.dense_matrix(linear), in_shape, out_shape, max_rank=max_rank, rel_tol=rel_tol)
+        return cls.from_tt(linear, tt, **kwargs)
 
     @classmethod
     def from_cores(cls, cores: Sequence[torch.Tensor], bias: torch.Tensor | None = None, **kwargs) -> "MPOLinear":
         """Build a layer holding copies of the given cores ``(r_{k-1}, m_k, n_k, r_k)`` and optional bias."""
-        out_shape = tuple(int(g.shape[1]) for g in cores)
-        in_shape = tuple(int(g.shape[2]) for g in cores)
-        ref = cores[0]
-        layer = cls(math.prod(in_shape), math.prod(out_shape), tt_ranks(cores)[1:-1] or 1, in_shape, out_shape,
+        tt = TTMatrix(cores)
+        ref = tt.cores[0]
+        out_shape, in_shape = tt_shapes(tt.cores)
+        layer = cls(math.prod(in_shape), math.prod(out_shape), tt.ranks[1:-1] or 1, in_shape, out_shape,
                     bias=bias is not None, device=ref.device, dtype=ref.dtype, **kwargs)
         with torch.no_grad():
-            for p, g in zip(layer.cores, cores):
+            for p, g in zip(layer.cores, tt.cores):
                 p.copy_(g)
             if bias is not None:
                 layer.bias.copy_(bias)
         return layer
 
-    # ------------------------------------------------------------------ properties
-    @property
-    def ranks(self) -> tuple[int, ...]:
-        """Bond dimensions ``(1, r_1, …, r_{d-1}, 1)``."""
-        return tt_ranks(list(self.cores))
-
-    @property
-    def num_weight_params(self) -> int:
-        """Entries in the cores (bias excluded)."""
-        return tt_num_params(self.in_shape, self.out_shape, self.ranks)
-
-    @property
-    def compression_ratio(self) -> float:
-        """Dense weight entries / core entries (≥ 1 means smaller than ``nn.Linear``; bias excluded from both)."""
-        return self.in_features * self.out_features / self.num_weight_params
-
-    def to_dense(self) -> torch.Tensor:
-        """The weight ``(out_features, in_features)``; differentiable."""
-        return tt_to_dense(list(self.cores))
-
     def to_linear(self) -> nn.Linear:
-        """An ``nn.Linear`` with the same map."""
-        p = self.cores[0]
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=p.device, dtype=p.dtype)
+        """An ``nn.Linear`` with the same map (the inverse of :meth:`from_dense`)."""
+        ref = self.cores[0]
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=ref.device,
+                        dtype=ref.dtype)
         with torch.no_grad():
             lin.weight.copy_(self.to_dense())
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         return lin
 
-    def bond_spectra(self) -> list[torch.Tensor]:
-        """Singular values across each inner bond (from a canonical form; ``W`` is never formed)."""
-        return bond_spectra(list(self.cores))
+    # ------------------------------------------------------------------ registry protocol
+    @staticmethod
+    def dense_matrix(linear: nn.Linear) -> torch.Tensor:
+        """The matrix a TT-matrix replaces: ``linear.weight`` ``(out_features, in_features)``."""
+        return linear.weight.detach()
 
-    def entanglement_entropy(self) -> torch.Tensor:
-        """Entanglement entropy of the weight at each inner bond, ``(d−1,)`` float64 (natural log)."""
-        return entanglement_entropy(list(self.cores))
+    @staticmethod
+    def tt_shapes_for(linear: nn.Linear, in_shape: Sequence[int] | None = None,
+                      out_shape: Sequence[int] | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(in_shape, out_shape)`` for converting ``linear`` (given ones checked, missing ones suggested)."""
+        return resolve_shapes(linear.in_features, linear.out_features, in_shape, out_shape)
 
-    def bond_report(self) -> list[BondInfo]:
-        """Per inner bond: rank, entanglement entropy, error that the next smaller rank would cause."""
-        return bond_report(list(self.cores))
+    @classmethod
+    def from_tt(cls, linear: nn.Linear, tt: TTMatrix, **kwargs) -> "MPOLinear":
+        """The layer replacing ``linear``: weight ``tt`` (cast to ``linear``'s dtype), ``linear``'s bias."""
+        ref = linear.weight
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls.from_cores([c.to(device=ref.device, dtype=ref.dtype) for c in tt.cores], bias=bias, **kwargs)
+
+    def layout(self) -> dict[str, Any]:
+        """What a model file records to rebuild this layer empty (shapes, ranks, bias, contraction)."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "in_shape": list(self.in_shape),
+                "out_shape": list(self.out_shape), "ranks": list(self.ranks), "bias": self.bias is not None,
+                "contraction": self.contraction}
+
+    @classmethod
+    def from_layout(cls, spec: dict[str, Any], *, device=None, dtype=None) -> "MPOLinear":
+        in_shape, out_shape, ranks = spec["in_shape"], spec["out_shape"], spec["ranks"]
+        layer = cls(spec.get("in_features", math.prod(in_shape)), spec.get("out_features", math.prod(out_shape)),
+                    list(ranks[1:-1]) or 1, in_shape, out_shape, bias=bool(spec["bias"]),
+                    contraction=spec.get("contraction", "auto"), device=device, dtype=dtype)
+        if list(layer.ranks) != list(ranks):
+            raise ValueError(f"recorded ranks {list(ranks)} are not valid for modes {out_shape}←{in_shape} "
+                             f"(they would be {list(layer.ranks)})")
+        return layer
+
+    # ------------------------------------------------------------------ forward
+    @property
+    def weight(self) -> torch.Tensor:
+        """The reconstructed weight ``(out_features, in_features)`` (read-only; see the class docstring for its cost)."""
+        return self._cached_dense()
+
+    def plan(self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+             needs_grad: bool | None = None) -> ContractionPlan:
+        """The (cached) contraction plan for a batch of ``batch_size`` rows; print it to see what runs."""
+        batch_size = check_positive_int("batch_size", batch_size)
+        if needs_grad is None:
+            needs_grad = torch.is_grad_enabled() and any([p.requires_grad for p in self.cores])
+        return self.tt.plan(batch_size, dtype=dtype, device=device, needs_grad=needs_grad,
+                            contraction=self.contraction, cache_merged=not needs_grad, cost_model=self.cost_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(*, in_features) -> (*, out_features)``."""
+        return mpo_linear(x, self.cores, self.bias, contraction=self.contraction, cost_model=self.cost_model,
+                          cache=self._merged)
 
     def extra_repr(self) -> str:
         return (
@@ -182,66 +188,3 @@ class MPOLinear(nn.Module):
             f"out_shape={self.out_shape}, ranks={self.ranks}, bias={self.bias is not None}, "
             f"compression={self.compression_ratio:.1f}x"
         )
-
-    # ------------------------------------------------------------------ forward
-    def _needs_core_grad(self) -> bool:
-        return torch.is_grad_enabled() and any([p.requires_grad for p in self.cores])
-
-    def plan(self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-             needs_grad: bool | None = None) -> ContractionPlan:
-        """The (cached) contraction plan for a batch of ``batch_size`` rows; print it to see what runs."""
-        batch_size = check_positive_int("batch_size", batch_size)
-        ref = self.cores[0]
-        dtype = ref.dtype if dtype is None else dtype
-        device = ref.device if device is None else device
-        needs_grad = self._needs_core_grad() if needs_grad is None else needs_grad
-        key = (batch_size, dtype, device, needs_grad, self.contraction)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = plan_tt_linear(
-                self.in_shape, self.out_shape, self.ranks, batch_size, cache_merged=not needs_grad,
-                itemsize=dtype.itemsize,
-                force=None if self.contraction == "auto" else self.contraction, training=needs_grad,
-            )
-            self._plans[key] = plan
-            if len(self._plans) > _MAX_PLANS:
-                self._plans.popitem(last=False)
-        return plan
-
-    def _group_matrices(self, plan: ContractionPlan) -> list[torch.Tensor]:
-        cores = list(self.cores)
-        if not plan.cache_merged or torch.compiler.is_compiling():
-            return prepare_groups(cores, plan)
-        key = (plan.groups, plan.direction) + tuple((p.data_ptr(), p._version, p.dtype) for p in cores)
-        if self._merged is None or self._merged[0] != key:
-            with torch.no_grad():
-                self._merged = (key, prepare_groups(cores, plan))
-        return self._merged[1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(*, in_features) -> (*, out_features)``."""
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input has {x.shape[-1]} features in its last dimension, expected in_features={self.in_features}")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        batch = x2.shape[0]
-        if batch == 0:
-            return x.new_zeros(*lead, self.out_features)
-        plan = self.plan(batch, x2.dtype, x2.device)
-        mats = self._group_matrices(plan)
-        if plan.is_dense:
-            y = F.linear(x2, mats[0], self.bias)
-        else:
-            y = tt_linear(x2, mats, plan)
-            if self.bias is not None:
-                y = y + self.bias
-        return y.reshape(*lead, self.out_features)
-
-    def _apply(self, fn, recurse=True):  # .to()/.cuda()/.double() invalidate cached merges
-        self._merged = None
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self):  # copies and pickles never carry the cache
-        state = self.__dict__.copy()
-        state["_merged"] = None
-        return state

@@ -1,4 +1,4 @@
 """Training: one trainer for every model."""
-from .trainer import EpochRecord, TrainConfig, Trainer, TrainingDiverged, evaluate
+from .trainer import LOSSES, EpochRecord, TrainConfig, Trainer, TrainingDiverged, accuracy, evaluate, measure
 
-__all__ = ["Trainer", "TrainConfig", "TrainingDiverged", "EpochRecord", "evaluate"]
+__all__ = ["Trainer", "TrainConfig", "TrainingDiverged", "EpochRecord", "evaluate", "measure", "accuracy", "LOSSES"]

@@ -1,11 +1,12 @@
-"""One trainer for every model: AdamW/SGD, cosine schedule, seeds, evaluation, NaN stop, atomic resumable checkpoints."""
+"""One trainer for every model: any loss and metrics, AdamW/SGD, cosine schedule, seeds, evaluation, NaN stop, a hook
+for structural changes (parameters whose shape changes mid-run), atomic resumable checkpoints."""
 from __future__ import annotations
 
 import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,38 @@ from .._checks import check_choice, check_nonnegative_int, check_positive_int, c
 from ..data import Dataset
 from ..io import read_metadata, read_tensors, save_model
 
-__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "EpochRecord", "evaluate"]
+__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "EpochRecord", "evaluate", "measure", "LOSSES", "accuracy"]
 
 _OPTIMIZERS = ("adamw", "sgd")
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Fraction of rows whose arg-max over the last dimension equals the integer target."""
+    return (outputs.argmax(-1) == targets).double().mean()
+
+
+def _mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(outputs, targets.to(outputs.dtype).reshape(outputs.shape))
+
+
+# name -> (loss, default metrics)
+LOSSES: dict[str, tuple[Loss, dict[str, Metric]]] = {
+    "cross_entropy": (F.cross_entropy, {"accuracy": accuracy}),
+    "mse": (_mse, {}),
+}
+
+
+def _resolve_loss(loss: str | Loss, metrics: dict[str, Metric] | None) -> tuple[str, Loss, dict[str, Metric]]:
+    if isinstance(loss, str):
+        check_choice("loss", loss, tuple(LOSSES))
+        fn, default = LOSSES[loss]
+        return loss, fn, dict(default if metrics is None else metrics)
+    if not callable(loss):
+        raise TypeError(f"loss={loss!r} is not allowed: expected one of {tuple(LOSSES)} or a callable "
+                        f"(outputs, targets) -> scalar")
+    return getattr(loss, "__name__", type(loss).__name__), loss, dict(metrics or {})
 
 
 class TrainingDiverged(RuntimeError):
@@ -57,26 +87,39 @@ class EpochRecord:
     epoch: int
     train_loss: float
     val_loss: float
-    val_accuracy: float
     lr: float
     seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)  # validation metrics by name ("accuracy", ...)
+
+    @property
+    def val_accuracy(self) -> float:
+        return self.metrics.get("accuracy", float("nan"))
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)`` in eval mode."""
+def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str | Loss = "cross_entropy",
+            metrics: dict[str, Metric] | None = None, batch_size: int = 1024) -> dict[str, float]:
+    """Mean loss (``"loss"``) and each metric of ``model`` on ``(x, y)`` in eval mode, weighted by batch size."""
+    _, loss_fn, metric_fns = _resolve_loss(loss, metrics)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    loss_sum, correct = 0.0, 0
+    sums = dict.fromkeys(["loss", *metric_fns], 0.0)
     for i in range(0, len(y), batch_size):
         xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-        logits = model(xb)
-        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(1) == yb).sum())
+        out = model(xb)
+        sums["loss"] += float(loss_fn(out, yb)) * len(yb)
+        for name, fn in metric_fns.items():
+            sums[name] += float(fn(out, yb)) * len(yb)
     model.train(was_training)
     n = max(len(y), 1)
-    return loss_sum / n, correct / n
+    return {k: v / n for k, v in sums.items()}
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of a classifier on ``(x, y)`` in eval mode."""
+    m = measure(model, x, y, "cross_entropy", {"accuracy": accuracy}, batch_size)
+    return m["loss"], m["accuracy"]
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -100,17 +143,36 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict[str, Any])
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
-class Trainer:
-    """Train a classifier ``(batch, features) -> (batch, classes)`` on a :class:`Dataset`.
+def _record(h: dict) -> EpochRecord:
+    """An :class:`EpochRecord` from a checkpoint's JSON (torchtn 0.1 stored ``val_accuracy`` as a field)."""
+    h = dict(h)
+    metrics = dict(h.pop("metrics", {}))
+    if "val_accuracy" in h:
+        metrics.setdefault("accuracy", h.pop("val_accuracy"))
+    return EpochRecord(**h, metrics=metrics)
 
-    With ``checkpoint`` (a ``.safetensors`` path) the model, optimizer, RNG state and history are written atomically
-    after every epoch; ``fit(resume=True)`` continues from it and ends with the same weights as an uninterrupted run.
-    An existing checkpoint is never replaced by a fresh run: pass ``resume=True`` or choose another path.
+
+class Trainer:
+    """Train any model on a :class:`Dataset` (inputs as the dataset holds them, e.g. images ``(N, C, H, W)``).
+
+    ``loss``: ``"cross_entropy"`` (default; metric ``accuracy``), ``"mse"`` (regression; targets reshaped to the
+    outputs), or a callable ``(outputs, targets) -> scalar``; ``metrics``: ``{name: fn(outputs, targets) -> scalar}``
+    computed on the validation split after every epoch (default: those of the named loss).
+    ``on_step_end(trainer, step) -> bool``: called after every optimizer step; return ``True`` when it changed the
+    model's structure (e.g. a sweep changed bond dimensions) and the trainer rebuilds its optimizer
+    (:meth:`structure_changed`). With ``checkpoint`` (a ``.safetensors`` path) the model, optimizer, RNG state and
+    history are written atomically after every epoch; ``fit(resume=True)`` continues from it and ends with the same
+    weights as an uninterrupted run. An existing checkpoint is never replaced by a fresh run.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig | None = None, checkpoint: str | os.PathLike | None = None,
-                 metadata: dict | None = None, on_epoch_end: Callable[[EpochRecord], None] | None = None) -> None:
+                 metadata: dict | None = None, on_epoch_end: Callable[[EpochRecord], None] | None = None, *,
+                 loss: str | Loss = "cross_entropy", metrics: dict[str, Metric] | None = None,
+                 on_step_end: Callable[["Trainer", int], bool] | None = None) -> None:
         self.model = model
+        self.loss_name, self.loss_fn, self.metrics = _resolve_loss(loss, metrics)
+        self.on_step_end = on_step_end
+        self.optimizer: torch.optim.Optimizer | None = None
         self.config = config or TrainConfig()
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         if self.checkpoint is not None and self.checkpoint.suffix != ".safetensors":
@@ -122,9 +184,35 @@ class Trainer:
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
         params = [p for p in self.model.parameters() if p.requires_grad]
+        self._names = {id(p): n for n, p in self.model.named_parameters()}
         if c.optimizer == "adamw":
             return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
         return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+
+    def structure_changed(self) -> torch.optim.Optimizer:
+        """Rebuild the optimizer after parameters were replaced (e.g. a bond dimension changed).
+
+        Optimizer state (Adam moments, momentum, step counts) is kept for every parameter that is still the same
+        tensor, or that has the same name and shape as before; parameters whose shape changed start fresh.
+        """
+        old = self.optimizer
+        if old is None:
+            raise RuntimeError("structure_changed() is for use during fit(); there is no optimizer yet")
+        by_name = {self._names.get(id(p)): (p, old.state.get(p, {})) for g in old.param_groups for p in g["params"]}
+        lr = old.param_groups[0]["lr"]
+        new = self._make_optimizer()
+        for group in new.param_groups:
+            group["lr"] = lr
+            for p in group["params"]:
+                prev = by_name.get(self._names.get(id(p)))
+                if prev is None or not prev[1]:
+                    continue
+                prev_p, state = prev
+                if prev_p is p or prev_p.shape == p.shape:
+                    new.state[p] = {k: (v.clone() if isinstance(v, torch.Tensor) and v.dim() else v)
+                                    for k, v in state.items()}
+        self.optimizer = new
+        return new
 
     def _lr(self, step: int, total: int) -> float:
         c = self.config
@@ -142,6 +230,7 @@ class Trainer:
             "train_config": asdict(self.config),
             "history": [asdict(h) for h in self.history],
             "optimizer": rest,
+            "loss": self.loss_name,
             "architecture": self.model.config() if hasattr(self.model, "config") else type(self.model).__name__,
             **self.metadata,
         }
@@ -155,13 +244,16 @@ class Trainer:
         if saved_cfg != now_cfg:
             diff = {k: (saved_cfg.get(k), now_cfg.get(k)) for k in now_cfg if saved_cfg.get(k) != now_cfg.get(k)}
             raise ValueError(f"cannot resume {self.checkpoint}: its training settings differ (saved, now): {diff}")
+        if meta.get("loss", "cross_entropy") != self.loss_name:
+            raise ValueError(f"cannot resume {self.checkpoint}: it was trained with loss {meta.get('loss')!r}, "
+                             f"not {self.loss_name!r}")
         tensors = read_tensors(self.checkpoint)
         model_state = {k: v for k, v in tensors.items() if not k.startswith("__")}
         self.model.load_state_dict(model_state)
         optim = {k[len("__optim/"):]: v for k, v in tensors.items() if k.startswith("__optim/")}
         optimizer.load_state_dict(_unflatten_optimizer(optim, meta["optimizer"]))
         torch.set_rng_state(tensors["__rng/torch"])
-        self.history = [EpochRecord(**h) for h in meta["history"]]
+        self.history = [_record(h) for h in meta["history"]]
         return int(meta["epoch"])
 
     def _train_epoch(self, optimizer: torch.optim.Optimizer, data: Dataset, epoch: int, steps_per_epoch: int,
@@ -179,7 +271,7 @@ class Trainer:
                 group["lr"] = lr
             idx = order[i * c.batch_size:(i + 1) * c.batch_size]
             xb, yb = data.x_train[idx].to(device), data.y_train[idx].to(device)
-            loss = F.cross_entropy(self.model(xb), yb)
+            loss = self.loss_fn(self.model(xb), yb)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(f"{c.desc}: loss became {loss_value} at epoch {epoch + 1}, step {i + 1} "
@@ -188,15 +280,18 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if self.on_step_end is not None and self.on_step_end(self, epoch * steps_per_epoch + i):
+                optimizer = self.structure_changed()
             running += loss_value * len(yb)
             seen += len(yb)
             bar.update(1)
+        self.optimizer = optimizer
         return running / max(seen, 1), lr
 
     def fit(self, data: Dataset, resume: bool = False) -> list[EpochRecord]:
         """Train for ``config.epochs`` epochs (continuing a checkpoint when ``resume``); returns the history."""
         c = self.config
-        optimizer = self._make_optimizer()
+        optimizer = self.optimizer = self._make_optimizer()
         start = 0
         if self.checkpoint is not None and self.checkpoint.exists():
             if not resume:
@@ -214,10 +309,13 @@ class Trainer:
             for epoch in range(start, c.epochs):
                 t0 = time.perf_counter()
                 train_loss, lr = self._train_epoch(optimizer, data, epoch, steps_per_epoch, total, bar)
-                val_loss, val_acc = evaluate(self.model, data.x_val, data.y_val)
-                bar.set_postfix(epoch=f"{epoch + 1}/{c.epochs}", loss=f"{train_loss:.4f}",
-                                val_acc=f"{100 * val_acc:.2f}%", refresh=False)
-                record = EpochRecord(epoch + 1, train_loss, val_loss, val_acc, lr, time.perf_counter() - t0)
+                optimizer = self.optimizer
+                val = measure(self.model, data.x_val, data.y_val, self.loss_fn, self.metrics)
+                val_loss = val.pop("loss")
+                shown = {k: (f"{100 * v:.2f}%" if k == "accuracy" else f"{v:.4g}") for k, v in val.items()}
+                bar.set_postfix(epoch=f"{epoch + 1}/{c.epochs}", loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4g}",
+                                **shown, refresh=False)
+                record = EpochRecord(epoch + 1, train_loss, val_loss, lr, time.perf_counter() - t0, val)
                 self.history.append(record)
                 self._save(optimizer, epoch + 1)
                 if self.on_epoch_end is not None:

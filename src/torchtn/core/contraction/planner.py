@@ -1,0 +1,109 @@
+"""Plan once, run many: the strategy registry and the plan cache shared by every contraction kind.
+
+A *problem* is a frozen description of one contraction (shapes, ranks, batch, dtype, device, grad mode). A
+*strategy* is a small function ``(problem, cost_model) -> candidate plans`` registered under a kind (``"tt_linear"``
+today; ADTN gate networks and attention register theirs) and a name. :func:`make_plan` runs the strategy, prices the
+candidates with the device's :class:`~.cost.CostModel`, optionally measures the best few on the device
+(:mod:`.autotune`), and caches the winner under a key holding everything the plan depends on.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from .autotune import AUTOTUNE_CANDIDATES, autotune_enabled
+from .cost import CostModel, get_cost_model
+
+__all__ = ["register_strategy", "strategy_names", "get_strategy", "make_plan", "clear_plan_cache", "plan_cache_info",
+           "Plan"]
+
+
+class Plan(Protocol):
+    """What every plan offers: an estimate, a measurement (when autotuned) and a readable description."""
+
+    seconds: float
+
+    def describe(self) -> str: ...
+
+
+Strategy = Callable[[Any, CostModel], Sequence[Any]]
+_STRATEGIES: dict[str, dict[str, Strategy]] = {}
+_CACHE: OrderedDict[Hashable, Any] = OrderedDict()
+_CACHE_SIZE = 4096
+_stats = {"hits": 0, "misses": 0}
+
+
+def register_strategy(kind: str, name: str) -> Callable[[Strategy], Strategy]:
+    """Decorator: register ``fn(problem, cost_model) -> [plans]`` as strategy ``name`` of contraction ``kind``."""
+    def deco(fn: Strategy) -> Strategy:
+        _STRATEGIES.setdefault(kind, {})[name] = fn
+        return fn
+    return deco
+
+
+def strategy_names(kind: str) -> tuple[str, ...]:
+    """Registered strategy names of ``kind`` (the values a layer's ``contraction=`` accepts)."""
+    return tuple(_STRATEGIES.get(kind, {}))
+
+
+def get_strategy(kind: str, name: str) -> Strategy:
+    """The strategy ``name`` of ``kind``; an unknown name raises ``ValueError`` listing the known ones."""
+    known = _STRATEGIES.get(kind, {})
+    if name not in known:
+        raise ValueError(f"contraction={name!r} is not allowed for {kind}: expected one of "
+                         f"{', '.join(map(repr, known))}")
+    return known[name]
+
+
+def clear_plan_cache() -> None:
+    """Forget every cached plan (after changing cost models or the autotune setting) and reset the statistics."""
+    _CACHE.clear()
+    _stats.update(hits=0, misses=0)
+
+
+def plan_cache_info() -> dict[str, int]:
+    """Hits, misses and size of the plan cache."""
+    return {**_stats, "size": len(_CACHE)}
+
+
+def make_plan(kind: str, strategy: str, problem: Hashable, *, cost_model: CostModel | None = None,
+              device: Any = None, measure: Callable[[Any], float] | None = None,
+              autotune: bool | None = None) -> Any:
+    """The cheapest plan of ``problem`` under ``strategy``, cached on every input it depends on.
+
+    ``measure(plan) -> seconds`` times a candidate on the device; it is used (on the ``AUTOTUNE_CANDIDATES``
+    cheapest candidates by the cost model) when autotuning is on. The chosen plan carries its measurements.
+    """
+    fn = get_strategy(kind, strategy)
+    model = cost_model if cost_model is not None else get_cost_model(device)
+    tune = autotune_enabled() if autotune is None else autotune
+    key = (kind, strategy, problem, model, tune and measure is not None)
+    plan = _CACHE.get(key)
+    if torch.compiler.is_compiling():  # traced: plan from the cost model alone, touch no global state
+        if plan is None:
+            for candidate in fn(problem, model):
+                if plan is None or candidate.seconds < plan.seconds:
+                    plan = candidate
+        return plan
+    if plan is not None:
+        _stats["hits"] += 1
+        _CACHE.move_to_end(key)
+        return plan
+    _stats["misses"] += 1
+    candidates = sorted(fn(problem, model), key=lambda p: p.seconds)
+    if not candidates:
+        raise ValueError(f"strategy {strategy!r} produced no plan for {problem}")
+    plan = candidates[0]
+    if tune and measure is not None and len(candidates) > 1:
+        shortlist = candidates[:AUTOTUNE_CANDIDATES]
+        timed = [(measure(p), i, p) for i, p in enumerate(shortlist)]
+        measured = tuple((p.describe(), t) for t, _, p in timed)
+        best_t, _, best = min(timed)
+        plan = best.with_measurements(best_t, measured, model_pick_seconds=timed[0][0])
+    _CACHE[key] = plan
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return plan

@@ -1,0 +1,413 @@
+"""Planning and executing ``y = x Wᵀ`` for a TT-matrix ``W`` without forming ``W`` (unless that is cheapest).
+
+*Plan once, run many* (after opt_einsum). The strategies registered here for kind ``"tt_linear"`` enumerate ways of
+merging neighbouring cores into groups and the sweep direction; ``"auto"`` tries every grouping in both directions,
+``"dense"`` merges everything (rebuild ``W``, one GEMM), ``"rtl"``/``"ltr"`` go core by core. The shared planner
+(:mod:`.planner`) prices candidates with the device's cost model, optionally measures them, and caches the winner.
+:func:`tt_linear` executes a plan. Every step is one (batched) matmul on a contiguous view, so no intermediate is ever
+permuted:
+
+* right-to-left (``"rtl"``): the state is ``[batch, n_<g, r, m_≥g]``; group ``g`` contracts ``(n_g, r_g)``;
+* left-to-right (``"ltr"``): the state is ``[batch, m_<g, r, n_≥g]``; group ``g`` contracts ``(r_{g-1}, n_g)``.
+
+In training, autograd differentiates the same steps (a hand-written backward for the whole sweep was measured and was
+not faster on this machine, see ``docs/architecture.md``); the planner prices the backward products so that merging,
+dearer in training, is chosen only where it still wins. Merged groups can be cached by the caller
+(:class:`MergedCache`, for inference).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..tt import merge_cores, tt_ranks, tt_shapes
+from .autotune import time_call
+from .cost import DEFAULT_COST_MODEL, CostModel
+from .planner import make_plan, register_strategy, strategy_names
+
+__all__ = ["ContractionPlan", "TTLinearProblem", "plan_tt_linear", "plan_for", "merge_group", "prepare_groups",
+           "tt_linear", "tt_linear_apply", "tt_linear_flops", "MergedCache", "CONTRACTIONS"]
+
+Span = tuple[int, int]
+KIND = "tt_linear"
+
+
+@dataclass(frozen=True)
+class TTLinearProblem:
+    """Everything a plan for ``(batch, ∏n) -> (batch, ∏m)`` depends on (the plan cache key)."""
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    ranks: tuple[int, ...]
+    batch: int
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    training: bool = False  # gradients flow to the cores: price forward + backward
+    cache_merged: bool = False  # merged groups are reused across calls (their cost is not counted)
+    cache_limit: int = 1 << 22  # ... but only when they hold at most this many elements in total
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class ContractionPlan:
+    """How to compute ``x Wᵀ``: which cores to merge (``groups``, half-open spans) and in which direction to sweep."""
+
+    groups: tuple[Span, ...]
+    direction: str  # "rtl" | "ltr"
+    batch: int
+    flops: int  # multiply-adds ×2 of the contraction steps (plus merges unless cached; ×3 when training)
+    seconds: float  # cost-model estimate (forward + backward when training)
+    cache_merged: bool  # merged groups may be cached between calls (inference)
+    intermediate_numel: int  # largest intermediate of the sweep
+    in_sizes: tuple[int, ...]  # product of the input modes of each group
+    out_sizes: tuple[int, ...]  # product of the output modes of each group
+    ranks: tuple[int, ...] = ()  # bond dimensions the plan was made for
+    training: bool = False
+    measured_seconds: float | None = None  # set when autotuned: this plan's time on the device
+    model_pick_seconds: float | None = None  # ... and the cost model's own pick's time in the same measurement
+    measurements: tuple[tuple[str, float], ...] = ()  # every timed candidate
+
+    @property
+    def is_dense(self) -> bool:
+        return len(self.groups) == 1
+
+    @property
+    def steps(self) -> tuple[tuple[int, int], ...]:
+        """``(group, cols)`` in execution order: each step is ``mat_g @ state.reshape(-1, k_g, cols)``."""
+        g = len(self.groups)
+        if self.direction == "rtl":
+            order = range(g - 1, -1, -1)
+            cols = [math.prod(self.out_sizes[gi + 1:]) for gi in order]
+        else:
+            order = range(g)
+            cols = [math.prod(self.in_sizes[gi + 1:]) for gi in order]
+        return tuple(zip(order, cols))
+
+    def mat_shapes(self) -> tuple[tuple[int, int], ...]:
+        """Shape of each group's step matrix (what :func:`prepare_groups` returns)."""
+        r = [self.ranks[a] for a, _ in self.groups] + [1]
+        if self.direction == "rtl":
+            return tuple((r[i] * m, n * r[i + 1]) for i, (m, n) in enumerate(zip(self.out_sizes, self.in_sizes)))
+        return tuple((m * r[i + 1], r[i] * n) for i, (m, n) in enumerate(zip(self.out_sizes, self.in_sizes)))
+
+    def with_measurements(self, seconds: float, measurements: tuple, model_pick_seconds: float) -> "ContractionPlan":
+        return dataclasses.replace(self, measured_seconds=seconds, measurements=measurements,
+                                   model_pick_seconds=model_pick_seconds)
+
+    def describe(self) -> str:
+        groups = " | ".join(f"{a + 1}" if b - a == 1 else f"{a + 1}–{b}" for a, b in self.groups)
+        how = "dense weight (all cores merged)" if self.is_dense else f"{self.direction} sweep over groups [{groups}]"
+        cached = self.cache_merged and any([_builds_new_tensor(g, self.direction) for g in self.groups])
+        cache = ", merged cores cached" if cached else ""
+        measured = "" if self.measured_seconds is None else f", measured {self.measured_seconds * 1e3:.3f} ms"
+        return (
+            f"{how}{cache}: batch {self.batch}, ranks {self.ranks}, {self.flops / 1e6:.2f} MFLOP, "
+            f"largest intermediate {self.intermediate_numel:,} elements, est. {self.seconds * 1e3:.3f} ms{measured}"
+        )
+
+    __str__ = describe
+
+
+def _builds_new_tensor(span: Span, direction: str) -> bool:
+    """Whether a group's step matrix is a new tensor (merged cores, or a permuted core for ``ltr``) — cacheable."""
+    return span[1] - span[0] > 1 or direction == "ltr"
+
+
+def _spans(d: int) -> list[tuple[Span, ...]]:
+    """All ways to cut ``0..d`` into consecutive non-empty spans (``2^(d-1)`` of them)."""
+    out = []
+    for cuts in itertools.product((False, True), repeat=d - 1):
+        spans, start = [], 0
+        for i, cut in enumerate(cuts, start=1):
+            if cut:
+                spans.append((start, i))
+                start = i
+        spans.append((start, d))
+        out.append(tuple(spans))
+    return out
+
+
+def _merge_cost(p: TTLinearProblem, span: Span, model: CostModel) -> tuple[float, int]:
+    """Seconds and flops of merging ``span`` (:func:`merge_cores`): one GEMM and one permuting copy per absorbed core."""
+    a, b = span
+    seconds, flops = model.call_overhead, 0
+    rows = p.ranks[a] * p.out_shape[a] * p.in_shape[a]
+    for k in range(a + 1, b):
+        cols = p.out_shape[k] * p.in_shape[k] * p.ranks[k + 1]
+        seconds += model.matmul_seconds(rows, cols, p.ranks[k], 1, p.itemsize)
+        flops += 2 * rows * p.ranks[k] * cols
+        rows *= p.out_shape[k] * p.in_shape[k]
+        seconds += model.copy_seconds(rows * p.ranks[k + 1], p.itemsize)
+    return seconds, flops
+
+
+def _price(groups: tuple[Span, ...], direction: str, p: TTLinearProblem, cache_merged: bool,
+           model: CostModel) -> tuple[float, int, int]:
+    """Estimated seconds, flops and largest intermediate of one candidate plan.
+
+    In training a step costs its forward product plus the two products of its backward (state and matrix gradients;
+    the matrix gradient also copies both operands into GEMM layout when the step is batched), and a merge costs
+    three times its forward (its backward has two products per absorbed core).
+    """
+    passes = 3 if p.training else 1
+    m = [math.prod(p.out_shape[a:b]) for a, b in groups]
+    n = [math.prod(p.in_shape[a:b]) for a, b in groups]
+    r = [p.ranks[a] for a, _ in groups] + [1]
+    seconds, flops, biggest = 0.0, 0, 0
+    for span in groups:
+        if _builds_new_tensor(span, direction) and not cache_merged:
+            ms, mf = _merge_cost(p, span, model)
+            seconds += passes * ms
+            flops += passes * mf
+    order = range(len(groups) - 1, -1, -1) if direction == "rtl" else range(len(groups))
+    done, rest = 1, math.prod(n)  # finished output modes, untouched input modes
+    for gi in order:
+        rest //= n[gi]
+        if direction == "rtl":
+            a, k, cols, prefix = r[gi] * m[gi], n[gi] * r[gi + 1], done, p.batch * rest
+        else:
+            a, k, cols, prefix = m[gi] * r[gi + 1], r[gi] * n[gi], rest, p.batch * done
+        seconds += passes * model.matmul_seconds(prefix, a, k, cols, p.itemsize)
+        if p.training and cols > 1:
+            seconds += model.copy_seconds(prefix * (a + k) * cols, p.itemsize)
+        flops += passes * 2 * prefix * a * k * cols
+        biggest = max(biggest, prefix * a * cols)
+        done *= m[gi]
+    return seconds, flops, biggest
+
+
+def _candidates(p: TTLinearProblem, model: CostModel, options: Sequence[tuple[tuple[Span, ...], str]]):
+    plans = []
+    for groups, direction in options:
+        merged = sum([p.ranks[a] * math.prod(p.out_shape[a:b]) * math.prod(p.in_shape[a:b]) * p.ranks[b]
+                      for a, b in groups if _builds_new_tensor((a, b), direction)])
+        can_cache = p.cache_merged and merged <= p.cache_limit
+        seconds, flops, biggest = _price(groups, direction, p, can_cache, model)
+        plans.append(ContractionPlan(groups, direction, p.batch, flops, seconds, can_cache, biggest,
+                                     tuple([math.prod(p.in_shape[a:b]) for a, b in groups]),
+                                     tuple([math.prod(p.out_shape[a:b]) for a, b in groups]), p.ranks, p.training))
+    return plans
+
+
+@register_strategy(KIND, "auto")
+def _auto(p: TTLinearProblem, model: CostModel):
+    """Every grouping of neighbouring cores, both sweep directions (the dense plan once)."""
+    d = len(p.in_shape)
+    return _candidates(p, model, [(g, direction) for g in _spans(d) for direction in ("rtl", "ltr")
+                                  if not (len(g) == 1 and direction == "ltr")])
+
+
+@register_strategy(KIND, "dense")
+def _dense(p: TTLinearProblem, model: CostModel):
+    """Rebuild ``W`` from all cores, then one GEMM."""
+    return _candidates(p, model, [(((0, len(p.in_shape)),), "rtl")])
+
+
+def _core_by_core(direction: str):
+    def strategy(p: TTLinearProblem, model: CostModel):
+        return _candidates(p, model, [(tuple((k, k + 1) for k in range(len(p.in_shape))), direction)])
+    strategy.__doc__ = f"Core by core, {'right to left' if direction == 'rtl' else 'left to right'}, nothing merged."
+    return strategy
+
+
+register_strategy(KIND, "rtl")(_core_by_core("rtl"))
+register_strategy(KIND, "ltr")(_core_by_core("ltr"))
+CONTRACTIONS = strategy_names(KIND)
+
+
+def _measure(p: TTLinearProblem):
+    """``plan -> seconds`` on the problem's device, with random operands of the problem's shapes (for autotuning)."""
+    device = torch.device(p.device)
+
+    def measure(plan: ContractionPlan) -> float:
+        gen = torch.Generator(device=device).manual_seed(0)
+        cores = [torch.randn(p.ranks[k], m, n, p.ranks[k + 1], dtype=p.dtype, device=device, generator=gen,
+                             requires_grad=p.training) for k, (m, n) in enumerate(zip(p.out_shape, p.in_shape))]
+        x = torch.randn(p.batch, math.prod(p.in_shape), dtype=p.dtype, device=device, generator=gen)
+        if p.training:
+            def run():
+                for c in cores:
+                    c.grad = None
+                tt_linear(x, prepare_groups(cores, plan), plan).sum().backward()
+        else:
+            with torch.no_grad():
+                fixed = prepare_groups(cores, plan) if plan.cache_merged else None
+
+            def run():
+                with torch.no_grad():
+                    tt_linear(x, fixed if fixed is not None else prepare_groups(cores, plan), plan)
+        return time_call(run, device)
+    return measure
+
+
+def plan_tt_linear(
+    in_shape: Sequence[int],
+    out_shape: Sequence[int],
+    ranks: Sequence[int],
+    batch: int,
+    *,
+    cache_merged: bool = False,
+    itemsize: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    cache_limit: int = 1 << 22,
+    model: CostModel | None = None,
+    force: str | None = None,
+    training: bool = False,
+    autotune: bool | None = None,
+) -> ContractionPlan:
+    """Cheapest plan for ``(batch, ∏n) -> (batch, ∏m)``, cached on every argument.
+
+    ``cache_merged``: merged groups will be reused across calls, so their cost is not counted — but only for plans
+    whose merged tensors hold at most ``cache_limit`` elements in total (a compressed layer must stay small).
+    ``force``: a strategy name (:data:`CONTRACTIONS`: ``"auto"``, ``"dense"``, ``"rtl"``, ``"ltr"``); unknown names
+    raise. ``training``: price forward + backward (gradients flow to the cores), which makes merging dearer.
+    ``model``: the cost model (default: the one registered for ``device``'s type). ``autotune``: measure the best
+    candidates on ``device`` (default: :func:`~torchtn.core.contraction.autotune_enabled`).
+    """
+    if itemsize is not None:  # older callers priced by item size only
+        dtype = {2: torch.float16, 4: torch.float32, 8: torch.float64}.get(itemsize, dtype)
+    device = torch.device(device)
+    problem = TTLinearProblem(tuple(in_shape), tuple(out_shape), tuple(ranks), int(batch), dtype, str(device),
+                              bool(training), bool(cache_merged), int(cache_limit))
+    return make_plan(KIND, force or "auto", problem, cost_model=model if model is not None else None, device=device,
+                     measure=_measure(problem), autotune=autotune)
+
+
+def plan_for(cores: Sequence[torch.Tensor], batch: int, *, dtype: torch.dtype | None = None,
+             device: torch.device | str | None = None, needs_grad: bool = False, contraction: str = "auto",
+             cache_merged: bool = False, cost_model: CostModel | None = None,
+             autotune: bool | None = None) -> ContractionPlan:
+    """The plan for these cores (their shapes and current ranks) and a batch of ``batch`` rows."""
+    out_shape, in_shape = tt_shapes(cores)
+    ref = cores[0]
+    return plan_tt_linear(in_shape, out_shape, tt_ranks(cores), batch, cache_merged=cache_merged,
+                          dtype=ref.dtype if dtype is None else dtype, device=ref.device if device is None else device,
+                          model=cost_model, force=contraction, training=needs_grad, autotune=autotune)
+
+
+def merge_group(cores: Sequence[torch.Tensor], span: Span) -> torch.Tensor:
+    """Merge cores ``span[0] … span[1]−1`` into one core ``(r_a, ∏m, ∏n, r_b)`` (:func:`merge_cores`). Differentiable."""
+    return merge_cores(cores[span[0]:span[1]])
+
+
+def prepare_groups(cores: Sequence[torch.Tensor], plan: ContractionPlan) -> list[torch.Tensor]:
+    """The matrices each step multiplies with (merged, reshaped and — for ``ltr`` — permuted cores)."""
+    mats = []
+    for span in plan.groups:
+        g = merge_group(cores, span)
+        ra, m, n, rb = g.shape
+        if plan.direction == "rtl":
+            mats.append(g.reshape(ra * m, n * rb))
+        else:
+            mats.append(g.permute(1, 3, 0, 2).reshape(m * rb, ra * n))
+    return mats
+
+
+def _step(mat: torch.Tensor, t: torch.Tensor, cols: int) -> torch.Tensor:
+    k = mat.shape[1]
+    if cols == 1:
+        return t.reshape(-1, k) @ mat.T
+    return torch.matmul(mat, t.reshape(-1, k, cols))
+
+
+def _sweep(x: torch.Tensor, mats: Sequence[torch.Tensor], plan: ContractionPlan) -> torch.Tensor:
+    t = x
+    for gi, cols in plan.steps:
+        t = _step(mats[gi], t, cols)
+    return t.reshape(x.shape[0], -1)
+
+
+def tt_linear(x: torch.Tensor, mats: Sequence[torch.Tensor], plan: ContractionPlan) -> torch.Tensor:
+    """``(batch, ∏n) -> (batch, ∏m)`` through the group matrices that :func:`prepare_groups` made for ``plan``."""
+    if x.dim() != 2 or x.shape[1] != math.prod(plan.in_sizes):
+        raise ValueError(f"x has shape {tuple(x.shape)}: the plan expects (batch, {math.prod(plan.in_sizes)})")
+    if len(mats) != len(plan.groups):
+        raise ValueError(f"the plan has {len(plan.groups)} groups but {len(mats)} matrices were given")
+    if plan.ranks:
+        for i, (mat, want) in enumerate(zip(mats, plan.mat_shapes())):
+            if tuple(mat.shape) != want:
+                raise ValueError(f"matrix {i} has shape {tuple(mat.shape)} but the plan (ranks {plan.ranks}) expects "
+                                 f"{want}: plan again after a rank change")
+    return _sweep(x, mats, plan)
+
+
+class MergedCache:
+    """Merged step matrices kept between calls while the cores do not change (inference).
+
+    Keyed on the plan's grouping and each core's storage, ``_version`` (bumped by in-place updates such as optimizer
+    steps and ``load_state_dict``), shape and dtype — so a rank change or a device move can never serve stale data.
+    """
+
+    __slots__ = ("key", "mats")
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.mats: list[torch.Tensor] = []
+
+    def clear(self) -> None:
+        self.key, self.mats = None, []
+
+    def get(self, cores: Sequence[torch.Tensor], plan: ContractionPlan) -> list[torch.Tensor]:
+        key = (plan.groups, plan.direction) + tuple(
+            [(c.data_ptr(), c._version, tuple(c.shape), c.dtype, c.device) for c in cores])
+        if self.key != key:
+            with torch.no_grad():
+                self.mats = prepare_groups(cores, plan)
+            self.key = key
+        return self.mats
+
+
+def tt_linear_apply(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None = None, *,
+                    contraction: str = "auto", cost_model: CostModel | None = None,
+                    cache: MergedCache | None = None, autotune: bool | None = None) -> torch.Tensor:
+    """``(*, ∏n) -> (*, ∏m)``: ``x Wᵀ + bias`` for the TT-matrix ``cores``, planned and executed.
+
+    Plans are cached per (shapes, ranks, batch, dtype, device, grad mode, strategy). With a ``cache`` and no gradient
+    needed by the cores, merged groups are reused between calls.
+    """
+    in_features = math.prod([int(c.shape[2]) for c in cores])
+    if x.shape[-1] != in_features:
+        raise ValueError(f"input has {x.shape[-1]} features in its last dimension, expected in_features={in_features}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    out_features = math.prod([int(c.shape[1]) for c in cores])
+    if x2.shape[0] == 0:
+        return x.new_zeros(*lead, out_features)
+    needs_grad = torch.is_grad_enabled() and any([c.requires_grad for c in cores])
+    plan = plan_for(cores, x2.shape[0], dtype=x2.dtype, device=x2.device, needs_grad=needs_grad,
+                    contraction=contraction, cache_merged=cache is not None and not needs_grad,
+                    cost_model=cost_model, autotune=autotune)
+    if plan.cache_merged and cache is not None and not torch.compiler.is_compiling():
+        mats = cache.get(cores, plan)
+    else:
+        mats = prepare_groups(cores, plan)
+    if plan.is_dense:
+        y = F.linear(x2, mats[0], bias)
+    else:
+        y = tt_linear(x2, mats, plan)
+        if bias is not None:
+            y = y + bias
+    return y.reshape(*lead, out_features)
+
+
+def tt_linear_flops(in_shape: Sequence[int], out_shape: Sequence[int], ranks: Sequence[int], batch: int = 1,
+                    direction: str = "ltr") -> int:
+    """FLOPs (2 × multiply-adds) of ``(batch, ∏n) -> (batch, ∏m)`` contracted core by core, nothing merged.
+
+    For ``"ltr"`` this is ``2·batch·Σ_k r_{k-1} r_k m_k n_k (∏_{j<k} m_j)(∏_{j>k} n_j)`` (Gao et al.'s count);
+    compare with ``2·batch·∏m·∏n`` for the dense layer. :func:`plan_tt_linear` reports the chosen plan's own FLOPs.
+    """
+    groups = tuple((k, k + 1) for k in range(len(in_shape)))
+    problem = TTLinearProblem(tuple(in_shape), tuple(out_shape), tuple(ranks), batch)
+    return _price(groups, direction, problem, True, DEFAULT_COST_MODEL)[1]
+

@@ -1,0 +1,86 @@
+"""The layer registry: one registration makes a torchtn layer savable, loadable, tensorizable and inspectable.
+
+A registered layer class implements the small :class:`RegisteredLayer` protocol — how to describe itself in a model
+file's JSON (``layout``), how to rebuild an empty copy from that description (``from_layout``), which tensor networks
+it holds (``tt_matrices``, for reports and ``torchtn inspect``) and, when it replaces a dense PyTorch module, how to
+read that module's weight as a matrix and build itself from a TT-matrix (``dense_matrix``, ``tt_shapes_for``,
+``from_tt``). ``io``, ``tensorize``, the CLI and the reports only ever talk to the registry.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ..core.tt import TTMatrix
+
+__all__ = ["register_layer", "layer_types", "layer_type", "type_name", "converter_for", "RegisteredLayer"]
+
+
+class RegisteredLayer(Protocol):
+    def layout(self) -> dict[str, Any]: ...
+
+    @classmethod
+    def from_layout(cls, spec: dict[str, Any], *, device=None, dtype=None) -> nn.Module: ...
+
+    def tt_matrices(self) -> dict[str, TTMatrix]: ...
+
+
+_TYPES: dict[str, type[nn.Module]] = {}
+_CONVERTS: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def register_layer(name: str | None = None, *, converts: Sequence[type[nn.Module]] = ()):
+    """Class decorator: register a layer under ``name`` (default: the class name).
+
+    ``converts``: dense module types that ``tensorize`` replaces by this layer (the class then provides
+    ``dense_matrix(module)``, ``tt_shapes_for(module, in_shape, out_shape)`` and ``from_tt(module, tt)``).
+    """
+    def deco(cls: type[nn.Module]) -> type[nn.Module]:
+        key = name or cls.__name__
+        for method in ("layout", "from_layout", "tt_matrices"):
+            if not hasattr(cls, method):
+                raise TypeError(f"{cls.__name__} cannot be registered: it has no {method}()")
+        if converts:
+            for method in ("dense_matrix", "tt_shapes_for", "from_tt"):
+                if not hasattr(cls, method):
+                    raise TypeError(f"{cls.__name__} converts {[c.__name__ for c in converts]} but has no {method}()")
+        _TYPES[key] = cls
+        cls._registry_name = key
+        for dense in converts:
+            _CONVERTS[dense] = cls
+        return cls
+    return deco
+
+
+def layer_types() -> dict[str, type[nn.Module]]:
+    """Registered layer types by name."""
+    return dict(_TYPES)
+
+
+def layer_type(name: str, where: str = "") -> type[nn.Module]:
+    """The class registered as ``name``; an unknown name raises ``ValueError`` naming the known ones."""
+    if name not in _TYPES:
+        place = f" (at {where!r})" if where else ""
+        raise ValueError(f"layer type {name!r}{place} is not a registered torchtn layer: expected one of "
+                         f"{', '.join(map(repr, sorted(_TYPES)))} — was the file written by a newer torchtn?")
+    return _TYPES[name]
+
+
+def type_name(module: nn.Module) -> str | None:
+    """The registry name of ``module``'s class, or ``None`` if it is not a registered layer."""
+    name = getattr(type(module), "_registry_name", None)
+    return name if name in _TYPES and _TYPES[name] is type(module) else None
+
+
+def converter_for(module: nn.Module) -> type[nn.Module] | None:
+    """The registered layer class that ``tensorize`` turns ``module`` into (by exact type), if any."""
+    return _CONVERTS.get(type(module))
+
+
+def factory_of(module: nn.Module) -> dict[str, torch.device | torch.dtype | None]:
+    """``device``/``dtype`` of a module's first parameter (``None`` each when it has none)."""
+    p = next(iter(module.parameters()), None)
+    return {"device": None if p is None else p.device, "dtype": None if p is None else p.dtype}

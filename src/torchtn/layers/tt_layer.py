@@ -1,0 +1,106 @@
+"""``TTLayer``: the base of every layer whose weight is one TT-matrix (MPO).
+
+It holds the cores as plain ``nn.Parameter``s (``cores.0 … cores.{d-1}`` in the ``state_dict``) and owns the layer-side
+state that follows them: the merged-core cache used in inference and the rank bookkeeping. The math is
+:class:`~torchtn.core.TTMatrix`'s (``layer.tt``); a bond whose rank changes goes through :meth:`set_cores`, the one
+place that swaps parameters and drops caches (plans are keyed on the ranks, so they can never be stale).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..core.contraction import MergedCache
+from ..core.tt import BondInfo, TTMatrix, check_cores, tt_ranks
+
+__all__ = ["TTLayer"]
+
+
+class TTLayer(nn.Module):
+    """A module whose weight is the TT-matrix ``self.tt`` built from ``self.cores``."""
+
+    cores: nn.ParameterList
+
+    def _init_cores(self, shapes_ranks: TTMatrix) -> None:
+        self.cores = nn.ParameterList(nn.Parameter(c) for c in shapes_ranks.cores)
+        self._merged = MergedCache()
+        self._dense_cache: tuple[tuple, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ the TT-matrix
+    @property
+    def tt(self) -> TTMatrix:
+        """The weight as a :class:`~torchtn.core.TTMatrix` over the current cores (shared, not copied)."""
+        return TTMatrix(list(self.cores))
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """Bond dimensions ``(1, r_1, …, r_{d-1}, 1)``."""
+        return tt_ranks(list(self.cores))
+
+    @property
+    def num_weight_params(self) -> int:
+        """Entries in the cores (bias excluded)."""
+        return self.tt.num_params
+
+    @property
+    def compression_ratio(self) -> float:
+        """Dense weight entries / core entries (≥ 1 means smaller; bias excluded from both)."""
+        return self.tt.compression_ratio
+
+    def to_dense(self) -> torch.Tensor:
+        """The weight matrix ``(∏m, ∏n)``; differentiable."""
+        return self.tt.to_dense()
+
+    def bond_spectra(self) -> list[torch.Tensor]:
+        return self.tt.spectra()
+
+    def entanglement_entropy(self) -> torch.Tensor:
+        return self.tt.entanglement_entropy()
+
+    def bond_report(self) -> list[BondInfo]:
+        return self.tt.bond_report()
+
+    def tt_matrices(self) -> dict[str, TTMatrix]:
+        """The layer's tensor networks by name (``""``: its weight), for reports and ``torchtn inspect``."""
+        return {"": self.tt.detach()}
+
+    # ------------------------------------------------------------------ structural changes
+    def set_cores(self, cores: Sequence[torch.Tensor]) -> None:
+        """Replace the cores (ranks may change; the out/in shapes may not). Optimizers must be told (the trainer's
+        ``on_structure_change`` hook rebuilds their state for the new parameters)."""
+        cores = check_cores(list(cores))
+        new = TTMatrix(cores)
+        if (new.out_shape, new.in_shape) != (self.tt.out_shape, self.tt.in_shape):
+            raise ValueError(f"cores of modes {new.out_shape}←{new.in_shape} cannot replace "
+                             f"{self.tt.out_shape}←{self.tt.in_shape}")
+        ref = self.cores[0]
+        self.cores = nn.ParameterList(nn.Parameter(c.detach().to(device=ref.device, dtype=ref.dtype).clone(),
+                                                   requires_grad=ref.requires_grad) for c in cores)
+        self.clear_caches()
+
+    def clear_caches(self) -> None:
+        self._merged.clear()
+        self._dense_cache = None
+
+    def _cached_dense(self) -> torch.Tensor:
+        """The dense weight, rebuilt only when a core changes while no gradient is needed."""
+        cores = list(self.cores)
+        if (torch.is_grad_enabled() and any([c.requires_grad for c in cores])) or torch.compiler.is_compiling():
+            return self.tt.to_dense()
+        key = tuple([(c.data_ptr(), c._version, tuple(c.shape), c.dtype, c.device) for c in cores])
+        if self._dense_cache is None or self._dense_cache[0] != key:
+            with torch.no_grad():
+                self._dense_cache = (key, self.tt.to_dense())
+        return self._dense_cache[1]
+
+    def _apply(self, fn, recurse=True):  # .to()/.cuda()/.double() invalidate cached merges
+        self.clear_caches()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):  # copies and pickles never carry the caches
+        state = self.__dict__.copy()
+        state["_merged"] = MergedCache()
+        state["_dense_cache"] = None
+        return state
