@@ -98,7 +98,8 @@ def test_model_files_are_safetensors_and_reload_into_a_skeleton(tmp_path):
     header = json.loads(path.read_bytes()[8:8 + header_len])  # safetensors: a JSON header, then raw tensor bytes
     assert "__metadata__" in header and "fc1.cores.0" in header
     sidecar = json.loads(path.with_suffix(".json").read_text())
-    assert sidecar["mpo_layers"]["fc1"]["ranks"] == [1, 3, 3, 3, 1] and sidecar["torchtn_version"]
+    assert sidecar["layers"]["fc1"]["type"] == "MPOLinear" and sidecar["torchtn_version"]
+    assert sidecar["layers"]["fc1"]["spec"]["ranks"] == [1, 3, 3, 3, 1]
     with pytest.raises(FileExistsError):
         save_model(model, path)
     skeleton = build_model(model.config())
@@ -127,3 +128,53 @@ def test_real_idx_files_train_an_mpo_model():
     model = nn.Sequential(MPOLinear(784, 256, 8), nn.ReLU(), nn.Linear(256, 10))
     Trainer(model, TrainConfig(epochs=3, lr=3e-3, progress=False)).fit(data)
     assert evaluate(model, data.x_test, data.y_test)[1] >= 0.78
+
+
+def test_trainer_fits_a_regression_with_mse():
+    gen = torch.Generator().manual_seed(0)
+    w_true = torch.randn(4, 32, generator=gen) / 32 ** 0.5
+    x = torch.randn(1200, 32, generator=gen)
+    y = x @ w_true.T + 0.01 * torch.randn(1200, 4, generator=gen)
+    data = Dataset("linreg", x[:1000], y[:1000], x[1000:1100], y[1000:1100], x[1100:], y[1100:], (32,), 0)
+    torch.manual_seed(0)
+    model = MPOLinear(32, 4, rank=8, in_shape=(4, 8), out_shape=(2, 2))  # rank 8 = full rank here: exact fit possible
+    assert model.ranks == (1, 8, 1)
+    history = Trainer(model, TrainConfig(epochs=60, batch_size=100, lr=2e-2, weight_decay=0.0, progress=False),
+                      loss="mse").fit(data)
+    from torchtn.train import measure
+
+    test_mse = measure(model, data.x_test, data.y_test, "mse")["loss"]
+    assert test_mse < 0.01 * y.var().item()  # explains > 99% of the variance
+    assert history[-1].val_loss < history[0].val_loss and history[-1].metrics == {}
+
+
+def test_structure_change_hook_rebuilds_the_optimizer():
+    data = load_digits()
+    torch.manual_seed(0)
+    model = FC2(64, hidden=32)
+    model.fc1 = MPOLinear(64, 32, 4)
+    seen = {}
+
+    def shrink(trainer, step):
+        if step == 5:
+            seen["bias_steps"] = float(trainer.optimizer.state[model.fc2.bias]["step"])
+            model.fc1.set_cores(model.fc1.tt.round(max_rank=2).cores)  # a bond shrinks mid-run
+            return True
+        return False
+
+    trainer = Trainer(model, TrainConfig(epochs=6, batch_size=64, lr=1e-2, progress=False), on_step_end=shrink)
+    history = trainer.fit(data)
+    assert model.fc1.ranks == (1, 2, 2, 2, 1)
+    opt = trainer.optimizer
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
+    # unchanged parameters kept their Adam state (step count continued); the new cores started fresh
+    steps_per_epoch = -(-len(data.y_train) // 64)
+    assert float(opt.state[model.fc2.bias]["step"]) == 6 * steps_per_epoch
+    assert seen["bias_steps"] == 6
+    assert float(opt.state[model.fc1.cores[1]]["step"]) == 6 * steps_per_epoch - 6
+    assert history[-1].val_accuracy > 0.8
+
+
+def test_bad_loss_names_the_argument():
+    with pytest.raises(ValueError, match="loss='hinge'"):
+        Trainer(FC2(64), loss="hinge")

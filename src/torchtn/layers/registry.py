@@ -76,8 +76,11 @@ def type_name(module: nn.Module) -> str | None:
 
 
 def converter_for(module: nn.Module) -> type[nn.Module] | None:
-    """The registered layer class that ``tensorize`` turns ``module`` into (by exact type), if any."""
-    return _CONVERTS.get(type(module))
+    """The registered layer class that ``tensorize`` turns ``module`` into (its most specific registered base), if any."""
+    for base in type(module).__mro__:
+        if base in _CONVERTS:
+            return _CONVERTS[base]
+    return None
 
 
 def factory_of(module: nn.Module) -> dict[str, torch.device | torch.dtype | None]:

@@ -1,0 +1,139 @@
+"""The layer registry: every registered layer type saves, loads, tensorizes and is inspected through one registration."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from torchtn import MPOLinear, load_model, save_model, tensorize
+from torchtn.cli import main
+from torchtn.layers import TTLayer, layer_types, register_layer
+from torchtn.layers import registry as registry_module
+
+# One example per registered type: adding a layer type without adding it here fails test_every_type_has_an_example.
+EXAMPLES = {
+    "MPOLinear": lambda: MPOLinear(48, 20, 3, dtype=torch.float64),
+}
+
+
+def test_every_type_has_an_example():
+    assert set(layer_types()) == set(EXAMPLES)
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_round_trip_save_load_same_outputs(tmp_path, name):
+    layer = EXAMPLES[name]()
+    model = nn.Sequential(nn.Linear(48, 48, dtype=torch.float64), layer)
+    path = save_model(model, tmp_path / "m.safetensors")
+    skeleton = nn.Sequential(nn.Linear(48, 48, dtype=torch.float64), nn.Linear(48, 20, dtype=torch.float64))
+    load_model(path, skeleton)
+    assert type(skeleton[1]) is type(layer)
+    x = torch.randn(5, 48, dtype=torch.float64)
+    assert torch.equal(skeleton(x), model(x))
+    assert main(["inspect", str(path)]) == 0
+
+
+def test_unknown_layer_type_and_disagreeing_tensors_give_clear_errors(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    model = nn.Sequential(MPOLinear(16, 16, 2))
+    path = save_model(model, tmp_path / "m.safetensors")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+
+    meta["layers"]["0"]["type"] = "QuantumLinear"
+    bad = tmp_path / "unknown.safetensors"
+    save_file(tensors, bad, metadata={"torchtn": json.dumps(meta)})
+    with pytest.raises(ValueError, match="layer type 'QuantumLinear' \\(at '0'\\) is not a registered torchtn layer"):
+        load_model(bad, nn.Sequential(nn.Linear(16, 16)))
+    assert main(["inspect", str(bad)]) == 2
+    assert "QuantumLinear" in capsys.readouterr().err
+
+    meta["layers"]["0"]["type"] = "MPOLinear"
+    assert model[0].ranks == (1, 2, 2, 2, 1)
+    meta["layers"]["0"]["spec"]["ranks"] = [1, 2, 3, 2, 1]  # valid ranks, but not those of the tensors
+    lying = tmp_path / "lying.safetensors"
+    save_file(tensors, lying, metadata={"torchtn": json.dumps(meta)})
+    with pytest.raises(ValueError, match=r"tensor '0.cores.1' has shape \(2, 2, 2, 2\) but .* needs \(2, 2, 2, 3\)"):
+        load_model(lying, nn.Sequential(nn.Linear(16, 16)))
+    assert main(["inspect", str(lying)]) == 2
+    assert "disagree with its recorded layout" in capsys.readouterr().err
+
+
+def test_files_of_torchtn_0_1_still_load(tmp_path):
+    from safetensors.torch import save_file
+
+    model = nn.Sequential(MPOLinear(16, 16, 2))
+    old_meta = {"format": "torchtn-model/1", "mpo_layers": {"0": {"in_shape": [2, 2, 2, 2], "out_shape": [2, 2, 2, 2],
+                                                                  "ranks": list(model[0].ranks), "bias": True}}}
+    path = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path,
+              metadata={"torchtn": json.dumps(old_meta)})
+    assert model[0].in_shape == (2, 2, 2, 2)
+    skeleton = load_model(path, nn.Sequential(nn.Linear(16, 16)))
+    x = torch.randn(3, 16)
+    assert torch.equal(skeleton(x), model(x))
+
+
+class Scale(nn.Module):
+    """A dense module of a toy kind: y = x Wᵀ (no bias)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(n, n))
+
+    def forward(self, x):
+        return x @ self.w.T
+
+
+def test_a_new_layer_type_is_one_registration(tmp_path, capsys):
+    """Register a new TT layer: save, load, tensorize and inspect all work without editing any torchtn module."""
+
+    @register_layer("ToyTT", converts=(Scale,))
+    class ToyTT(TTLayer):
+        def __init__(self, cores):
+            super().__init__()
+            from torchtn.core import TTMatrix
+
+            self._init_cores(TTMatrix(cores))
+
+        def forward(self, x):
+            return self.tt.linear(x)
+
+        def layout(self):
+            return {"out_shape": list(self.tt.out_shape), "in_shape": list(self.tt.in_shape), "ranks": list(self.ranks)}
+
+        @classmethod
+        def from_layout(cls, spec, *, device=None, dtype=None):
+            r = spec["ranks"]
+            return cls([torch.zeros(r[k], m, n, r[k + 1], device=device, dtype=dtype)
+                        for k, (m, n) in enumerate(zip(spec["out_shape"], spec["in_shape"]))])
+
+        @staticmethod
+        def dense_matrix(module):
+            return module.w.detach()
+
+        @staticmethod
+        def tt_shapes_for(module, in_shape=None, out_shape=None):
+            return (in_shape or (4, 4)), (out_shape or (4, 4))
+
+        @classmethod
+        def from_tt(cls, module, tt):
+            return cls(tt.cores)
+
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(Scale(16), nn.ReLU(), nn.Linear(16, 4))
+        new, report = tensorize(model, rank=16)  # full rank: exact
+        assert isinstance(new[0], ToyTT) and isinstance(new[2], MPOLinear)
+        assert [r.layer_type for r in report.layers] == ["ToyTT", "MPOLinear"]
+        x = torch.randn(3, 16)
+        assert torch.allclose(new(x), model(x), atol=1e-5)
+        path = save_model(new, tmp_path / "toy.safetensors")
+        skeleton = load_model(path, nn.Sequential(Scale(16), nn.ReLU(), nn.Linear(16, 4)))
+        assert isinstance(skeleton[0], ToyTT) and torch.equal(skeleton(x), new(x))
+        assert main(["inspect", str(path)]) == 0
+        assert "ToyTT" in capsys.readouterr().out
+    finally:
+        registry_module._TYPES.pop("ToyTT", None)
+        registry_module._CONVERTS.pop(Scale, None)
