@@ -8,8 +8,8 @@ from torch import nn
 
 import torchtn
 from torchtn import MPOLinear
-from torchtn.core.contraction import plan_cache_info
 from torchtn.core import spectrum_entropy
+from torchtn.core.contraction import plan_cache_info
 from torchtn.core.tt import _interleave
 
 
