@@ -1,6 +1,8 @@
-"""One benchmark case in a fresh process: every implementation side by side, JSON on stdout.
+"""One benchmark cell in a fresh process: every contestant side by side, JSON on stdout.
 
-Called by ``bench/run.py``; not meant to be run by hand (but it can: ``python bench/worker.py '{"in": ...}'``).
+Called by ``bench/run.py``; it can be run by hand: ``python bench/worker.py '{"in_shape": [8,8,8,8], ...}'``.
+Contestants are timed in rounds, one call each per round, in an order rotated every round, so that slow drifts of the
+machine (frequency, other tenants, allocator state) fall on every contestant alike.
 """
 from __future__ import annotations
 
@@ -11,24 +13,41 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from torchtn import MPOLinear
+from torchtn.core import tt_to_dense
+
+
+class RebuildLinear(nn.Module):
+    """What users write first: rebuild ``W`` from the same cores every call, then ``F.linear``."""
+
+    def __init__(self, layer: MPOLinear) -> None:
+        super().__init__()
+        self.cores = nn.ParameterList([nn.Parameter(c.detach().clone()) for c in layer.cores])
+        self.bias = nn.Parameter(layer.bias.detach().clone())
+
+    def forward(self, x):
+        return F.linear(x, tt_to_dense(list(self.cores)), self.bias)
 
 
 def build(impl: str, case: dict) -> nn.Module | None:
     in_f, out_f, r = math.prod(case["in_shape"]), math.prod(case["out_shape"]), case["rank"]
+    torch.manual_seed(0)
     if impl == "dense":
         return nn.Linear(in_f, out_f)
-    if impl == "torchtn":
-        return MPOLinear(in_f, out_f, r, case["in_shape"], case["out_shape"])
+    if impl in ("torchtn", "torchtn-tuned", "rebuild-W"):
+        layer = MPOLinear(in_f, out_f, r, case["in_shape"], case["out_shape"], autotune=impl == "torchtn-tuned")
+        return RebuildLinear(layer) if impl == "rebuild-W" else layer
     if impl == "tltorch":
         try:
             import tltorch
         except ImportError:
             return None
         return tltorch.FactorizedLinear(in_tensorized_features=tuple(case["in_shape"]),
-                                        out_tensorized_features=tuple(case["out_shape"]), factorization="blocktt", rank=r)
+                                        out_tensorized_features=tuple(case["out_shape"]), factorization="blocktt",
+                                        rank=r)
     if impl == "torch-mpo":
         try:
             from torch_mpo import TTLinear
@@ -38,15 +57,20 @@ def build(impl: str, case: dict) -> nn.Module | None:
     raise ValueError(impl)
 
 
-def median_ms(fn, reps: int, warmup: int = 5) -> float:
+def rounds(fns: dict, reps: int, warmup: int = 3) -> dict[str, float]:
+    """Median ms per contestant, timed in rotated order, one call per contestant per round."""
+    names = list(fns)
     for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        for n in names:
+            fns[n]()
+    times = {n: [] for n in names}
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return {n: 1e3 * statistics.median(t) for n, t in times.items()}
 
 
 def training_memory(layer: nn.Module, x: torch.Tensor) -> dict:
@@ -64,33 +88,74 @@ def training_memory(layer: nn.Module, x: torch.Tensor) -> dict:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         layer(x).sum().backward()
     s_bytes = sum(saved.values())
-    return {"params": p_bytes, "grads": p_bytes, "adam": 2 * p_bytes, "saved": s_bytes, "total": 4 * p_bytes + s_bytes}
+    return {"params": p_bytes, "saved": s_bytes, "total": 4 * p_bytes + s_bytes}
+
+
+def gemm_rate() -> float:
+    """FLOP/s of a large fp32 GEMM on this machine, now (the roofline's rate)."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    best = min(rounds({"g": lambda: a @ b}, 5, 2).values())
+    return 2 * 2048**3 / (best / 1e3)
+
+
+def optimal_flops(case: dict) -> float:
+    """FLOPs of ``x Wᵀ`` over the cores in opt_einsum's ``optimal`` order (its own count), or nan without it."""
+    try:
+        import opt_einsum
+    except ImportError:
+        return float("nan")
+    d = len(case["in_shape"])
+    letters = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    ns, ms, rs = [next(letters) for _ in range(d)], [next(letters) for _ in range(d)], [next(letters) for _ in range(d + 1)]
+    batch = next(letters)
+    ranks = [1] + [c.shape[3] for c in MPOLinear(math.prod(case["in_shape"]), math.prod(case["out_shape"]),
+                                                 case["rank"], case["in_shape"], case["out_shape"]).cores]
+    terms = [batch + "".join(ns)] + [rs[k] + ms[k] + ns[k] + rs[k + 1] for k in range(d)]
+    expr = ",".join(terms) + "->" + batch + "".join(ms)
+    shapes = [(case["batch"], *case["in_shape"])] + [(ranks[k], case["out_shape"][k], case["in_shape"][k], ranks[k + 1])
+                                                     for k in range(d)]
+    _, info = opt_einsum.contract_path(expr, *shapes, shapes=True, optimize="optimal")
+    return float(info.opt_cost)
 
 
 def main() -> None:
     case = json.loads(sys.argv[1])
     torch.manual_seed(0)
     x = torch.randn(case["batch"], math.prod(case["in_shape"]))
-    out = {}
-    for impl in case["impls"]:
-        layer = build(impl, case)
-        if layer is None:
-            continue
-        layer.eval()
-        with torch.no_grad():
-            infer = median_ms(lambda: layer(x), case["reps"])
-        layer.train()
+    layers = {impl: build(impl, case) for impl in case["impls"]}
+    layers = {k: v for k, v in layers.items() if v is not None}
+    out: dict = {impl: {} for impl in layers}
 
-        def step():
+    def infer(layer):
+        def call():
+            with torch.no_grad():
+                layer(x)
+        return call
+
+    def train(layer):
+        def call():
             layer.zero_grad(set_to_none=True)
             layer(x).sum().backward()
+        return call
 
-        train = median_ms(step, max(5, case["reps"] // 2))
-        out[impl] = {"infer_ms": infer, "train_ms": train, "memory": training_memory(layer, x),
-                     "params": sum(p.numel() for p in layer.parameters())}
-        if impl == "torchtn":
-            out[impl]["plan_infer"] = str(layer.plan(case["batch"], needs_grad=False))
-            out[impl]["plan_train"] = str(layer.plan(case["batch"], needs_grad=True))
+    for layer in layers.values():
+        layer.eval()
+    for impl, ms in rounds({k: infer(v) for k, v in layers.items()}, case["reps"]).items():
+        out[impl]["infer_ms"] = ms
+    for layer in layers.values():
+        layer.train()
+    for impl, ms in rounds({k: train(v) for k, v in layers.items()}, max(5, case["reps"] // 2)).items():
+        out[impl]["train_ms"] = ms
+    for impl, layer in layers.items():
+        out[impl]["memory"] = training_memory(layer, x)
+        out[impl]["params"] = sum(p.numel() for p in layer.parameters())
+    for name in ("torchtn", "torchtn-tuned"):
+        tn = layers.get(name)
+        if tn is not None:
+            out[name]["plan_infer"] = str(tn.plan(case["batch"], needs_grad=False))
+            out[name]["plan_train"] = str(tn.plan(case["batch"], needs_grad=True))
+    out["_machine"] = {"gemm_flops": gemm_rate(), "optimal_flops": optimal_flops(case),
+                       "opt_einsum": torch.backends.opt_einsum.is_available()}
     print(json.dumps(out))
 
 

@@ -124,8 +124,10 @@ def test_autotune_environment_variable(monkeypatch):
     from torchtn.core import autotune_enabled
 
     monkeypatch.setenv("TORCHTN_AUTOTUNE", "1")
+    set_autotune(None)  # back to the variable: read now
     assert autotune_enabled()
     monkeypatch.setenv("TORCHTN_AUTOTUNE", "0")
+    set_autotune(None)
     assert not autotune_enabled()
     with pytest.raises(TypeError, match="enabled='yes'"):
         set_autotune("yes")

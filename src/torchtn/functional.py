@@ -17,14 +17,17 @@ __all__ = ["mpo_linear"]
 
 
 def mpo_linear(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None = None, *,
-               contraction: str = "auto", cost_model: CostModel | None = None,
+               contraction: str = "auto", cost_model: CostModel | None = None, autotune: bool | None = None,
                cache: MergedCache | None = None) -> torch.Tensor:
     """``y = x Wᵀ + b`` with ``W`` the TT-matrix of ``cores`` ``(r_{k-1}, m_k, n_k, r_k)``.
 
     Shape: ``(*, ∏n_k) -> (*, ∏m_k)``. ``contraction`` names a registered strategy (``"auto"``, ``"dense"``,
-    ``"rtl"``, ``"ltr"``); ``cost_model`` prices plans (default: the device's); ``cache`` keeps merged cores between
+    ``"rtl"``, ``"ltr"``); ``cost_model`` prices plans (default: the device's); ``autotune`` measures the best
+    candidates on the device (default: the global setting); ``cache`` memoizes plans and keeps merged cores between
     calls while the cores need no gradient.
     """
-    cores = check_cores(list(cores))
-    get_strategy("tt_linear", contraction)
-    return tt_linear_apply(x, cores, bias, contraction=contraction, cost_model=cost_model, cache=cache)
+    if cache is None:  # a layer passes its own cache and has validated its cores and strategy already
+        cores = check_cores(list(cores))
+        get_strategy("tt_linear", contraction)
+    return tt_linear_apply(x, cores, bias, contraction=contraction, cost_model=cost_model, autotune=autotune,
+                           cache=cache)

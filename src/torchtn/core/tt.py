@@ -185,19 +185,26 @@ def tt_svd(
                              out_shape, in_shape, inner_ranks(max_rank, in_shape, out_shape), budget)
 
 
+def _merge_pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Two neighbouring (merged) cores ``(ra, M, N, r)``, ``(r, m, n, rb)`` → ``(ra, M·m, N·n, rb)``."""
+    ra, mm, nn, r = a.shape
+    _, m, n, rb = b.shape
+    out = (a.reshape(-1, r) @ b.reshape(r, -1)).reshape(ra, mm, nn, m, n, rb)
+    return out.permute(0, 1, 3, 2, 4, 5).reshape(ra, mm * m, nn * n, rb)
+
+
 def merge_cores(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     """Contract neighbouring cores into one core ``(r_first, ∏m, ∏n, r_last)`` (C-order modes). Differentiable.
 
     The one place where cores are multiplied together: :func:`tt_to_dense` is the merge of all cores, and the
-    contraction planner's merged groups are merges of spans.
+    contraction planner's merged groups are merges of spans. Merges pairwise (a balanced tree), so that the big
+    products and permuting copies happen once, at the top, instead of once per absorbed core.
     """
-    acc = cores[0]
-    for g in cores[1:]:
-        ra, mm, nn, r = acc.shape
-        _, m, n, rb = g.shape
-        acc = (acc.reshape(-1, r) @ g.reshape(r, -1)).reshape(ra, mm, nn, m, n, rb)
-        acc = acc.permute(0, 1, 3, 2, 4, 5).reshape(ra, mm * m, nn * n, rb)
-    return acc
+    level = list(cores)
+    while len(level) > 1:
+        level = [_merge_pair(level[i], level[i + 1]) if i + 1 < len(level) else level[i]
+                 for i in range(0, len(level), 2)]
+    return level[0]
 
 
 def tt_to_dense(cores: Sequence[torch.Tensor]) -> torch.Tensor:

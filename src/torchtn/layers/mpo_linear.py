@@ -33,7 +33,9 @@ class MPOLinear(TTLayer):
 
     ``forward`` is :func:`torchtn.functional.mpo_linear`: planned per (batch size, dtype, device, grad mode, ranks)
     and cached; ``contraction`` forces a strategy (``"dense"``: rebuild ``W``; ``"rtl"``/``"ltr"``: core by core)
-    instead of ``"auto"``; ``cost_model`` prices plans for this layer (default: the device's). When the cores need no
+    instead of ``"auto"``; ``cost_model`` prices plans for this layer (default: the device's); ``autotune`` measures the
+best candidates on the device for this layer (``None``: follow ``torchtn.set_autotune`` / ``TORCHTN_AUTOTUNE``).
+When the cores need no
     gradient (eval under ``torch.no_grad()``, or frozen cores), merged cores are cached and rebuilt only when the
     parameters change.
 
@@ -53,6 +55,7 @@ class MPOLinear(TTLayer):
         *,
         contraction: str = "auto",
         cost_model: CostModel | None = None,
+        autotune: bool | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -65,6 +68,9 @@ class MPOLinear(TTLayer):
         if cost_model is not None and not isinstance(cost_model, CostModel):
             raise TypeError(f"cost_model must be a torchtn.core.CostModel, got {type(cost_model).__name__}")
         self.cost_model = cost_model
+        if autotune is not None and not isinstance(autotune, bool):
+            raise TypeError(f"autotune={autotune!r} is not allowed: expected True, False or None (the global setting)")
+        self.autotune = autotune
         inner_ranks(rank, self.in_shape, self.out_shape, name="rank")  # validate under the argument's own name
         self._init_cores(TTMatrix.random(self.in_shape, self.out_shape, rank, variance=1.0, device=device,
                                          dtype=dtype))
@@ -175,12 +181,13 @@ class MPOLinear(TTLayer):
         if needs_grad is None:
             needs_grad = torch.is_grad_enabled() and any([p.requires_grad for p in self.cores])
         return self.tt.plan(batch_size, dtype=dtype, device=device, needs_grad=needs_grad,
-                            contraction=self.contraction, cache_merged=not needs_grad, cost_model=self.cost_model)
+                            contraction=self.contraction, cache_merged=not needs_grad, cost_model=self.cost_model,
+                            autotune=self.autotune)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(*, in_features) -> (*, out_features)``."""
-        return mpo_linear(x, self.cores, self.bias, contraction=self.contraction, cost_model=self.cost_model,
-                          cache=self._merged)
+        return mpo_linear(x, self.core_list(), self.bias, contraction=self.contraction, cost_model=self.cost_model,
+                          autotune=self.autotune, cache=self._merged)
 
     def extra_repr(self) -> str:
         return (

@@ -28,16 +28,21 @@ class TTLayer(nn.Module):
         self._merged = MergedCache()
         self._dense_cache: tuple[tuple, torch.Tensor] | None = None
 
+    def core_list(self) -> list[torch.Tensor]:
+        """The cores as a list (read straight from the ``ParameterList``'s registry: iterating it by index costs
+        ~5 µs per core, which dominates small forward calls)."""
+        return list(self.cores._parameters.values())
+
     # ------------------------------------------------------------------ the TT-matrix
     @property
     def tt(self) -> TTMatrix:
         """The weight as a :class:`~torchtn.core.TTMatrix` over the current cores (shared, not copied)."""
-        return TTMatrix(list(self.cores))
+        return TTMatrix(self.core_list())
 
     @property
     def ranks(self) -> tuple[int, ...]:
         """Bond dimensions ``(1, r_1, …, r_{d-1}, 1)``."""
-        return tt_ranks(list(self.cores))
+        return tt_ranks(self.core_list())
 
     @property
     def num_weight_params(self) -> int:

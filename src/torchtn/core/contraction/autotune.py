@@ -1,7 +1,8 @@
 """Measured planning: time the cost model's best few candidates on the real device and keep the fastest.
 
-Off by default. Turn it on with ``torchtn.set_autotune(True)`` or the environment variable ``TORCHTN_AUTOTUNE=1``;
-each plan key is then measured once (a few milliseconds to seconds, depending on the layer) and cached.
+Off by default. Turn it on with ``torchtn.set_autotune(True)`` or the environment variable ``TORCHTN_AUTOTUNE=1``
+(read when torchtn is imported and again by ``set_autotune(None)``); each plan key is then measured once (a few
+milliseconds to a second, depending on the layer) and cached.
 """
 from __future__ import annotations
 
@@ -16,14 +17,20 @@ __all__ = ["set_autotune", "autotune_enabled", "time_call", "AUTOTUNE_CANDIDATES
 
 AUTOTUNE_CANDIDATES = 4  # how many of the cost model's cheapest plans are timed
 _ENV = "TORCHTN_AUTOTUNE"
-_state: dict[str, bool | None] = {"on": None}  # None: follow the environment variable
+
+
+def _from_environment() -> bool:
+    return os.environ.get(_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+_state: dict[str, bool] = {"on": _from_environment()}
 
 
 def set_autotune(enabled: bool | None) -> None:
     """Turn measured planning on (``True``), off (``False``), or back to the ``TORCHTN_AUTOTUNE`` variable (``None``)."""
     if enabled is not None and not isinstance(enabled, bool):
         raise TypeError(f"enabled={enabled!r} is not allowed: expected True, False or None")
-    _state["on"] = enabled
+    _state["on"] = _from_environment() if enabled is None else enabled
     from .planner import clear_plan_cache
 
     clear_plan_cache()
@@ -31,9 +38,7 @@ def set_autotune(enabled: bool | None) -> None:
 
 def autotune_enabled() -> bool:
     """Whether plans are currently measured on the device."""
-    if _state["on"] is not None:
-        return bool(_state["on"])
-    return os.environ.get(_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return _state["on"]
 
 
 def _sync(device: torch.device) -> None:

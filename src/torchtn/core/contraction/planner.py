@@ -71,11 +71,13 @@ def plan_cache_info() -> dict[str, int]:
 
 def make_plan(kind: str, strategy: str, problem: Hashable, *, cost_model: CostModel | None = None,
               device: Any = None, measure: Callable[[Any], float] | None = None,
-              autotune: bool | None = None) -> Any:
+              autotune: bool | None = None, anchors: Callable[[Any], bool] | None = None) -> Any:
     """The cheapest plan of ``problem`` under ``strategy``, cached on every input it depends on.
 
     ``measure(plan) -> seconds`` times a candidate on the device; it is used (on the ``AUTOTUNE_CANDIDATES``
-    cheapest candidates by the cost model) when autotuning is on. The chosen plan carries its measurements.
+    cheapest candidates by the cost model, plus every candidate for which ``anchors(plan)`` is true — plans that a
+    cost model tends to misprice, such as a cached dense weight) when autotuning is on. The chosen plan carries its
+    measurements.
     """
     fn = get_strategy(kind, strategy)
     model = cost_model if cost_model is not None else get_cost_model(device)
@@ -99,6 +101,7 @@ def make_plan(kind: str, strategy: str, problem: Hashable, *, cost_model: CostMo
     plan = candidates[0]
     if tune and measure is not None and len(candidates) > 1:
         shortlist = candidates[:AUTOTUNE_CANDIDATES]
+        shortlist += [p for p in candidates[AUTOTUNE_CANDIDATES:] if anchors is not None and anchors(p)]
         timed = [(measure(p), i, p) for i, p in enumerate(shortlist)]
         measured = tuple((p.describe(), t) for t, _, p in timed)
         best_t, _, best = min(timed)

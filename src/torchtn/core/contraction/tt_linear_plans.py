@@ -10,8 +10,9 @@ permuted:
 * right-to-left (``"rtl"``): the state is ``[batch, n_<g, r, m_≥g]``; group ``g`` contracts ``(n_g, r_g)``;
 * left-to-right (``"ltr"``): the state is ``[batch, m_<g, r, n_≥g]``; group ``g`` contracts ``(r_{g-1}, n_g)``.
 
-In training, autograd differentiates the same steps (a hand-written backward for the whole sweep was measured and was
-not faster on this machine, see ``docs/architecture.md``); the planner prices the backward products so that merging,
+In training, autograd differentiates the same steps: with every batched step a ``bmm`` on a stride-0 view (never
+``torch.matmul``'s folded form, whose transposed copies cost as much as the products in the backward pass), a
+hand-written backward for the whole sweep was measured and was not faster on this machine; the planner prices the backward products so that merging,
 dearer in training, is chosen only where it still wins. Merged groups can be cached by the caller
 (:class:`MergedCache`, for inference).
 """
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..tt import merge_cores, tt_ranks, tt_shapes
-from .autotune import time_call
+from .autotune import autotune_enabled, time_call
 from .cost import DEFAULT_COST_MODEL, CostModel
 from .planner import make_plan, register_strategy, strategy_names
 
@@ -76,13 +77,10 @@ class ContractionPlan:
     model_pick_seconds: float | None = None  # ... and the cost model's own pick's time in the same measurement
     measurements: tuple[tuple[str, float], ...] = ()  # every timed candidate
 
-    @property
-    def is_dense(self) -> bool:
-        return len(self.groups) == 1
+    steps: tuple[tuple[int, int], ...] = dataclasses.field(init=False, repr=False, compare=False)
+    """``(group, cols)`` in execution order: each step is ``mat_g @ state.reshape(-1, k_g, cols)``."""
 
-    @property
-    def steps(self) -> tuple[tuple[int, int], ...]:
-        """``(group, cols)`` in execution order: each step is ``mat_g @ state.reshape(-1, k_g, cols)``."""
+    def __post_init__(self) -> None:
         g = len(self.groups)
         if self.direction == "rtl":
             order = range(g - 1, -1, -1)
@@ -90,7 +88,11 @@ class ContractionPlan:
         else:
             order = range(g)
             cols = [math.prod(self.in_sizes[gi + 1:]) for gi in order]
-        return tuple(zip(order, cols))
+        object.__setattr__(self, "steps", tuple(zip(order, cols)))
+
+    @property
+    def is_dense(self) -> bool:
+        return len(self.groups) == 1
 
     def mat_shapes(self) -> tuple[tuple[int, int], ...]:
         """Shape of each group's step matrix (what :func:`prepare_groups` returns)."""
@@ -280,7 +282,7 @@ def plan_tt_linear(
     problem = TTLinearProblem(tuple(in_shape), tuple(out_shape), tuple(ranks), int(batch), dtype, str(device),
                               bool(training), bool(cache_merged), int(cache_limit))
     return make_plan(KIND, force or "auto", problem, cost_model=model if model is not None else None, device=device,
-                     measure=_measure(problem), autotune=autotune)
+                     measure=_measure(problem), autotune=autotune, anchors=lambda plan: plan.is_dense)
 
 
 def plan_for(cores: Sequence[torch.Tensor], batch: int, *, dtype: torch.dtype | None = None,
@@ -313,11 +315,20 @@ def prepare_groups(cores: Sequence[torch.Tensor], plan: ContractionPlan) -> list
     return mats
 
 
+def _bmm(mat: torch.Tensor, t3: torch.Tensor) -> torch.Tensor:
+    """``mat (a, k) @ t3 (P, k, c) -> (P, a, c)`` as one batched GEMM on a stride-0 view of ``mat``.
+
+    ``torch.matmul`` folds this case into a GEMM on transposed copies of ``t3`` and of the result (and of their
+    gradients in the backward pass); measured here, those copies cost as much as the products.
+    """
+    return torch.bmm(mat.expand(t3.shape[0], -1, -1), t3)
+
+
 def _step(mat: torch.Tensor, t: torch.Tensor, cols: int) -> torch.Tensor:
     k = mat.shape[1]
     if cols == 1:
         return t.reshape(-1, k) @ mat.T
-    return torch.matmul(mat, t.reshape(-1, k, cols))
+    return _bmm(mat, t.reshape(-1, k, cols))
 
 
 def _sweep(x: torch.Tensor, mats: Sequence[torch.Tensor], plan: ContractionPlan) -> torch.Tensor:
@@ -342,24 +353,27 @@ def tt_linear(x: torch.Tensor, mats: Sequence[torch.Tensor], plan: ContractionPl
 
 
 class MergedCache:
-    """Merged step matrices kept between calls while the cores do not change (inference).
+    """A layer's memo between calls: its plans per call signature, and merged step matrices for inference.
 
-    Keyed on the plan's grouping and each core's storage, ``_version`` (bumped by in-place updates such as optimizer
-    steps and ``load_state_dict``), shape and dtype — so a rank change or a device move can never serve stale data.
+    Plans are memoized per (batch, dtype, device, grad mode, strategy, cost model, autotune setting, core shapes), so
+    a call that repeats skips the planner entirely. Merged matrices are keyed on the plan's grouping and each core's
+    storage, ``_version`` (bumped by in-place updates such as optimizer steps and ``load_state_dict``), shape and
+    dtype — so a rank change or a device move can never serve stale data.
     """
 
-    __slots__ = ("key", "mats")
+    __slots__ = ("key", "mats", "plans")
 
     def __init__(self) -> None:
         self.key: tuple | None = None
         self.mats: list[torch.Tensor] = []
+        self.plans: dict[tuple, ContractionPlan] = {}
 
     def clear(self) -> None:
-        self.key, self.mats = None, []
+        self.key, self.mats, self.plans = None, [], {}
 
     def get(self, cores: Sequence[torch.Tensor], plan: ContractionPlan) -> list[torch.Tensor]:
         key = (plan.groups, plan.direction) + tuple(
-            [(c.data_ptr(), c._version, tuple(c.shape), c.dtype, c.device) for c in cores])
+            [(c.data_ptr(), c._version, c.shape, c.dtype, c.device) for c in cores])
         if self.key != key:
             with torch.no_grad():
                 self.mats = prepare_groups(cores, plan)
@@ -372,32 +386,41 @@ def tt_linear_apply(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.
                     cache: MergedCache | None = None, autotune: bool | None = None) -> torch.Tensor:
     """``(*, ∏n) -> (*, ∏m)``: ``x Wᵀ + bias`` for the TT-matrix ``cores``, planned and executed.
 
-    Plans are cached per (shapes, ranks, batch, dtype, device, grad mode, strategy). With a ``cache`` and no gradient
-    needed by the cores, merged groups are reused between calls.
+    Plans are cached per (shapes, ranks, batch, dtype, device, grad mode, strategy). With a ``cache`` the plan is
+    also memoized per call signature, and — when the cores need no gradient — merged groups are reused between calls.
     """
-    in_features = math.prod([int(c.shape[2]) for c in cores])
+    in_features = 1
+    for c in cores:
+        in_features *= c.shape[2]
     if x.shape[-1] != in_features:
         raise ValueError(f"input has {x.shape[-1]} features in its last dimension, expected in_features={in_features}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
-    out_features = math.prod([int(c.shape[1]) for c in cores])
-    if x2.shape[0] == 0:
-        return x.new_zeros(*lead, out_features)
+    batch = x2.shape[0]
     needs_grad = torch.is_grad_enabled() and any([c.requires_grad for c in cores])
-    plan = plan_for(cores, x2.shape[0], dtype=x2.dtype, device=x2.device, needs_grad=needs_grad,
-                    contraction=contraction, cache_merged=cache is not None and not needs_grad,
-                    cost_model=cost_model, autotune=autotune)
-    if plan.cache_merged and cache is not None and not torch.compiler.is_compiling():
-        mats = cache.get(cores, plan)
+    if batch == 0:
+        out_features = math.prod([int(c.shape[1]) for c in cores])
+        return x.new_zeros(*lead, out_features)
+    if cache is not None and not torch.compiler.is_compiling():
+        key = (batch, x2.dtype, x2.device, needs_grad, contraction, cost_model, autotune, autotune_enabled(),
+               tuple([c.shape for c in cores]))
+        plan = cache.plans.get(key)
+        if plan is None:
+            plan = cache.plans[key] = plan_for(cores, batch, dtype=x2.dtype, device=x2.device, needs_grad=needs_grad,
+                                               contraction=contraction, cache_merged=not needs_grad,
+                                               cost_model=cost_model, autotune=autotune)
+        mats = cache.get(cores, plan) if plan.cache_merged else prepare_groups(cores, plan)
     else:
+        plan = plan_for(cores, batch, dtype=x2.dtype, device=x2.device, needs_grad=needs_grad,
+                        contraction=contraction, cache_merged=False, cost_model=cost_model, autotune=autotune)
         mats = prepare_groups(cores, plan)
     if plan.is_dense:
         y = F.linear(x2, mats[0], bias)
     else:
-        y = tt_linear(x2, mats, plan)
+        y = _sweep(x2, mats, plan)
         if bias is not None:
             y = y + bias
-    return y.reshape(*lead, out_features)
+    return y.reshape(*lead, y.shape[-1])
 
 
 def tt_linear_flops(in_shape: Sequence[int], out_shape: Sequence[int], ranks: Sequence[int], batch: int = 1,
