@@ -72,20 +72,30 @@ def test_console_script_entry_point():
 
 
 def test_inspect_reports_bonds_and_refuses_overwrite(tmp_path, capsys):
-    import math
+    import numpy as np
+    from conftest import entropy_reference, unfolding
 
     from torchtn import MPOLinear, save_model
     from torchtn.models import FC2
 
+    torch.manual_seed(0)
     model = FC2(64, hidden=32)
-    model.fc1 = MPOLinear(64, 32, 3)
+    model.fc1 = MPOLinear(64, 32, 3, dtype=torch.float32)
     path = save_model(model, tmp_path / "m.safetensors")
     plot = tmp_path / "ent.png"
     assert main(["inspect", str(path), "--plot", str(plot)]) == 0
     printed = capsys.readouterr().out
-    assert "entropy S_k" in printed and "fc1" in printed and plot.is_file()
-    for b in model.fc1.bond_report():
-        assert 0 <= b.entropy <= math.log(b.rank) + 1e-9 and f"{b.entropy:.4g}"[:4] in printed
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [line.split() for line in printed.splitlines() if line.startswith("fc1 ")]
+    w = model.fc1.to_dense().detach().double()
+    assert len(rows) == len(model.fc1.in_shape) - 1
+    for k, row in enumerate(rows):  # layer, type, modes, ratio, bond, rank, entropy, error
+        bond, rank, entropy, error = int(row[-4]), int(row[-3]), float(row[-2]), float(row[-1])
+        s = np.linalg.svd(unfolding(w, model.fc1.in_shape, model.fc1.out_shape, k).numpy(), compute_uv=False)
+        s = s[: model.fc1.ranks[k + 1]]
+        assert bond == k + 1 and rank == model.fc1.ranks[k + 1] and row[1] == "MPOLinear"
+        assert entropy == pytest.approx(entropy_reference(s), abs=1e-3)
+        assert error == pytest.approx(s[-1] / np.linalg.norm(s), rel=1e-3)
     assert main(["inspect", str(path), "--plot", str(plot)]) == 2  # never overwrites
     assert main(["inspect", str(tmp_path / "missing.safetensors")]) == 2
 

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import random_tt
+from conftest import entropy_reference, exact_tt_svd_error, random_tt, unfolding
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,14 +24,12 @@ from torchtn.core import (
     tt_svd,
     tt_to_dense,
 )
-from torchtn.core.tt import _interleave
 
 SHAPES = [((4, 7, 7, 4), (4, 4, 4, 4)), ((2, 3), (5, 2)), ((6,), (5,)), ((1, 2, 5, 1), (4, 4, 4, 4)), ((3, 1, 4), (1, 6, 2))]
 
 
 def unfolding_svals(w, in_shape, out_shape, k):
-    t = _interleave(w, in_shape, out_shape)
-    return torch.linalg.svdvals(t.reshape(math.prod(t.shape[: k + 1]), -1))
+    return torch.linalg.svdvals(unfolding(w, in_shape, out_shape, k))
 
 
 @pytest.mark.parametrize("in_shape,out_shape", SHAPES)
@@ -237,3 +235,20 @@ def test_budget_only_svd_is_randomized_and_keeps_the_bound(monkeypatch):
     assert err_sq <= budget * (1 + 1e-9)
     assert torch.linalg.norm(a - (uu * ss) @ vh).item() ** 2 == pytest.approx(err_sq, rel=1e-8)
     assert exact_rank <= len(ss) <= exact_rank + 2
+
+
+@pytest.mark.parametrize("n,modes,rank", [(64, (4, 4, 4), 4), (64, (8, 8), 6), (256, (4, 4, 4, 4), 8)])
+def test_rank_capped_tt_svd_of_small_matrices_is_exact(n, modes, rank):
+    """Small unfoldings get an exact SVD: the error equals the exact (TensorLy-style, numpy) TT-SVD's to 1e-9."""
+    gen = torch.Generator().manual_seed(n + rank)
+    u, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    w = (u * torch.exp(-torch.arange(n, dtype=torch.float64) / 8)) @ v.T
+    cores = tt_svd(w, modes, modes, max_rank=rank)
+    err = (torch.linalg.norm(tt_to_dense(cores) - w) / torch.linalg.norm(w)).item()
+    assert err == pytest.approx(exact_tt_svd_error(w, modes, modes, rank), rel=1e-9)
+
+
+def test_entropy_reference_agrees():
+    s = torch.tensor([3.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    assert spectrum_entropy(s).item() == pytest.approx(entropy_reference(s.numpy()), abs=1e-14)

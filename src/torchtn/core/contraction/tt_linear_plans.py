@@ -356,9 +356,9 @@ class MergedCache:
     """A layer's memo between calls: its plans per call signature, and merged step matrices for inference.
 
     Plans are memoized per (batch, dtype, device, grad mode, strategy, cost model, autotune setting, core shapes), so
-    a call that repeats skips the planner entirely. Merged matrices are keyed on the plan's grouping and each core's
-    storage, ``_version`` (bumped by in-place updates such as optimizer steps and ``load_state_dict``), shape and
-    dtype — so a rank change or a device move can never serve stale data.
+    a call that repeats skips the planner entirely. Merged matrices are keyed on the plan (grouping, ranks) and each
+    core's storage and ``_version`` (bumped by in-place updates such as optimizer steps and ``load_state_dict``) — so
+    a rank change or a device move can never serve stale data.
     """
 
     __slots__ = ("key", "mats", "plans")
@@ -372,8 +372,9 @@ class MergedCache:
         self.key, self.mats, self.plans = None, [], {}
 
     def get(self, cores: Sequence[torch.Tensor], plan: ContractionPlan) -> list[torch.Tensor]:
-        key = (plan.groups, plan.direction) + tuple(
-            [(c.data_ptr(), c._version, c.shape, c.dtype, c.device) for c in cores])
+        # storage and version identify the values (a move, a cast or ``.data =`` changes the storage; in-place
+        # updates bump the version); the plan identifies the grouping and — through its ranks — the shapes
+        key = (plan, *[(c.data_ptr(), c._version) for c in cores])
         if self.key != key:
             with torch.no_grad():
                 self.mats = prepare_groups(cores, plan)
