@@ -1,15 +1,14 @@
 """MPOLinear against exact math: the dense reconstruction, finite differences, PyTorch conventions."""
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import entropy_reference, unfolding
 from torch import nn
 
 import torchtn
 from torchtn import MPOLinear
 from torchtn.core import spectrum_entropy
-from conftest import entropy_reference, unfolding
 from torchtn.core.contraction import plan_cache_info
 
 
