@@ -175,12 +175,16 @@ When the cores need no
         return self._cached_dense()
 
     def plan(self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-             needs_grad: bool | None = None) -> ContractionPlan:
-        """The (cached) contraction plan for a batch of ``batch_size`` rows; print it to see what runs."""
+             needs_grad: bool | None = None, input_grad: bool = False) -> ContractionPlan:
+        """The (cached) contraction plan for a batch of ``batch_size`` rows; print it to see what runs.
+
+        ``needs_grad``: plan for training (default: whether the cores need gradients now); ``input_grad``: the
+        input needs a gradient too (a hidden layer; the first layer's input does not).
+        """
         batch_size = check_positive_int("batch_size", batch_size)
         if needs_grad is None:
             needs_grad = torch.is_grad_enabled() and any([p.requires_grad for p in self.cores])
-        return self.tt.plan(batch_size, dtype=dtype, device=device, needs_grad=needs_grad,
+        return self.tt.plan(batch_size, dtype=dtype, device=device, needs_grad=needs_grad, input_grad=input_grad,
                             contraction=self.contraction, cache_merged=not needs_grad, cost_model=self.cost_model,
                             autotune=self.autotune)
 

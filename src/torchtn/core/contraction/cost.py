@@ -19,13 +19,15 @@ class CostModel:
     """Timing model of matmuls on one device.
 
     Defaults were fitted to matmul timings on a 2-core x86 machine (torch 2.13, MKL, fp32): ~190 GFLOP/s for fat
-    matmuls, ~25 GFLOP/s for batched matmuls whose output has 8 columns, ~15 GB/s effective bandwidth, ~5 µs per call.
+    matmuls, ~25 GFLOP/s for batched matmuls whose output has 8 columns (and fat batched products ~25% slower than
+    one GEMM of the same FLOPs), ~15 GB/s effective bandwidth, ~5 µs per call.
     """
 
     peak_flops: float = 1.9e11
     bandwidth: float = 1.5e10
     call_overhead: float = 5e-6
     fat: int = 64  # an operand side at least this long runs at full speed
+    batched: float = 0.75  # a batched product (a stride-0 matrix times many slices) runs at most at this fraction
 
     def matmul_seconds(self, batch: int, a: int, k: int, cols: int, itemsize: int) -> float:
         """Time of ``(a, k) @ (batch, k, cols)`` (``cols == 1``: one GEMM ``(batch, k) @ (k, a)``)."""
@@ -33,7 +35,8 @@ class CostModel:
         if cols == 1:  # a plain GEMM with `batch` rows
             eff = math.prod([min(1.0, s / self.fat) ** 0.5 for s in (batch, a, k)])
         else:
-            eff = min(1.0, cols / self.fat) ** 0.9 * min(1.0, a / self.fat) ** 0.3 * min(1.0, k / self.fat) ** 0.3
+            eff = self.batched * min(1.0, cols / self.fat) ** 0.9 * min(1.0, a / self.fat) ** 0.3 * min(
+                1.0, k / self.fat) ** 0.3
         traffic = itemsize * (batch * k * cols + batch * a * cols + a * k)
         return max(flops / (self.peak_flops * eff), traffic / self.bandwidth) + self.call_overhead
 

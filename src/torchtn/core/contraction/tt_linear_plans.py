@@ -50,6 +50,7 @@ class TTLinearProblem:
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
     training: bool = False  # gradients flow to the cores: price forward + backward
+    input_grad: bool = True  # (training) the input needs a gradient too; the first layer's input does not
     cache_merged: bool = False  # merged groups are reused across calls (their cost is not counted)
     cache_limit: int = 1 << 22  # ... but only when they hold at most this many elements in total
 
@@ -156,9 +157,9 @@ def _price(groups: tuple[Span, ...], direction: str, p: TTLinearProblem, cache_m
            model: CostModel) -> tuple[float, int, int]:
     """Estimated seconds, flops and largest intermediate of one candidate plan.
 
-    In training a step costs its forward product plus the two products of its backward (state and matrix gradients;
-    the matrix gradient also copies both operands into GEMM layout when the step is batched), and a merge costs
-    three times its forward (its backward has two products per absorbed core).
+    In training a step costs its forward product plus the two products of its backward (state and matrix gradients)
+    — except the first step when the input needs no gradient, which saves one product (so it pays to put the
+    expensive batched step first) — and a merge costs three times its forward (two products per absorbed core).
     """
     passes = 3 if p.training else 1
     m = [math.prod(p.out_shape[a:b]) for a, b in groups]
@@ -172,16 +173,15 @@ def _price(groups: tuple[Span, ...], direction: str, p: TTLinearProblem, cache_m
             flops += passes * mf
     order = range(len(groups) - 1, -1, -1) if direction == "rtl" else range(len(groups))
     done, rest = 1, math.prod(n)  # finished output modes, untouched input modes
-    for gi in order:
+    for step, gi in enumerate(order):
         rest //= n[gi]
         if direction == "rtl":
             a, k, cols, prefix = r[gi] * m[gi], n[gi] * r[gi + 1], done, p.batch * rest
         else:
             a, k, cols, prefix = m[gi] * r[gi + 1], r[gi] * n[gi], rest, p.batch * done
-        seconds += passes * model.matmul_seconds(prefix, a, k, cols, p.itemsize)
-        if p.training and cols > 1:
-            seconds += model.copy_seconds(prefix * (a + k) * cols, p.itemsize)
-        flops += passes * 2 * prefix * a * k * cols
+        products = passes - (1 if p.training and step == 0 and not p.input_grad else 0)
+        seconds += products * model.matmul_seconds(prefix, a, k, cols, p.itemsize)
+        flops += products * 2 * prefix * a * k * cols
         biggest = max(biggest, prefix * a * cols)
         done *= m[gi]
     return seconds, flops, biggest
@@ -234,7 +234,8 @@ def _measure(p: TTLinearProblem):
         gen = torch.Generator(device=device).manual_seed(0)
         cores = [torch.randn(p.ranks[k], m, n, p.ranks[k + 1], dtype=p.dtype, device=device, generator=gen,
                              requires_grad=p.training) for k, (m, n) in enumerate(zip(p.out_shape, p.in_shape))]
-        x = torch.randn(p.batch, math.prod(p.in_shape), dtype=p.dtype, device=device, generator=gen)
+        x = torch.randn(p.batch, math.prod(p.in_shape), dtype=p.dtype, device=device, generator=gen,
+                        requires_grad=p.training and p.input_grad)
         if p.training:
             def run():
                 for c in cores:
@@ -265,6 +266,7 @@ def plan_tt_linear(
     model: CostModel | None = None,
     force: str | None = None,
     training: bool = False,
+    input_grad: bool = True,
     autotune: bool | None = None,
 ) -> ContractionPlan:
     """Cheapest plan for ``(batch, ∏n) -> (batch, ∏m)``, cached on every argument.
@@ -272,7 +274,8 @@ def plan_tt_linear(
     ``cache_merged``: merged groups will be reused across calls, so their cost is not counted — but only for plans
     whose merged tensors hold at most ``cache_limit`` elements in total (a compressed layer must stay small).
     ``force``: a strategy name (:data:`CONTRACTIONS`: ``"auto"``, ``"dense"``, ``"rtl"``, ``"ltr"``); unknown names
-    raise. ``training``: price forward + backward (gradients flow to the cores), which makes merging dearer.
+    raise. ``training``: price forward + backward (gradients flow to the cores), which makes merging dearer;
+    ``input_grad``: whether the input needs a gradient too (in training).
     ``model``: the cost model (default: the one registered for ``device``'s type). ``autotune``: measure the best
     candidates on ``device`` (default: :func:`~torchtn.core.contraction.autotune_enabled`).
     """
@@ -280,13 +283,14 @@ def plan_tt_linear(
         dtype = {2: torch.float16, 4: torch.float32, 8: torch.float64}.get(itemsize, dtype)
     device = torch.device(device)
     problem = TTLinearProblem(tuple(in_shape), tuple(out_shape), tuple(ranks), int(batch), dtype, str(device),
-                              bool(training), bool(cache_merged), int(cache_limit))
+                              bool(training), bool(training and input_grad), bool(cache_merged), int(cache_limit))
     return make_plan(KIND, force or "auto", problem, cost_model=model if model is not None else None, device=device,
                      measure=_measure(problem), autotune=autotune, anchors=lambda plan: plan.is_dense)
 
 
 def plan_for(cores: Sequence[torch.Tensor], batch: int, *, dtype: torch.dtype | None = None,
-             device: torch.device | str | None = None, needs_grad: bool = False, contraction: str = "auto",
+             device: torch.device | str | None = None, needs_grad: bool = False, input_grad: bool = True,
+             contraction: str = "auto",
              cache_merged: bool = False, cost_model: CostModel | None = None,
              autotune: bool | None = None) -> ContractionPlan:
     """The plan for these cores (their shapes and current ranks) and a batch of ``batch`` rows."""
@@ -294,7 +298,8 @@ def plan_for(cores: Sequence[torch.Tensor], batch: int, *, dtype: torch.dtype | 
     ref = cores[0]
     return plan_tt_linear(in_shape, out_shape, tt_ranks(cores), batch, cache_merged=cache_merged,
                           dtype=ref.dtype if dtype is None else dtype, device=ref.device if device is None else device,
-                          model=cost_model, force=contraction, training=needs_grad, autotune=autotune)
+                          model=cost_model, force=contraction, training=needs_grad, input_grad=input_grad,
+                          autotune=autotune)
 
 
 def merge_group(cores: Sequence[torch.Tensor], span: Span) -> torch.Tensor:
@@ -399,20 +404,21 @@ def tt_linear_apply(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.
     x2 = x.reshape(-1, in_features)
     batch = x2.shape[0]
     needs_grad = torch.is_grad_enabled() and any([c.requires_grad for c in cores])
+    input_grad = needs_grad and x.requires_grad
     if batch == 0:
         out_features = math.prod([int(c.shape[1]) for c in cores])
         return x.new_zeros(*lead, out_features)
     if cache is not None and not torch.compiler.is_compiling():
-        key = (batch, x2.dtype, x2.device, needs_grad, contraction, cost_model, autotune, autotune_enabled(),
-               tuple([c.shape for c in cores]))
+        key = (batch, x2.dtype, x2.device, needs_grad, input_grad, contraction, cost_model, autotune,
+               autotune_enabled(), tuple([c.shape for c in cores]))
         plan = cache.plans.get(key)
         if plan is None:
             plan = cache.plans[key] = plan_for(cores, batch, dtype=x2.dtype, device=x2.device, needs_grad=needs_grad,
-                                               contraction=contraction, cache_merged=not needs_grad,
-                                               cost_model=cost_model, autotune=autotune)
+                                               input_grad=input_grad, contraction=contraction,
+                                               cache_merged=not needs_grad, cost_model=cost_model, autotune=autotune)
         mats = cache.get(cores, plan) if plan.cache_merged else prepare_groups(cores, plan)
     else:
-        plan = plan_for(cores, batch, dtype=x2.dtype, device=x2.device, needs_grad=needs_grad,
+        plan = plan_for(cores, batch, dtype=x2.dtype, device=x2.device, needs_grad=needs_grad, input_grad=input_grad,
                         contraction=contraction, cache_merged=False, cost_model=cost_model, autotune=autotune)
         mats = prepare_groups(cores, plan)
     if plan.is_dense:
