@@ -24,9 +24,10 @@ test: setup
 	$(VENV)/bin/ruff check src tests bench
 	$(PY) -m pytest
 
-# Peers the benchmarks compare with. torch-mpo declares Python >= 3.12 but imports and runs on 3.11.
+# Peers the benchmarks compare with, at their best: tltorch's torch.einsum only optimizes its contraction order when
+# opt_einsum is installed. torch-mpo declares Python >= 3.12 but imports and runs on 3.11.
 bench-peers: setup
-	$(PIP) install --quiet "tensorly-torch>=0.5" tensorly packaging  # tensorly-torch forgets to declare tensorly
+	$(PIP) install --quiet "tensorly-torch>=0.5" tensorly packaging "opt_einsum>=3.3"  # tensorly-torch forgets tensorly
 	$(PIP) install --quiet --no-deps --ignore-requires-python torch-mpo
 
 bench: bench-peers
