@@ -5,7 +5,7 @@ and forward+backward in training. Each cell runs in fresh processes (big first-t
 vary); inside a process the contestants are timed in rotated rounds. The tables quote the median over processes of
 each process's median. Results, the targets and the machine go to ``docs/benchmarks.md``.
 
-    python bench/run.py --out docs/benchmarks.md [--processes 2] [--reps 20] [--quick]
+    python bench/run.py --out docs/benchmarks.md [--processes 2] [--reps 12] [--quick]
 """
 from __future__ import annotations
 
@@ -199,7 +199,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--reps", type=int, default=12)
     parser.add_argument("--quick", action="store_true", help="one process, few repetitions, batch 64 only")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     args = parser.parse_args()

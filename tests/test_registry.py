@@ -57,7 +57,7 @@ def test_unknown_layer_type_and_disagreeing_tensors_give_clear_errors(tmp_path, 
     with pytest.raises(ValueError, match=r"tensor '0.cores.1' has shape \(2, 2, 2, 2\) but .* needs \(2, 2, 2, 3\)"):
         load_model(lying, nn.Sequential(nn.Linear(16, 16)))
     assert main(["inspect", str(lying)]) == 2
-    assert "disagree with its recorded layout" in capsys.readouterr().err
+    assert "disagree with their recorded layout" in capsys.readouterr().err
 
 
 def test_files_of_torchtn_0_1_still_load(tmp_path):

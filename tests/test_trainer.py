@@ -178,3 +178,41 @@ def test_structure_change_hook_rebuilds_the_optimizer():
 def test_bad_loss_names_the_argument():
     with pytest.raises(ValueError, match="loss='hinge'"):
         Trainer(FC2(64), loss="hinge")
+
+
+def test_resume_after_a_rank_change_restores_the_changed_layer(tmp_path):
+    """A checkpoint written after a bond shrank reloads into a freshly built (unshrunk) model and resumes bitwise."""
+    data = load_digits()
+
+    def build():
+        torch.manual_seed(0)
+        model = FC2(64, hidden=32)
+        model.fc1 = MPOLinear(64, 32, 4)
+        return model
+
+    def hook_for(model):
+        def shrink(trainer, step):
+            if step == 5:
+                model.fc1.set_cores(model.fc1.tt.round(max_rank=2).cores)
+                return True
+            return False
+        return shrink
+
+    cfg = TrainConfig(epochs=3, batch_size=64, lr=1e-2, progress=False, seed=1)
+    straight = build()
+    Trainer(straight, cfg, on_step_end=hook_for(straight)).fit(data)
+
+    def stop(record):
+        if record.epoch == 2:
+            raise Interrupt
+
+    ckpt = tmp_path / "c.safetensors"
+    first = build()
+    with pytest.raises(Interrupt):
+        Trainer(first, cfg, checkpoint=ckpt, on_epoch_end=stop, on_step_end=hook_for(first)).fit(data)
+    resumed = build()
+    assert resumed.fc1.ranks == (1, 4, 4, 4, 1)
+    Trainer(resumed, cfg, checkpoint=ckpt, on_step_end=hook_for(resumed)).fit(data, resume=True)
+    assert resumed.fc1.ranks == (1, 2, 2, 2, 1)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -26,14 +26,15 @@ def _fail(message: str, status: int = 2) -> int:
     return status
 
 
-def _int_at_least(name: str, minimum: int):
+def _int_at_least(name: str, minimum: int, maximum: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name}={text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{name}={value} is not allowed: expected an integer >= {minimum}")
+        if value < minimum or (maximum is not None and value > maximum):
+            allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+            raise argparse.ArgumentTypeError(f"{name}={value} is not allowed: expected an integer {allowed}")
         return value
     return parse
 
@@ -77,11 +78,11 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="dense training epochs (default: 30 on digits, 15 otherwise)")
     c.add_argument("--finetune-epochs", type=_int_at_least("--finetune-epochs", 0), default=None,
                    help="fine-tuning epochs per setting (default: same as --epochs)")
-    c.add_argument("--hidden", type=_int_at_least("--hidden", 1), default=256)
+    c.add_argument("--hidden", type=_int_at_least("--hidden", 1, 2**31), default=256)
     c.add_argument("--batch-size", type=_int_at_least("--batch-size", 1), default=128)
     c.add_argument("--lr", type=_float_in("--lr", 0.0, None), default=2e-3, help="dense training learning rate")
     c.add_argument("--finetune-lr", type=_float_in("--finetune-lr", 0.0, None), default=1e-3)
-    c.add_argument("--seed", type=_int_at_least("--seed", 0), default=0)
+    c.add_argument("--seed", type=_int_at_least("--seed", 0, 2**32 - 1), default=0)
     c.add_argument("--out", type=Path, default=None,
                    help="output directory (default: runs/compress-<dataset>-<time>); an existing non-empty one is "
                         "refused unless --resume")
@@ -97,33 +98,18 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _layer_tensor_networks(path: Path, record: dict, name: str, tensors: dict):
-    """Rebuild one recorded layer from the file and return its tensor networks (``{label: TTMatrix}``)."""
-    from .layers import layer_type
-
-    layer = layer_type(str(record["type"]), where=name).from_layout(dict(record["spec"]))
-    prefix = f"{name}."
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    try:
-        layer.load_state_dict(state)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[-1].strip()
-        raise ValueError(f"{path}: the tensors of layer {name!r} disagree with its recorded layout ({first})") from None
-    return layer.tt_matrices()
-
-
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .io import read_metadata, read_tensors, recorded_layers
+    from .io import ModelFileError, load_layers, read_metadata
+    from .layers import type_name
     from .report import format_table
 
     if args.plot is not None and args.plot.exists():
         return _fail(f"--plot {args.plot} exists; choose another path")
     try:
         meta = read_metadata(args.file)
-        layers = recorded_layers(args.file)
-        tensors = read_tensors(args.file) if layers else {}
-        networks = {name: _layer_tensor_networks(args.file, rec, name, tensors) for name, rec in layers.items()}
-    except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
+        layers = load_layers(args.file)  # every layer checked against the file before any number is computed
+        networks = {name: layer.tt_matrices() for name, layer in layers.items()}
+    except ModelFileError as err:
         return _fail(str(err))
     print(f"{args.file}: {meta.get('model_class')} with {meta.get('num_parameters', 0):,} parameters, "
           f"written by torchtn {meta.get('torchtn_version')} (torch {meta.get('torch_version')})")
@@ -137,7 +123,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             info = tt.to(dtype=_float64()).bond_report()
             entropies[full] = [b.entropy for b in info]
             for b in info:
-                rows.append((full, layers[name]["type"], f"{tt.out_shape}←{tt.in_shape}", round(tt.compression_ratio, 1),
+                rows.append((full, type_name(layers[name]), f"{tt.out_shape}←{tt.in_shape}",
+                             round(tt.compression_ratio, 1),
                              b.bond, b.rank, round(b.entropy, 4), b.next_rank_error))
     print(format_table(["layer", "type", "modes (out←in)", "ratio", "bond", "rank", "entropy S_k", "error at rank−1"],
                        rows))
@@ -152,8 +139,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
+    import pickle
+
     from .data import DataFilesMissing, load_dataset
-    from .experiments.compress import CompressConfig, run_compress
+    from .experiments.compress import CompressConfig, preflight, run_compress
+    from .io import ModelFileError
     from .train import TrainingDiverged
 
     try:
@@ -172,13 +162,20 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         return _fail(f"--out {out} already holds files: pass --resume to continue that run, or choose another --out")
     try:
         data = load_dataset(config.dataset, config.data_dir)  # before anything is written
-    except (DataFilesMissing, ValueError) as err:
+        preflight(config, out, args.resume, data)
+    except (DataFilesMissing, ValueError, pickle.UnpicklingError) as err:
         return _fail(str(err))
+    except OSError as err:
+        return _fail(f"{err.filename or 'a file'} cannot be read: {err.strerror or err}")
     try:
         results = run_compress(config, out, resume=args.resume, progress=not args.no_progress,
                                log=lambda s: print(s, flush=True), data=data)
     except TrainingDiverged as err:
         return _fail(str(err), status=1)
+    except ModelFileError as err:
+        return _fail(f"{err} — the run in {out} cannot be continued; start a new one with another --out")
+    except OSError as err:
+        return _fail(f"{err.filename or out} cannot be written: {err.strerror or err}")
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with: torchtn compress --resume --out {out} (and the same options)",
               file=sys.stderr)
@@ -204,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_compress(args)
     if args.command == "inspect":
         return _cmd_inspect(args)
-    parser.print_help()
+    parser.print_usage(sys.stderr)
     return 2
 
 

@@ -1,4 +1,10 @@
-"""Model files: safetensors tensors plus JSON metadata (shapes, ranks, versions). Never executes code from a file."""
+"""Model files: safetensors tensors plus JSON metadata (shapes, ranks, versions). Never executes code from a file.
+
+Reading is defensive: the metadata is checked type by type and against limits, every recorded layer is first built
+on the ``meta`` device (no memory) and its parameter shapes compared with the tensors' real shapes (read from the
+safetensors header, without loading them), and tensors must be finite floating-point numbers. Any problem raises
+:class:`ModelFileError` (a ``ValueError``) naming the file and what is wrong.
+"""
 from __future__ import annotations
 
 import json
@@ -18,7 +24,25 @@ from ._version import __version__
 from .layers.registry import factory_of, layer_type, type_name
 
 __all__ = ["save_model", "load_model", "read_metadata", "read_tensors", "atomic_write_bytes", "atomic_write_text",
-           "layer_layout", "apply_layout", "recorded_layers"]
+           "layer_layout", "recorded_layers", "load_layers", "ModelFileError"]
+
+# Limits on what a model file's metadata may claim, checked before any work proportional to it.
+MAX_METADATA_BYTES = 16 << 20
+MAX_LAYERS = 100_000
+MAX_NAME_LENGTH = 1_000
+MAX_MODES = 64
+MAX_DIM = 1 << 31
+
+
+class ModelFileError(ValueError):
+    """A model file is missing, unreadable, not written by torchtn, or inconsistent; the message says which file and
+    what is wrong."""
+
+
+def _umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
 
 
 def _atomic(path: Path, write) -> None:
@@ -30,6 +54,7 @@ def _atomic(path: Path, write) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; files others may read follow the user's umask
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -57,28 +82,6 @@ def _recorded_layers(meta: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     for name, spec in meta.get("mpo_layers", {}).items():
         layers.setdefault(name, {"type": "MPOLinear", "spec": spec})
     return layers
-
-
-def apply_layout(model: nn.Module, layout: Mapping[str, Mapping[str, Any]]) -> nn.Module:
-    """Put, in place, an empty registered layer of each recorded type and layout where the file says it goes."""
-    for name, record in layout.items():
-        if not isinstance(record, Mapping) or "type" not in record or "spec" not in record:
-            raise ValueError(f"the file's record of layer {name!r} is malformed: expected {{'type': ..., 'spec': ...}}")
-        cls = layer_type(str(record["type"]), where=name)
-        try:
-            parent, child = parent_and_attr(model, name)
-        except AttributeError:
-            raise ValueError(f"the file has a {record['type']} layer at {name!r}, but the model has no module "
-                             f"there") from None
-        old = getattr(parent, child, None)
-        if not isinstance(old, nn.Module):
-            raise ValueError(f"the file has a {record['type']} layer at {name!r}, but the model has no module there")
-        try:
-            new = cls.from_layout(dict(record["spec"]), **factory_of(old))
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"layer {name!r}: its recorded {record['type']} layout is invalid ({err})") from None
-        setattr(parent, child, new)
-    return model
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None,
@@ -112,21 +115,152 @@ def save_model(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str,
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON stored in a torchtn ``.safetensors`` file's header."""
+    """The JSON stored in a torchtn ``.safetensors`` file's header (a dict; :class:`ModelFileError` otherwise)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no model file at {path}")
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
+        raise ModelFileError(f"no model file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception as err:  # safetensors raises its own error type for damaged files; OSError for unreadable ones
+        raise ModelFileError(f"{path} is not a readable safetensors file ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:200] if str(err) else 'no detail'})") from None
     if "torchtn" not in meta:
-        raise ValueError(f"{path} is a safetensors file but was not written by torchtn.save_model (no 'torchtn' metadata)")
-    return json.loads(meta["torchtn"])
+        raise ModelFileError(f"{path} is a safetensors file but was not written by torchtn.save_model "
+                             f"(no 'torchtn' metadata)")
+    text = meta["torchtn"]
+    if len(text) > MAX_METADATA_BYTES:
+        raise ModelFileError(f"{path}: its torchtn metadata is {len(text):,} bytes, more than the "
+                             f"{MAX_METADATA_BYTES:,} allowed")
+    try:
+        info = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise ModelFileError(f"{path}: its torchtn metadata is not valid JSON ({type(err).__name__})") from None
+    if not isinstance(info, dict):
+        raise ModelFileError(f"{path}: its torchtn metadata is a JSON {type(info).__name__}, expected an object")
+    return info
 
 
 def read_tensors(path: str | os.PathLike, prefix: str = "") -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file whose names start with ``prefix`` (prefix stripped)."""
-    with safe_open(str(path), framework="pt") as fh:
-        return {k[len(prefix):]: fh.get_tensor(k) for k in fh.keys() if k.startswith(prefix)}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k[len(prefix):]: fh.get_tensor(k) for k in fh.keys() if k.startswith(prefix)}
+    except Exception as err:
+        raise ModelFileError(f"{path}: its tensors cannot be read ({type(err).__name__})") from None
+
+
+def _tensor_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{name: (shape, dtype)}`` from the safetensors header, without reading the tensors."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            out = {}
+            for k in fh.keys():
+                sl = fh.get_slice(k)
+                out[k] = (tuple(int(d) for d in sl.get_shape()), str(sl.get_dtype()))
+            return out
+    except Exception as err:
+        raise ModelFileError(f"{path}: its tensor index cannot be read ({type(err).__name__})") from None
+
+
+def _check_spec_values(path: Path, name: str, value: Any, depth: int = 0) -> None:
+    """Layouts are flat JSON: numbers, strings, booleans, null and lists of numbers — within the limits."""
+    if depth > 2:
+        raise ModelFileError(f"{path}: the layout of layer {name!r} is nested too deeply")
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, int):
+        if not -MAX_DIM <= value <= MAX_DIM:
+            raise ModelFileError(f"{path}: layer {name!r} records the number {value}, outside ±{MAX_DIM:,}")
+        return
+    if isinstance(value, float):
+        return
+    if isinstance(value, str):
+        if len(value) > MAX_NAME_LENGTH:
+            raise ModelFileError(f"{path}: layer {name!r} records a string of {len(value):,} characters")
+        return
+    if isinstance(value, list):
+        if len(value) > MAX_MODES + 1:
+            raise ModelFileError(f"{path}: layer {name!r} records a list of {len(value):,} entries (at most "
+                                 f"{MAX_MODES + 1})")
+        for v in value:
+            _check_spec_values(path, name, v, depth + 1)
+        return
+    if isinstance(value, dict) and depth == 0:
+        for k, v in value.items():
+            _check_spec_values(path, name, v, depth + 1)
+        return
+    raise ModelFileError(f"{path}: layer {name!r} records a value of JSON type {type(value).__name__} in its layout")
+
+
+def _validated_records(path: Path, meta: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The layer records, checked type by type and against the limits."""
+    for key in ("layers", "mpo_layers"):
+        if key in meta and not isinstance(meta[key], dict):
+            raise ModelFileError(f"{path}: metadata '{key}' is a JSON {type(meta[key]).__name__}, expected an object")
+    records = _recorded_layers(meta)
+    if len(records) > MAX_LAYERS:
+        raise ModelFileError(f"{path}: {len(records):,} layers recorded, more than the {MAX_LAYERS:,} allowed")
+    for name, record in records.items():
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH:
+            raise ModelFileError(f"{path}: a layer name is empty or longer than {MAX_NAME_LENGTH} characters")
+        if not isinstance(record, dict) or not isinstance(record.get("type"), str) or not isinstance(
+                record.get("spec"), dict):
+            raise ModelFileError(f"{path}: the record of layer {name!r} is malformed: expected "
+                                 f"{{'type': str, 'spec': object}}")
+        _check_spec_values(path, name, record["spec"])
+    return records
+
+
+def _build_checked(path: Path, name: str, record: Mapping[str, Any], shapes: Mapping[str, tuple],
+                   like: nn.Module | None = None) -> nn.Module:
+    """One recorded layer, built empty on the ``meta`` device first and checked against the file's tensor shapes."""
+    try:
+        cls = layer_type(record["type"], where=name)
+    except ValueError as err:
+        raise ModelFileError(f"{path}: {err}") from None
+    try:
+        ghost = cls.from_layout(dict(record["spec"]), device="meta")
+    except (KeyError, TypeError, ValueError, OverflowError, RuntimeError) as err:
+        raise ModelFileError(f"{path}: layer {name!r}: its recorded {record['type']} layout is invalid "
+                             f"({type(err).__name__}: {str(err)[:300]})") from None
+    for key, param in ghost.state_dict().items():
+        full = f"{name}.{key}"
+        if full not in shapes:
+            raise ModelFileError(f"{path}: layer {name!r} needs tensor {full!r}, which the file does not hold")
+        shape, dtype = shapes[full]
+        if shape != tuple(param.shape):
+            raise ModelFileError(f"{path}: tensor {full!r} has shape {shape} but the layer described by the file's "
+                                 f"metadata needs {tuple(param.shape)} (the tensors disagree with their recorded "
+                                 f"layout)")
+        if not dtype.startswith(("F", "BF")):  # safetensors dtype names: F16, BF16, F32, F64, I64, …
+            raise ModelFileError(f"{path}: tensor {full!r} has dtype {dtype}; layer tensors must be floating point")
+    return cls.from_layout(dict(record["spec"]), **(factory_of(like) if like is not None else {}))
+
+
+def _checked_state(path: Path, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ModelFileError(f"{path}: tensor {key!r} holds NaN or infinite values")
+    return dict(tensors)
+
+
+def load_layers(path: str | os.PathLike) -> dict[str, nn.Module]:
+    """Every torchtn layer recorded in a model file, rebuilt and loaded, checked as :func:`load_model` does."""
+    path = Path(path)
+    records = _validated_records(path, read_metadata(path))
+    shapes = _tensor_shapes(path)
+    out = {}
+    for name, record in records.items():
+        layer = _build_checked(path, name, record, shapes)
+        state = _checked_state(path, read_tensors(path, prefix=f"{name}."))
+        try:
+            layer.load_state_dict(state)
+        except RuntimeError as err:
+            raise ModelFileError(f"{path}: the tensors of layer {name!r} disagree with its recorded layout "
+                                 f"({str(err).strip().splitlines()[-1].strip()[:300]})") from None
+        out[name] = layer
+    return out
 
 
 def recorded_layers(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
@@ -138,16 +272,44 @@ def load_model(path: str | os.PathLike, model: nn.Module, *, strict: bool = True
     """Load a file written by :func:`save_model` into ``model`` (a freshly built dense skeleton is fine).
 
     The registered torchtn layers recorded in the file (any type: ``MPOLinear`` and every later one) are first put
-    where the file says, with the recorded shapes and ranks. A file naming an unknown layer type, or holding tensors
-    whose shapes disagree with its metadata, raises ``ValueError`` saying which. Returns the (same) model.
+    where the file says, with the recorded shapes and ranks. Anything wrong with the file — unknown layer types,
+    malformed metadata, tensors whose shapes disagree with it, non-float or non-finite tensors — raises
+    :class:`ModelFileError` naming the file and the problem, before the model is changed. Returns the (same) model.
     """
-    meta = read_metadata(path)
-    apply_layout(model, _recorded_layers(meta))
-    state = {k: v for k, v in read_tensors(path).items() if not k.startswith("__")}
-    expected = model.state_dict()
+    path = Path(path)
+    records = _validated_records(path, read_metadata(path))
+    shapes = _tensor_shapes(path)
+    new_layers = {}
+    for name, record in records.items():
+        try:
+            parent, child = parent_and_attr(model, name)
+        except AttributeError:
+            raise ModelFileError(f"{path}: the file has a {record['type']} layer at {name!r}, but the model has no "
+                                 f"module there") from None
+        old = getattr(parent, child, None)
+        if not isinstance(old, nn.Module):
+            raise ModelFileError(f"{path}: the file has a {record['type']} layer at {name!r}, but the model has no "
+                                 f"module there")
+        new_layers[name] = (parent, child, _build_checked(path, name, record, shapes, like=old))
+    state = _checked_state(path, {k: v for k, v in read_tensors(path).items() if not k.startswith("__")})
+    # what the model will expect once the recorded layers are in place — checked before anything is changed
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
+                if not any(k.startswith(f"{name}.") for name in new_layers)}
+    for name, (_, _, layer) in new_layers.items():
+        expected.update({f"{name}.{k}": tuple(v.shape) for k, v in layer.state_dict().items()})
     for key, tensor in state.items():
-        if key in expected and tuple(expected[key].shape) != tuple(tensor.shape):
-            raise ValueError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)} but the model described by the "
-                             f"file's metadata needs {tuple(expected[key].shape)}")
-    model.load_state_dict(state, strict=strict)
+        if key in expected and expected[key] != tuple(tensor.shape):
+            raise ModelFileError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)} but the model described "
+                                 f"by the file's metadata needs {expected[key]}")
+    if strict:
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ModelFileError(f"{path}: the file does not fit the model (missing: {missing[:5]}, unexpected: "
+                                 f"{unexpected[:5]})")
+    for parent, child, layer in new_layers.values():
+        setattr(parent, child, layer)
+    try:
+        model.load_state_dict(state, strict=strict)
+    except RuntimeError as err:
+        raise ModelFileError(f"{path}: its tensors do not fit the model ({str(err).splitlines()[0][:300]})") from None
     return model

@@ -178,11 +178,22 @@ def tt_svd(
     work = matrix.detach()
     if not work.is_floating_point():
         raise TypeError(f"matrix has dtype {work.dtype}: expected a floating-point tensor")
-    budget = _error_budget(float(torch.linalg.vector_norm(work).double() ** 2), rel_tol, len(in_shape))
+    if not bool(torch.isfinite(work).all()):
+        raise ValueError("matrix contains NaN or infinite values: TT-SVD needs finite entries")
+    # Work on W / max|W| so that squared norms neither overflow nor underflow (float32 spans ~1e±38 only); the scale
+    # goes back into the last core.
+    scale = float(work.abs().max())
+    if scale == 0.0:
+        scale = 1.0
+    work = work / scale
+    budget = _error_budget(float(torch.linalg.vector_norm(work.double()) ** 2), rel_tol, len(in_shape))
     t = _interleave(work, in_shape, out_shape)
     sizes = t.shape
-    return _truncating_sweep(t.reshape(sizes[0], -1), lambda k, carry: carry.reshape(carry.shape[0] * sizes[k], -1),
-                             out_shape, in_shape, inner_ranks(max_rank, in_shape, out_shape), budget)
+    cores = _truncating_sweep(t.reshape(sizes[0], -1), lambda k, carry: carry.reshape(carry.shape[0] * sizes[k], -1),
+                              out_shape, in_shape, inner_ranks(max_rank, in_shape, out_shape), budget)
+    if scale != 1.0:
+        cores[-1] = cores[-1] * scale
+    return cores
 
 
 def _merge_pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

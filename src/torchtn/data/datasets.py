@@ -63,8 +63,27 @@ class Dataset:
                 f"{self.num_features} features {self.image_shape}, {self.num_classes} classes")
 
 
+def _check_split(name: str, split: str, x: np.ndarray, y: np.ndarray, image_shape: tuple[int, ...],
+                 num_classes: int) -> None:
+    """Refuse, before any training, data that would train on garbage: empty splits, images of the wrong shape,
+    labels that are not integers in ``[0, num_classes)``, image/label counts that differ."""
+    if len(x) == 0:
+        raise ValueError(f"{name}: the {split} split holds no images")
+    if math.prod(x.shape[1:]) != math.prod(image_shape):
+        raise ValueError(f"{name}: the {split} images are {tuple(x.shape[1:])}, expected {image_shape}")
+    if len(x) != len(y):
+        raise ValueError(f"{name}: {len(x)} images but {len(y)} labels in the {split} split")
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{name}: the {split} labels must be a 1-D array of integers, got {y.dtype} {y.shape}")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise ValueError(f"{name}: the {split} labels must lie in [0, {num_classes}), found {int(y.min())} to "
+                         f"{int(y.max())}")
+
+
 def _finish(name: str, x_trainval: np.ndarray, y_trainval: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
             val_fraction: float, image_shape: tuple[int, ...], num_classes: int) -> Dataset:
+    _check_split(name, "train", x_trainval, np.asarray(y_trainval), image_shape, num_classes)
+    _check_split(name, "test", x_test, np.asarray(y_test), image_shape, num_classes)
     x_trainval = x_trainval.reshape(len(x_trainval), *image_shape).astype(np.float32)
     x_test = x_test.reshape(len(x_test), *image_shape).astype(np.float32)
     perm = np.random.default_rng(_SPLIT_SEED).permutation(len(x_trainval))
@@ -113,15 +132,9 @@ def _load_idx_dir(directory: Path, dataset: str, how: str, image_shape: tuple[in
         "xte": ["t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"],
         "yte": ["t10k-labels-idx1-ubyte", "t10k-labels.idx1-ubyte"],
     }
-    arrays = {k: read_idx(_find(directory, v, dataset, how)) for k, v in names.items()}
-    for split in ("xtr", "xte"):
-        if math.prod(arrays[split].shape[1:]) != math.prod(image_shape):
-            raise ValueError(f"{dataset}: the images in {directory} are {arrays[split].shape[1:]}, expected "
-                             f"{image_shape[1:]}")
-    for split in ("tr", "te"):
-        if len(arrays["x" + split]) != len(arrays["y" + split]):
-            raise ValueError(f"{dataset}: {len(arrays['x' + split])} images but {len(arrays['y' + split])} labels "
-                             f"in the {'train' if split == 'tr' else 'test'} files of {directory}")
+    expect = {"xtr": (3, image_shape[1:]), "xte": (3, image_shape[1:]), "ytr": (1, None), "yte": (1, None)}
+    arrays = {k: read_idx(_find(directory, v, dataset, how), expect_ndim=expect[k][0], expect_tail=expect[k][1])
+              for k, v in names.items()}
     return _finish(dataset, arrays["xtr"], arrays["ytr"], arrays["xte"], arrays["yte"], 1 / 12, image_shape, 10)
 
 
@@ -157,16 +170,45 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR-10 batch file")
 
 
+_CIFAR_MAX_FILE = 64 << 20  # a real batch is ~31 MB
+_CIFAR_MAX_ROWS = 10_000
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, "rb") as fh:
-        batch = _ArrayOnlyUnpickler(fh, encoding="bytes").load()
+    """One CIFAR-10 python batch, validated structurally before any array is built from it.
+
+    ``data`` must be a ``(n, 3072)`` uint8 NumPy array and ``labels`` a flat list (or 1-D array) of ``n`` ints, with
+    ``n ≤ 10,000``: nested lists or shared references (which a few kilobytes of pickle can expand to gigabytes) are
+    refused, as is any global other than NumPy's array reconstruction.
+    """
+    size = path.stat().st_size
+    if size > _CIFAR_MAX_FILE:
+        raise ValueError(f"{path} is {size:,} bytes: not a CIFAR-10 batch (those are ~31 MB)")
+    try:
+        with open(path, "rb") as fh:
+            batch = _ArrayOnlyUnpickler(fh, encoding="bytes").load()
+    except pickle.UnpicklingError:
+        raise
+    except Exception as err:  # truncated or malformed pickles raise many types
+        raise ValueError(f"{path} is not a CIFAR-10 python batch ({type(err).__name__})") from None
     if not isinstance(batch, dict):
         raise ValueError(f"{path} is not a CIFAR-10 python batch (expected a dict)")
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     if "data" not in batch or "labels" not in batch:
         raise ValueError(f"{path} is not a CIFAR-10 python batch (no 'data'/'labels' entries)")
-    data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return data, np.asarray(batch["labels"], dtype=np.int64)
+    data, labels = batch["data"], batch["labels"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 \
+            or not 0 < data.shape[0] <= _CIFAR_MAX_ROWS:
+        shape = data.shape if isinstance(data, np.ndarray) else type(data).__name__
+        raise ValueError(f"{path}: 'data' must be a (n ≤ {_CIFAR_MAX_ROWS}, 3072) uint8 array, got {shape}")
+    if isinstance(labels, np.ndarray):
+        ok = labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer)
+    else:
+        ok = isinstance(labels, list) and len(labels) <= _CIFAR_MAX_ROWS and all(
+            [isinstance(v, int) and not isinstance(v, bool) for v in labels])
+    if not ok or len(labels) != data.shape[0]:
+        raise ValueError(f"{path}: 'labels' must be a flat list of {data.shape[0]} integers")
+    return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
 
 
 def load_cifar10(data_dir: str | os.PathLike | None) -> Dataset:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .._checks import check_choice, check_nonnegative_int, check_positive_int, check_positive_real
 from ..data import Dataset
-from ..io import read_metadata, read_tensors, save_model
+from ..io import ModelFileError, load_model, read_metadata, read_tensors, save_model
 
 __all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "EpochRecord", "evaluate", "measure", "LOSSES", "accuracy"]
 
@@ -236,9 +236,13 @@ class Trainer:
         }
         save_model(self.model, self.checkpoint, meta, overwrite=True, extra_tensors=tensors)
 
-    def _restore(self, optimizer: torch.optim.Optimizer) -> int:
+    def _restore(self) -> tuple[torch.optim.Optimizer, int]:
+        """Load the checkpoint into the model — layers as recorded, so bond dimensions changed by a sweep come back
+        as they were — then build the optimizer for those parameters and load its state."""
         assert self.checkpoint is not None
-        meta = read_metadata(self.checkpoint)["metadata"]
+        meta = read_metadata(self.checkpoint).get("metadata", {})
+        if not isinstance(meta, dict) or "train_config" not in meta or "optimizer" not in meta:
+            raise ModelFileError(f"{self.checkpoint} is not a torchtn training checkpoint (no training state)")
         saved_cfg = {k: v for k, v in meta["train_config"].items() if k not in ("progress", "desc")}
         now_cfg = {k: v for k, v in asdict(self.config).items() if k not in ("progress", "desc")}
         if saved_cfg != now_cfg:
@@ -247,14 +251,17 @@ class Trainer:
         if meta.get("loss", "cross_entropy") != self.loss_name:
             raise ValueError(f"cannot resume {self.checkpoint}: it was trained with loss {meta.get('loss')!r}, "
                              f"not {self.loss_name!r}")
+        load_model(self.checkpoint, self.model, strict=True)
+        optimizer = self.optimizer = self._make_optimizer()
         tensors = read_tensors(self.checkpoint)
-        model_state = {k: v for k, v in tensors.items() if not k.startswith("__")}
-        self.model.load_state_dict(model_state)
         optim = {k[len("__optim/"):]: v for k, v in tensors.items() if k.startswith("__optim/")}
-        optimizer.load_state_dict(_unflatten_optimizer(optim, meta["optimizer"]))
-        torch.set_rng_state(tensors["__rng/torch"])
-        self.history = [_record(h) for h in meta["history"]]
-        return int(meta["epoch"])
+        try:
+            optimizer.load_state_dict(_unflatten_optimizer(optim, meta["optimizer"]))
+            torch.set_rng_state(tensors["__rng/torch"])
+            self.history = [_record(h) for h in meta["history"]]
+            return optimizer, int(meta["epoch"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise ModelFileError(f"{self.checkpoint}: its training state is damaged ({type(err).__name__})") from None
 
     def _train_epoch(self, optimizer: torch.optim.Optimizer, data: Dataset, epoch: int, steps_per_epoch: int,
                      total: int, bar: tqdm) -> tuple[float, float]:
@@ -297,7 +304,7 @@ class Trainer:
             if not resume:
                 raise FileExistsError(f"checkpoint {self.checkpoint} exists: resume it (resume=True / --resume) or "
                                       f"choose another output path; it is never overwritten by a fresh run")
-            start = self._restore(optimizer)
+            optimizer, start = self._restore()
         else:
             torch.manual_seed(c.seed)
         steps_per_epoch = math.ceil(len(data.y_train) / c.batch_size)

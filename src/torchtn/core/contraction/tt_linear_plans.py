@@ -259,7 +259,6 @@ def plan_tt_linear(
     batch: int,
     *,
     cache_merged: bool = False,
-    itemsize: int | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     cache_limit: int = 1 << 22,
@@ -279,19 +278,16 @@ def plan_tt_linear(
     ``model``: the cost model (default: the one registered for ``device``'s type). ``autotune``: measure the best
     candidates on ``device`` (default: :func:`~torchtn.core.contraction.autotune_enabled`).
     """
-    if itemsize is not None:  # older callers priced by item size only
-        dtype = {2: torch.float16, 4: torch.float32, 8: torch.float64}.get(itemsize, dtype)
     device = torch.device(device)
     problem = TTLinearProblem(tuple(in_shape), tuple(out_shape), tuple(ranks), int(batch), dtype, str(device),
                               bool(training), bool(training and input_grad), bool(cache_merged), int(cache_limit))
-    return make_plan(KIND, force or "auto", problem, cost_model=model if model is not None else None, device=device,
+    return make_plan(KIND, force or "auto", problem, cost_model=model, device=device,
                      measure=_measure(problem), autotune=autotune, anchors=lambda plan: plan.is_dense)
 
 
 def plan_for(cores: Sequence[torch.Tensor], batch: int, *, dtype: torch.dtype | None = None,
              device: torch.device | str | None = None, needs_grad: bool = False, input_grad: bool = True,
-             contraction: str = "auto",
-             cache_merged: bool = False, cost_model: CostModel | None = None,
+             contraction: str = "auto", cache_merged: bool = False, cost_model: CostModel | None = None,
              autotune: bool | None = None) -> ContractionPlan:
     """The plan for these cores (their shapes and current ranks) and a batch of ``batch`` rows."""
     out_shape, in_shape = tt_shapes(cores)
