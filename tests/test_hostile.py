@@ -1,6 +1,7 @@
 """Hostile and damaged input: every entry point ends with one clear line (exit 2 on the CLI), writes nothing, and
 stays within bounded memory and time. Fixtures are built on the fly; CLI runs happen in subprocesses under an
 address-space limit."""
+import functools
 import gzip
 import json
 import os
@@ -8,6 +9,7 @@ import pickle
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -241,11 +243,16 @@ def test_damaged_tensors_raise_model_file_error(tmp_path, kind):
     assert isinstance(skeleton[0], nn.Linear) and all(torch.equal(before[k], v) for k, v in skeleton.state_dict().items())
 
 
+@functools.lru_cache(maxsize=1)
+def _valid_model_bytes() -> bytes:
+    with tempfile.TemporaryDirectory() as d:
+        return _model_file(Path(d))[0].read_bytes()
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzzed_model_files_fail_cleanly(tmp_path, data):
-    path, _, _ = _model_file(tmp_path)
-    mutated = bytearray(path.read_bytes())
+    mutated = bytearray(_valid_model_bytes())
     for _ in range(data.draw(st.integers(1, 6))):
         mutated[data.draw(st.integers(0, len(mutated) - 1))] = data.draw(st.integers(0, 255))
     bad = tmp_path / "fuzz.safetensors"

@@ -157,6 +157,10 @@ def load_mnist(data_dir: str | os.PathLike | None) -> Dataset:
     return _load_idx_dir(Path(data_dir), "mnist", f"Put {_IDX_FILES} (or their unzipped forms) there.", (1, 28, 28))
 
 
+class _Refused(pickle.UnpicklingError):
+    """A pickle asked for a global that could run code."""
+
+
 class _ArrayOnlyUnpickler(pickle.Unpickler):
     """Unpickles dicts/lists/bytes/NumPy arrays only: any other global is refused, so no code can run."""
 
@@ -167,7 +171,7 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR-10 batch file")
+        raise _Refused(f"refusing to load {module}.{name} from a CIFAR-10 batch file")
 
 
 _CIFAR_MAX_FILE = 64 << 20  # a real batch is ~31 MB
@@ -187,7 +191,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as fh:
             batch = _ArrayOnlyUnpickler(fh, encoding="bytes").load()
-    except pickle.UnpicklingError:
+    except _Refused:
         raise
     except Exception as err:  # truncated or malformed pickles raise many types
         raise ValueError(f"{path} is not a CIFAR-10 python batch ({type(err).__name__})") from None
