@@ -299,7 +299,7 @@ def test_bare_torchtn_prints_usage_to_stderr():
 
 
 @pytest.mark.parametrize("case", ["idx-bomb", "hostile-model", "out-under-file", "huge-hidden", "huge-seed",
-                                  "unreachable-ratio", "resume-nothing"])
+                                  "unreachable-ratio", "resume-nothing", "plot-nowhere"])
 def test_cli_refuses_in_bounded_memory_writing_nothing(tmp_path, memory_limit, case):
     out = tmp_path / "out"
     if case == "idx-bomb":
@@ -309,7 +309,7 @@ def test_cli_refuses_in_bounded_memory_writing_nothing(tmp_path, memory_limit, c
     elif case == "hostile-model":
         path, meta, tensors = _model_file(tmp_path)
         bad = _write(tmp_path, "huge", tensors, HOSTILE_META["huge-claim"](meta))
-        args, words = ["inspect", bad, "--plot", out / "p.png"], ["huge.safetensors"]
+        args, words = ["inspect", bad, "--plot", tmp_path / "p.png"], ["huge.safetensors"]
     elif case == "out-under-file":
         (tmp_path / "file").write_text("x")
         out = tmp_path / "file" / "run"
@@ -320,6 +320,9 @@ def test_cli_refuses_in_bounded_memory_writing_nothing(tmp_path, memory_limit, c
         args, words = ["compress", "--seed", str(2**64), "--out", out], ["--seed"]
     elif case == "unreachable-ratio":
         args, words = ["compress", "--ratio", "1e9", "--out", out], ["unreachable"]
+    elif case == "plot-nowhere":
+        path, _, _ = _model_file(tmp_path)
+        args, words = ["inspect", path, "--plot", tmp_path / "no" / "such" / "p.png"], ["not a writable directory"]
     else:
         out.mkdir()
         (out / "notes.txt").write_text("mine")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -103,8 +104,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from .layers import type_name
     from .report import format_table
 
-    if args.plot is not None and args.plot.exists():
-        return _fail(f"--plot {args.plot} exists; choose another path")
+    if args.plot is not None:
+        if args.plot.exists():
+            return _fail(f"--plot {args.plot} exists; choose another path")
+        parent = args.plot.parent if str(args.plot.parent) else Path(".")
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            return _fail(f"--plot {args.plot} cannot be written: {parent} is not a writable directory")
     try:
         meta = read_metadata(args.file)
         layers = load_layers(args.file)  # every layer checked against the file before any number is computed
@@ -167,6 +172,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         return _fail(str(err))
     except OSError as err:
         return _fail(f"{err.filename or 'a file'} cannot be read: {err.strerror or err}")
+    except MemoryError:
+        return _fail(f"the data of --dataset {config.dataset} does not fit in memory")
     try:
         results = run_compress(config, out, resume=args.resume, progress=not args.no_progress,
                                log=lambda s: print(s, flush=True), data=data)
@@ -176,6 +183,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         return _fail(f"{err} — the run in {out} cannot be continued; start a new one with another --out")
     except OSError as err:
         return _fail(f"{err.filename or out} cannot be written: {err.strerror or err}")
+    except MemoryError:
+        return _fail("out of memory while training; choose a smaller --hidden or --batch-size")
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with: torchtn compress --resume --out {out} (and the same options)",
               file=sys.stderr)

@@ -80,6 +80,8 @@ class TrainConfig:
             raise ValueError(f"weight_decay={self.weight_decay!r} is not allowed: expected a number >= 0")
         check_choice("optimizer", self.optimizer, _OPTIMIZERS)
         check_nonnegative_int("seed", self.seed)
+        if self.seed >= 2**32:
+            raise ValueError(f"seed={self.seed!r} is not allowed: expected an integer in [0, 2**32)")
 
 
 @dataclass
