@@ -71,9 +71,9 @@ When the cores need no
         if autotune is not None and not isinstance(autotune, bool):
             raise TypeError(f"autotune={autotune!r} is not allowed: expected True, False or None (the global setting)")
         self.autotune = autotune
-        inner_ranks(rank, self.in_shape, self.out_shape, name="rank")  # validate under the argument's own name
-        self._init_cores(TTMatrix.random(self.in_shape, self.out_shape, rank, variance=1.0, device=device,
-                                         dtype=dtype))
+        ranks = (1, *inner_ranks(rank, self.in_shape, self.out_shape, name="rank"), 1)
+        self._init_cores(TTMatrix([torch.empty(ranks[k], m, n, ranks[k + 1], device=device, dtype=dtype)
+                                   for k, (m, n) in enumerate(zip(self.out_shape, self.in_shape))]))
         self.bias = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
 
