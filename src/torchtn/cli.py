@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -47,7 +48,7 @@ def _float_in(name: str, low: float, high: float | None, open_low: bool = True):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name}={text!r} is not a number") from None
         too_low = value <= low if open_low else value < low
-        if too_low or (high is not None and value >= high) or value != value:
+        if too_low or (high is not None and value >= high) or not math.isfinite(value):
             allowed = f"in the open interval ({low:g}, {high:g})" if high is not None else f"> {low:g}"
             raise argparse.ArgumentTypeError(f"{name}={text} is not allowed: expected a number {allowed}")
         return value

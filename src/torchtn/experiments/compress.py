@@ -161,11 +161,13 @@ def preflight(config: CompressConfig, out: Path, resume: bool, data: Dataset) ->
     """
     _check_writable(out)
     params = data.num_features * config.hidden + config.hidden + config.hidden * data.num_classes + data.num_classes
-    need = 4 * params * 4 + 4 * config.batch_size * (config.hidden + data.num_features) * 4  # w, grad, 2×Adam, acts
+    rows = min(config.batch_size, len(data.y_train))
+    need = 4 * params * 4 + 4 * rows * (config.hidden + data.num_features) * 4  # w, grad, 2×Adam; activations
     avail = _available_memory()
     if avail is not None and need > avail:
-        raise ValueError(f"--hidden {config.hidden}: training a {params:,}-parameter model needs about "
-                         f"{need / 2**30:.1f} GiB, and {avail / 2**30:.1f} GiB are available; choose a smaller --hidden")
+        raise ValueError(f"--hidden {config.hidden} with --batch-size {config.batch_size}: training this "
+                         f"{params:,}-parameter model needs about {need / 2**30:.1f} GiB, and {avail / 2**30:.1f} GiB "
+                         f"are available; choose a smaller --hidden or --batch-size")
     if config.ratio is not None:  # reachability depends only on the layer sizes: check on an untrained copy
         with torch.random.fork_rng():
             tensorize(FC2(data.num_features, config.hidden, data.num_classes), ratio=config.ratio)
