@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from torchtn import MPOLinear, load_model, save_model, tensorize
+from torchtn import MPOConv2d, MPOLinear, load_model, save_model, tensorize
 from torchtn.cli import main
 from torchtn.layers import TTLayer, layer_types, register_layer
 from torchtn.layers import registry as registry_module
@@ -13,6 +13,9 @@ from torchtn.layers import registry as registry_module
 # One example per registered type: adding a layer type without adding it here fails test_every_type_has_an_example.
 EXAMPLES = {
     "MPOLinear": lambda: MPOLinear(48, 20, 3, dtype=torch.float64),
+    "MPOConv2d": lambda: nn.Sequential(nn.Unflatten(1, (3, 4, 4)), MPOConv2d(3, 5, 3, padding=1, rank=3,
+                                                                               dtype=torch.float64),
+                                       nn.Flatten(), nn.Linear(80, 20, dtype=torch.float64)),
 }
 
 
@@ -22,12 +25,18 @@ def test_every_type_has_an_example():
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_round_trip_save_load_same_outputs(tmp_path, name):
-    layer = EXAMPLES[name]()
-    model = nn.Sequential(nn.Linear(48, 48, dtype=torch.float64), layer)
+    block = EXAMPLES[name]()  # a layer of this type, maybe inside a small block (48 features in, 20 out)
+    model = nn.Sequential(nn.Linear(48, 48, dtype=torch.float64), block)
     path = save_model(model, tmp_path / "m.safetensors")
-    skeleton = nn.Sequential(nn.Linear(48, 48, dtype=torch.float64), nn.Linear(48, 20, dtype=torch.float64))
+    skeleton = nn.Sequential(nn.Linear(48, 48, dtype=torch.float64), EXAMPLES[name]())
+    for _, m in skeleton.named_modules():  # a skeleton of dense modules where the file has registered layers
+        for child_name, child in list(m.named_children()):
+            if isinstance(child, MPOLinear):
+                setattr(m, child_name, nn.Linear(child.in_features, child.out_features, dtype=torch.float64))
+            elif isinstance(child, MPOConv2d):
+                setattr(m, child_name, child.to_conv())
     load_model(path, skeleton)
-    assert type(skeleton[1]) is type(layer)
+    assert {type(m).__name__ for m in skeleton.modules()} == {type(m).__name__ for m in model.modules()}
     x = torch.randn(5, 48, dtype=torch.float64)
     assert torch.equal(skeleton(x), model(x))
     assert main(["inspect", str(path)]) == 0

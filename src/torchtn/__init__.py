@@ -9,7 +9,7 @@ from .compress import tensorize
 from .core import TTMatrix, set_autotune, tt_round, tt_svd, tt_to_dense
 from .core.tt import bond_spectra, entanglement_entropy
 from .io import load_model, save_model
-from .layers import MPOLinear
+from .layers import MPOConv2d, MPOLinear
 
 __all__ = ["__version__", "TTMatrix", "tt_svd", "tt_to_dense", "tt_round", "bond_spectra", "entanglement_entropy",
-           "MPOLinear", "tensorize", "save_model", "load_model", "set_autotune"]
+           "MPOLinear", "MPOConv2d", "tensorize", "save_model", "load_model", "set_autotune"]

@@ -6,14 +6,16 @@ differentiable with respect to every tensor argument.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
-from .core.contraction import CostModel, MergedCache, get_strategy, tt_linear_apply
-from .core.tt import check_cores
+from .core.contraction import CostModel, MergedCache, get_cost_model, get_strategy, plan_for, tt_linear_apply
+from .core.tt import check_cores, tt_to_dense
 
-__all__ = ["mpo_linear"]
+__all__ = ["mpo_linear", "mpo_conv2d", "conv_kernel_to_matrix", "conv_kernel_from_matrix"]
 
 
 def mpo_linear(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None = None, *,
@@ -31,3 +33,86 @@ def mpo_linear(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tenso
         get_strategy("tt_linear", contraction)
     return tt_linear_apply(x, cores, bias, contraction=contraction, cost_model=cost_model, autotune=autotune,
                            cache=cache)
+
+
+def conv_kernel_to_matrix(kernel: torch.Tensor, mapping: str = "matrix") -> torch.Tensor:
+    """A conv kernel ``(C_out, C_in/g, kh, kw)`` as the matrix an MPO holds: ``"matrix"`` — ``(C_out, C_in/g·kh·kw)``
+    in PyTorch's ``(channel, position)`` order; ``"spatial"`` — the same with the input index ``(position, channel)``."""
+    c_out, cin = kernel.shape[:2]
+    if mapping == "matrix":
+        return kernel.reshape(c_out, -1)
+    return kernel.reshape(c_out, cin, -1).transpose(1, 2).reshape(c_out, -1)
+
+
+def conv_kernel_from_matrix(matrix: torch.Tensor, in_per_group: int, kernel_size: Sequence[int],
+                            mapping: str = "matrix") -> torch.Tensor:
+    """The inverse of :func:`conv_kernel_to_matrix`: ``(C_out, fan_in) -> (C_out, C_in/g, kh, kw)``."""
+    kh, kw = kernel_size
+    c_out = matrix.shape[0]
+    if mapping == "matrix":
+        return matrix.reshape(c_out, in_per_group, kh, kw)
+    return matrix.reshape(c_out, kh * kw, in_per_group).transpose(1, 2).reshape(c_out, in_per_group, kh, kw)
+
+
+def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def mpo_conv2d(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None = None, *,
+               kernel_size: Sequence[int], stride: Sequence[int] = (1, 1), padding: Sequence[int] | str = (0, 0),
+               dilation: Sequence[int] = (1, 1), groups: int = 1, mapping: str = "matrix",
+               contraction: str = "auto", cost_model: CostModel | None = None, cache: MergedCache | None = None,
+               dense: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """2-D convolution with the kernel held by the TT-matrix ``cores`` (see :class:`torchtn.MPOConv2d`).
+
+    Shape: ``(batch, C_in, H, W) -> (batch, C_out, H', W')``. Two ways, chosen by the cost model unless
+    ``contraction`` says (``"rebuild"``/``"patches"``): rebuild the kernel (``dense()`` may return a cached dense
+    matrix) and call ``F.conv2d``; or unfold the input into patches ``(batch·H'·W', C_in·kh·kw)`` and contract them
+    through the cores with the planned ``tt_linear`` (``"matrix"`` mapping, ``groups == 1``, numeric padding only).
+    """
+    in_per_group = math.prod([int(c.shape[2]) for c in cores]) // (kernel_size[0] * kernel_size[1])
+    patches_ok = mapping == "matrix" and groups == 1 and not isinstance(padding, str)
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    use_patches = contraction == "patches"
+    if contraction == "auto" and patches_ok:
+        use_patches = _patches_cheaper(x, cores, kernel_size, stride, padding, dilation, cost_model, cache)
+    if use_patches:
+        if not patches_ok:
+            raise ValueError("contraction='patches' needs mapping='matrix', groups=1 and numeric padding")
+        batch, _, h, w = x.shape
+        ho = _out_size(h, kernel_size[0], stride[0], padding[0], dilation[0])
+        wo = _out_size(w, kernel_size[1], stride[1], padding[1], dilation[1])
+        cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)  # (B, fan_in, L)
+        y = tt_linear_apply(cols.transpose(1, 2), cores, bias, cost_model=cost_model, cache=cache)  # (B, L, C_out)
+        y = y.transpose(1, 2).reshape(batch, -1, ho, wo)
+    else:
+        needs_grad = torch.is_grad_enabled() and any([c.requires_grad for c in cores])
+        matrix = dense() if dense is not None and not needs_grad else tt_to_dense(cores)
+        kernel = conv_kernel_from_matrix(matrix, in_per_group, kernel_size, mapping)
+        y = F.conv2d(x, kernel, bias, stride, padding, dilation, groups)
+    return y.squeeze(0) if unbatched else y
+
+
+def _patches_cheaper(x, cores, kernel_size, stride, padding, dilation, cost_model, cache) -> bool:
+    """Price the two ways with the device's cost model (memoized per call signature in ``cache``)."""
+    needs_grad = torch.is_grad_enabled() and any([c.requires_grad for c in cores])
+    key = ("conv", tuple(x.shape), x.dtype, x.device, needs_grad, tuple([c.shape for c in cores]))
+    if cache is not None and key in cache.plans:
+        return cache.plans[key]
+    batch, _, h, w = x.shape
+    rows = batch * _out_size(h, kernel_size[0], stride[0], padding[0], dilation[0]) * _out_size(
+        w, kernel_size[1], stride[1], padding[1], dilation[1])
+    common = dict(dtype=x.dtype, device=x.device, needs_grad=needs_grad, input_grad=x.requires_grad,
+                  cache_merged=not needs_grad, cost_model=cost_model)
+    rebuild = plan_for(cores, rows, contraction="dense", **common).seconds
+    best = plan_for(cores, rows, **common)
+    model = cost_model if cost_model is not None else get_cost_model(x.device)
+    fan_in = math.prod([int(c.shape[2]) for c in cores])
+    out = math.prod([int(c.shape[1]) for c in cores])
+    copies = model.copy_seconds(rows * fan_in, x.element_size()) + model.copy_seconds(rows * out, x.element_size())
+    cheaper = not best.is_dense and best.seconds + copies < rebuild
+    if cache is not None:
+        cache.plans[key] = cheaper
+    return cheaper

@@ -1,6 +1,7 @@
 """Layers: thin ``nn.Module``s over the math core, and the registry that makes them files, tensorize rules and reports."""
+from .mpo_conv import MPOConv2d
 from .mpo_linear import MPOLinear
 from .registry import converter_for, layer_type, layer_types, register_layer, type_name
 from .tt_layer import TTLayer
 
-__all__ = ["MPOLinear", "TTLayer", "register_layer", "layer_types", "layer_type", "type_name", "converter_for"]
+__all__ = ["MPOLinear", "MPOConv2d", "TTLayer", "register_layer", "layer_types", "layer_type", "type_name", "converter_for"]
