@@ -1,13 +1,19 @@
-"""Model zoo built from torchtn layers; ``build_model(config)`` rebuilds a dense skeleton from a file's metadata."""
+"""Model zoo: the five networks of Gao et al. 2020, each buildable dense or with MPO layers.
+
+``build_model(config)`` rebuilds a model from its ``config()`` dict (stored in every model file torchtn writes).
+"""
 from collections.abc import Mapping
 
 from torch import nn
 
+from .cifar import VGG16, DenseNet, ResNet18
 from .fc2 import FC2
+from .lenet5 import LeNet5
 
-__all__ = ["FC2", "build_model", "MODELS"]
+__all__ = ["FC2", "LeNet5", "VGG16", "ResNet18", "DenseNet", "build_model", "MODELS"]
 
-MODELS = {"fc2": FC2}
+MODELS: dict[str, type[nn.Module]] = {"fc2": FC2, "lenet5": LeNet5, "vgg16": VGG16, "resnet18": ResNet18,
+                                      "densenet": DenseNet}
 
 
 def build_model(config: Mapping) -> nn.Module:
@@ -16,4 +22,7 @@ def build_model(config: Mapping) -> nn.Module:
     name = config.pop("name", None)
     if name not in MODELS:
         raise ValueError(f"model name {name!r} is not in the zoo: expected one of {sorted(MODELS)}")
-    return MODELS[name](**config)
+    try:
+        return MODELS[name](**config)
+    except TypeError as err:
+        raise ValueError(f"model config for {name!r} is invalid: {err}") from None

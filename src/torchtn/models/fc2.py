@@ -5,29 +5,38 @@ import torch
 from torch import nn
 
 from .._checks import check_positive_int
+from .blocks import linear
 
-__all__ = ["FC2"]
+__all__ = ["FC2", "GAO_FC2_SHAPES"]
+
+# Gao et al.'s modes for 784 → 256 → 10 (spec/mpo.md §4.3): (in_shape, out_shape) per layer
+GAO_FC2_SHAPES = (((4, 7, 7, 4), (4, 4, 4, 4)), ((4, 4, 4, 4), (1, 10, 1, 1)))
 
 
 class FC2(nn.Module):
-    """``(batch, in_features) -> (batch, num_classes)`` logits through ``fc1 → ReLU → fc2``.
+    """``(batch, *image) -> (batch, num_classes)`` logits through ``fc1 → ReLU → fc2`` (inputs are flattened).
 
-    ``tensorize`` turns ``fc1``/``fc2`` into ``MPOLinear``; :meth:`config` rebuilds the dense skeleton for loading.
+    ``layers="mpo"`` builds both layers as ``MPOLinear`` with every inner bond at ``rank`` (Gao et al.'s modes for
+    784 → 256 → 10, balanced factorizations otherwise); ``"dense"`` builds ``nn.Linear``. ``tensorize`` also turns a
+    dense FC2 into an MPO one; :meth:`config` rebuilds the same skeleton for loading.
     """
 
-    def __init__(self, in_features: int, hidden: int = 256, num_classes: int = 10, bias: bool = True) -> None:
+    def __init__(self, in_features: int, hidden: int = 256, num_classes: int = 10, bias: bool = True,
+                 layers: str = "dense", rank: int = 4) -> None:
         super().__init__()
         self.in_features = check_positive_int("in_features", in_features)
         self.hidden = check_positive_int("hidden", hidden)
         self.num_classes = check_positive_int("num_classes", num_classes)
-        self.fc1 = nn.Linear(self.in_features, self.hidden, bias=bias)
+        gao = (in_features, hidden, num_classes) == (784, 256, 10)
+        s1, s2 = GAO_FC2_SHAPES if gao else ((None, None), (None, None))
+        self.fc1 = linear(self.in_features, self.hidden, layers, rank, in_shape=s1[0], out_shape=s1[1], bias=bias)
         self.act = nn.ReLU()
-        self.fc2 = nn.Linear(self.hidden, self.num_classes, bias=bias)
-        self._bias = bias
+        self.fc2 = linear(self.hidden, self.num_classes, layers, rank, in_shape=s2[0], out_shape=s2[1], bias=bias)
+        self._bias, self._layers, self._rank = bias, layers, rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x.flatten(1))))
 
     def config(self) -> dict:
         return {"name": "fc2", "in_features": self.in_features, "hidden": self.hidden,
-                "num_classes": self.num_classes, "bias": self._bias}
+                "num_classes": self.num_classes, "bias": self._bias, "layers": self._layers, "rank": self._rank}

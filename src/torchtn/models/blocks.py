@@ -1,0 +1,32 @@
+"""The one place where zoo models choose between a dense layer and its MPO counterpart."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from .._checks import check_choice
+from ..layers import MPOConv2d, MPOLinear
+
+__all__ = ["LAYER_KINDS", "linear", "conv2d"]
+
+LAYER_KINDS = ("dense", "mpo")
+
+
+def linear(in_features: int, out_features: int, layers: str, rank: int | Sequence[int], *,
+           in_shape: Sequence[int] | None = None, out_shape: Sequence[int] | None = None,
+           bias: bool = True) -> nn.Module:
+    """``nn.Linear`` (``layers="dense"``) or ``MPOLinear`` with the given modes and bonds (``"mpo"``)."""
+    check_choice("layers", layers, LAYER_KINDS)
+    if layers == "dense":
+        return nn.Linear(in_features, out_features, bias=bias)
+    return MPOLinear(in_features, out_features, rank, in_shape, out_shape, bias=bias)
+
+
+def conv2d(in_channels: int, out_channels: int, kernel_size: int, layers: str, rank: int | Sequence[int], *,
+           stride: int = 1, padding: int | str = 0, bias: bool = True) -> nn.Module:
+    """``nn.Conv2d`` (``layers="dense"``) or ``MPOConv2d`` (im2col-matrix mapping) with bonds ``rank``."""
+    check_choice("layers", layers, LAYER_KINDS)
+    if layers == "dense":
+        return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias)
+    return MPOConv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias, rank=rank)
