@@ -55,8 +55,27 @@ def _float_in(name: str, low: float, high: float | None, open_low: bool = True):
     return parse
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _add_run_options(p: argparse.ArgumentParser, job: str, epochs_help: str, lr: float) -> None:
+    """The options every training job shares: data, schedule, seed, output directory and resume."""
     from .data import DATASETS
+
+    p.add_argument("--dataset", choices=DATASETS, default="digits", help="default: digits (ships with scikit-learn)")
+    p.add_argument("--data-dir", type=Path, default=None, help="directory of the dataset's files (mnist, cifar10; "
+                                                               "fashion-mnist defaults to the Debian package's)")
+    p.add_argument("--epochs", type=_int_at_least("--epochs", 0), default=None, help=epochs_help)
+    p.add_argument("--batch-size", type=_int_at_least("--batch-size", 1), default=128,
+                   help="rows per optimizer step (the global batch, split across processes under torchrun)")
+    p.add_argument("--lr", type=_float_in("--lr", 0.0, None), default=lr, help="learning rate")
+    p.add_argument("--seed", type=_int_at_least("--seed", 0, 2**32 - 1), default=0)
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"output directory (default: runs/{job}-<dataset>-<time>); an existing non-empty one is "
+                        f"refused unless --resume")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from .models import MODELS
 
     parser = _Parser(prog="torchtn", description="Tensor networks inside deep neural networks.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -66,9 +85,7 @@ def _build_parser() -> argparse.ArgumentParser:
                        description="Train a dense FC2 (input → hidden → classes), tensorize it at a sweep of ranks "
                                    "(default 1,2,4,8,16) or at --rank/--rel-tol/--ratio, fine-tune each, print a "
                                    "table and write models, results.json and a plot into --out.")
-    c.add_argument("--dataset", choices=DATASETS, default="digits", help="default: digits (ships with scikit-learn)")
-    c.add_argument("--data-dir", type=Path, default=None, help="directory of the dataset's files (mnist, cifar10; "
-                                                               "fashion-mnist defaults to the Debian package's)")
+    _add_run_options(c, "compress", "dense training epochs (default: 30 on digits, 15 otherwise)", 2e-3)
     how = c.add_mutually_exclusive_group()
     how.add_argument("--rank", type=_int_at_least("--rank", 1), nargs="+", default=None,
                      help="bond-dimension cap(s) to sweep, e.g. --rank 4 8")
@@ -76,20 +93,22 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="relative Frobenius error bound of each layer's TT-SVD, in (0, 1)")
     how.add_argument("--ratio", type=_float_in("--ratio", 0.0, None), default=None,
                      help="whole-model compression R× (dense parameters / tensorized parameters), R > 0")
-    c.add_argument("--epochs", type=_int_at_least("--epochs", 0), default=None,
-                   help="dense training epochs (default: 30 on digits, 15 otherwise)")
     c.add_argument("--finetune-epochs", type=_int_at_least("--finetune-epochs", 0), default=None,
                    help="fine-tuning epochs per setting (default: same as --epochs)")
     c.add_argument("--hidden", type=_int_at_least("--hidden", 1, 2**31), default=256)
-    c.add_argument("--batch-size", type=_int_at_least("--batch-size", 1), default=128)
-    c.add_argument("--lr", type=_float_in("--lr", 0.0, None), default=2e-3, help="dense training learning rate")
     c.add_argument("--finetune-lr", type=_float_in("--finetune-lr", 0.0, None), default=1e-3)
-    c.add_argument("--seed", type=_int_at_least("--seed", 0, 2**32 - 1), default=0)
-    c.add_argument("--out", type=Path, default=None,
-                   help="output directory (default: runs/compress-<dataset>-<time>); an existing non-empty one is "
-                        "refused unless --resume")
-    c.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    t = sub.add_parser("train", help="train a zoo model, dense or with MPO layers (torchrun: many processes)",
+                       description="Train a model of the zoo with the shared trainer and write the model, its "
+                                   "checkpoint and results.json into --out. Runs data-parallel unchanged under "
+                                   "torchrun (e.g. torchrun --nproc_per_node 2 -m torchtn train ...).")
+    _add_run_options(t, "train", "training epochs (default 10)", 1e-3)
+    t.add_argument("--arch", choices=sorted(MODELS), default="fc2", help="zoo architecture (default fc2)")
+    t.add_argument("--layers", choices=("dense", "mpo"), default="dense",
+                   help="dense layers, or the architecture's MPO layers (default dense)")
+    t.add_argument("--rank", type=_int_at_least("--rank", 1), default=4, help="MPO bond dimension (default 4)")
+    t.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+
     i = sub.add_parser("inspect", help="show a model file's tensor-network layers: ranks, entanglement, errors",
                        description="Print, for every tensor-network layer in a torchtn .safetensors file (any "
                                    "registered type), each bond's rank, entanglement entropy and the relative error "
@@ -144,40 +163,49 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_compress(args: argparse.Namespace) -> int:
+def _elastic_restart() -> bool:
+    """Whether torchrun restarted this worker group after a failure (``--max-restarts``)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
+def _run_job(job: str, args: argparse.Namespace, make_config, prepare, run) -> int:
+    """The flow every training job shares: settings, output directory, data and checks before anything is written,
+    then the run, with every failure turned into one line (exit 2; 1 for a diverged run; 130 when interrupted).
+
+    ``make_config()`` builds the validated settings; ``prepare(config, data, out)`` makes the job's own checks;
+    ``run(config, data, out)`` runs it and returns what to print.
+    """
     import pickle
 
     from .data import DataFilesMissing, load_dataset
-    from .experiments.compress import CompressConfig, preflight, run_compress
     from .io import ModelFileError
     from .train import TrainingDiverged
 
     try:
-        config = CompressConfig(dataset=args.dataset, data_dir=None if args.data_dir is None else str(args.data_dir),
-                                hidden=args.hidden, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
-                                ranks=args.rank, rel_tol=args.rel_tol, ratio=args.ratio, batch_size=args.batch_size,
-                                lr=args.lr, finetune_lr=args.finetune_lr, seed=args.seed)
+        config = make_config()
     except ValueError as err:
         return _fail(str(err))
-    out = args.out if args.out is not None else Path("runs") / f"compress-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = args.out if args.out is not None else Path("runs") / f"{job}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.resume and args.out is None:
         return _fail("--resume needs --out DIR (the directory of the run to continue)")
     if out.exists() and not out.is_dir():
         return _fail(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not args.resume:
+    if _elastic_restart() and args.out is not None:
+        # torchrun restarted the workers after a failure: continue our own run if it got as far as a checkpoint
+        args.resume = any(out.glob("*.safetensors")) or any((out / "checkpoints").glob("*.safetensors"))
+    elif out.is_dir() and any(out.iterdir()) and not args.resume:
         return _fail(f"--out {out} already holds files: pass --resume to continue that run, or choose another --out")
     try:
-        data = load_dataset(config.dataset, config.data_dir)  # before anything is written
-        preflight(config, out, args.resume, data)
+        data = load_dataset(args.dataset, None if args.data_dir is None else str(args.data_dir))
+        prepare(config, data, out)
     except (DataFilesMissing, ValueError, pickle.UnpicklingError) as err:
         return _fail(str(err))
     except OSError as err:
         return _fail(f"{err.filename or 'a file'} cannot be read: {err.strerror or err}")
     except MemoryError:
-        return _fail(f"the data of --dataset {config.dataset} does not fit in memory")
+        return _fail(f"the data of --dataset {args.dataset} does not fit in memory")
     try:
-        results = run_compress(config, out, resume=args.resume, progress=not args.no_progress,
-                               log=lambda s: print(s, flush=True), data=data)
+        message = run(config, data, out)
     except TrainingDiverged as err:
         return _fail(str(err), status=1)
     except ModelFileError as err:
@@ -185,15 +213,68 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     except OSError as err:
         return _fail(f"{err.filename or out} cannot be written: {err.strerror or err}")
     except MemoryError:
-        return _fail("out of memory while training; choose a smaller --hidden or --batch-size")
+        return _fail("out of memory while training; choose a smaller model or --batch-size")
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with: torchtn compress --resume --out {out} (and the same options)",
+        print(f"\ninterrupted; continue with: torchtn {job} --resume --out {out} (and the same options)",
               file=sys.stderr)
         return 130
-    print()
-    print(results["table"])
-    print(f"\nwrote {out}/results.json, {out}/accuracy_vs_compression.png and the models (*.safetensors)")
+    if message:
+        print(message)
     return 0
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from .experiments.compress import CompressConfig, preflight, run_compress
+
+    def make_config():
+        return CompressConfig(dataset=args.dataset, data_dir=None if args.data_dir is None else str(args.data_dir),
+                              hidden=args.hidden, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+                              ranks=args.rank, rel_tol=args.rel_tol, ratio=args.ratio, batch_size=args.batch_size,
+                              lr=args.lr, finetune_lr=args.finetune_lr, seed=args.seed)
+
+    def run(config, data, out):
+        results = run_compress(config, out, resume=args.resume, progress=not args.no_progress,
+                               log=lambda s: print(s, flush=True), data=data)
+        return (f"\n{results['table']}\n\nwrote {out}/results.json, {out}/accuracy_vs_compression.png and the "
+                f"models (*.safetensors)")
+
+    return _run_job("compress", args, make_config, lambda config, data, out: preflight(config, out, args.resume, data),
+                    run)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .experiments.rundir import check_resume, check_writable
+    from .experiments.train import TrainJob, check_train_job, run_train
+    from .train.trainer import process_group
+
+    rank, world = process_group(init=True)
+    log = (lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None)
+
+    def make_config():
+        return TrainJob(arch=args.arch, layers=args.layers, rank=args.rank, dataset=args.dataset,
+                        data_dir=None if args.data_dir is None else str(args.data_dir),
+                        epochs=10 if args.epochs is None else args.epochs, batch_size=args.batch_size, lr=args.lr,
+                        optimizer=args.optimizer, seed=args.seed)
+
+    def prepare(job, data, out):
+        check_writable(out)
+        check_train_job(job, data)
+        if job.batch_size < world:
+            raise ValueError(f"--batch-size {job.batch_size} is smaller than the {world} processes")
+        if args.resume:
+            from dataclasses import asdict
+
+            def normalize(settings: dict) -> dict:
+                return {k: v for k, v in asdict(TrainJob(**settings)).items() if k != "data_dir"}
+
+            check_resume(out, "train", ["model.safetensors"], "train_job", asdict(job), normalize)
+
+    def run(job, data, out):
+        log(data.describe())
+        run_train(job, data, out, resume=args.resume, progress=not args.no_progress, log=log)
+        return f"wrote {out}/model.safetensors and {out}/results.json" if rank == 0 else ""
+
+    return _run_job("train", args, make_config, prepare, run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -209,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "compress":
         return _cmd_compress(args)
+    if args.command == "train":
+        return _cmd_train(args)
     if args.command == "inspect":
         return _cmd_inspect(args)
     parser.print_usage(sys.stderr)

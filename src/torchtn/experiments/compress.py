@@ -12,7 +12,6 @@ continues an interrupted training from its checkpoint)::
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,10 +22,11 @@ import torch
 from .._checks import check_nonnegative_int, check_positive_int, check_positive_real, check_rel_tol
 from ..compress import tensorize
 from ..data import Dataset, load_dataset
-from ..io import ModelFileError, atomic_write_text, load_model, read_metadata, read_tensors, save_model
+from ..io import atomic_write_text, load_model, read_metadata, save_model
 from ..models import FC2
 from ..report import format_table
 from ..train import TrainConfig, Trainer, evaluate
+from .rundir import available_memory, check_resume, check_writable
 
 __all__ = ["CompressConfig", "CompressRow", "run_compress", "preflight", "DEFAULT_RANKS", "results_table"]
 
@@ -119,51 +119,17 @@ def _effective(config: dict) -> dict:
     return out
 
 
-def recorded_config(out: Path) -> dict | None:
-    """The settings of the ``torchtn compress`` run recorded in ``out`` (``None`` if it holds none)."""
-    for path in (out / "dense.safetensors", out / "checkpoints" / "dense.safetensors"):
-        if path.exists():
-            meta = read_metadata(path).get("metadata", {})
-            cfg = meta.get("compress_config") if isinstance(meta, dict) else None
-            if not isinstance(cfg, dict):
-                raise ModelFileError(f"{path} records no compress settings: it is not part of a torchtn compress run")
-            return cfg
-    return None
-
-
-def _available_memory() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _check_writable(out: Path) -> None:
-    probe = out
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe != out and not probe.is_dir():
-        raise ValueError(f"--out {out} cannot be created: {probe} is a file, not a directory")
-    if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out} cannot be written: {probe} is not writable by you")
-
-
 def preflight(config: CompressConfig, out: Path, resume: bool, data: Dataset) -> None:
     """Every check that can be made before anything is written or trained; raises ``ValueError`` with one line.
 
     The output place is writable; the model fits in memory; a ``ratio`` is reachable for these layer sizes; a resumed
     run exists in ``out`` and was made with the same settings (named when they differ).
     """
-    _check_writable(out)
+    check_writable(out)
     params = data.num_features * config.hidden + config.hidden + config.hidden * data.num_classes + data.num_classes
     rows = min(config.batch_size, len(data.y_train))
     need = 4 * params * 4 + 4 * rows * (config.hidden + data.num_features) * 4  # w, grad, 2×Adam; activations
-    avail = _available_memory()
+    avail = available_memory()
     if avail is not None and need > avail:
         raise ValueError(f"--hidden {config.hidden} with --batch-size {config.batch_size}: training this "
                          f"{params:,}-parameter model needs about {need / 2**30:.1f} GiB, and {avail / 2**30:.1f} GiB "
@@ -172,26 +138,7 @@ def preflight(config: CompressConfig, out: Path, resume: bool, data: Dataset) ->
         with torch.random.fork_rng():
             tensorize(FC2(data.num_features, config.hidden, data.num_classes), ratio=config.ratio)
     if resume:
-        if not out.is_dir():
-            raise ValueError(f"--resume: {out} does not exist; there is no run to continue")
-        for tmp in [*out.glob(".*.tmp"), *(out / "checkpoints").glob(".*.tmp")]:
-            tmp.unlink()  # left by a kill between writing and renaming; never a finished file
-        for path in [*out.glob("*.safetensors"), *(out / "checkpoints").glob("*.safetensors")]:
-            read_metadata(path)  # a truncated or damaged file is refused now, not half-way through the run
-            read_tensors(path)
-        recorded = recorded_config(out)
-        if recorded is None:
-            raise ValueError(f"--resume: {out} holds no torchtn compress run (no dense.safetensors); start a new run "
-                             f"with another --out")
-        try:
-            before = _effective(recorded)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"--resume: the settings recorded in {out} are invalid ({err})") from None
-        now = _effective(asdict(config))
-        diff = [f"{k}: {before.get(k)!r} → {now.get(k)!r}" for k in sorted(now) if before.get(k) != now.get(k)]
-        if diff:
-            raise ValueError(f"--resume: the run in {out} was made with other settings ({'; '.join(diff)}); repeat "
-                             f"its options or start a new run with another --out")
+        check_resume(out, "compress", ["dense.safetensors"], "compress_config", asdict(config), _effective)
 
 
 def _run_stage(model: torch.nn.Module, data: Dataset, cfg: TrainConfig, out: Path, name: str, meta: dict,

@@ -11,15 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .._checks import check_choice, check_nonnegative_int, check_positive_int, check_positive_real
 from ..data import Dataset
 from ..io import ModelFileError, load_model, read_metadata, read_tensors, save_model
 
-__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "EpochRecord", "evaluate", "measure", "LOSSES", "accuracy"]
+__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "EpochRecord", "evaluate", "measure", "LOSSES", "accuracy",
+           "process_group"]
 
 _OPTIMIZERS = ("adamw", "sgd")
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -51,6 +54,16 @@ def _resolve_loss(loss: str | Loss, metrics: dict[str, Metric] | None) -> tuple[
         raise TypeError(f"loss={loss!r} is not allowed: expected one of {tuple(LOSSES)} or a callable "
                         f"(outputs, targets) -> scalar")
     return getattr(loss, "__name__", type(loss).__name__), loss, dict(metrics or {})
+
+
+def process_group(init: bool = False) -> tuple[int, int]:
+    """``(rank, world_size)`` of this process; with ``init``, join the group ``torchrun`` describes in the environment
+    (``WORLD_SIZE`` > 1: NCCL when CUDA is available, gloo otherwise). ``(0, 1)`` outside ``torch.distributed``."""
+    if dist.is_available() and not dist.is_initialized() and init and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 class TrainingDiverged(RuntimeError):
@@ -165,6 +178,11 @@ class Trainer:
     (:meth:`structure_changed`). With ``checkpoint`` (a ``.safetensors`` path) the model, optimizer, RNG state and
     history are written atomically after every epoch; ``fit(resume=True)`` continues from it and ends with the same
     weights as an uninterrupted run. An existing checkpoint is never replaced by a fresh run.
+
+    Under ``torch.distributed`` (e.g. ``torchrun``; the process group initialized by the caller) the model is wrapped
+    in ``DistributedDataParallel`` and every global batch of ``batch_size`` rows is split across the processes, with
+    each process's loss weighted by its share, so the averaged gradient is the single-process gradient of the same
+    global batch; only rank 0 writes checkpoints and shows the bar.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig | None = None, checkpoint: str | os.PathLike | None = None,
@@ -175,6 +193,8 @@ class Trainer:
         self.loss_name, self.loss_fn, self.metrics = _resolve_loss(loss, metrics)
         self.on_step_end = on_step_end
         self.optimizer: torch.optim.Optimizer | None = None
+        self.rank, self.world_size = process_group()
+        self._net: nn.Module = model
         self.config = config or TrainConfig()
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         if self.checkpoint is not None and self.checkpoint.suffix != ".safetensors":
@@ -214,7 +234,12 @@ class Trainer:
                     new.state[p] = {k: (v.clone() if isinstance(v, torch.Tensor) and v.dim() else v)
                                     for k, v in state.items()}
         self.optimizer = new
+        self._wrap()
         return new
+
+    def _wrap(self) -> None:
+        """The module that runs the forward pass: the model, or its DDP wrapper under ``torch.distributed``."""
+        self._net = DistributedDataParallel(self.model) if self.world_size > 1 else self.model
 
     def _lr(self, step: int, total: int) -> float:
         c = self.config
@@ -223,6 +248,9 @@ class Trainer:
 
     def _save(self, optimizer: torch.optim.Optimizer, epoch: int) -> None:
         if self.checkpoint is None:
+            return
+        if self.rank != 0:  # one writer; the others wait until the checkpoint is complete
+            dist.barrier()
             return
         tensors, rest = _flatten_optimizer(optimizer.state_dict())
         tensors["__rng/torch"] = torch.get_rng_state()
@@ -237,6 +265,8 @@ class Trainer:
             **self.metadata,
         }
         save_model(self.model, self.checkpoint, meta, overwrite=True, extra_tensors=tensors)
+        if self.world_size > 1:
+            dist.barrier()
 
     def _restore(self) -> tuple[torch.optim.Optimizer, int]:
         """Load the checkpoint into the model — layers as recorded, so bond dimensions changed by a sweep come back
@@ -279,8 +309,11 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx = order[i * c.batch_size:(i + 1) * c.batch_size]
-            xb, yb = data.x_train[idx].to(device), data.y_train[idx].to(device)
-            loss = self.loss_fn(self.model(xb), yb)
+            mine = idx[self.rank::self.world_size]  # this process's share of the global batch
+            xb, yb = data.x_train[mine].to(device), data.y_train[mine].to(device)
+            loss = self.loss_fn(self._net(xb), yb)
+            if self.world_size > 1:  # DDP averages gradients over processes: weight each by its share
+                loss = loss * (len(mine) * self.world_size / len(idx))
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(f"{c.desc}: loss became {loss_value} at epoch {epoch + 1}, step {i + 1} "
@@ -291,10 +324,14 @@ class Trainer:
             optimizer.step()
             if self.on_step_end is not None and self.on_step_end(self, epoch * steps_per_epoch + i):
                 optimizer = self.structure_changed()
-            running += loss_value * len(yb)
-            seen += len(yb)
+            running += loss_value * len(idx) / self.world_size
+            seen += len(idx) / self.world_size
             bar.update(1)
         self.optimizer = optimizer
+        if self.world_size > 1:
+            totals = torch.tensor([running, seen], dtype=torch.float64)
+            dist.all_reduce(totals)
+            running, seen = float(totals[0]), float(totals[1])
         return running / max(seen, 1), lr
 
     def fit(self, data: Dataset, resume: bool = False) -> list[EpochRecord]:
@@ -302,6 +339,9 @@ class Trainer:
         c = self.config
         optimizer = self.optimizer = self._make_optimizer()
         start = 0
+        if c.batch_size < self.world_size:
+            raise ValueError(f"batch_size={c.batch_size} is not allowed with {self.world_size} processes: every "
+                             f"process needs at least one row of each global batch")
         if self.checkpoint is not None and self.checkpoint.exists():
             if not resume:
                 raise FileExistsError(f"checkpoint {self.checkpoint} exists: resume it (resume=True / --resume) or "
@@ -309,10 +349,12 @@ class Trainer:
             optimizer, start = self._restore()
         else:
             torch.manual_seed(c.seed)
+        self._wrap()
         steps_per_epoch = math.ceil(len(data.y_train) / c.batch_size)
         total = steps_per_epoch * c.epochs
         # one bar per run (not per epoch): readable in a terminal and not flooding a log file
-        bar = tqdm(total=total, initial=start * steps_per_epoch, desc=c.desc, leave=False, disable=not c.progress,
+        bar = tqdm(total=total, initial=start * steps_per_epoch, desc=c.desc, leave=False,
+                   disable=not c.progress or self.rank != 0,
                    dynamic_ncols=True, mininterval=0.5, unit="step")
         try:
             for epoch in range(start, c.epochs):

@@ -1,0 +1,122 @@
+"""``torchtn train``: train a zoo model (dense or with MPO layers) with the shared trainer, on one process or many.
+
+Output directory (every file atomic; ``--resume`` continues from the checkpoint)::
+
+    out/model.safetensors (+ .json)     the trained model (its config, so ``build_model`` rebuilds the skeleton)
+    out/checkpoints/model.safetensors   the per-epoch training checkpoint
+    out/results.json                    one row in the shared results format (conventions.md)
+
+Under ``torchrun`` the same command runs data-parallel (``Trainer`` wraps the model in DDP); only rank 0 writes.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .._checks import check_choice, check_positive_int, check_positive_real
+from ..data import Dataset
+from ..io import atomic_write_text, read_metadata, save_model
+from ..models import MODELS, build_model
+from ..models.blocks import LAYER_KINDS
+from ..train import TrainConfig, Trainer, evaluate
+from ..train.trainer import process_group
+
+__all__ = ["TrainJob", "run_train", "model_config", "check_train_job"]
+
+
+@dataclass
+class TrainJob:
+    """Settings of one ``torchtn train`` run."""
+
+    arch: str = "fc2"
+    layers: str = "dense"
+    rank: int = 4
+    dataset: str = "digits"
+    data_dir: str | None = None
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("arch", self.arch, tuple(MODELS))
+        check_choice("layers", self.layers, LAYER_KINDS)
+        check_positive_int("rank", self.rank)
+        check_positive_int("batch_size", self.batch_size)
+        check_positive_real("lr", self.lr)
+
+    def train_config(self, progress: bool) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer,
+                           seed=self.seed, progress=progress, desc=f"{self.arch}-{self.layers}")
+
+
+def model_config(job: TrainJob, data: Dataset) -> dict:
+    """The zoo config for this job and data (input size and classes come from the data)."""
+    channels = data.image_shape[0] if len(data.image_shape) == 3 else 1
+    if job.arch == "fc2":
+        return {"name": "fc2", "in_features": data.num_features, "num_classes": data.num_classes,
+                "layers": job.layers, "rank": job.rank}
+    if job.arch == "lenet5":
+        ranks = [job.rank, job.rank, max(1, job.rank // 2)]  # Gao's (4, 4, 2) at --rank 4
+        return {"name": "lenet5", "in_channels": channels, "num_classes": data.num_classes, "layers": job.layers,
+                "ranks": ranks}
+    return {"name": job.arch, "num_classes": data.num_classes, "layers": job.layers, "rank": job.rank}
+
+
+def check_train_job(job: TrainJob, data: Dataset) -> None:
+    """Before anything is written: the architecture accepts this data's images (one forward of one example)."""
+    with torch.random.fork_rng():
+        model = build_model(model_config(job, data)).eval()
+    try:
+        with torch.no_grad():
+            model(data.x_train[:1])
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"--arch {job.arch} cannot take {data.name} images of shape {data.image_shape} "
+                         f"({str(err).splitlines()[0][:160]})") from None
+
+
+def run_train(job: TrainJob, data: Dataset, out: Path, *, resume: bool = False, progress: bool = True,
+              log: Callable[[str], None] = print) -> dict:
+    """Train, evaluate on the test split, write the model and ``results.json`` (rank 0 only); returns the row."""
+    rank, world = process_group()
+    out = Path(out)
+    if rank == 0:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    torch.manual_seed(job.seed)
+    model = build_model(model_config(job, data))
+    meta = {"train_job": asdict(job), "dataset": data.name}
+    trainer = Trainer(model, job.train_config(progress), checkpoint=out / "checkpoints" / "model.safetensors",
+                      metadata=meta)
+    final = out / "model.safetensors"
+    if resume and final.exists():
+        log(f"{final} exists: the run had finished")
+        from ..io import load_model
+
+        load_model(final, model)
+        seconds = float(read_metadata(final)["metadata"].get("seconds", 0.0))
+    else:
+        trainer.fit(data, resume=resume)
+        model = trainer.model
+        seconds = time.perf_counter() - started
+    _, acc = evaluate(model, data.x_test, data.y_test)
+    params = sum(p.numel() for p in model.parameters())
+    row = {"model": job.arch, "dataset": data.name, "seed": job.seed, "params": params, "test_accuracy": acc,
+           "seconds": seconds, "layers": job.layers, "rank": job.rank if job.layers == "mpo" else None,
+           "world_size": world}
+    if rank == 0:
+        if not final.exists():
+            save_model(model, final, {**meta, "seconds": seconds, "config": model.config()})
+        results = {"experiment": "train", "command": "torchtn train", "machine": platform.platform(),
+                   "versions": {"torch": torch.__version__}, "seconds": seconds, "rows": [row]}
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+        log(f"{job.arch} ({job.layers}) on {data.name}: {params:,} parameters, test accuracy {100 * acc:.2f}% "
+            f"({seconds:.1f} s, {world} process{'es' if world > 1 else ''})")
+    return row

@@ -1,0 +1,86 @@
+"""`torchtn train`: one process and many (torchrun, gloo) give the same model; a killed worker resumes exactly."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from torchtn.cli import main
+
+BASE = ["train", "--epochs", "3", "--batch-size", "64", "--no-progress"]
+
+
+def torchrun(args, nproc=2, extra=()):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
+            "-m", "torchtn", *args]
+
+
+def weights(path: Path) -> dict:
+    return load_file(path / "model.safetensors")
+
+
+@pytest.mark.parametrize("layers", ["dense", "mpo"])
+def test_two_processes_train_the_same_model_as_one(tmp_path, layers):
+    args = [*BASE, "--layers", layers, "--rank", "4", "--lr", "3e-3"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    proc = subprocess.run(torchrun([*args, "--out", str(tmp_path / "two")]), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    one = json.loads((tmp_path / "one" / "results.json").read_text())["rows"][0]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())["rows"][0]
+    assert abs(one["test_accuracy"] - two["test_accuracy"]) <= 0.003 and two["world_size"] == 2
+    assert one["model"] == "fc2" and one["layers"] == layers and one["params"] == sum(v.numel() for v in a.values())
+    # rank 0 alone wrote, and printed once
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoints", "model.json", "model.safetensors",
+                                                                     "results.json"]
+    assert proc.stdout.count("test accuracy") == 1
+
+
+def _workers(out: Path) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"torchtn" in cmd and str(out).encode() in cmd and b"torch.distributed.run" not in cmd:
+                pids.append(int(d.name))
+    return pids
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(tmp_path):
+    args = ["train", "--epochs", "40", "--batch-size", "64", "--no-progress", "--seed", "2"]
+    assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+    out = tmp_path / "killed"
+    run = subprocess.Popen(torchrun([*args, "--out", str(out)], extra=["--max-restarts=1"]), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    ckpt = out / "checkpoints" / "model.safetensors"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and run.poll() is None:
+        time.sleep(0.05)
+    victims = _workers(out)
+    assert victims and run.poll() is None, "the run ended before a worker could be killed"
+    os.kill(victims[-1], signal.SIGKILL)
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err[-3000:]
+    a, b = weights(tmp_path / "straight"), weights(out)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_train_refuses_bad_requests(tmp_path, capsys):
+    assert main(["train", "--arch", "lenet5", "--out", str(tmp_path / "x")]) == 2
+    assert "cannot take digits images" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert main(["train", "--arch", "alexnet"]) == 2
+    assert main([*BASE, "--out", str(tmp_path / "r")]) == 0
+    assert main([*BASE, "--out", str(tmp_path / "r"), "--resume", "--lr", "0.5"]) == 2
+    assert "other settings (lr" in capsys.readouterr().err
