@@ -109,6 +109,21 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--rank", type=_int_at_least("--rank", 1), default=4, help="MPO bond dimension (default 4)")
     t.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
 
+    r = sub.add_parser("reproduce", help="run a paper reproduction (results.json, report.md, plots)",
+                       description="Run one registered paper reproduction into --out: results.json (one row per "
+                                   "trained model and seed), report.md with the tables and the paper's numbers "
+                                   "beside ours, and the plots. --quick is the CPU-minutes version of the same "
+                                   "protocol (fewer epochs and seeds).")
+    r.add_argument("name", help="the reproduction (gao2020)")
+    r.add_argument("--quick", action="store_true", help="fewer epochs and seeds: minutes on a CPU")
+    r.add_argument("--dataset", default=None, help="dataset (default: the reproduction's)")
+    r.add_argument("--data-dir", type=Path, default=None, help="directory of the dataset's files (mnist: the four "
+                                                               "IDX files)")
+    r.add_argument("--seeds", type=_int_at_least("--seeds", 1, 100), default=None, help="number of seeds")
+    r.add_argument("--out", type=Path, default=None, help="output directory (default: runs/reproduce-<name>-<time>)")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     i = sub.add_parser("inspect", help="show a model file's tensor-network layers: ranks, entanglement, errors",
                        description="Print, for every tensor-network layer in a torchtn .safetensors file (any "
                                    "registered type), each bond's rank, entanglement entropy and the relative error "
@@ -277,6 +292,41 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return _run_job("train", args, make_config, prepare, run)
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .experiments.registry import get_reproduction
+    from .experiments.reproduce import ReproduceConfig, run_reproduction
+    from .experiments.rundir import check_resume, check_writable
+
+    try:
+        rep = get_reproduction(args.name)
+    except ValueError as err:
+        return _fail(str(err))
+    args.dataset = args.dataset or rep.default_dataset
+    if args.dataset not in rep.datasets:
+        return _fail(f"--dataset {args.dataset!r} is not allowed for {rep.name}: expected one of "
+                     f"{', '.join(rep.datasets)}")
+
+    def make_config():
+        return ReproduceConfig(rep.name, args.quick, args.dataset,
+                               None if args.data_dir is None else str(args.data_dir), args.seeds)
+
+    def prepare(config, data, out):
+        check_writable(out)
+        if args.resume:
+            first = sorted(out.glob("*.safetensors"))
+            check_resume(out, "reproduce", [first[0].name] if first else ["(a stage).safetensors"],
+                         "reproduce_config", asdict(config), lambda d: {k: v for k, v in d.items() if k != "data_dir"})
+
+    def run(config, data, out):
+        results = run_reproduction(config, data, out, resume=args.resume, progress=not args.no_progress,
+                                   log=lambda s: print(s, flush=True))
+        return f"wrote {out}/results.json and {out}/report.md ({results['seconds'] / 60:.1f} min)"
+
+    return _run_job(f"reproduce-{rep.name}", args, make_config, prepare, run)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     try:
@@ -292,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_compress(args)
     if args.command == "train":
         return _cmd_train(args)
+    if args.command == "reproduce":
+        return _cmd_reproduce(args)
     if args.command == "inspect":
         return _cmd_inspect(args)
     parser.print_usage(sys.stderr)

@@ -5,7 +5,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["plot_accuracy_vs_compression", "plot_entanglement"]
+__all__ = ["plot_accuracy_vs_compression", "plot_entanglement", "plot_accuracy_vs_params"]
 
 
 def _pyplot():
@@ -69,5 +69,25 @@ def plot_entanglement(layers: dict[str, Sequence[float]], path: str | os.PathLik
     ax.set_ylabel("entanglement entropy S_k (nats)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_params(series: dict[str, Sequence[tuple[float, float, str]]], path: str | os.PathLike,
+                            title: str = "") -> Path:
+    """Test accuracy (%) against trainable parameters (log axis): one marker series per model, points labelled."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.8, 4.4), dpi=120)
+    for name, points in series.items():
+        if not points:
+            continue
+        ax.plot([p[0] for p in points], [100 * p[1] for p in points], "o", label=name)
+        for params, acc, label in points:
+            ax.annotate(label, (params, 100 * acc), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (whole model)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)

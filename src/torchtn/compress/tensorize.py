@@ -163,7 +163,7 @@ def allocate_ranks(spectra: Sequence[Sequence[torch.Tensor]], shapes: Sequence[t
 
 def tensorize(
     model: nn.Module,
-    rank: int | Sequence[int] | None = None,
+    rank: int | Sequence[int] | Mapping[str, int | Sequence[int]] | None = None,
     rel_tol: float | None = None,
     ratio: float | None = None,
     skip: Skip = (),
@@ -173,7 +173,8 @@ def tensorize(
 
     Today every ``nn.Linear`` becomes an ``MPOLinear``; the rules come from the layer registry.
 
-    Give ``rank`` (cap on every bond) and/or ``rel_tol`` (per-layer relative Frobenius error bound), or ``ratio``: a
+    Give ``rank`` (cap on every bond; or ``{layer name: cap}`` per layer, layers not named then keep their full
+    rank) and/or ``rel_tol`` (per-layer relative Frobenius error bound), or ``ratio``: a
     whole-model compression ``dense parameters / tensorized parameters``, reached by sharing one budget across the
     layers by their spectra (:func:`allocate_ranks`). ``skip``: module-name glob patterns (``"classifier*"``) or a
     callable ``(name, module) -> bool`` for layers to keep dense; ``shapes``: ``{name: (in_shape, out_shape)}`` to
@@ -197,7 +198,14 @@ def tensorize(
         raise ValueError(f"shapes names layers that are not converted: {sorted(unknown)}")
     layer_shapes = [cls.tt_shapes_for(module, *shapes.get(name, (None, None))) for name, module, cls in targets]
     # per-layer bond caps from `rank`, validated here so a bad value is reported under its own name
-    rank_caps = [None if rank is None else inner_ranks(rank, i, o, name="rank") for i, o in layer_shapes]
+    if isinstance(rank, Mapping):
+        unknown = set(rank) - {n for n, _, _ in targets}
+        if unknown:
+            raise ValueError(f"rank names layers that are not converted: {sorted(unknown)}")
+        per_layer = [rank.get(name) for name, _, _ in targets]
+    else:
+        per_layer = [rank] * len(targets)
+    rank_caps = [None if r is None else inner_ranks(r, i, o, name="rank") for r, (i, o) in zip(per_layer, layer_shapes)]
     before = sum(p.numel() for p in model.parameters())
     weights = [cls.dense_matrix(module) for _, module, cls in targets]
 
