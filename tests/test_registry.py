@@ -133,7 +133,7 @@ def test_a_new_layer_type_is_one_registration(tmp_path, capsys):
     try:
         torch.manual_seed(0)
         model = nn.Sequential(Scale(16), nn.ReLU(), nn.Linear(16, 4))
-        new, report = tensorize(model, rank=16)  # full rank: exact
+        new, report = tensorize(model, rank=16, allow_larger=True)  # full rank: exact
         assert isinstance(new[0], ToyTT) and isinstance(new[2], MPOLinear)
         assert [r.layer_type for r in report.layers] == ["ToyTT", "MPOLinear"]
         x = torch.randn(3, 16)

@@ -40,6 +40,7 @@ class LayerReport:
     rel_error: float  # ‖W − W_tt‖_F / ‖W‖_F
     bias_params: int = 0
     layer_type: str = "MPOLinear"
+    entropies: tuple[float, ...] = ()  # entanglement entropy per inner bond (nats)
 
     @property
     def compression_ratio(self) -> float:
@@ -68,12 +69,14 @@ class TensorizeReport:
 
     def table(self) -> str:
         rows = [
-            (r.name, f"{r.out_features}×{r.in_features}", f"{r.out_shape}←{r.in_shape}", str(r.ranks),
-             r.params_before, r.params_after, round(r.compression_ratio, 1), r.rel_error)
+            (r.name, r.layer_type, f"{r.out_features}×{r.in_features}", f"{r.out_shape}←{r.in_shape}", str(r.ranks),
+             r.params_before, r.params_after, round(r.compression_ratio, 1), r.rel_error,
+             " ".join(f"{max(e, 0.0):.2f}" for e in r.entropies))
             for r in self.layers
         ]
         body = format_table(
-            ["layer", "shape", "modes (out←in)", "ranks", "params before", "params after", "ratio", "rel. error"], rows)
+            ["layer", "type", "shape", "modes (out←in)", "ranks", "params before", "params after", "ratio",
+             "rel. error", "entropy S_k per bond"], rows)
         lines = [body, f"whole model: {self.params_before:,} → {self.params_after:,} parameters, "
                        f"compression ratio {self.compression_ratio:.2f}× (dense / tensorized, all parameters counted)"]
         if self.skipped:
@@ -124,7 +127,8 @@ def allocate_ranks(spectra: Sequence[Sequence[torch.Tensor]], shapes: Sequence[t
 
     Start from the ranks the spectra allow and repeatedly drop, across all layers and bonds, the singular value whose
     discarding costs the least squared error per parameter saved (``s² / Δparams``) — the budget goes where the
-    spectra are largest. ``spectra[l][k]``: singular values at bond ``k`` of layer ``l``; ``shapes[l]``:
+    spectra are largest — then give back, while they fit, the dropped values worth most per parameter, so the
+    budget is used up to the last step that fits. ``spectra[l][k]``: singular values at bond ``k`` of layer ``l``; ``shapes[l]``:
     ``(in_shape, out_shape)``. Raises ``ValueError`` if even rank 1 everywhere exceeds the budget.
     """
     ranks = [[1] + [len(s) for s in layer] + [1] for layer in spectra]
@@ -158,7 +162,55 @@ def allocate_ranks(spectra: Sequence[Sequence[torch.Tensor]], shapes: Sequence[t
         _, li, k, saved = best
         ranks[li][k] -= 1
         total -= saved
+    # fill the slack the last removals left: give back the singular values worth most per parameter that still fit
+    maxima = [[1] + [len(s) for s in layer] + [1] for layer in spectra]
+    while True:
+        best = None
+        for li, layer in enumerate(ranks):
+            before = params(li)
+            for k in range(1, len(layer) - 1):
+                r = layer[k]
+                if r >= maxima[li][k]:
+                    continue
+                if sq[li][k - 1][r] <= 1e-24 * sq[li][k - 1][0]:
+                    continue  # an exactly-zero singular value: no capacity worth the parameters
+                layer[k] = r + 1
+                added = params(li) - before
+                layer[k] = r
+                if added <= 0 or total + added > budget:
+                    continue
+                score = sq[li][k - 1][r] / added
+                if best is None or score > best[0]:
+                    best = (score, li, k, added)
+        if best is None:
+            break
+        _, li, k, added = best
+        ranks[li][k] += 1
+        total += added
     return [r[1:-1] for r in ranks]
+
+
+def _fit_budget(before: int, ratio: float, weights: list[torch.Tensor], layer_shapes: list, active: list[int]
+                ) -> dict[int, TTMatrix]:
+    """TT-SVDs of the ``active`` layers whose cores together fit the whole-model budget of ``before / ratio``."""
+    fixed = before - sum(weights[li].numel() for li in active)
+    budget = math.floor(before / ratio) - fixed
+    if budget <= 0:
+        raise ValueError(f"ratio={ratio:g} is unreachable: the {fixed:,} parameters that stay dense already exceed "
+                         f"{before:,}/{ratio:g} = {before / ratio:,.0f}")
+    first = {}
+    for li in active:  # no layer can use more than the whole budget: cap the initial decomposition
+        i, o = layer_shapes[li]
+        caps = bond_caps(i, o)
+        r = 1
+        while r < max(caps) and tt_num_params(i, o, [1, *(min(r + 1, c) for c in caps), 1]) <= budget:
+            r += 1
+        first[li] = TTMatrix.from_dense(weights[li], i, o, max_rank=r)
+    try:
+        chosen = allocate_ranks([first[li].spectra() for li in active], [layer_shapes[li] for li in active], budget)
+    except ValueError as err:
+        raise ValueError(f"ratio={ratio:g} is unreachable: {err}") from None
+    return {li: first[li].round(max_rank=r) for li, r in zip(active, chosen)}
 
 
 def tensorize(
@@ -168,6 +220,7 @@ def tensorize(
     ratio: float | None = None,
     skip: Skip = (),
     shapes: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
+    allow_larger: bool = False,
 ) -> tuple[nn.Module, TensorizeReport]:
     """A copy of ``model`` with its dense layers replaced by registered torchtn layers (TT-SVD of the trained weights).
 
@@ -178,7 +231,10 @@ def tensorize(
     whole-model compression ``dense parameters / tensorized parameters``, reached by sharing one budget across the
     layers by their spectra (:func:`allocate_ranks`). ``skip``: module-name glob patterns (``"classifier*"``) or a
     callable ``(name, module) -> bool`` for layers to keep dense; ``shapes``: ``{name: (in_shape, out_shape)}`` to
-    override the default balanced 4-mode factorization. Returns ``(new_model, report)``; the input is not modified.
+    override the default balanced 4-mode factorization. A layer whose MPO would hold as many parameters as the dense
+    layer or more stays dense (the report says so; with ``ratio`` the budget is then shared by the others) unless
+    ``allow_larger`` (e.g. for an exact full-rank conversion). Returns ``(new_model, report)``; the input is not
+    modified.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -209,36 +265,31 @@ def tensorize(
     before = sum(p.numel() for p in model.parameters())
     weights = [cls.dense_matrix(module) for _, module, cls in targets]
 
-    if ratio is None:
-        tts = [TTMatrix.from_dense(w, i, o, max_rank=caps, rel_tol=rel_tol)
-               for w, (i, o), caps in zip(weights, layer_shapes, rank_caps)]
-    else:
-        fixed = before - sum(w.numel() for w in weights)
-        budget = math.floor(before / ratio) - fixed
-        if budget <= 0:
-            raise ValueError(f"ratio={ratio:g} is unreachable: the {fixed:,} parameters that stay dense already exceed "
-                             f"{before:,}/{ratio:g} = {before / ratio:,.0f}")
-        cap_lists = []
-        for i, o in layer_shapes:  # no layer can use more than the whole budget: cap the initial decomposition
-            caps = bond_caps(i, o)
-            r = 1
-            while r < max(caps) and tt_num_params(i, o, [1, *(min(r + 1, c) for c in caps), 1]) <= budget:
-                r += 1
-            cap_lists.append(r)
-        first = [TTMatrix.from_dense(w, i, o, max_rank=r) for w, (i, o), r in zip(weights, layer_shapes, cap_lists)]
-        try:
-            chosen = allocate_ranks([tt.spectra() for tt in first], layer_shapes, budget)
-        except ValueError as err:
-            raise ValueError(f"ratio={ratio:g} is unreachable: {err}") from None
-        tts = [tt.round(max_rank=r) for tt, r in zip(first, chosen)]
+    active = list(range(len(targets)))  # layers that become tensor networks
+    larger: list[str] = []  # layers kept dense because their MPO would not be smaller
+    while True:
+        if ratio is None:
+            tts = {li: TTMatrix.from_dense(weights[li], *layer_shapes[li], max_rank=rank_caps[li], rel_tol=rel_tol)
+                   for li in active}
+        else:
+            tts = _fit_budget(before, ratio, weights, layer_shapes, active)
+        grew = [li for li in active if tts[li].num_params >= weights[li].numel()]
+        if allow_larger or not grew:
+            break
+        active = [li for li in active if li not in grew]
+        larger += [targets[li][0] for li in grew]
+        if not active:
+            break
 
     rows = []
-    for (name, module, cls), tt, (i, o), w in zip(targets, tts, layer_shapes, weights):
+    for li in active:
+        (name, module, cls), tt, (i, o), w = targets[li], tts[li], layer_shapes[li], weights[li]
         layer = cls.from_tt(module, tt)
         replace_submodule(new, name, layer)
         err = float(torch.linalg.vector_norm((tt.to_dense() - w).double()) / torch.linalg.vector_norm(w.double()))
         nb = sum(p.numel() for p in layer.parameters()) - tt.num_params
         rows.append(LayerReport(name, w.shape[0], w.shape[1], o, i, tt.ranks, w.numel() + nb, tt.num_params + nb,
-                                err, nb, cls.__name__))
+                                err, nb, cls.__name__, tuple(float(e) for e in tt.entanglement_entropy())))
     after = sum(p.numel() for p in new.parameters())
+    kept += [f"{name} (its MPO would not be smaller)" for name in larger]
     return new, TensorizeReport(rows, before, after, kept)

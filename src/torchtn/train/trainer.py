@@ -2,6 +2,7 @@
 for structural changes (parameters whose shape changes mid-run), atomic resumable checkpoints."""
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import time
@@ -60,7 +61,10 @@ def process_group(init: bool = False) -> tuple[int, int]:
     """``(rank, world_size)`` of this process; with ``init``, join the group ``torchrun`` describes in the environment
     (``WORLD_SIZE`` > 1: NCCL when CUDA is available, gloo otherwise). ``(0, 1)`` outside ``torch.distributed``."""
     if dist.is_available() and not dist.is_initialized() and init and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # a bounded wait (TORCHTN_DIST_TIMEOUT seconds, default 300): a peer that died during a restart turns into
+        # an error that torchrun's --max-restarts handles, not a hang
+        timeout = datetime.timedelta(seconds=float(os.environ.get("TORCHTN_DIST_TIMEOUT", "300")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
