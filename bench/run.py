@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import statistics
 import subprocess
@@ -44,17 +43,11 @@ def version(dist: str) -> str:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
 
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    from torchtn.report import machine_description
+
+    return (f"{machine_description()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"Python {platform.python_version()}, tensorly-torch {version('tensorly-torch')} with opt_einsum "
             f"{version('opt_einsum')} (torch.backends.opt_einsum available: "
             f"{torch.backends.opt_einsum.is_available()}), torch-mpo {version('torch-mpo')}, torchtn {version('torchtn')}")

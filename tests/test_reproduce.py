@@ -33,7 +33,7 @@ def test_quick_run_on_mnist_files_writes_the_shared_results_format(tmp_path, cap
     assert all(r["mpo_weights"] == 2_860 and r["model_ratio"] > 10 for r in lenet)
     assert all(len(r["entropy_fc1"]) == 3 for r in lenet)
     report = (out / "report.md").read_text()
-    assert "LeNet-5 MPO (scratch)" in report and "ρ = MPO / dense" in report
+    assert "lenet5 MPO D=4-4-2 (scratch)" in report and "ρ = MPO / dense" in report
     for png in ("accuracy_vs_parameters.png", "entropy_per_bond.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     # resuming a finished run loads every stage and gives the same rows; other settings are refused

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["format_table", "format_markdown_table"]
+__all__ = ["format_table", "format_markdown_table", "machine_description"]
 
 
 def _cell(value: object) -> str:
@@ -35,3 +35,20 @@ def format_markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
     return "\n".join(out)
+
+
+def machine_description() -> str:
+    """CPU model, core count and OS, as every benchmark and reproduction records it."""
+    import os
+    import platform
+    from pathlib import Path
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"

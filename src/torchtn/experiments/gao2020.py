@@ -119,21 +119,18 @@ def _checks(summary: list[dict]) -> list[tuple]:
                 return g
         return None
 
+    # (model, bond, what must be >= the floor, floor, margin in points, wording)
+    yardsticks = (("lenet5", "4-4-2", "model_ratio", 10, 1.0, "fewer parameters in total, within 1 point"),
+                  ("fc2", "4", "ratio", 100, 1.5, "fewer weights in the MPO layers, within 1.5 points"))
     out = []
-    dense = {m: acc(m, "dense", "scratch", "None") for m in ("fc2", "lenet5")}
     for method in ("scratch", "compress"):
-        g, d = acc("lenet5", "mpo", method, "4-4-2"), dense["lenet5"]
-        if g and d:
-            gap = 100 * (d["mean"] - g["mean"])
-            out.append((f"LeNet-5 MPO ({method}), {g['model_ratio']:.1f}× fewer parameters in total, within 1 point "
-                        f"of dense", f"{100 * g['mean']:.2f}% vs {100 * d['mean']:.2f}% ({gap:+.2f} points)",
-                        "met" if gap <= 1 and g["model_ratio"] >= 10 else "NOT met"))
-        g, d = acc("fc2", "mpo", method, "4"), dense["fc2"]
-        if g and d:
-            gap = 100 * (d["mean"] - g["mean"])
-            out.append((f"FC2 MPO D=4 ({method}), {g['ratio']:.0f}× fewer weights in the MPO layers, within 1.5 "
-                        f"points of dense", f"{100 * g['mean']:.2f}% vs {100 * d['mean']:.2f}% ({gap:+.2f} points)",
-                        "met" if gap <= 1.5 and g["ratio"] >= 100 else "NOT met"))
+        for model, bond, key, floor, margin, words in yardsticks:
+            g, d = acc(model, "mpo", method, bond), acc(model, "dense", "scratch", "None")
+            if g and d:
+                gap = 100 * (d["mean"] - g["mean"])
+                out.append((f"{model} MPO D={bond} ({method}), {g[key]:.1f}× {words} of dense",
+                            f"{100 * g['mean']:.2f}% vs {100 * d['mean']:.2f}% ({gap:+.2f} points)",
+                            "met" if gap <= margin and g[key] >= floor else "NOT met"))
     return out
 
 

@@ -21,6 +21,7 @@ from .._checks import check_positive_int
 from .._version import __version__
 from ..data import Dataset
 from ..io import atomic_write_text, load_model, read_metadata, save_model
+from ..report import machine_description
 from ..train import TrainConfig, Trainer, evaluate
 
 __all__ = ["ReproduceConfig", "Context", "run_reproduction", "mean_std"]
@@ -89,24 +90,10 @@ def run_reproduction(config: ReproduceConfig, data: Dataset, out: Path, *, resum
     seconds = time.perf_counter() - started
     command = "torchtn reproduce " + config.name + (" --quick" if config.quick else "") + (
         f" --dataset {config.dataset}" if config.dataset else "") + (f" --seeds {config.seeds}" if config.seeds else "")
-    results = {"experiment": config.name, "command": command, "machine": _machine(),
+    results = {"experiment": config.name, "command": command, "machine": machine_description(),
                "versions": {"torchtn": __version__, "torch": torch.__version__, "python": platform.python_version()},
                "seconds": seconds, "quick": config.quick, "rows": rows}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     report = rep.report(rows, ctx, results)
     atomic_write_text(out / "report.md", report)
     return results
-
-
-def _machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"

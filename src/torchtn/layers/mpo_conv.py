@@ -16,7 +16,6 @@ the ``tt_linear`` planner, whichever the cost model prices lower (``contraction=
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -102,14 +101,7 @@ class MPOConv2d(TTLayer):
     # ------------------------------------------------------------------ construction
     def reset_parameters(self) -> None:
         """Gaussian cores with ``Var(K) = 1/(3·fan_in)`` (``nn.Conv2d``'s default); bias ``U(±1/√fan_in)``."""
-        fresh = TTMatrix.random(self.in_shape, self.out_shape, self.ranks, variance=1.0 / (3.0 * self.fan_in),
-                                device=self.cores[0].device, dtype=self.cores[0].dtype)
-        with torch.no_grad():
-            for p, c in zip(self.cores, fresh.cores):
-                p.copy_(c)
-            if self.bias is not None:
-                bound = 1.0 / math.sqrt(self.fan_in)
-                self.bias.uniform_(-bound, bound)
+        self._reset(self.fan_in, self.bias)
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, rank: int | Sequence[int] | None = None, rel_tol: float | None = None,
@@ -152,14 +144,9 @@ class MPOConv2d(TTLayer):
     def to_conv(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` with the same map."""
         ref = self.cores[0]
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         self.dilation, self.groups, self.bias is not None, self.padding_mode, device=ref.device,
-                         dtype=ref.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(self.to_dense())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        return self._dense_copy(nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                                          self.padding, self.dilation, self.groups, self.bias is not None,
+                                          self.padding_mode, device=ref.device, dtype=ref.dtype))
 
     # ------------------------------------------------------------------ registry protocol
     @staticmethod

@@ -81,14 +81,7 @@ When the cores need no
     def reset_parameters(self) -> None:
         """Gaussian cores with ``Var(W_ij) = 1/(3·in_features)``, as ``nn.Linear``'s default init (see
         :func:`~torchtn.core.tt_init_std`); the bias is ``U(−1/√in, 1/√in)`` like ``nn.Linear``'s."""
-        fresh = TTMatrix.random(self.in_shape, self.out_shape, self.ranks, variance=1.0 / (3.0 * self.in_features),
-                                device=self.cores[0].device, dtype=self.cores[0].dtype)
-        with torch.no_grad():
-            for p, c in zip(self.cores, fresh.cores):
-                p.copy_(c)
-            if self.bias is not None:
-                bound = 1.0 / math.sqrt(self.in_features)
-                self.bias.uniform_(-bound, bound)
+        self._reset(self.in_features, self.bias)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, rank: int | Sequence[int] | None = None, rel_tol: float | None = None,
@@ -124,13 +117,8 @@ When the cores need no
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` with the same map (the inverse of :meth:`from_dense`)."""
         ref = self.cores[0]
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=ref.device,
-                        dtype=ref.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(self.to_dense())
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
+        return self._dense_copy(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                                          device=ref.device, dtype=ref.dtype))
 
     # ------------------------------------------------------------------ registry protocol
     @staticmethod

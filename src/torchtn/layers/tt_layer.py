@@ -7,6 +7,7 @@ place that swaps parameters and drops caches (plans are keyed on the ranks, so t
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -32,6 +33,27 @@ class TTLayer(nn.Module):
         """The cores as a list (read straight from the ``ParameterList``'s registry: iterating it by index costs
         ~5 µs per core, which dominates small forward calls)."""
         return list(self.cores._parameters.values())
+
+    def _reset(self, fan_in: int, bias: torch.Tensor | None) -> None:
+        """PyTorch's default init for a layer of this fan-in: cores with ``Var(W_ij) = 1/(3·fan_in)`` (see
+        :func:`~torchtn.core.tt_init_std`), bias ``U(−1/√fan_in, 1/√fan_in)``."""
+        ref = self.cores[0]
+        fresh = TTMatrix.random(self.tt.in_shape, self.tt.out_shape, self.ranks, variance=1.0 / (3.0 * fan_in),
+                                device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            for p, c in zip(self.cores, fresh.cores):
+                p.copy_(c)
+            if bias is not None:
+                bound = 1.0 / math.sqrt(fan_in)
+                bias.uniform_(-bound, bound)
+
+    def _dense_copy(self, module: nn.Module) -> nn.Module:
+        """``module`` (a fresh dense layer of the same geometry) holding this layer's weight and bias."""
+        with torch.no_grad():
+            module.weight.copy_(self.to_dense())
+            if getattr(self, "bias", None) is not None:
+                module.bias.copy_(self.bias)
+        return module
 
     # ------------------------------------------------------------------ the TT-matrix
     @property
