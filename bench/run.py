@@ -246,6 +246,10 @@ def main() -> None:
     missed = "\n".join(f"- {m}" for m in misses) or "- none"
     svd = format_markdown_table(["task", "TensorLy exact TT-SVD s", "torchtn tt_svd s", "speed-up", "exact error",
                                  "tt_svd error", "error ratio"], tt_svd_bench())
+    sys.path.insert(0, str(HERE))
+    from conv import section as conv_section
+
+    conv = conv_section()
     took = time.time() - start
     text = f"""# Benchmarks
 
@@ -298,6 +302,7 @@ Parameters + gradients + Adam state (2× parameters) + tensors saved for backwar
 
 {plans}
 
+{conv}
 ## TT-SVD against an exact TT-SVD of the same matrix
 
 Matrices with singular values `exp(-40 i/n)` (a slowly decaying spectrum, hard for sketches), one rank cap for every
