@@ -104,3 +104,16 @@ def test_train_refuses_bad_requests(tmp_path, capsys):
     assert main([*BASE, "--out", str(tmp_path / "r")]) == 0
     assert main([*BASE, "--out", str(tmp_path / "r"), "--resume", "--lr", "0.5"]) == 2
     assert "other settings (lr" in capsys.readouterr().err
+
+
+def test_cifar_architectures_smoke_run_on_a_tiny_subset(tmp_path):
+    """The CIFAR-10 part of Gao et al. runs where the files are; here a tiny fake set checks the whole path."""
+    from test_data import write_cifar
+
+    data = write_cifar(tmp_path / "cifar-10-batches-py", n=8).parent
+    for arch in ("vgg16", "resnet18", "densenet"):
+        out = tmp_path / arch
+        assert main(["train", "--arch", arch, "--layers", "mpo", "--dataset", "cifar10", "--data-dir", str(data),
+                     "--epochs", "1", "--batch-size", "16", "--no-progress", "--out", str(out)]) == 0
+        row = json.loads((out / "results.json").read_text())["rows"][0]
+        assert row["model"] == arch and row["layers"] == "mpo" and 0 <= row["test_accuracy"] <= 1
