@@ -8,8 +8,9 @@ from ._version import __version__
 from .compress import tensorize
 from .core import TTMatrix, set_autotune, tt_round, tt_svd, tt_to_dense
 from .core.tt import bond_spectra, entanglement_entropy
-from .io import load_model, save_model
+from .io import ModelFileError, load_model, save_model
 from .layers import MPOConv2d, MPOLinear
 
 __all__ = ["__version__", "TTMatrix", "tt_svd", "tt_to_dense", "tt_round", "bond_spectra", "entanglement_entropy",
-           "MPOLinear", "MPOConv2d", "tensorize", "save_model", "load_model", "set_autotune"]
+           "MPOLinear", "MPOConv2d", "tensorize", "save_model", "load_model", "ModelFileError",
+           "set_autotune"]
