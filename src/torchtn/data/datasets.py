@@ -90,7 +90,8 @@ def _finish(name: str, x_trainval: np.ndarray, y_trainval: np.ndarray, x_test: n
     n_val = int(round(val_fraction * len(x_trainval)))
     val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
     x_train = x_trainval[train_idx]
-    mean, std = float(x_train.mean()), float(x_train.std()) or 1.0
+    flat = x_train.reshape(len(x_train), -1)  # statistics over rows, as torchtn 0.1 computed them (same bits)
+    mean, std = float(flat.mean()), float(flat.std()) or 1.0
 
     def t(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy((x - mean) / std)
