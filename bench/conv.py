@@ -21,7 +21,7 @@ def worker(case: dict) -> dict:
     from torch import nn
 
     sys.path.insert(0, str(HERE))
-    from worker import rounds
+    from worker import infer_call, rounds, train_call
 
     from torchtn import MPOConv2d
 
@@ -42,23 +42,11 @@ def worker(case: dict) -> dict:
     for layer in layers.values():
         layer.eval()
 
-    def infer(layer):
-        def call():
-            with torch.no_grad():
-                layer(x)
-        return call
-
-    def train(layer):
-        def call():
-            layer.zero_grad(set_to_none=True)
-            layer(x).sum().backward()
-        return call
-
-    for name, ms in rounds({k: infer(v) for k, v in layers.items()}, 10).items():
+    for name, ms in rounds({k: infer_call(v, x) for k, v in layers.items()}, 10).items():
         out[name] = {"infer_ms": ms, "params": sum(p.numel() for p in layers[name].parameters())}
     for layer in layers.values():
         layer.train()
-    for name, ms in rounds({k: train(v) for k, v in layers.items()}, 6).items():
+    for name, ms in rounds({k: train_call(v, x) for k, v in layers.items()}, 6).items():
         out[name]["train_ms"] = ms
     out["_kernel_ratio"] = c * c * 9 / kernel
     out["_plan"] = "patches" if layers["torchtn"].contraction == "patches" else "auto (rebuild or patches by cost)"

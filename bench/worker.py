@@ -57,6 +57,22 @@ def build(impl: str, case: dict) -> nn.Module | None:
     raise ValueError(impl)
 
 
+def infer_call(layer: nn.Module, x: torch.Tensor):
+    """One timed inference call: forward under ``torch.no_grad()``."""
+    def call():
+        with torch.no_grad():
+            layer(x)
+    return call
+
+
+def train_call(layer: nn.Module, x: torch.Tensor):
+    """One timed training step: forward and backward of ``y.sum()`` with fresh gradients."""
+    def call():
+        layer.zero_grad(set_to_none=True)
+        layer(x).sum().backward()
+    return call
+
+
 def rounds(fns: dict, reps: int, warmup: int = 3) -> dict[str, float]:
     """Median ms per contestant, timed in rotated order, one call per contestant per round."""
     names = list(fns)
@@ -126,25 +142,13 @@ def main() -> None:
     layers = {k: v for k, v in layers.items() if v is not None}
     out: dict = {impl: {} for impl in layers}
 
-    def infer(layer):
-        def call():
-            with torch.no_grad():
-                layer(x)
-        return call
-
-    def train(layer):
-        def call():
-            layer.zero_grad(set_to_none=True)
-            layer(x).sum().backward()
-        return call
-
     for layer in layers.values():
         layer.eval()
-    for impl, ms in rounds({k: infer(v) for k, v in layers.items()}, case["reps"]).items():
+    for impl, ms in rounds({k: infer_call(v, x) for k, v in layers.items()}, case["reps"]).items():
         out[impl]["infer_ms"] = ms
     for layer in layers.values():
         layer.train()
-    for impl, ms in rounds({k: train(v) for k, v in layers.items()}, max(5, case["reps"] // 2)).items():
+    for impl, ms in rounds({k: train_call(v, x) for k, v in layers.items()}, max(5, case["reps"] // 2)).items():
         out[impl]["train_ms"] = ms
     for impl, layer in layers.items():
         out[impl]["memory"] = training_memory(layer, x)

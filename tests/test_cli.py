@@ -128,3 +128,38 @@ def test_interrupted_job_resumes_to_identical_models(tmp_path, capsys, monkeypat
     a = load_file(tmp_path / "straight" / "rank-2.safetensors")
     b = load_file(out / "rank-2.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compress_a_users_trained_model_file(tmp_path, capsys):
+    """A model trained outside torchtn (a .pt state dict, read weights-only) is compressed to a ratio and healed by
+    distillation; a pickle that would run code is refused with one line."""
+    from test_data import make_mnist_dir
+
+    from torchtn.models import LeNet5
+
+    data = make_mnist_dir(tmp_path / "mnist", n_train=48, n_test=20)
+    torch.manual_seed(0)
+    user = tmp_path / "lenet.pt"
+    torch.save(LeNet5().state_dict(), user)
+    out = tmp_path / "run"
+    assert main(["compress", "--dataset", "mnist", "--data-dir", str(data), "--arch", "lenet5", "--model-file",
+                 str(user), "--ratio", "4", "--finetune-epochs", "1", "--distill", "0.5", "--out", str(out),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "entropy S_k per bond" in printed and "ratio-4" in printed
+    row = json.loads((out / "results.json").read_text())["rows"][0]
+    assert row["ratio"] >= 4 and 0 <= row["acc_after"] <= 1
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"fc1.weight": Evil()}, evil)
+    assert main(["compress", "--dataset", "mnist", "--data-dir", str(data), "--arch", "lenet5", "--model-file",
+                 str(evil), "--rank", "2", "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr()
+    assert "weights-only" in err.err and "pwned" not in err.out and not (tmp_path / "no").exists()
+    assert main(["compress", "--dataset", "mnist", "--data-dir", str(data), "--arch", "fc2", "--model-file",
+                 str(user), "--rank", "2", "--out", str(tmp_path / "no")]) == 2
+    assert "does not fit --arch" in capsys.readouterr().err

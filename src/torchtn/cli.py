@@ -97,6 +97,14 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="fine-tuning epochs per setting (default: same as --epochs)")
     c.add_argument("--hidden", type=_int_at_least("--hidden", 1, 2**31), default=256)
     c.add_argument("--finetune-lr", type=_float_in("--finetune-lr", 0.0, None), default=1e-3)
+    c.add_argument("--model-file", type=Path, default=None,
+                   help="compress this trained model instead of training one: a torchtn or plain safetensors file, "
+                        "or a .pt/.pth state dict (read with weights_only=True; never an arbitrary pickle)")
+    c.add_argument("--arch", choices=sorted(MODELS), default="fc2", help="zoo architecture of the dense model")
+    c.add_argument("--distill", type=_float_in("--distill", 0.0, 1.0, open_low=False), default=0.0,
+                   help="healing: weight of knowledge distillation from the dense model, in [0, 1) (default 0)")
+    c.add_argument("--temperature", type=_float_in("--temperature", 0.0, None), default=2.0,
+                   help="healing: distillation temperature (default 2)")
 
     t = sub.add_parser("train", help="train a zoo model, dense or with MPO layers (torchrun: many processes)",
                        description="Train a model of the zoo with the shared trainer and write the model, its "
@@ -245,7 +253,9 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         return CompressConfig(dataset=args.dataset, data_dir=None if args.data_dir is None else str(args.data_dir),
                               hidden=args.hidden, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                               ranks=args.rank, rel_tol=args.rel_tol, ratio=args.ratio, batch_size=args.batch_size,
-                              lr=args.lr, finetune_lr=args.finetune_lr, seed=args.seed)
+                              lr=args.lr, finetune_lr=args.finetune_lr, seed=args.seed, arch=args.arch,
+                              model_file=None if args.model_file is None else str(args.model_file),
+                              distill=args.distill, temperature=args.temperature)
 
     def run(config, data, out):
         results = run_compress(config, out, resume=args.resume, progress=not args.no_progress,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .._checks import check_nonnegative_int, check_positive_int, check_positive_real, check_rel_tol
+from .._checks import check_choice, check_nonnegative_int, check_positive_int, check_positive_real, check_rel_tol
 from ..compress import tensorize
 from ..data import Dataset, load_dataset
 from ..io import atomic_write_text, load_model, read_metadata, save_model
@@ -50,8 +50,18 @@ class CompressConfig:
     lr: float = 2e-3
     finetune_lr: float = 1e-3
     seed: int = 0
+    arch: str = "fc2"  # the zoo architecture of the dense model
+    model_file: str | None = None  # start from these trained weights instead of training the dense model
+    distill: float = 0.0  # healing: weight of the distillation loss from the dense model (0: plain fine-tuning)
+    temperature: float = 2.0  # healing: distillation temperature
 
     def __post_init__(self) -> None:
+        from ..models import MODELS
+
+        check_choice("arch", self.arch, tuple(MODELS))
+        if not (isinstance(self.distill, (int, float)) and 0.0 <= self.distill < 1.0):
+            raise ValueError(f"distill={self.distill!r} is not allowed: expected a number in [0, 1)")
+        check_positive_real("temperature", self.temperature)
         if self.epochs is not None:
             check_nonnegative_int("epochs", self.epochs)
         if self.finetune_epochs is not None:
@@ -102,11 +112,14 @@ class CompressRow:
 
 
 def results_table(dense_params: int, dense_acc: float, dense_seconds: float, rows: Sequence[CompressRow]) -> str:
-    headers = ["model", "fc1 ranks", "fc1 ratio", "params", "ratio", "test acc TT-SVD %", "test acc tuned %", "time s"]
+    first = rows[0].layers[0]["name"] if rows and rows[0].layers else "fc1"  # the first tensorized layer
+    headers = ["model", f"{first} ranks", f"{first} ratio", "params", "ratio", "test acc TT-SVD %", "test acc tuned %",
+               "time s"]
     body = [("dense", "-", 1.0, dense_params, 1.0, "-", round(100 * dense_acc, 2), round(dense_seconds, 1))]
     body += [(r.setting, str(r.fc1_ranks), round(r.fc1_ratio, 1), r.params, round(r.ratio, 1),
               round(100 * r.acc_before, 2), round(100 * r.acc_after, 2), round(r.seconds, 1)) for r in rows]
-    note = "ratio = dense parameters / tensorized parameters (higher is smaller); fc1 ratio counts its weight only"
+    note = (f"ratio = dense parameters / tensorized parameters (higher is smaller); {first} ratio counts its weight "
+            f"only")
     return format_table(headers, body) + "\n" + note
 
 
@@ -117,6 +130,56 @@ def _effective(config: dict) -> dict:
     out.update(epochs=c.dense_epochs, finetune_epochs=c.tune_epochs, settings=[name for name, _ in c.settings()])
     out["ranks"] = None if c.ranks is None else list(c.ranks)
     return out
+
+
+def dense_model(config: CompressConfig, data: Dataset) -> torch.nn.Module:
+    """The dense model of the job: FC2 (input → ``hidden`` → classes) or another zoo architecture for this data."""
+    if config.arch == "fc2":
+        return FC2(data.num_features, config.hidden, data.num_classes)
+    from ..models import build_model
+    from .train import TrainJob, model_config
+
+    return build_model(model_config(TrainJob(arch=config.arch, layers="dense"), data))
+
+
+def load_user_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Trained weights from a file someone else wrote, never executing code: a torchtn model file, a plain
+    safetensors state dict, or a ``.pt``/``.pth`` state dict read with ``torch.load(weights_only=True)``."""
+    from ..io import ModelFileError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--model-file {path} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            return load_model(path, model)
+        except ModelFileError as err:
+            if "not written by torchtn" not in str(err):
+                raise
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except Exception as err:
+            raise ValueError(f"--model-file {path} is not a readable safetensors file ({type(err).__name__})") from None
+    elif path.suffix in (".pt", ".pth"):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle refusals, truncation, …
+            raise ValueError(f"--model-file {path} cannot be read as a weights-only state dict "
+                             f"({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+    else:
+        raise ValueError(f"--model-file {path}: expected a .safetensors, .pt or .pth file")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"--model-file {path} does not hold a state dict of tensors")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"--model-file {path} does not fit --arch {type(model).__name__}: "
+                         f"{str(err).strip().splitlines()[-1].strip()[:200]}") from None
+    return model
 
 
 def preflight(config: CompressConfig, out: Path, resume: bool, data: Dataset) -> None:
@@ -134,15 +197,18 @@ def preflight(config: CompressConfig, out: Path, resume: bool, data: Dataset) ->
         raise ValueError(f"--hidden {config.hidden} with --batch-size {config.batch_size}: training this "
                          f"{params:,}-parameter model needs about {need / 2**30:.1f} GiB, and {avail / 2**30:.1f} GiB "
                          f"are available; choose a smaller --hidden or --batch-size")
-    if config.ratio is not None:  # reachability depends only on the layer sizes: check on an untrained copy
-        with torch.random.fork_rng():
-            tensorize(FC2(data.num_features, config.hidden, data.num_classes), ratio=config.ratio)
+    with torch.random.fork_rng():
+        model = dense_model(config, data)
+        if config.model_file is not None:
+            load_user_weights(model, config.model_file)
+        if config.ratio is not None:  # reachability depends only on the layer sizes
+            tensorize(model, ratio=config.ratio)
     if resume:
         check_resume(out, "compress", ["dense.safetensors"], "compress_config", asdict(config), _effective)
 
 
 def _run_stage(model: torch.nn.Module, data: Dataset, cfg: TrainConfig, out: Path, name: str, meta: dict,
-               resume: bool, log: Callable[[str], None], started: float) -> float:
+               resume: bool, log: Callable[[str], None], started: float, **trainer_kwargs) -> float:
     """Train ``model`` as stage ``name`` (or load it when a resumed run already finished it); returns its seconds.
 
     Checkpoints go to ``out/checkpoints/<name>.safetensors``; the final model to ``out/<name>.safetensors``.
@@ -152,7 +218,8 @@ def _run_stage(model: torch.nn.Module, data: Dataset, cfg: TrainConfig, out: Pat
         load_model(final, model)
         log(f"{name}: loaded {final}")
         return float(read_metadata(final)["metadata"].get("seconds", 0.0))
-    Trainer(model, cfg, checkpoint=out / "checkpoints" / f"{name}.safetensors", metadata=meta).fit(data, resume=resume)
+    Trainer(model, cfg, checkpoint=out / "checkpoints" / f"{name}.safetensors", metadata=meta,
+            **trainer_kwargs).fit(data, resume=resume)
     seconds = time.perf_counter() - started
     save_model(model, final, {**meta, "train_config": asdict(cfg), "seconds": seconds}, overwrite=True)
     return seconds
@@ -169,15 +236,19 @@ def run_compress(config: CompressConfig, out: str | Path, *, resume: bool = Fals
     base_meta = {"dataset": data.name, "seed": config.seed, "compress_config": asdict(config)}
 
     torch.manual_seed(config.seed)
-    dense = FC2(data.num_features, config.hidden, data.num_classes)
-    cfg = TrainConfig(epochs=config.dense_epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed,
-                      progress=progress, desc="dense")
+    dense = dense_model(config, data)
+    if config.model_file is not None:  # the user's trained model is the starting point: no dense training
+        load_user_weights(dense, config.model_file)
+    cfg = TrainConfig(epochs=0 if config.model_file else config.dense_epochs, batch_size=config.batch_size,
+                      lr=config.lr, seed=config.seed, progress=progress, desc="dense")
     dense_seconds = _run_stage(dense, data, cfg, out, "dense", {**base_meta, "stage": "dense"}, resume, log,
                                time.perf_counter())
     _, dense_acc = evaluate(dense, data.x_test, data.y_test)
     dense_params = sum(p.numel() for p in dense.parameters())
-    log(f"dense FC2 {data.num_features}→{config.hidden}→{data.num_classes}: {dense_params:,} parameters, "
-        f"test accuracy {100 * dense_acc:.2f}% ({dense_seconds:.1f} s)")
+    source = f"from {config.model_file}" if config.model_file else f"trained ({dense_seconds:.1f} s)"
+    log(f"dense {config.arch}: {dense_params:,} parameters, test accuracy {100 * dense_acc:.2f}%, {source}")
+    dense.eval()
+    heal = {"teacher": dense, "distill": config.distill, "temperature": config.temperature} if config.distill else {}
 
     rows: list[CompressRow] = []
     for name, kwargs in config.settings():
@@ -187,7 +258,8 @@ def run_compress(config: CompressConfig, out: str | Path, *, resume: bool = Fals
         cfg = TrainConfig(epochs=config.tune_epochs, batch_size=config.batch_size, lr=config.finetune_lr,
                           seed=config.seed, progress=progress, desc=name)
         seconds = _run_stage(model, data, cfg, out, name, {**base_meta, "stage": name, "tensorize": report.to_dict()},
-                             resume, log, started)
+                             resume, log, started, **heal)
+        log(str(report))
         val_after = evaluate(model, data.x_val, data.y_val)[1]
         _, acc_after = evaluate(model, data.x_test, data.y_test)
         fc1 = report.layers[0]

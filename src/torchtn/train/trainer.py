@@ -179,7 +179,8 @@ class Trainer:
     computed on the validation split after every epoch (default: those of the named loss).
     ``on_step_end(trainer, step) -> bool``: called after every optimizer step; return ``True`` when it changed the
     model's structure (e.g. a sweep changed bond dimensions) and the trainer rebuilds its optimizer
-    (:meth:`structure_changed`). With ``checkpoint`` (a ``.safetensors`` path) the model, optimizer, RNG state and
+    (:meth:`structure_changed`). ``teacher`` (e.g. the dense model a compressed one is healed from) adds knowledge
+    distillation: ``(1 − distill)·loss + distill·T²·KL(softmax(teacher/T) ‖ softmax(model/T))``. With ``checkpoint`` (a ``.safetensors`` path) the model, optimizer, RNG state and
     history are written atomically after every epoch; ``fit(resume=True)`` continues from it and ends with the same
     weights as an uninterrupted run. An existing checkpoint is never replaced by a fresh run.
 
@@ -192,10 +193,16 @@ class Trainer:
     def __init__(self, model: nn.Module, config: TrainConfig | None = None, checkpoint: str | os.PathLike | None = None,
                  metadata: dict | None = None, on_epoch_end: Callable[[EpochRecord], None] | None = None, *,
                  loss: str | Loss = "cross_entropy", metrics: dict[str, Metric] | None = None,
-                 on_step_end: Callable[["Trainer", int], bool] | None = None) -> None:
+                 on_step_end: Callable[["Trainer", int], bool] | None = None, teacher: nn.Module | None = None,
+                 distill: float = 0.5, temperature: float = 2.0) -> None:
         self.model = model
         self.loss_name, self.loss_fn, self.metrics = _resolve_loss(loss, metrics)
         self.on_step_end = on_step_end
+        self.teacher = teacher
+        if teacher is not None and not 0.0 <= distill <= 1.0:
+            raise ValueError(f"distill={distill!r} is not allowed: expected a weight in [0, 1]")
+        check_positive_real("temperature", temperature)
+        self.distill, self.temperature = float(distill), float(temperature)
         self.optimizer: torch.optim.Optimizer | None = None
         self.rank, self.world_size = process_group()
         self._net: nn.Module = model
@@ -315,7 +322,13 @@ class Trainer:
             idx = order[i * c.batch_size:(i + 1) * c.batch_size]
             mine = idx[self.rank::self.world_size]  # this process's share of the global batch
             xb, yb = data.x_train[mine].to(device), data.y_train[mine].to(device)
-            loss = self.loss_fn(self._net(xb), yb)
+            out = self._net(xb)
+            loss = self.loss_fn(out, yb)
+            if self.teacher is not None:  # knowledge distillation (Hinton et al.): match the teacher's softened outputs
+                with torch.no_grad():
+                    target = F.softmax(self.teacher(xb) / self.temperature, dim=-1)
+                kd = F.kl_div(F.log_softmax(out / self.temperature, dim=-1), target, reduction="batchmean")
+                loss = (1 - self.distill) * loss + self.distill * self.temperature ** 2 * kd
             if self.world_size > 1:  # DDP averages gradients over processes: weight each by its share
                 loss = loss * (len(mine) * self.world_size / len(idx))
             loss_value = float(loss.detach())
