@@ -39,6 +39,32 @@ class Interrupt(Exception):
     pass
 
 
+def run_interrupted_and_resumed(ckpt, data, build, cfg, stop_epoch, hook_for=None):
+    """Train ``build()`` straight through; train another, interrupted after ``stop_epoch`` with a checkpoint, then
+    resume a third fresh ``build()`` from it. Returns (straight model, resumed model, resumed history)."""
+    def hooks(model):
+        return {} if hook_for is None else {"on_step_end": hook_for(model)}
+
+    def stop(record):
+        if record.epoch == stop_epoch:
+            raise Interrupt
+
+    straight = build()
+    Trainer(straight, cfg, **hooks(straight)).fit(data)
+    first = build()
+    with pytest.raises(Interrupt):
+        Trainer(first, cfg, checkpoint=ckpt, on_epoch_end=stop, **hooks(first)).fit(data)
+    assert read_metadata(ckpt)["metadata"]["epoch"] == stop_epoch
+    resumed = build()
+    history = Trainer(resumed, cfg, checkpoint=ckpt, **hooks(resumed)).fit(data, resume=True)
+    return straight, resumed, history
+
+
+def assert_same_weights(a, b):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_resume_after_interruption_gives_identical_weights(tmp_path, digits, optimizer):
     def build():
@@ -51,23 +77,10 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path, digits, opt
         return model
 
     cfg = TrainConfig(epochs=3, batch_size=64, lr=1e-2, optimizer=optimizer, progress=False, seed=3)
-    straight = build()
-    Trainer(straight, cfg).fit(digits)
-
-    def stop_after_first(record):
-        if record.epoch == 1:
-            raise Interrupt
-
-    ckpt = tmp_path / "run.safetensors"
-    first = build()
-    with pytest.raises(Interrupt):
-        Trainer(first, cfg, checkpoint=ckpt, on_epoch_end=stop_after_first).fit(digits)
-    assert read_metadata(ckpt)["metadata"]["epoch"] == 1
-    resumed = build()
-    history = Trainer(resumed, cfg, checkpoint=ckpt).fit(digits, resume=True)
+    straight, resumed, history = run_interrupted_and_resumed(tmp_path / "run.safetensors", digits, build, cfg,
+                                                             stop_epoch=1)
     assert [h.epoch for h in history] == [1, 2, 3]
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
+    assert_same_weights(straight, resumed)
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind
 
 
@@ -199,20 +212,8 @@ def test_resume_after_a_rank_change_restores_the_changed_layer(tmp_path):
         return shrink
 
     cfg = TrainConfig(epochs=3, batch_size=64, lr=1e-2, progress=False, seed=1)
-    straight = build()
-    Trainer(straight, cfg, on_step_end=hook_for(straight)).fit(data)
-
-    def stop(record):
-        if record.epoch == 2:
-            raise Interrupt
-
-    ckpt = tmp_path / "c.safetensors"
-    first = build()
-    with pytest.raises(Interrupt):
-        Trainer(first, cfg, checkpoint=ckpt, on_epoch_end=stop, on_step_end=hook_for(first)).fit(data)
-    resumed = build()
-    assert resumed.fc1.ranks == (1, 4, 4, 4, 1)
-    Trainer(resumed, cfg, checkpoint=ckpt, on_step_end=hook_for(resumed)).fit(data, resume=True)
+    assert build().fc1.ranks == (1, 4, 4, 4, 1)  # what a fresh model has before resuming
+    straight, resumed, _ = run_interrupted_and_resumed(tmp_path / "c.safetensors", data, build, cfg, stop_epoch=2,
+                                                       hook_for=hook_for)
     assert resumed.fc1.ranks == (1, 2, 2, 2, 1)
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
+    assert_same_weights(straight, resumed)

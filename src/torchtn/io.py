@@ -24,7 +24,7 @@ from ._version import __version__
 from .layers.registry import factory_of, layer_type, type_name
 
 __all__ = ["save_model", "load_model", "read_metadata", "read_tensors", "atomic_write_bytes", "atomic_write_text",
-           "layer_layout", "recorded_layers", "load_layers", "ModelFileError"]
+           "layer_layout", "load_layers", "ModelFileError"]
 
 # Limits on what a model file's metadata may claim, checked before any work proportional to it.
 MAX_METADATA_BYTES = 16 << 20
@@ -261,11 +261,6 @@ def load_layers(path: str | os.PathLike) -> dict[str, nn.Module]:
                                  f"({str(err).strip().splitlines()[-1].strip()[:300]})") from None
         out[name] = layer
     return out
-
-
-def recorded_layers(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """``{name: {"type", "spec"}}`` of the torchtn layers recorded in a model file."""
-    return _recorded_layers(read_metadata(path))
 
 
 def load_model(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> nn.Module:

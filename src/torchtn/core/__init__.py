@@ -1,6 +1,5 @@
 """Math core: the TT-matrix type, tensor-train algebra and contraction planning. Pure tensor math; no ``torch.nn``."""
 from .contraction import (
-    CONTRACTIONS,
     ContractionPlan,
     CostModel,
     MergedCache,
@@ -47,7 +46,7 @@ from .tt import (
 
 __all__ = [
     "TTMatrix",
-    "CONTRACTIONS", "ContractionPlan", "CostModel", "MergedCache", "autotune_enabled", "clear_plan_cache",
+    "ContractionPlan", "CostModel", "MergedCache", "autotune_enabled", "clear_plan_cache",
     "get_cost_model", "make_plan", "merge_group", "plan_for", "plan_tt_linear", "prepare_groups", "register_strategy",
     "set_autotune", "set_cost_model", "strategy_names", "tt_linear", "tt_linear_apply", "tt_linear_flops",
     "default_num_cores", "factorize", "prime_factors", "resolve_shapes", "suggest_shapes",

@@ -7,7 +7,6 @@ from .autotune import autotune_enabled, set_autotune, time_call
 from .cost import DEFAULT_COST_MODEL, CostModel, get_cost_model, set_cost_model
 from .planner import clear_plan_cache, get_strategy, make_plan, plan_cache_info, register_strategy, strategy_names
 from .tt_linear_plans import (
-    CONTRACTIONS,
     ContractionPlan,
     MergedCache,
     TTLinearProblem,
@@ -22,5 +21,5 @@ from .tt_linear_plans import (
 
 __all__ = ["CostModel", "DEFAULT_COST_MODEL", "get_cost_model", "set_cost_model", "set_autotune", "autotune_enabled",
            "time_call", "register_strategy", "strategy_names", "get_strategy", "make_plan", "clear_plan_cache",
-           "plan_cache_info", "ContractionPlan", "TTLinearProblem", "CONTRACTIONS", "MergedCache", "merge_group",
+           "plan_cache_info", "ContractionPlan", "TTLinearProblem", "MergedCache", "merge_group",
            "plan_for", "plan_tt_linear", "prepare_groups", "tt_linear", "tt_linear_apply", "tt_linear_flops"]

@@ -22,16 +22,19 @@ __all__ = ["register_strategy", "strategy_names", "get_strategy", "make_plan", "
 
 
 class Plan(Protocol):
-    """What every plan offers: an estimate, a measurement (when autotuned) and a readable description."""
+    """What the planner needs of every kind's plans: the cost model's estimate, a readable description, and a copy
+    carrying autotuning measurements."""
 
     seconds: float
 
     def describe(self) -> str: ...
 
+    def with_measurements(self, seconds: float, measurements: tuple, model_pick_seconds: float) -> "Plan": ...
 
-Strategy = Callable[[Any, CostModel], Sequence[Any]]
+
+Strategy = Callable[[Any, CostModel], Sequence[Plan]]
 _STRATEGIES: dict[str, dict[str, Strategy]] = {}
-_CACHE: OrderedDict[Hashable, Any] = OrderedDict()
+_CACHE: OrderedDict[Hashable, Plan] = OrderedDict()
 _CACHE_SIZE = 4096
 _stats = {"hits": 0, "misses": 0}
 
@@ -70,8 +73,8 @@ def plan_cache_info() -> dict[str, int]:
 
 
 def make_plan(kind: str, strategy: str, problem: Hashable, *, cost_model: CostModel | None = None,
-              device: Any = None, measure: Callable[[Any], float] | None = None,
-              autotune: bool | None = None, anchors: Callable[[Any], bool] | None = None) -> Any:
+              device: Any = None, measure: Callable[[Plan], float] | None = None,
+              autotune: bool | None = None, anchors: Callable[[Plan], bool] | None = None) -> Plan:
     """The cheapest plan of ``problem`` under ``strategy``, cached on every input it depends on.
 
     ``measure(plan) -> seconds`` times a candidate on the device; it is used (on the ``AUTOTUNE_CANDIDATES``

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from ..tt import merge_cores, tt_ranks, tt_shapes
 from .autotune import autotune_enabled, time_call
 from .cost import DEFAULT_COST_MODEL, CostModel
-from .planner import make_plan, register_strategy, strategy_names
+from .planner import make_plan, register_strategy
 
 __all__ = ["ContractionPlan", "TTLinearProblem", "plan_tt_linear", "plan_for", "merge_group", "prepare_groups",
-           "tt_linear", "tt_linear_apply", "tt_linear_flops", "MergedCache", "CONTRACTIONS"]
+           "tt_linear", "tt_linear_apply", "tt_linear_flops", "MergedCache"]
 
 Span = tuple[int, int]
 KIND = "tt_linear"
@@ -223,7 +223,6 @@ def _core_by_core(direction: str):
 
 register_strategy(KIND, "rtl")(_core_by_core("rtl"))
 register_strategy(KIND, "ltr")(_core_by_core("ltr"))
-CONTRACTIONS = strategy_names(KIND)
 
 
 def _measure(p: TTLinearProblem):
@@ -272,7 +271,7 @@ def plan_tt_linear(
 
     ``cache_merged``: merged groups will be reused across calls, so their cost is not counted — but only for plans
     whose merged tensors hold at most ``cache_limit`` elements in total (a compressed layer must stay small).
-    ``force``: a strategy name (:data:`CONTRACTIONS`: ``"auto"``, ``"dense"``, ``"rtl"``, ``"ltr"``); unknown names
+    ``force``: a strategy name (``strategy_names("tt_linear")``: ``"auto"``, ``"dense"``, ``"rtl"``, ``"ltr"``); unknown names
     raise. ``training``: price forward + backward (gradients flow to the cores), which makes merging dearer;
     ``input_grad``: whether the input needs a gradient too (in training).
     ``model``: the cost model (default: the one registered for ``device``'s type). ``autotune``: measure the best
