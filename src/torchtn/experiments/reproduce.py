@@ -89,7 +89,8 @@ def run_reproduction(config: ReproduceConfig, data: Dataset, out: Path, *, resum
     rows = rep.run(ctx)
     seconds = time.perf_counter() - started
     command = "torchtn reproduce " + config.name + (" --quick" if config.quick else "") + (
-        f" --dataset {config.dataset}" if config.dataset else "") + (f" --seeds {config.seeds}" if config.seeds else "")
+        f" --dataset {config.dataset}" if config.dataset else "") + (
+        f" --data-dir {config.data_dir}" if config.data_dir else "") + (f" --seeds {config.seeds}" if config.seeds else "")
     results = {"experiment": config.name, "command": command, "machine": machine_description(),
                "versions": {"torchtn": __version__, "torch": torch.__version__, "python": platform.python_version()},
                "seconds": seconds, "quick": config.quick, "rows": rows}
