@@ -27,7 +27,8 @@ def worker(case: dict) -> dict:
 
     torch.manual_seed(0)
     c, hw, b = case["c"], case["hw"], case["batch"]
-    x = torch.randn(b, c, hw, hw)
+    device = case.get("device", "cpu")
+    x = torch.randn(b, c, hw, hw, device=device)
     layers = {"dense": nn.Conv2d(c, c, 3, padding=1),
               "torchtn": MPOConv2d(c, c, 3, padding=1, rank=case["rank"])}
     kernel = layers["torchtn"].num_weight_params
@@ -38,6 +39,7 @@ def worker(case: dict) -> dict:
                                                    rank=kernel / (c * c * 9), has_bias=True)
     except ImportError:
         pass
+    layers = {k: v.to(device) for k, v in layers.items()}
     out = {}
     for layer in layers.values():
         layer.eval()
@@ -53,10 +55,11 @@ def worker(case: dict) -> dict:
     return out
 
 
-def section() -> str:
+def section(device: str = "cpu") -> str:
     rows = []
     for case in CASES:
-        proc = subprocess.run([sys.executable, __file__, json.dumps(case)], capture_output=True, text=True, check=True)
+        proc = subprocess.run([sys.executable, __file__, json.dumps({**case, "device": device})], capture_output=True,
+                              text=True, check=True)
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         tl = res.get("tltorch")
         rows.append(f"| {case['c']}→{case['c']} 3×3, {case['hw']}×{case['hw']}, B{case['batch']}, D={case['rank']} | "
@@ -67,7 +70,7 @@ def section() -> str:
                     f"{res['torchtn']['train_ms'] / res['dense']['train_ms']:.2f}× |")
     head = ("| case | kernel compression | dense fwd ms | tltorch TT fwd ms | torchtn fwd ms | torchtn / dense | "
             "dense train ms | tltorch train ms | torchtn train ms | torchtn / dense |\n|---|---|---|---|---|---|---|---|---|---|")
-    return ("## Convolutions: MPOConv2d vs nn.Conv2d and tltorch\n\nfp32, median of rotated rounds in one fresh "
+    return (f"## Convolutions: MPOConv2d vs nn.Conv2d and tltorch ({device})\n\nfp32, median of rotated rounds in one fresh "
             "process per case; tltorch `FactorizedConv(factorization=\"tt\")` at the same number of kernel "
             "parameters. Targets (issue 10): at ≥ 10× fewer kernel parameters, inference within 10% of "
             "`nn.Conv2d`, training within 25%, faster than tltorch.\n\n" + head + "\n" + "\n".join(rows) + "\n")

@@ -42,12 +42,13 @@ def version(dist: str) -> str:
         return "not installed"
 
 
-def machine() -> str:
+def machine(device: str = "cpu") -> str:
     import torch
 
     from torchtn.report import machine_description
 
-    return (f"{machine_description()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    gpu = f"GPU: {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda}), " if device != "cpu" else ""
+    return (f"{gpu}{machine_description()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"Python {platform.python_version()}, tensorly-torch {version('tensorly-torch')} with opt_einsum "
             f"{version('opt_einsum')} (torch.backends.opt_einsum available: "
             f"{torch.backends.opt_einsum.is_available()}), torch-mpo {version('torch-mpo')}, torchtn {version('torchtn')}")
@@ -195,6 +196,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=12)
     parser.add_argument("--quick", action="store_true", help="one process, few repetitions, batch 64 only")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    parser.add_argument("--render-json", type=Path, default=None,
+                        help="measure nothing: write the tables from a --json file of an earlier run")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (every contestant runs there; the GPU is "
+                                                        "synchronized around every timed call)")
     args = parser.parse_args()
     batches = BATCHES
     if args.quick:
@@ -202,16 +207,40 @@ def main() -> None:
     from torchtn.report import format_markdown_table
 
     start = time.time()
-    results = []
-    for name, in_shape, out_shape in SHAPES:
-        for rank in RANKS:
-            for batch in batches:
-                case = {"name": name, "in_shape": in_shape, "out_shape": out_shape, "rank": rank, "batch": batch}
-                label = f"{name} r{rank} B{batch}"
-                print(f"running {label} ...", file=sys.stderr, flush=True)
-                results.append((case, label, run_cell(case, args.processes, args.reps)))
-    if args.json:
-        args.json.write_text(json.dumps([{"case": c, "label": lab, "res": r} for c, lab, r in results], indent=1))
+    if args.render_json:  # tables from an earlier (possibly partial) run's raw results, measured elsewhere
+        saved = json.loads(args.render_json.read_text())
+        results = [(c["case"], c["label"], c["res"]) for c in saved["cells"]]
+        args.device, args.processes, args.reps = saved["device"], saved["processes"], saved["reps"]
+        machine_text, took, conv = saved["machine"], saved["seconds"], saved.get("conv", "")
+        command = saved.get("command", "")
+    else:
+        machine_text, results, conv = machine(args.device), [], ""
+        command = " ".join(["python", "bench/run.py"] + sys.argv[1:])
+
+        def dump(seconds: float) -> None:  # after every cell, so a run cut short still leaves its cells
+            if args.json:
+                tmp = args.json.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"command": command, "machine": machine_text, "device": args.device, "processes": args.processes,
+                                           "reps": args.reps, "seconds": seconds, "conv": conv,
+                                           "cells": [{"case": c, "label": lab, "res": r} for c, lab, r in results]},
+                                          indent=1))
+                tmp.replace(args.json)
+
+        for name, in_shape, out_shape in SHAPES:
+            for rank in RANKS:
+                for batch in batches:
+                    case = {"name": name, "in_shape": in_shape, "out_shape": out_shape, "rank": rank, "batch": batch,
+                            "device": args.device}
+                    label = f"{name} r{rank} B{batch}"
+                    print(f"running {label} ...", file=sys.stderr, flush=True)
+                    results.append((case, label, run_cell(case, args.processes, args.reps)))
+                    dump(time.time() - start)
+        sys.path.insert(0, str(HERE))
+        from conv import section as conv_section
+
+        conv = conv_section(args.device)
+        took = time.time() - start
+        dump(took)
 
     def row(label, res, key):
         cells = [label] + [fmt(res[i][key]) if i in res else "n/a" for i in IMPLS]
@@ -245,19 +274,15 @@ def main() -> None:
     targets, misses = summarize(results)
     missed = "\n".join(f"- {m}" for m in misses) or "- none"
     svd = format_markdown_table(["task", "TensorLy exact TT-SVD s", "torchtn tt_svd s", "speed-up", "exact error",
-                                 "tt_svd error", "error ratio"], tt_svd_bench())
-    sys.path.insert(0, str(HERE))
-    from conv import section as conv_section
-
-    conv = conv_section()
-    took = time.time() - start
+                                 "tt_svd error", "error ratio"], tt_svd_bench()) \
+        if args.device == "cpu" and not args.render_json else "(measured on the CPU only; see docs/benchmarks.md)"
     text = f"""# Benchmarks
 
-Generated by `make bench` (`python bench/run.py --out docs/benchmarks.md`) on {time.strftime('%Y-%m-%d')}.
+Generated by `{command}` on {time.strftime('%Y-%m-%d')} (`make bench` runs it on the CPU into docs/benchmarks.md).
 
-Machine: {machine()}.
+Machine: {machine_text}.
 
-Method: fp32, CPU. Each cell runs in {args.processes} fresh processes; in each process the contestants are timed in
+Method: fp32 on {args.device} (TF32 off). Each cell runs in {args.processes} fresh processes; in each process the contestants are timed in
 {args.reps} rounds (training: {max(5, args.reps // 2)}), one call each per round in an order rotated every round,
 after 3 warm-up rounds; the tables give the median over processes of each process's median. *Forward* is
 `layer.eval()` under `torch.no_grad()` (torchtn may reuse merged cores between calls); *training* is forward +

@@ -73,8 +73,15 @@ def train_call(layer: nn.Module, x: torch.Tensor):
     return call
 
 
+def _sync() -> None:
+    """Wait for queued GPU work, so a call's time is its whole time (a no-op on the CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def rounds(fns: dict, reps: int, warmup: int = 3) -> dict[str, float]:
-    """Median ms per contestant, timed in rotated order, one call per contestant per round."""
+    """Median ms per contestant, timed in rotated order, one call per contestant per round (GPU work included:
+    the device is synchronized before and after every call)."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
@@ -83,8 +90,10 @@ def rounds(fns: dict, reps: int, warmup: int = 3) -> dict[str, float]:
     for rep in range(reps):
         order = names[rep % len(names):] + names[:rep % len(names)]
         for n in order:
+            _sync()
             t0 = time.perf_counter()
             fns[n]()
+            _sync()
             times[n].append(time.perf_counter() - t0)
     return {n: 1e3 * statistics.median(t) for n, t in times.items()}
 
@@ -107,11 +116,12 @@ def training_memory(layer: nn.Module, x: torch.Tensor) -> dict:
     return {"params": p_bytes, "saved": s_bytes, "total": 4 * p_bytes + s_bytes}
 
 
-def gemm_rate() -> float:
-    """FLOP/s of a large fp32 GEMM on this machine, now (the roofline's rate)."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+def gemm_rate(device: str = "cpu") -> float:
+    """FLOP/s of a large fp32 GEMM on this device, now (the roofline's rate; 2048³ on a CPU, 8192³ on a GPU)."""
+    n = 2048 if device == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     best = min(rounds({"g": lambda: a @ b}, 5, 2).values())
-    return 2 * 2048**3 / (best / 1e3)
+    return 2 * n**3 / (best / 1e3)
 
 
 def optimal_flops(case: dict) -> float:
@@ -136,10 +146,11 @@ def optimal_flops(case: dict) -> float:
 
 def main() -> None:
     case = json.loads(sys.argv[1])
+    device = case.get("device", "cpu")
     torch.manual_seed(0)
-    x = torch.randn(case["batch"], math.prod(case["in_shape"]))
+    x = torch.randn(case["batch"], math.prod(case["in_shape"]), device=device)
     layers = {impl: build(impl, case) for impl in case["impls"]}
-    layers = {k: v for k, v in layers.items() if v is not None}
+    layers = {k: v.to(device) for k, v in layers.items() if v is not None}
     out: dict = {impl: {} for impl in layers}
 
     for layer in layers.values():
@@ -158,7 +169,7 @@ def main() -> None:
         if tn is not None:
             out[name]["plan_infer"] = str(tn.plan(case["batch"], needs_grad=False))
             out[name]["plan_train"] = str(tn.plan(case["batch"], needs_grad=True))
-    out["_machine"] = {"gemm_flops": gemm_rate(), "optimal_flops": optimal_flops(case),
+    out["_machine"] = {"gemm_flops": gemm_rate(device), "optimal_flops": optimal_flops(case),
                        "opt_einsum": torch.backends.opt_einsum.is_available()}
     print(json.dumps(out))
 

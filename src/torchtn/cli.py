@@ -72,6 +72,9 @@ def _add_run_options(p: argparse.ArgumentParser, job: str, epochs_help: str, lr:
                         f"refused unless --resume")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--device", default="auto",
+                   help="auto (a CUDA GPU when PyTorch sees one, else the CPU), cpu, cuda or cuda:N; under torchrun "
+                        "'cuda' is each process's own GPU (LOCAL_RANK) and the processes talk over NCCL")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -186,6 +189,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(args: argparse.Namespace):
+    from .train.device import resolve_device
+
+    try:
+        return resolve_device(args.device)
+    except ValueError as err:
+        raise ValueError(f"--device {args.device}: {str(err).split(': ', 1)[1]}") from None
+
+
 def _elastic_restart() -> bool:
     """Whether torchrun restarted this worker group after a failure (``--max-restarts``)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
@@ -205,6 +217,7 @@ def _run_job(job: str, args: argparse.Namespace, make_config, prepare, run) -> i
     from .train import TrainingDiverged
 
     try:
+        args.device = str(_device(args))
         config = make_config()
     except ValueError as err:
         return _fail(str(err))
@@ -259,7 +272,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
     def run(config, data, out):
         results = run_compress(config, out, resume=args.resume, progress=not args.no_progress,
-                               log=lambda s: print(s, flush=True), data=data)
+                               log=lambda s: print(s, flush=True), data=data, device=args.device)
         return (f"\n{results['table']}\n\nwrote {out}/results.json, {out}/accuracy_vs_compression.png and the "
                 f"models (*.safetensors)")
 
@@ -272,7 +285,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .experiments.train import TrainJob, check_train_job, run_train
     from .train.trainer import process_group
 
-    rank, world = process_group(init=True)
+    try:
+        rank, world = process_group(init=True, device=_device(args))
+    except ValueError as err:
+        return _fail(str(err))
     log = (lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None)
 
     def make_config():
@@ -296,7 +312,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     def run(job, data, out):
         log(data.describe())
-        run_train(job, data, out, resume=args.resume, progress=not args.no_progress, log=log)
+        run_train(job, data, out, resume=args.resume, progress=not args.no_progress, log=log, device=args.device)
         return f"wrote {out}/model.safetensors and {out}/results.json" if rank == 0 else ""
 
     return _run_job("train", args, make_config, prepare, run)
@@ -331,7 +347,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
     def run(config, data, out):
         results = run_reproduction(config, data, out, resume=args.resume, progress=not args.no_progress,
-                                   log=lambda s: print(s, flush=True))
+                                   log=lambda s: print(s, flush=True), device=args.device)
         return f"wrote {out}/results.json and {out}/report.md ({results['seconds'] / 60:.1f} min)"
 
     return _run_job(f"reproduce-{rep.name}", args, make_config, prepare, run)

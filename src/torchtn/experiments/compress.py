@@ -22,11 +22,12 @@ import torch
 from .._checks import check_choice, check_nonnegative_int, check_positive_int, check_positive_real, check_rel_tol
 from ..compress import tensorize
 from ..data import Dataset, load_dataset
-from ..io import atomic_write_text, load_model, read_metadata, save_model
+from ..io import atomic_write_text, load_model
 from ..models import FC2
 from ..report import format_table
-from ..train import TrainConfig, Trainer, evaluate
+from ..train import TrainConfig, evaluate
 from .rundir import available_memory, check_resume, check_writable
+from .stage import train_stage
 
 __all__ = ["CompressConfig", "CompressRow", "run_compress", "preflight", "DEFAULT_RANKS", "results_table"]
 
@@ -207,27 +208,11 @@ def preflight(config: CompressConfig, out: Path, resume: bool, data: Dataset) ->
         check_resume(out, "compress", ["dense.safetensors"], "compress_config", asdict(config), _effective)
 
 
-def _run_stage(model: torch.nn.Module, data: Dataset, cfg: TrainConfig, out: Path, name: str, meta: dict,
-               resume: bool, log: Callable[[str], None], started: float, **trainer_kwargs) -> float:
-    """Train ``model`` as stage ``name`` (or load it when a resumed run already finished it); returns its seconds.
-
-    Checkpoints go to ``out/checkpoints/<name>.safetensors``; the final model to ``out/<name>.safetensors``.
-    """
-    final = out / f"{name}.safetensors"
-    if resume and final.exists():
-        load_model(final, model)
-        log(f"{name}: loaded {final}")
-        return float(read_metadata(final)["metadata"].get("seconds", 0.0))
-    Trainer(model, cfg, checkpoint=out / "checkpoints" / f"{name}.safetensors", metadata=meta,
-            **trainer_kwargs).fit(data, resume=resume)
-    seconds = time.perf_counter() - started
-    save_model(model, final, {**meta, "train_config": asdict(cfg), "seconds": seconds}, overwrite=True)
-    return seconds
-
-
 def run_compress(config: CompressConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
-                 log: Callable[[str], None] = print, data: Dataset | None = None) -> dict:
-    """Run the whole job into ``out`` and return the results (also written to ``out/results.json``)."""
+                 log: Callable[[str], None] = print, data: Dataset | None = None,
+                 device: str | torch.device | None = None) -> dict:
+    """Run the whole job into ``out`` on ``device`` (default: the CPU) and return the results (also written to
+    ``out/results.json``)."""
     out = Path(out)
     data = load_dataset(config.dataset, config.data_dir) if data is None else data
     log(data.describe())
@@ -241,8 +226,8 @@ def run_compress(config: CompressConfig, out: str | Path, *, resume: bool = Fals
         load_user_weights(dense, config.model_file)
     cfg = TrainConfig(epochs=0 if config.model_file else config.dense_epochs, batch_size=config.batch_size,
                       lr=config.lr, seed=config.seed, progress=progress, desc="dense")
-    dense_seconds = _run_stage(dense, data, cfg, out, "dense", {**base_meta, "stage": "dense"}, resume, log,
-                               time.perf_counter())
+    dense_seconds = train_stage(dense, data, cfg, out, "dense", {**base_meta, "stage": "dense"}, resume=resume,
+                                device=device, log=log)
     _, dense_acc = evaluate(dense, data.x_test, data.y_test)
     dense_params = sum(p.numel() for p in dense.parameters())
     source = f"from {config.model_file}" if config.model_file else f"trained ({dense_seconds:.1f} s)"
@@ -257,8 +242,8 @@ def run_compress(config: CompressConfig, out: str | Path, *, resume: bool = Fals
         _, acc_before = evaluate(model, data.x_test, data.y_test)
         cfg = TrainConfig(epochs=config.tune_epochs, batch_size=config.batch_size, lr=config.finetune_lr,
                           seed=config.seed, progress=progress, desc=name)
-        seconds = _run_stage(model, data, cfg, out, name, {**base_meta, "stage": name, "tensorize": report.to_dict()},
-                             resume, log, started, **heal)
+        seconds = train_stage(model, data, cfg, out, name, {**base_meta, "stage": name, "tensorize": report.to_dict()},
+                              resume=resume, device=device, started=started, log=log, **heal)
         log(str(report))
         val_after = evaluate(model, data.x_val, data.y_val)[1]
         _, acc_after = evaluate(model, data.x_test, data.y_test)

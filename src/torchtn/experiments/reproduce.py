@@ -20,9 +20,10 @@ from torch import nn
 from .._checks import check_positive_int
 from .._version import __version__
 from ..data import Dataset
-from ..io import atomic_write_text, load_model, read_metadata, save_model
+from ..io import atomic_write_text
 from ..report import machine_description
-from ..train import TrainConfig, Trainer, evaluate
+from ..train import TrainConfig, evaluate
+from .stage import train_stage
 
 __all__ = ["ReproduceConfig", "Context", "run_reproduction", "mean_std"]
 
@@ -53,19 +54,13 @@ class Context:
     progress: bool
     log: Callable[[str], None]
     timings: dict = field(default_factory=dict)
+    device: str | None = None  # where stages train (see resolve_device); None: the CPU
 
     def stage(self, name: str, model: nn.Module, cfg: TrainConfig) -> tuple[nn.Module, float]:
-        """Train ``model`` as stage ``name`` (or load it when a resumed run finished it); returns it and seconds."""
-        final = self.out / f"{name}.safetensors"
+        """Train ``model`` as stage ``name`` on :attr:`device` (or load it when a resumed run finished it); returns
+        it and seconds."""
         meta = {"reproduce_config": asdict(self.config), "stage": name}
-        if self.resume and final.exists():
-            load_model(final, model)
-            return model, float(read_metadata(final)["metadata"].get("seconds", 0.0))
-        started = time.perf_counter()
-        Trainer(model, cfg, checkpoint=self.out / "checkpoints" / f"{name}.safetensors", metadata=meta).fit(
-            self.data, resume=self.resume)
-        seconds = time.perf_counter() - started
-        save_model(model, final, {**meta, "seconds": seconds}, overwrite=True)
+        seconds = train_stage(model, self.data, cfg, self.out, name, meta, resume=self.resume, device=self.device)
         return model, seconds
 
     def accuracy(self, model: nn.Module) -> float:
@@ -77,15 +72,17 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def run_reproduction(config: ReproduceConfig, data: Dataset, out: Path, *, resume: bool = False,
-                     progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Run the reproduction and write ``results.json`` and ``report.md`` (+ PNGs) into ``out``."""
+                     progress: bool = True, log: Callable[[str], None] = print,
+                     device: str | None = None) -> dict:
+    """Run the reproduction (its models trained on ``device``; default: the CPU) and write ``results.json`` and
+    ``report.md`` (+ PNGs) into ``out``."""
     from .registry import get_reproduction
 
     rep = get_reproduction(config.name)
     out = Path(out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    ctx = Context(config, data, out, resume, progress, log)
+    ctx = Context(config, data, out, resume, progress, log, device=device)
     rows = rep.run(ctx)
     seconds = time.perf_counter() - started
     command = "torchtn reproduce " + config.name + (" --quick" if config.quick else "") + (

@@ -83,7 +83,7 @@ def check_train_job(job: TrainJob, data: Dataset) -> None:
 
 
 def run_train(job: TrainJob, data: Dataset, out: Path, *, resume: bool = False, progress: bool = True,
-              log: Callable[[str], None] = print) -> dict:
+              log: Callable[[str], None] = print, device: str | torch.device | None = None) -> dict:
     """Train, evaluate on the test split, write the model and ``results.json`` (rank 0 only); returns the row."""
     rank, world = process_group()
     out = Path(out)
@@ -94,7 +94,7 @@ def run_train(job: TrainJob, data: Dataset, out: Path, *, resume: bool = False, 
     model = build_model(model_config(job, data))
     meta = {"train_job": asdict(job), "dataset": data.name}
     trainer = Trainer(model, job.train_config(progress), checkpoint=out / "checkpoints" / "model.safetensors",
-                      metadata=meta)
+                      metadata=meta, device=device)
     final = out / "model.safetensors"
     if resume and final.exists():
         log(f"{final} exists: the run had finished")

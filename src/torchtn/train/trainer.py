@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .._checks import check_choice, check_nonnegative_int, check_positive_int, check_positive_real
 from ..data import Dataset
 from ..io import ModelFileError, load_model, read_metadata, read_tensors, save_model
+from .device import resolve_device
 
 __all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "EpochRecord", "evaluate", "measure", "LOSSES", "accuracy",
            "process_group"]
@@ -57,14 +58,18 @@ def _resolve_loss(loss: str | Loss, metrics: dict[str, Metric] | None) -> tuple[
     return getattr(loss, "__name__", type(loss).__name__), loss, dict(metrics or {})
 
 
-def process_group(init: bool = False) -> tuple[int, int]:
+def process_group(init: bool = False, device: str | torch.device | None = None) -> tuple[int, int]:
     """``(rank, world_size)`` of this process; with ``init``, join the group ``torchrun`` describes in the environment
-    (``WORLD_SIZE`` > 1: NCCL when CUDA is available, gloo otherwise). ``(0, 1)`` outside ``torch.distributed``."""
+    (``WORLD_SIZE`` > 1) with the backend of the training ``device`` (see :func:`resolve_device`): NCCL for CUDA, one
+    GPU per process, gloo for the CPU. ``(0, 1)`` outside ``torch.distributed``."""
     if dist.is_available() and not dist.is_initialized() and init and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        where = resolve_device(device)
+        if where.type == "cuda":
+            torch.cuda.set_device(where)
         # a bounded wait (TORCHTN_DIST_TIMEOUT seconds, default 300): a peer that died during a restart turns into
         # an error that torchrun's --max-restarts handles, not a hang
         timeout = datetime.timedelta(seconds=float(os.environ.get("TORCHTN_DIST_TIMEOUT", "300")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
+        dist.init_process_group("nccl" if where.type == "cuda" else "gloo", timeout=timeout)
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -180,7 +185,9 @@ class Trainer:
     ``on_step_end(trainer, step) -> bool``: called after every optimizer step; return ``True`` when it changed the
     model's structure (e.g. a sweep changed bond dimensions) and the trainer rebuilds its optimizer
     (:meth:`structure_changed`). ``teacher`` (e.g. the dense model a compressed one is healed from) adds knowledge
-    distillation: ``(1 − distill)·loss + distill·T²·KL(softmax(teacher/T) ‖ softmax(model/T))``. With ``checkpoint`` (a ``.safetensors`` path) the model, optimizer, RNG state and
+    distillation: ``(1 − distill)·loss + distill·T²·KL(softmax(teacher/T) ‖ softmax(model/T))``. ``device``
+    (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``; default: where the model is) moves the model and the teacher
+    there in place; batches follow. With ``checkpoint`` (a ``.safetensors`` path) the model, optimizer, RNG state and
     history are written atomically after every epoch; ``fit(resume=True)`` continues from it and ends with the same
     weights as an uninterrupted run. An existing checkpoint is never replaced by a fresh run.
 
@@ -194,7 +201,12 @@ class Trainer:
                  metadata: dict | None = None, on_epoch_end: Callable[[EpochRecord], None] | None = None, *,
                  loss: str | Loss = "cross_entropy", metrics: dict[str, Metric] | None = None,
                  on_step_end: Callable[["Trainer", int], bool] | None = None, teacher: nn.Module | None = None,
-                 distill: float = 0.5, temperature: float = 2.0) -> None:
+                 distill: float = 0.5, temperature: float = 2.0, device: str | torch.device | None = None) -> None:
+        if device is not None:  # moved in place, so the caller's model is the trained one
+            device = resolve_device(device)
+            model.to(device)
+            if teacher is not None:
+                teacher.to(device)
         self.model = model
         self.loss_name, self.loss_fn, self.metrics = _resolve_loss(loss, metrics)
         self.on_step_end = on_step_end
@@ -250,7 +262,11 @@ class Trainer:
 
     def _wrap(self) -> None:
         """The module that runs the forward pass: the model, or its DDP wrapper under ``torch.distributed``."""
-        self._net = DistributedDataParallel(self.model) if self.world_size > 1 else self.model
+        if self.world_size == 1:
+            self._net = self.model
+            return
+        device = next(self.model.parameters()).device
+        self._net = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None)
 
     def _lr(self, step: int, total: int) -> float:
         c = self.config
@@ -265,6 +281,9 @@ class Trainer:
             return
         tensors, rest = _flatten_optimizer(optimizer.state_dict())
         tensors["__rng/torch"] = torch.get_rng_state()
+        device = next(self.model.parameters()).device
+        if device.type == "cuda":  # dropout and other random layers draw from the GPU's generator
+            tensors["__rng/cuda"] = torch.cuda.get_rng_state(device)
         meta = {
             "kind": "torchtn-checkpoint",
             "epoch": epoch,
@@ -301,6 +320,9 @@ class Trainer:
         try:
             optimizer.load_state_dict(_unflatten_optimizer(optim, meta["optimizer"]))
             torch.set_rng_state(tensors["__rng/torch"])
+            device = next(self.model.parameters()).device
+            if device.type == "cuda" and "__rng/cuda" in tensors:
+                torch.cuda.set_rng_state(tensors["__rng/cuda"], device)
             self.history = [_record(h) for h in meta["history"]]
             return optimizer, int(meta["epoch"])
         except (KeyError, ValueError, TypeError, RuntimeError) as err:

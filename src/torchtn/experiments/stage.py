@@ -1,0 +1,43 @@
+"""One stage of a job: train a model (resumably) into ``out/<name>.safetensors``, or load it if that file is done."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data import Dataset
+from ..io import load_model, read_metadata, save_model
+from ..train import TrainConfig, Trainer
+from ..train.device import resolve_device
+
+__all__ = ["train_stage"]
+
+
+def train_stage(model: nn.Module, data: Dataset, cfg: TrainConfig, out: Path, name: str, meta: dict, *,
+                resume: bool, device: str | torch.device | None = None, started: float | None = None,
+                log: Callable[[str], None] | None = None, **trainer_kwargs) -> float:
+    """Train ``model`` as stage ``name`` and return the seconds it took (counted from ``started`` if given).
+
+    Checkpoints go to ``out/checkpoints/<name>.safetensors`` (``resume`` continues from there); the final model goes
+    to ``out/<name>.safetensors`` with ``meta``. When a resumed run had already finished this stage, the model is
+    loaded from that file instead and its recorded seconds are returned. ``device`` and ``trainer_kwargs`` (loss,
+    teacher, …) go to the :class:`Trainer`; the model is moved there in place either way.
+    """
+    final = out / f"{name}.safetensors"
+    if resume and final.exists():
+        load_model(final, model)
+        if device is not None:
+            model.to(resolve_device(device))
+        if log is not None:
+            log(f"{name}: loaded {final}")
+        return float(read_metadata(final)["metadata"].get("seconds", 0.0))
+    started = time.perf_counter() if started is None else started
+    Trainer(model, cfg, checkpoint=out / "checkpoints" / f"{name}.safetensors", metadata=meta, device=device,
+            **trainer_kwargs).fit(data, resume=resume)
+    seconds = time.perf_counter() - started
+    save_model(model, final, {**meta, "train_config": asdict(cfg), "seconds": seconds}, overwrite=True)
+    return seconds

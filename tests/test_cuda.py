@@ -1,0 +1,134 @@
+"""CUDA paths: the same math on a GPU as on the CPU, plans and autotuning on the device, training on ``--device``.
+
+Every test here is skipped where PyTorch sees no GPU (CI has none); they run on a GPU machine with plain ``pytest``.
+"""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torchtn import MPOConv2d, MPOLinear, load_model, save_model
+from torchtn.core import plan_tt_linear, set_autotune
+from torchtn.data import load_digits
+from torchtn.models import FC2
+from torchtn.train import TrainConfig, Trainer, evaluate
+from torchtn.train.device import resolve_device
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_device_names_are_checked():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="device='gpu' is not allowed"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    else:
+        with pytest.raises(ValueError, match="indices 0"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+@cuda
+@pytest.mark.parametrize("training", [False, True])
+def test_mpo_linear_on_cuda_equals_cpu_in_float64(training):
+    torch.manual_seed(0)
+    cpu = MPOLinear(96, 60, 5, in_shape=(4, 4, 6), out_shape=(3, 4, 5)).double().train(training)
+    gpu = MPOLinear(96, 60, 5, in_shape=(4, 4, 6), out_shape=(3, 4, 5)).double().train(training)
+    gpu.load_state_dict(cpu.state_dict())
+    gpu.cuda()
+    x = torch.randn(37, 96, dtype=torch.float64, requires_grad=training)
+    xg = x.detach().cuda().requires_grad_(training)
+    y, yg = cpu(x), gpu(xg)
+    assert yg.device.type == "cuda"
+    torch.testing.assert_close(yg.cpu(), y, rtol=0, atol=1e-10)
+    if training:
+        y.square().sum().backward()
+        yg.square().sum().backward()
+        torch.testing.assert_close(xg.grad.cpu(), x.grad, rtol=0, atol=1e-9)
+        for a, b in zip(cpu.cores, gpu.cores):
+            torch.testing.assert_close(b.grad.cpu(), a.grad, rtol=0, atol=1e-9)
+
+
+@cuda
+def test_plans_are_keyed_on_the_device_and_use_its_cost_model():
+    args = ((4, 8, 8, 4), (4, 4, 4, 4), (1, 8, 8, 8, 1), 64)
+    on_cpu = plan_tt_linear(*args, device="cpu")
+    on_gpu = plan_tt_linear(*args, device="cuda")
+    assert on_gpu is plan_tt_linear(*args, device="cuda")  # cached per device
+    assert on_gpu is not on_cpu
+    layer = MPOLinear(1024, 256, 8, in_shape=(4, 8, 8, 4), out_shape=(4, 4, 4, 4)).cuda().eval()
+    with torch.no_grad():
+        y = layer(torch.randn(64, 1024, device="cuda"))
+    assert y.device.type == "cuda" and torch.isfinite(y).all()
+
+
+@cuda
+def test_autotuning_on_cuda_times_the_candidates_and_keeps_the_fastest():
+    set_autotune(True)
+    try:
+        plans = [plan_tt_linear((4, 7, 7, 4), (4, 4, 4, 4), (1, 4, 4, 4, 1), 64, device="cuda", training=t)
+                 for t in (False, True)]
+    finally:
+        set_autotune(None)
+    for p in plans:
+        assert p.measured_seconds is not None and len(p.measurements) >= 2
+        assert p.measured_seconds <= p.model_pick_seconds
+        assert p.measured_seconds == min(t for _, t in p.measurements)
+
+
+@cuda
+@pytest.mark.parametrize("contraction", ["rebuild", "patches"])
+def test_mpo_conv2d_on_cuda_equals_conv2d_with_the_rebuilt_kernel(contraction):
+    torch.manual_seed(0)
+    conv = MPOConv2d(8, 12, 3, stride=2, padding=1, dilation=1, groups=2, rank=4,
+                     contraction=contraction).double().cuda()
+    x = torch.randn(5, 8, 11, 9, dtype=torch.float64, device="cuda")
+    ref = F.conv2d(x, conv.to_dense(), conv.bias, stride=2, padding=1, groups=2)
+    torch.testing.assert_close(conv(x), ref, rtol=0, atol=1e-10)
+
+
+@cuda
+def test_trainer_on_cuda_learns_and_resumes_and_files_load_on_the_cpu(tmp_path):
+    data = load_digits().flattened()
+    cfg = TrainConfig(epochs=4, batch_size=64, lr=3e-3, progress=False)
+
+    def build():
+        torch.manual_seed(0)
+        return FC2(64, hidden=64, layers="mpo", rank=4)
+
+    model = build()
+    Trainer(model, cfg, checkpoint=tmp_path / "a.safetensors", device="cuda").fit(data)
+    assert next(model.parameters()).device.type == "cuda"
+    _, acc = evaluate(model, data.x_test, data.y_test)
+    assert acc > 0.85
+    # resume from the mid-run checkpoint on the GPU: same end point as the straight run
+    def stop_after_two(record):
+        if record.epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(build(), cfg, checkpoint=tmp_path / "b.safetensors", device="cuda", on_epoch_end=stop_after_two).fit(data)
+    resumed = build()
+    Trainer(resumed, cfg, checkpoint=tmp_path / "b.safetensors", device="cuda").fit(data, resume=True)
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    # a model file written from the GPU loads into a CPU skeleton with the same outputs
+    save_model(model, tmp_path / "m.safetensors")
+    cpu = load_model(tmp_path / "m.safetensors", FC2(64, hidden=64, layers="mpo", rank=4)).eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(cpu(data.x_test[:50]), model(data.x_test[:50].cuda()).cpu(), rtol=1e-5, atol=1e-5)
+
+
+@cuda
+def test_cli_trains_on_the_gpu(tmp_path):
+    from torchtn.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--arch", "fc2", "--layers", "mpo", "--rank", "4", "--epochs", "2", "--device", "cuda",
+                 "--no-progress", "--out", str(out)]) == 0
+    row = json.loads((out / "results.json").read_text())
+    assert row["test_accuracy"] > 0.5
