@@ -70,7 +70,7 @@ def section(device: str = "cpu") -> str:
                     f"{res['torchtn']['train_ms'] / res['dense']['train_ms']:.2f}× |")
     head = ("| case | kernel compression | dense fwd ms | tltorch TT fwd ms | torchtn fwd ms | torchtn / dense | "
             "dense train ms | tltorch train ms | torchtn train ms | torchtn / dense |\n|---|---|---|---|---|---|---|---|---|---|")
-    return (f"## Convolutions: MPOConv2d vs nn.Conv2d and tltorch ({device})\n\nfp32, median of rotated rounds in one fresh "
+    return (f"## Convolutions: MPOConv2d vs nn.Conv2d and tltorch ({device})\n\nfp32, median of randomly ordered rounds in one fresh "
             "process per case; tltorch `FactorizedConv(factorization=\"tt\")` at the same number of kernel "
             "parameters. Targets (issue 10): at ≥ 10× fewer kernel parameters, inference within 10% of "
             "`nn.Conv2d`, training within 25%, faster than tltorch.\n\n" + head + "\n" + "\n".join(rows) + "\n")

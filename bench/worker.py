@@ -1,13 +1,14 @@
 """One benchmark cell in a fresh process: every contestant side by side, JSON on stdout.
 
 Called by ``bench/run.py``; it can be run by hand: ``python bench/worker.py '{"in_shape": [8,8,8,8], ...}'``.
-Contestants are timed in rounds, one call each per round, in an order rotated every round, so that slow drifts of the
-machine (frequency, other tenants, allocator state) fall on every contestant alike.
+Contestants are timed in rounds, one call each per round, in a fresh random order every round, so that slow drifts
+of the machine (frequency, other tenants, allocator state) and the call just before fall on every contestant alike.
 """
 from __future__ import annotations
 
 import json
 import math
+import random
 import statistics
 import sys
 import time
@@ -80,15 +81,22 @@ def _sync() -> None:
 
 
 def rounds(fns: dict, reps: int, warmup: int = 3) -> dict[str, float]:
-    """Median ms per contestant, timed in rotated order, one call per contestant per round (GPU work included:
-    the device is synchronized before and after every call)."""
+    """Median ms per contestant over ``reps`` rounds, one call per contestant per round (GPU work included: the
+    device is synchronized before and after every call).
+
+    Each round runs the contestants in a fresh random order (seeded): a fixed or merely rotated order would give each
+    contestant the same predecessor every time, and what runs just before a call (its cache footprint, its
+    allocations) changes that call's time.
+    """
     names = list(fns)
     for _ in range(warmup):
         for n in names:
             fns[n]()
     times = {n: [] for n in names}
-    for rep in range(reps):
-        order = names[rep % len(names):] + names[:rep % len(names)]
+    shuffle = random.Random(0).shuffle
+    for _ in range(reps):
+        order = names[:]
+        shuffle(order)
         for n in order:
             _sync()
             t0 = time.perf_counter()

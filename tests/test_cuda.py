@@ -83,36 +83,38 @@ def test_autotuning_on_cuda_times_the_candidates_and_keeps_the_fastest():
 @pytest.mark.parametrize("contraction", ["rebuild", "patches"])
 def test_mpo_conv2d_on_cuda_equals_conv2d_with_the_rebuilt_kernel(contraction):
     torch.manual_seed(0)
-    conv = MPOConv2d(8, 12, 3, stride=2, padding=1, dilation=1, groups=2, rank=4,
+    groups = 2 if contraction == "rebuild" else 1  # the patches path is for groups=1
+    conv = MPOConv2d(8, 12, 3, stride=2, padding=1, dilation=2, groups=groups, rank=4,
                      contraction=contraction).double().cuda()
     x = torch.randn(5, 8, 11, 9, dtype=torch.float64, device="cuda")
-    ref = F.conv2d(x, conv.to_dense(), conv.bias, stride=2, padding=1, groups=2)
+    ref = F.conv2d(x, conv.to_dense(), conv.bias, stride=2, padding=1, dilation=2, groups=groups)
     torch.testing.assert_close(conv(x), ref, rtol=0, atol=1e-10)
 
 
-@cuda
-def test_trainer_on_cuda_learns_and_resumes_and_files_load_on_the_cpu(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_trainer_on_a_device_learns_resumes_and_writes_files_that_load_on_the_cpu(tmp_path, device):
     data = load_digits().flattened()
-    cfg = TrainConfig(epochs=4, batch_size=64, lr=3e-3, progress=False)
+    cfg = TrainConfig(epochs=6, batch_size=64, lr=1e-2, progress=False)
 
     def build():
         torch.manual_seed(0)
         return FC2(64, hidden=64, layers="mpo", rank=4)
 
     model = build()
-    Trainer(model, cfg, checkpoint=tmp_path / "a.safetensors", device="cuda").fit(data)
-    assert next(model.parameters()).device.type == "cuda"
+    Trainer(model, cfg, checkpoint=tmp_path / "a.safetensors", device=device).fit(data)
+    assert next(model.parameters()).device.type == device
     _, acc = evaluate(model, data.x_test, data.y_test)
-    assert acc > 0.85
+    assert acc > 0.85  # 0.92 on the CPU and on an H200
     # resume from the mid-run checkpoint on the GPU: same end point as the straight run
     def stop_after_two(record):
         if record.epoch == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        Trainer(build(), cfg, checkpoint=tmp_path / "b.safetensors", device="cuda", on_epoch_end=stop_after_two).fit(data)
+        Trainer(build(), cfg, checkpoint=tmp_path / "b.safetensors", device=device,
+                on_epoch_end=stop_after_two).fit(data)
     resumed = build()
-    Trainer(resumed, cfg, checkpoint=tmp_path / "b.safetensors", device="cuda").fit(data, resume=True)
+    Trainer(resumed, cfg, checkpoint=tmp_path / "b.safetensors", device=device).fit(data, resume=True)
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
     # a model file written from the GPU loads into a CPU skeleton with the same outputs
@@ -120,7 +122,8 @@ def test_trainer_on_cuda_learns_and_resumes_and_files_load_on_the_cpu(tmp_path):
     cpu = load_model(tmp_path / "m.safetensors", FC2(64, hidden=64, layers="mpo", rank=4)).eval()
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(cpu(data.x_test[:50]), model(data.x_test[:50].cuda()).cpu(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cpu(data.x_test[:50]), model(data.x_test[:50].to(device)).cpu(), rtol=1e-5,
+                                   atol=1e-5)
 
 
 @cuda
@@ -128,7 +131,7 @@ def test_cli_trains_on_the_gpu(tmp_path):
     from torchtn.cli import main
 
     out = tmp_path / "run"
-    assert main(["train", "--arch", "fc2", "--layers", "mpo", "--rank", "4", "--epochs", "2", "--device", "cuda",
-                 "--no-progress", "--out", str(out)]) == 0
-    row = json.loads((out / "results.json").read_text())
-    assert row["test_accuracy"] > 0.5
+    assert main(["train", "--arch", "fc2", "--layers", "mpo", "--rank", "4", "--epochs", "6", "--lr", "1e-2",
+                 "--device", "cuda", "--no-progress", "--out", str(out)]) == 0
+    row = json.loads((out / "results.json").read_text())["rows"][0]
+    assert row["test_accuracy"] > 0.8
