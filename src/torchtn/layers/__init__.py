@@ -1,7 +1,10 @@
 """Layers: thin ``nn.Module``s over the math core, and the registry that makes them files, tensorize rules and reports."""
+from .attention import LinearAttention, SoftmaxAttention, TensorAttention
 from .mpo_conv import MPOConv2d
 from .mpo_linear import MPOLinear
 from .registry import converter_for, layer_type, layer_types, register_layer, type_name
+from .tensor_interaction import TensorInteraction
 from .tt_layer import TTLayer
 
-__all__ = ["MPOLinear", "MPOConv2d", "TTLayer", "register_layer", "layer_types", "layer_type", "type_name", "converter_for"]
+__all__ = ["MPOLinear", "MPOConv2d", "TTLayer", "register_layer", "layer_types", "layer_type", "type_name", "converter_for",
+           "TensorAttention", "LinearAttention", "SoftmaxAttention", "TensorInteraction"]

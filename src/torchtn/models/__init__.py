@@ -7,10 +7,12 @@ from collections.abc import Mapping
 from torch import nn
 
 from .cifar import VGG16, DenseNet, ResNet18
+from .dtn import DeepTensorNetwork, SequenceClassifier, TensorBlock, TokenPredictor
 from .fc2 import FC2
 from .lenet5 import LeNet5
 
-__all__ = ["FC2", "LeNet5", "VGG16", "ResNet18", "DenseNet", "build_model", "MODELS"]
+__all__ = ["FC2", "LeNet5", "VGG16", "ResNet18", "DenseNet", "build_model", "MODELS", "DeepTensorNetwork", "TensorBlock",
+           "SequenceClassifier", "TokenPredictor"]
 
 MODELS: dict[str, type[nn.Module]] = {"fc2": FC2, "lenet5": LeNet5, "vgg16": VGG16, "resnet18": ResNet18,
                                       "densenet": DenseNet}
