@@ -100,7 +100,7 @@ class SoftmaxAttentionState:
 
 # ------------------------------------------------------------------------------------------------------------ checks
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: float | None, ridge: float, eps: float,
-           form: str, causal: bool) -> None:
+           form: str, causal: bool, chunk_size: int | None = None) -> None:
     if q.dim() < 2 or q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape (..., n, d); got {tuple(q.shape)} and {tuple(k.shape)}")
     if v.shape[:-1] != q.shape[:-1]:
@@ -116,6 +116,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: float | Non
         raise ValueError(f"eps={eps!r} is not allowed: expected a number > 0")
     if form not in FORMS:
         raise ValueError(f"form={form!r} is not allowed: expected one of {', '.join(map(repr, FORMS))}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r} is not allowed: expected a positive integer or None")
 
 
 def _decay_mask(n: int, decay: float | None, like: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -308,7 +310,7 @@ def tensor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     ``return_state`` (causal only) also returns the :class:`TensorAttentionState` after the last token, so that
     :func:`tensor_attention_step` can continue the sequence.
     """
-    _check(q, k, v, decay, ridge, eps, form, causal)
+    _check(q, k, v, decay, ridge, eps, form, causal, chunk_size)
     opts = dict(masked=masked, normalize=normalize, decay=decay, ridge=ridge, eps=eps)
     if not causal:
         if return_state:
@@ -378,7 +380,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     """Linear attention ``o_t = Σ_{i≤t} γ^{t−i} (q_t·k_i) v_i`` (divided by ``Σ γ^{t−i} q_t·k_i + eps`` when
     ``normalize``): ``q, k (..., n, d)`` (already through a feature map), ``v (..., n, e)`` -> ``(..., n, e)``.
     The same forms and options as :func:`tensor_attention`."""
-    _check(q, k, v, decay, 0.0, eps, form, causal)
+    _check(q, k, v, decay, 0.0, eps, form, causal, chunk_size)
     if not causal:
         if return_state:
             raise ValueError("return_state=True needs causal=True (a bidirectional layer has no running state)")
