@@ -72,6 +72,10 @@ def _add_run_options(p: argparse.ArgumentParser, job: str, epochs_help: str, lr:
                         f"refused unless --resume")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_device_option(p)
+
+
+def _add_device_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="auto (a CUDA GPU when PyTorch sees one, else the CPU), cpu, cuda or cuda:N; under torchrun "
                         "'cuda' is each process's own GPU (LOCAL_RANK) and the processes talk over NCCL")
@@ -125,7 +129,9 @@ def _build_parser() -> argparse.ArgumentParser:
                                    "trained model and seed), report.md with the tables and the paper's numbers "
                                    "beside ours, and the plots. --quick is the CPU-minutes version of the same "
                                    "protocol (fewer epochs and seeds).")
-    r.add_argument("name", help="the reproduction (gao2020)")
+    from .experiments.registry import reproductions
+
+    r.add_argument("name", help=f"the reproduction ({', '.join(sorted(reproductions()))})")
     r.add_argument("--quick", action="store_true", help="fewer epochs and seeds: minutes on a CPU")
     r.add_argument("--dataset", default=None, help="dataset (default: the reproduction's)")
     r.add_argument("--data-dir", type=Path, default=None, help="directory of the dataset's files (mnist: the four "
@@ -134,6 +140,7 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, default=None, help="output directory (default: runs/reproduce-<name>-<time>)")
     r.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_device_option(r)
 
     i = sub.add_parser("inspect", help="show a model file's tensor-network layers: ranks, entanglement, errors",
                        description="Print, for every tensor-network layer in a torchtn .safetensors file (any "

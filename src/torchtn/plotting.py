@@ -5,7 +5,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["plot_accuracy_vs_compression", "plot_entanglement", "plot_accuracy_vs_params"]
+__all__ = ["plot_accuracy_vs_compression", "plot_entanglement", "plot_accuracy_vs_params", "plot_scaling"]
 
 
 def _pyplot():
@@ -90,4 +90,28 @@ def plot_accuracy_vs_params(series: dict[str, Sequence[tuple[float, float, str]]
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_scaling(series: dict[str, Sequence[tuple[float, float]]], path: str | os.PathLike, title: str = "",
+                 ylabel: str = "seconds") -> Path:
+    """``{name: [(n, value), …]}`` on log-log axes (e.g. time against sequence length), with slope guides n and n²."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for name, points in series.items():
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label=name)
+    all_x = sorted({x for pts in series.values() for x, _ in pts})
+    if all_x:
+        ref = min(y for pts in series.values() for _, y in pts)
+        for power, style in ((1, ":"), (2, "--")):
+            ax.plot(all_x, [ref * (x / all_x[0]) ** power for x in all_x], style, color="grey", linewidth=0.8,
+                    label=f"∝ n^{power}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length n")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
     return _save(fig, path)

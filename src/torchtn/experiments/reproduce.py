@@ -56,11 +56,14 @@ class Context:
     timings: dict = field(default_factory=dict)
     device: str | None = None  # where stages train (see resolve_device); None: the CPU
 
-    def stage(self, name: str, model: nn.Module, cfg: TrainConfig) -> tuple[nn.Module, float]:
+    def stage(self, name: str, model: nn.Module, cfg: TrainConfig, data: Dataset | None = None,
+              **trainer_kwargs) -> tuple[nn.Module, float]:
         """Train ``model`` as stage ``name`` on :attr:`device` (or load it when a resumed run finished it); returns
-        it and seconds."""
+        it and seconds. ``data`` (default: the reproduction's dataset) and ``trainer_kwargs`` (loss, metrics, …) go
+        to the trainer."""
         meta = {"reproduce_config": asdict(self.config), "stage": name}
-        seconds = train_stage(model, self.data, cfg, self.out, name, meta, resume=self.resume, device=self.device)
+        seconds = train_stage(model, self.data if data is None else data, cfg, self.out, name, meta,
+                              resume=self.resume, device=self.device, **trainer_kwargs)
         return model, seconds
 
     def accuracy(self, model: nn.Module) -> float:
