@@ -239,6 +239,10 @@ def main() -> None:
         from conv import section as conv_section
 
         conv = conv_section(args.device)
+        if args.device == "cpu":
+            from attention import section as attention_section
+
+            conv += "\n" + attention_section()
         took = time.time() - start
         dump(took)
 
