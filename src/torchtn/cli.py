@@ -174,6 +174,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if not layers:
         print("no tensor-network layers")
         return 0
+    plain = [(name, type_name(layer), ", ".join(f"{k}={v}" for k, v in layer.layout().items()),
+              sum(p.numel() for p in layer.parameters())) for name, layer in layers.items() if not networks[name]]
+    if plain:  # registered layers without tensor-train bonds (t-product layers, …): what they are
+        print(format_table(["layer", "type", "layout", "parameters"], plain))
+        if len(plain) == len(layers):
+            return 0
     rows, entropies = [], {}
     for name, nets in networks.items():
         for label, tt in nets.items():

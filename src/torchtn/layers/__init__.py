@@ -4,7 +4,9 @@ from .mpo_conv import MPOConv2d
 from .mpo_linear import MPOLinear
 from .registry import converter_for, layer_type, layer_types, register_layer, type_name
 from .tensor_interaction import TensorInteraction
+from .tlayers import TAntisymmetric, THamiltonian, TLinear, TResidual
 from .tt_layer import TTLayer
 
 __all__ = ["MPOLinear", "MPOConv2d", "TTLayer", "register_layer", "layer_types", "layer_type", "type_name", "converter_for",
-           "TensorAttention", "LinearAttention", "SoftmaxAttention", "TensorInteraction"]
+           "TensorAttention", "LinearAttention", "SoftmaxAttention", "TensorInteraction", "TLinear", "TResidual",
+           "TAntisymmetric", "THamiltonian"]

@@ -1,0 +1,200 @@
+"""The ⋆M product and t-layers against independent computations: scipy's DCT, numpy's FFT, explicit loops."""
+import numpy as np
+import pytest
+import scipy.fft
+import torch
+
+import torchtn
+from torchtn.core.mprod import dct_matrix, mprod, mtran, t_eye, t_svd, t_svd_truncate, transform
+from torchtn.layers.tlayers import TAntisymmetric, THamiltonian, TLinear, TResidual
+from torchtn.models.tnn import TNN, MatrixNet, TAutoencoder, matrix_baseline, t_cross_entropy, tubal_scores
+
+f64 = torch.float64
+TRANSFORMS = ["dct", "dft", "identity", "orthogonal", "user"]
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=f64)
+
+
+def M_of(name, n):
+    return rand(n, n, seed=99) + 3 * torch.eye(n, dtype=f64) if name == "user" else name
+
+
+def reference_mprod(A, B, M):
+    """Numpy: transform every tube with the matrix M (or FFT), multiply slice by slice in a loop, transform back."""
+    a, b = A.numpy(), B.numpy()
+    if isinstance(M, np.ndarray):
+        ah, bh = a @ M.T, b @ M.T
+    else:  # "dft"
+        ah, bh = np.fft.fft(a, axis=-1), np.fft.fft(b, axis=-1)
+    ch = np.stack([ah[:, :, k] @ bh[:, :, k] for k in range(a.shape[-1])], axis=-1)
+    if isinstance(M, np.ndarray):
+        return np.linalg.solve(M, ch.reshape(-1, M.shape[0]).T).T.reshape(ch.shape)
+    return np.fft.ifft(ch, axis=-1).real
+
+
+@pytest.mark.parametrize("n", [6, 80])  # matrix DCT and the FFT-based one
+def test_dct_is_scipys_orthonormal_dct_ii(n):
+    x = rand(4, n)
+    ref = torch.from_numpy(scipy.fft.dct(x.numpy(), type=2, norm="ortho", axis=-1))
+    T = transform("dct", n)
+    torch.testing.assert_close(T.forward(x), ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(T.inverse(T.forward(x)), x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(dct_matrix(n) @ dct_matrix(n).T, torch.eye(n, dtype=f64), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["dct", "dft", "user", "dct80"])
+def test_mprod_agrees_with_an_independent_computation(name):
+    n = 80 if name == "dct80" else 7
+    A, B = rand(4, 3, n, seed=1), rand(3, 5, n, seed=2)
+    if name == "dft":
+        ref = reference_mprod(A, B, "dft")
+        M = "dft"
+    elif name == "user":
+        M = M_of("user", n)
+        ref = reference_mprod(A, B, M.numpy())
+    else:
+        ref = reference_mprod(A, B, scipy.fft.dct(np.eye(n), type=2, norm="ortho", axis=0))
+        M = "dct"
+    torch.testing.assert_close(mprod(A, B, M), torch.from_numpy(ref), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_algebra_associativity_identity_and_mimetic_transpose(name):
+    n = 6
+    M = M_of(name, n)
+    A, B, C = rand(4, 3, n, seed=3), rand(3, 5, n, seed=4), rand(5, 2, n, seed=5)
+    torch.testing.assert_close(mprod(mprod(A, B, M), C, M), mprod(A, mprod(B, C, M), M), rtol=0, atol=1e-10)
+    torch.testing.assert_close(mprod(t_eye(4, M, n), A, M), A, rtol=0, atol=1e-10)
+    torch.testing.assert_close(mprod(A, t_eye(3, M, n), M), A, rtol=0, atol=1e-10)
+    torch.testing.assert_close(mtran(mprod(A, B, M), M), mprod(mtran(B, M), mtran(A, M), M), rtol=0, atol=1e-10)
+
+
+def test_identity_transform_is_facewise_products():
+    A, B = rand(4, 3, 5), rand(3, 2, 5, seed=1)
+    ref = torch.stack([A[:, :, k] @ B[:, :, k] for k in range(5)], dim=-1)
+    torch.testing.assert_close(mprod(A, B, "identity"), ref, rtol=0, atol=1e-12)
+
+
+def test_dft_product_is_circular_convolution_of_tubes():
+    A, B = rand(2, 3, 9, seed=6), rand(3, 4, 9, seed=7)
+    ref = torch.zeros(2, 4, 9, dtype=f64)
+    for i in range(2):
+        for j in range(4):
+            for s in range(3):
+                for k in range(9):
+                    ref[i, j, k] += sum(A[i, s, q] * B[s, j, (k - q) % 9] for q in range(9))
+    torch.testing.assert_close(mprod(A, B, "dft"), ref, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["dct", "dft", "orthogonal"])
+def test_t_svd_reconstructs_and_its_truncation_is_optimal(name):
+    A = rand(6, 5, 8, seed=8)
+    U, S, V = t_svd(A, name)
+    torch.testing.assert_close(mprod(mprod(U, S, name), mtran(V, name), name), A, rtol=0, atol=1e-10)
+    for k in (1, 2, 4):
+        Ak = t_svd_truncate(A, k, name)
+        err = torch.linalg.norm(A - Ak)
+        # Eckart–Young: no other tensor of tubal rank ≤ k does better; try products X ⋆ Y of random k-wide factors
+        # fitted by least squares in the transform domain, and the truncation of a perturbed A
+        for seed in range(5):
+            other = t_svd_truncate(A + 0.3 * rand(6, 5, 8, seed=seed + 20), k, name)
+            assert err <= torch.linalg.norm(A - other) + 1e-12
+        # and the error is the discarded singular values' (orthonormal transforms preserve the norm)
+        T = transform(name, 8)
+        s = torch.linalg.svdvals(T.forward(A).movedim(-1, 0))
+        scale = 8 if name == "dft" else 1  # the unnormalized DFT scales squared norms by n
+        torch.testing.assert_close(err**2, (s[:, k:] ** 2).sum() / scale, rtol=1e-10, atol=1e-12)
+
+
+def test_data_transform_and_bad_transforms():
+    X = rand(50, 9, seed=9)
+    T = transform("data", data=X)
+    torch.testing.assert_close(T.matrix @ T.matrix.T, torch.eye(9, dtype=f64), rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="M='dst' is not allowed"):
+        transform("dst", 4)
+    with pytest.raises(ValueError, match="singular"):
+        transform(torch.ones(3, 3, dtype=f64))
+    with pytest.raises(ValueError, match="needs data"):
+        transform("data", 4)
+    with pytest.raises(ValueError, match="do not chain"):
+        mprod(rand(2, 3, 4), rand(2, 3, 4))
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_t_linear_is_the_star_m_product_in_the_paper_layout(name):
+    torch.manual_seed(0)
+    layer = TLinear(5, 3, 6, M=M_of(name, 6)).double()
+    x = rand(7, 5, 6, seed=10)  # (batch, features, tubes)
+    ref = mprod(layer.weight, x.transpose(0, 1), layer.T) + layer.bias  # W ⋆ X + B on (features, batch, tubes)
+    torch.testing.assert_close(layer(x), ref.transpose(0, 1), rtol=0, atol=1e-10)
+
+
+def test_hamiltonian_t_resnet_is_exactly_reversible():
+    torch.manual_seed(1)
+    net = THamiltonian(6, 8, depth=16, width=9, h=0.5).double()
+    y0 = rand(4, 6, 8, seed=11)
+    y, z = net.forward_states(y0)
+    back_y, back_z = net.inverse(y, z)
+    torch.testing.assert_close(back_y, y0, rtol=0, atol=1e-10)
+    assert back_z.abs().max() <= 1e-10
+
+
+def test_antisymmetric_layer_uses_the_minus_sign():
+    torch.manual_seed(2)
+    layer = TAntisymmetric(5, 6, gamma=1e-3).double()
+    K = layer.T.forward(layer.operator()).movedim(-1, 0)  # transform-domain slices of W − Wᵀ − γI
+    torch.testing.assert_close(K + K.transpose(-1, -2), -2e-3 * torch.eye(5, dtype=f64).expand(6, 5, 5),
+                               rtol=0, atol=1e-12)
+
+
+def test_parameter_counts_equal_the_papers():
+    assert sum(p.numel() for p in TNN(head="tce").parameters()) == 30_856
+    assert sum(p.numel() for p in TNN(head="ce").parameters()) == 30_586
+    assert sum(p.numel() for p in matrix_baseline(TNN(head="tce"), 784, 10).parameters()) == 31_015
+    assert sum(p.numel() for p in MatrixNet(784, (784,), 10).parameters()) == 623_290
+    assert sum(p.numel() for p in THamiltonian(96, 32, 1).parameters()) == 96 * 96 * 32 + 32
+
+
+def test_tubal_scores_and_t_cross_entropy():
+    out = rand(3, 4, 5, seed=12)
+    T = transform("dct", 5)
+    logp = torch.log_softmax(torch.from_numpy(scipy.fft.dct(out.numpy(), norm="ortho", axis=-1)), dim=1)
+    scores = tubal_scores(out, T)
+    torch.testing.assert_close(scores, -(logp**2).sum(-1) / 10, rtol=0, atol=1e-12)
+    y = torch.tensor([0, 3, 1])
+    torch.testing.assert_close(t_cross_entropy(scores, y), -scores[torch.arange(3), y].mean())
+    with pytest.raises(ValueError, match="real transform"):
+        tubal_scores(out, transform("dft", 5))
+
+
+@pytest.mark.parametrize("layer", [
+    lambda: TLinear(4, 3, 5, M="orthogonal"), lambda: TResidual(4, 5, M="dft"),
+    lambda: TAntisymmetric(4, 5, gamma=1e-2), lambda: THamiltonian(4, 5, 3, width=6, M="identity"),
+    lambda: TLinear(4, 3, 5, M=torch.randn(5, 5) + 3 * torch.eye(5)),
+])
+def test_registered_t_layers_save_load_and_inspect(tmp_path, layer, capsys):
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(layer())
+    x = torch.randn(2, 4, 5)
+    torchtn.save_model(model, tmp_path / "m.safetensors")
+    skeleton = torch.nn.Sequential(torch.nn.Identity())
+    again = torchtn.load_model(tmp_path / "m.safetensors", skeleton)
+    torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+    from torchtn.cli import main
+
+    assert main(["inspect", str(tmp_path / "m.safetensors")]) == 0
+    shown = capsys.readouterr().out
+    assert type(model[0]).__name__ in shown and f"tubes={model[0].tubes}" in shown
+
+
+def test_models_train_a_step_and_the_autoencoder_keeps_shapes():
+    torch.manual_seed(4)
+    x = torch.randn(8, 1, 28, 28)
+    y = torch.randint(0, 10, (8,))
+    for model in (TNN(), TNN(head="ce", M="dft")):
+        loss = (t_cross_entropy if model.head_kind == "tce" else torch.nn.functional.cross_entropy)(model(x), y)
+        loss.backward()
+        assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert TAutoencoder()(x[:, 0]).shape == (8, 28, 28)
