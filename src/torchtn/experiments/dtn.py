@@ -35,7 +35,7 @@ __all__ = ["DTN"]
 
 MODELS = ("softmax", "linear", "tensor")
 FULL = {"seeds": 1, "lengths": (256, 512, 1024, 2048, 4096, 8192, 16384), "rows_train": 20000, "rows_epochs": 3,
-        "mqar": ((32, 4), (64, 8), (128, 8)), "mqar_train": 6000, "mqar_epochs": 15}
+        "mqar": ((32, 4), (32, 8), (64, 4), (128, 4)), "mqar_train": 6000, "mqar_epochs": 15}
 QUICK = {"seeds": 1, "lengths": (256, 1024, 4096), "rows_train": 4000, "rows_epochs": 1,
          "mqar": ((32, 4),), "mqar_train": 2000, "mqar_epochs": 2}
 WIDTH, DEPTH, HEADS, BATCH, LR = 64, 2, 4, 64, 3e-3
