@@ -241,8 +241,9 @@ def main() -> None:
         conv = conv_section(args.device)
         if args.device == "cpu":
             from attention import section as attention_section
+            from tproduct import section as tproduct_section
 
-            conv += "\n" + attention_section()
+            conv += "\n" + attention_section() + "\n" + tproduct_section()
         took = time.time() - start
         dump(took)
 

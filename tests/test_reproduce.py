@@ -51,3 +51,55 @@ def test_reproduce_refusals(tmp_path, capsys):
     assert main(["reproduce", "gao2020", "--dataset", "digits", "--out", str(tmp_path / "b")]) == 2
     assert "--dataset 'digits' is not allowed for gao2020" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_registry_lists_every_reproduction():
+    assert {"gao2020", "dtn", "tnn"} <= set(reproductions())
+
+
+def test_dtn_quick_run_rows_and_report(tmp_path, monkeypatch):
+    from torchtn.experiments import dtn
+
+    monkeypatch.setitem(dtn.QUICK, "lengths", (64, 128))
+    monkeypatch.setitem(dtn.QUICK, "mqar", ((16, 2),))
+    monkeypatch.setitem(dtn.QUICK, "mqar_train", 64)
+    monkeypatch.setitem(dtn.QUICK, "rows_train", 48)
+    data = make_mnist_dir(tmp_path / "mnist", n_train=48, n_test=20)
+    out = tmp_path / "run"
+    assert main(["reproduce", "dtn", "--quick", "--dataset", "mnist", "--data-dir", str(data), "--out", str(out),
+                 "--no-progress"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    comp = [r for r in rows if r["task"] == "complexity"]
+    assert {(r["model"], r["seq_len"]) for r in comp} == {(m, n) for m in ("softmax", "linear", "tensor")
+                                                          for n in (64, 128)}
+    assert all(r["seconds"] > 0 and r["peak_mb"] >= 0 for r in comp)
+    tasks = [r for r in rows if "test_accuracy" in r]
+    assert {(r["task"], r["model"]) for r in tasks} == {(t, m) for t in ("mnist-rows", "mqar")
+                                                        for m in ("softmax", "linear", "tensor")}
+    params = {r["model"]: r["params"] for r in tasks if r["task"] == "mqar"}
+    assert params["tensor"] - params["softmax"] == 2 * 16  # only the per-head RMS gain (2 blocks × head_dim 16)
+    report = (out / "report.md").read_text()
+    assert "reconstruction" in report and "chunked form ≥ 10× faster" in report
+    assert (out / "time_vs_length.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tnn_quick_run_rows_and_report(tmp_path, monkeypatch):
+    from torchtn.experiments import tnn
+
+    for key, value in {"sizes": (48,), "ae_train": 48, "ae_matrix": ((16, 4),), "depths": (2, 4), "depth_train": 48,
+                       "transform_train": 48, "transforms": ("dct", "dft")}.items():
+        monkeypatch.setitem(tnn.QUICK, key, value)
+    data = make_mnist_dir(tmp_path / "mnist", n_train=48, n_test=20)
+    out = tmp_path / "run"
+    assert main(["reproduce", "tnn", "--quick", "--dataset", "mnist", "--data-dir", str(data), "--out", str(out),
+                 "--no-progress"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    cls = {(r["model"], r["loss"]): r for r in rows if r["experiment"] == "classification"}
+    assert {k: r["params"] for k, r in cls.items()} == {("tnn", "tce"): 30_856, ("tnn", "ce"): 30_586,
+                                                        ("matrix", "ce"): 31_015, ("matrix-wide", "ce"): 623_290}
+    assert all(r["n_train"] == 48 and 0 <= r["test_accuracy"] <= 1 for r in cls.values())
+    depth = [r for r in rows if r["experiment"] == "depth"]
+    assert [r["depth"] for r in depth] == [2, 4] and all(r["finite"] for r in depth)
+    assert {r["transform"] for r in rows if r["experiment"] == "transform"} == {"dct", "dft"}
+    assert all(r["test_mse"] > 0 for r in rows if r["experiment"] == "autoencoder")
+    assert "t-NN (t-CE, 30,856) ≥ matched matrix net (31,015)" in (out / "report.md").read_text()

@@ -1,0 +1,109 @@
+"""The t-linear layer (⋆M product) against the obvious implementation and against dense layers (fresh process per case).
+
+    python bench/tproduct.py        # prints a Markdown section; bench/run.py includes it in docs/benchmarks.md
+
+Target (issue 7): the batched form (one batched matmul over all slices in the transform domain) at least as fast as
+the dense layer with the same number of parameters.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CASES = [  # features in → out, tubes, batch
+    {"fin": 28, "fout": 28, "n": 28, "batch": 32},
+    {"fin": 28, "fout": 28, "n": 28, "batch": 256},
+    {"fin": 96, "fout": 96, "n": 32, "batch": 32},
+]
+
+
+def worker(case: dict) -> dict:
+    import torch
+    from torch import nn
+
+    sys.path.insert(0, str(HERE))
+    from worker import infer_call, rounds, train_call
+
+    from torchtn.core.mprod import dct_matrix
+    from torchtn.layers import TLinear
+
+    torch.manual_seed(0)
+    fin, fout, n, b = case["fin"], case["fout"], case["n"], case["batch"]
+    x = torch.randn(b, fin, n)
+
+    class LoopTLinear(nn.Module):
+        """The obvious implementation: dense n × n transform, a Python loop over the frontal slices, inverse."""
+
+        def __init__(self, layer: TLinear) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(layer.weight.detach().clone())
+            self.bias = nn.Parameter(layer.bias.detach().clone())
+            self.register_buffer("M", dct_matrix(n, torch.float32))
+
+        def forward(self, x):
+            X = x.transpose(0, 1) @ self.M.T  # (in, batch, n)
+            W = self.weight @ self.M.T
+            Y = torch.stack([W[:, :, k] @ X[:, :, k] for k in range(n)], dim=-1)
+            return (Y @ self.M + self.bias).transpose(0, 1)
+
+    class Flat(nn.Module):
+        def __init__(self, linear: nn.Linear) -> None:
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, x):
+            return self.linear(x.flatten(1))
+
+    ours = TLinear(fin, fout, n)
+    params = ours.weight.numel() + ours.bias.numel()
+    layers = {"t-linear (torchtn, batched)": ours, "t-linear (slice loop)": LoopTLinear(ours),
+              f"dense same sizes ({fin * n}→{fout * n})": Flat(nn.Linear(fin * n, fout * n)),
+              f"dense same parameters ({fin * n}→{max(1, round(params / (fin * n + 1)))})":
+                  Flat(nn.Linear(fin * n, max(1, round(params / (fin * n + 1)))))}
+    out = {"_params": params}
+    for layer in layers.values():
+        layer.eval()
+    for name, ms in rounds({k: infer_call(v, x) for k, v in layers.items()}, 20).items():
+        out[name] = {"infer_ms": ms, "params": sum(p.numel() for p in layers[name].parameters())}
+    for layer in layers.values():
+        layer.train()
+    for name, ms in rounds({k: train_call(v, x) for k, v in layers.items()}, 10).items():
+        out[name]["train_ms"] = ms
+    return out
+
+
+def section() -> str:
+    lines, verdicts = [], []
+    for case in CASES:
+        proc = subprocess.run([sys.executable, __file__, json.dumps(case)], capture_output=True, text=True,
+                              check=True)
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        names = [k for k in res if not k.startswith("_")]
+        ours = res["t-linear (torchtn, batched)"]
+        same_params = next(k for k in names if k.startswith("dense same parameters"))
+        for k in names:
+            lines.append(f"| {case['fin']}→{case['fout']} × {case['n']} tubes, B{case['batch']} | {k} | "
+                         f"{res[k]['params']:,} | {res[k]['infer_ms']:.3f} | {res[k]['train_ms']:.3f} |")
+        verdicts.append((ours["infer_ms"] <= res[same_params]["infer_ms"], ours["train_ms"] <=
+                         res[same_params]["train_ms"], f"{case['fin']}×{case['n']} B{case['batch']}",
+                         ours["infer_ms"] / res[same_params]["infer_ms"],
+                         ours["train_ms"] / res[same_params]["train_ms"]))
+    summary = "; ".join(f"{label}: {fwd:.2f}× forward, {trn:.2f}× training" for _, _, label, fwd, trn in verdicts)
+    met = all(a and b for a, b, *_ in verdicts)
+    return ("## Star-M t-linear layer against the obvious implementation and dense layers\n\nfp32, median of randomly "
+            "ordered rounds in one fresh process per case; M = orthonormal DCT. *Slice loop*: the transform as a "
+            "dense n × n matmul, a Python loop over the frontal slices, the inverse. Target (issue 7): the batched "
+            "form at least as fast as the dense layer with the same number of parameters — torchtn / that layer: "
+            f"{summary} — **{'met' if met else 'NOT met'}**.\n\n"
+            "| case | layer | parameters | forward ms | training step ms |\n|---|---|---|---|---|\n"
+            + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1:
+        print(json.dumps(worker(json.loads(sys.argv[1]))))
+    else:
+        print(section())
