@@ -21,7 +21,7 @@ def worker(case: dict) -> dict:
     from torch import nn
 
     sys.path.insert(0, str(HERE))
-    from worker import infer_call, rounds, train_call
+    from worker import infer_and_train
 
     from torchtn import MPOConv2d
 
@@ -40,16 +40,7 @@ def worker(case: dict) -> dict:
     except ImportError:
         pass
     layers = {k: v.to(device) for k, v in layers.items()}
-    out = {}
-    for layer in layers.values():
-        layer.eval()
-
-    for name, ms in rounds({k: infer_call(v, x) for k, v in layers.items()}, 10).items():
-        out[name] = {"infer_ms": ms, "params": sum(p.numel() for p in layers[name].parameters())}
-    for layer in layers.values():
-        layer.train()
-    for name, ms in rounds({k: train_call(v, x) for k, v in layers.items()}, 6).items():
-        out[name]["train_ms"] = ms
+    out = infer_and_train(layers, x, 10, 6)
     out["_kernel_ratio"] = c * c * 9 / kernel
     out["_plan"] = "patches" if layers["torchtn"].contraction == "patches" else "auto (rebuild or patches by cost)"
     return out

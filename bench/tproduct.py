@@ -25,7 +25,7 @@ def worker(case: dict) -> dict:
     from torch import nn
 
     sys.path.insert(0, str(HERE))
-    from worker import infer_call, rounds, train_call
+    from worker import infer_and_train
 
     from torchtn.core.mprod import dct_matrix
     from torchtn.layers import TLinear
@@ -63,16 +63,7 @@ def worker(case: dict) -> dict:
               f"dense same sizes ({fin * n}→{fout * n})": Flat(nn.Linear(fin * n, fout * n)),
               f"dense same parameters ({fin * n}→{max(1, round(params / (fin * n + 1)))})":
                   Flat(nn.Linear(fin * n, max(1, round(params / (fin * n + 1)))))}
-    out = {"_params": params}
-    for layer in layers.values():
-        layer.eval()
-    for name, ms in rounds({k: infer_call(v, x) for k, v in layers.items()}, 20).items():
-        out[name] = {"infer_ms": ms, "params": sum(p.numel() for p in layers[name].parameters())}
-    for layer in layers.values():
-        layer.train()
-    for name, ms in rounds({k: train_call(v, x) for k, v in layers.items()}, 10).items():
-        out[name]["train_ms"] = ms
-    return out
+    return {"_params": params, **infer_and_train(layers, x, 20, 10)}
 
 
 def section() -> str:

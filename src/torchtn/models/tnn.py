@@ -14,6 +14,15 @@ __all__ = ["TNN", "HamiltonianTNN", "TAutoencoder", "MatrixNet", "MatrixAutoenco
            "t_cross_entropy", "matrix_baseline", "count_params"]
 
 
+def _tanh_between(layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    """Apply ``layers`` in turn with ``tanh`` between them (none after the last)."""
+    for i, layer in enumerate(layers):
+        x = layer(x)
+        if i < len(layers) - 1:
+            x = torch.tanh(x)
+    return x
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -94,13 +103,7 @@ class TAutoencoder(nn.Module):
         self.decoder = nn.ModuleList([TLinear(a, b, tubes, M=M) for a, b in zip(rev, rev[1:])])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = as_tubes(x)
-        layers = [*self.encoder, *self.decoder]
-        for i, layer in enumerate(layers):
-            y = layer(y)
-            if i < len(layers) - 1:
-                y = torch.tanh(y)
-        return y.reshape(x.shape)
+        return _tanh_between(nn.ModuleList([*self.encoder, *self.decoder]), as_tubes(x)).reshape(x.shape)
 
 
 class MatrixNet(nn.Module):
@@ -112,12 +115,7 @@ class MatrixNet(nn.Module):
         self.layers = nn.ModuleList([nn.Linear(a, b) for a, b in zip(sizes, sizes[1:])])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(1)
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = torch.tanh(x)
-        return x
+        return _tanh_between(self.layers, x.flatten(1))
 
 
 class MatrixAutoencoder(nn.Module):
@@ -130,12 +128,7 @@ class MatrixAutoencoder(nn.Module):
         self.layers = nn.ModuleList([nn.Linear(a, b) for a, b in [*zip(sizes, sizes[1:]), *zip(rev, rev[1:])]])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.flatten(1)
-        for i, layer in enumerate(self.layers):
-            y = layer(y)
-            if i < len(self.layers) - 1:
-                y = torch.tanh(y)
-        return y.reshape(x.shape)
+        return _tanh_between(self.layers, x.flatten(1)).reshape(x.shape)
 
 
 def matrix_baseline(model: nn.Module, in_features: int, num_classes: int) -> MatrixNet:
