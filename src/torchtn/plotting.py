@@ -5,7 +5,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["plot_accuracy_vs_compression", "plot_entanglement", "plot_accuracy_vs_params", "plot_scaling"]
+__all__ = ["plot_accuracy_vs_compression", "plot_entanglement", "plot_accuracy_vs_params", "plot_scaling",
+           "plot_lines"]
 
 
 def _pyplot():
@@ -93,25 +94,35 @@ def plot_accuracy_vs_params(series: dict[str, Sequence[tuple[float, float, str]]
     return _save(fig, path)
 
 
-def plot_scaling(series: dict[str, Sequence[tuple[float, float]]], path: str | os.PathLike, title: str = "",
-                 ylabel: str = "seconds") -> Path:
-    """``{name: [(n, value), …]}`` on log-log axes (e.g. time against sequence length), with slope guides n and n²."""
+def plot_lines(series: dict[str, Sequence[tuple[float, float]]], path: str | os.PathLike, *, title: str = "",
+               xlabel: str = "", ylabel: str = "", logx: bool = False, logy: bool = False,
+               guides: Sequence[int] = ()) -> Path:
+    """``{name: [(x, y), …]}`` as lines with markers; ``guides``: grey slope lines ``∝ x^p`` (log-log plots)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for name, points in series.items():
         xs, ys = zip(*sorted(points))
         ax.plot(xs, ys, marker="o", label=name)
     all_x = sorted({x for pts in series.values() for x, _ in pts})
-    if all_x:
+    if all_x and guides:
         ref = min(y for pts in series.values() for _, y in pts)
-        for power, style in ((1, ":"), (2, "--")):
-            ax.plot(all_x, [ref * (x / all_x[0]) ** power for x in all_x], style, color="grey", linewidth=0.8,
-                    label=f"∝ n^{power}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length n")
+        for power in guides:
+            ax.plot(all_x, [ref * (x / all_x[0]) ** power for x in all_x], ":" if power == 1 else "--",
+                    color="grey", linewidth=0.8, label=f"∝ n^{power}")
+    if logx:
+        ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     return _save(fig, path)
+
+
+def plot_scaling(series: dict[str, Sequence[tuple[float, float]]], path: str | os.PathLike, title: str = "",
+                 ylabel: str = "seconds") -> Path:
+    """``{name: [(n, value), …]}`` on log-log axes (e.g. time against sequence length), with slope guides n and n²."""
+    return plot_lines(series, path, title=title, xlabel="sequence length n", ylabel=ylabel, logx=True, logy=True,
+                      guides=(1, 2))

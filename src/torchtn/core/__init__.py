@@ -20,6 +20,7 @@ from .contraction import (
     tt_linear_flops,
 )
 from .factorize import default_num_cores, factorize, prime_factors, resolve_shapes, suggest_shapes
+from .mprod import Transform, mprod, mtran, t_eye, t_svd, t_svd_truncate, transform
 from .svd import randomized_svd, truncated_svd
 from .tt import (
     BondInfo,
@@ -54,4 +55,5 @@ __all__ = [
     "BondInfo", "bond_caps", "bond_report", "bond_spectra", "check_cores", "entanglement_entropy", "inner_ranks",
     "left_canonical", "merge_cores", "right_canonical", "spectrum_entropy", "tt_compression_ratio", "tt_init_std",
     "tt_num_params", "tt_ranks", "tt_round", "tt_shapes", "tt_svd", "tt_to_dense",
+    "Transform", "mprod", "mtran", "t_eye", "t_svd", "t_svd_truncate", "transform",
 ]

@@ -238,7 +238,7 @@ def _checks(rows: list[dict]) -> list[tuple]:
 
 
 def report(rows: list[dict], ctx: Context, results: dict) -> str:
-    from ..plotting import plot_accuracy_vs_params
+    from ..plotting import plot_accuracy_vs_params, plot_lines
 
     summary = _cls_summary(rows)
     cls_rows = []
@@ -268,6 +268,15 @@ def report(rows: list[dict], ctx: Context, results: dict) -> str:
                                            f"{kind} {loss}") for (n, kind, loss), sel in summary.items()
                                           if n == largest]},
             ctx.out / "accuracy_vs_parameters.png", title=f"t-NN vs matrix nets on {ctx.data.name}")
+    deep = [r for r in rows if r["experiment"] == "depth"]
+    if deep:
+        plot_lines({"test accuracy": [(r["depth"], r["test_accuracy"]) for r in deep]}, ctx.out / "depth_accuracy.png",
+                   title="Hamiltonian t-ResNet: accuracy vs depth", xlabel="depth (leapfrog steps)",
+                   ylabel="test accuracy", logx=True)
+        plot_lines({"at initialization": [(r["depth"], r["grad_norm_first"]) for r in deep],
+                    "after training": [(r["depth"], r["grad_norm_last"]) for r in deep]},
+                   ctx.out / "depth_gradients.png", title="Hamiltonian t-ResNet: gradient norm vs depth",
+                   xlabel="depth (leapfrog steps)", ylabel="‖∇θ L‖ (256 images)", logx=True, logy=True)
     kind = "quick (CPU-minutes) version" if ctx.config.quick else "full run"
     s = QUICK if ctx.config.quick else FULL
     return f"""# Star-M t-NNs — Newman, Horesh, Avron, Kilmer 2024 ({kind})
@@ -299,6 +308,9 @@ not be retrieved (spec: unverified); its claim is the ordering — t-NN ≥ the 
 ## Hamiltonian t-ResNet depth sweep (h = 0.25, width 28, t-CE, lr {DEPTH_LR}, {s['depth_epochs']} epochs on {s['depth_train']:,} images)
 
 {depth}
+
+![accuracy vs depth](depth_accuracy.png)
+![gradient norm vs depth](depth_gradients.png)
 
 ## Transforms (t-NN 28→28, flatten + dense head: the tubal softmax needs a real transform)
 
