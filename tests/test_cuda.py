@@ -135,3 +135,45 @@ def test_cli_trains_on_the_gpu(tmp_path):
                  "--device", "cuda", "--no-progress", "--out", str(out)]) == 0
     row = json.loads((out / "results.json").read_text())["rows"][0]
     assert row["test_accuracy"] > 0.8
+
+
+@cuda
+@pytest.mark.parametrize("form", ["chunked", "recurrent", "parallel"])
+def test_tensor_attention_on_cuda_equals_cpu(form):
+    from torchtn.core.attention import tensor_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 50, 8, generator=g, dtype=torch.float64) / 3 for _ in range(3))
+    cpu = tensor_attention(q, k, v, form=form, chunk_size=16, decay=0.95)
+    gpu = tensor_attention(q.cuda(), k.cuda(), v.cuda(), form=form, chunk_size=16, decay=0.95)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-10)
+
+
+@cuda
+def test_deep_tensor_network_decodes_on_cuda():
+    import torchtn
+
+    torch.manual_seed(0)
+    net = torchtn.DeepTensorNetwork(16, 2, 4).double().cuda().eval()
+    x = torch.randn(2, 12, 16, dtype=torch.float64, device="cuda")
+    state, ys = None, []
+    for t in range(12):
+        y, state = net.step(x[:, t], state)
+        ys.append(y)
+    torch.testing.assert_close(torch.stack(ys, 1), net(x), rtol=0, atol=1e-10)
+
+
+@cuda
+@pytest.mark.parametrize("M", ["dct", "dft", "orthogonal"])
+def test_t_layers_on_cuda_equal_cpu(M):
+    from torchtn.layers import THamiltonian, TLinear
+
+    torch.manual_seed(0)
+    layer = TLinear(6, 5, 7, M=M).double()
+    x = torch.randn(4, 6, 7, dtype=torch.float64)
+    ref = layer(x)
+    torch.testing.assert_close(layer.cuda()(x.cuda()).cpu(), ref, rtol=0, atol=1e-10)
+    ham = THamiltonian(6, 7, 8, M=M).double().cuda()
+    y, z = ham.forward_states(x.cuda())
+    back, _ = ham.inverse(y, z)
+    torch.testing.assert_close(back.cpu(), x, rtol=0, atol=1e-10)

@@ -103,3 +103,19 @@ def test_tnn_quick_run_rows_and_report(tmp_path, monkeypatch):
     assert {r["transform"] for r in rows if r["experiment"] == "transform"} == {"dct", "dft"}
     assert all(r["test_mse"] > 0 for r in rows if r["experiment"] == "autoencoder")
     assert "t-NN (t-CE, 30,856) ≥ matched matrix net (31,015)" in (out / "report.md").read_text()
+
+
+def test_tnn_cifar_command_smoke_run_on_a_tiny_subset(tmp_path, monkeypatch):
+    from test_data import write_cifar
+
+    from torchtn.experiments import tnn
+
+    monkeypatch.setitem(tnn.CIFAR_QUICK, "depths", (1,))
+    monkeypatch.setitem(tnn.CIFAR_QUICK, "train", 8)
+    out = tmp_path / "run"
+    assert main(["reproduce", "tnn", "--quick", "--dataset", "cifar10", "--data-dir",
+                 str(write_cifar(tmp_path / "cifar", n=10)), "--out", str(out), "--no-progress"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {(r["model"], r["params"]) for r in rows} == {("tnn-hamiltonian", 96 * 96 * 32 + 32 + 10 * 96 * 32 + 10 * 32),
+                                                         ("matrix-hamiltonian", 3072 * 3072 + 1 + 3072 * 10 + 10)}
+    assert "Hamiltonian t-ResNet vs matrix Hamiltonian ResNet" in (out / "report.md").read_text()
