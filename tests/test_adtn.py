@@ -1,0 +1,134 @@
+"""ADTN weight generators against an explicit Kronecker-product construction, finite differences and files."""
+import pytest
+import torch
+
+import torchtn
+from torchtn.core.adtn import adtn_generate, adtn_num_params, brick_layer_pairs, num_qubits, plan_adtn
+
+f64 = torch.float64
+
+
+def kronecker_reference(gates: torch.Tensor, activation: str = "relu") -> torch.Tensor:
+    """Every gate as the full 2^Q × 2^Q matrix I ⊗ G ⊗ I, applied in brick order to e_0."""
+    depth, count = gates.shape[:2]
+    Q = count + 1
+    x = torch.zeros(2**Q, dtype=gates.dtype)
+    x[0] = 1
+    act = {"relu": torch.relu, "tanh": torch.tanh, "none": lambda t: t}[activation]
+    for m in range(depth):
+        if m:
+            x = act(x)
+        k = 0
+        for half in brick_layer_pairs(Q):
+            for q in half:
+                full = torch.kron(torch.kron(torch.eye(2**q, dtype=gates.dtype), gates[m, k]),
+                                  torch.eye(2 ** (Q - q - 2), dtype=gates.dtype))
+                x = full @ x
+                k += 1
+    return x
+
+
+@pytest.mark.parametrize("Q", [2, 3, 6, 9, 10])
+@pytest.mark.parametrize("activation", ["relu", "tanh", "none"])
+def test_engine_equals_the_kronecker_construction(Q, activation):
+    gates = torch.randn(3, Q - 1, 4, 4, generator=torch.Generator().manual_seed(Q), dtype=f64) / 2
+    ref = kronecker_reference(gates, activation)
+    for group in (1, 2, 3):
+        out = adtn_generate(gates, activation=activation, group=group)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(adtn_generate(gates, activation=activation, numel=37 if Q > 5 else 3,
+                                             scale=2.5), 2.5 * ref[:37 if Q > 5 else 3], rtol=0, atol=1e-12)
+
+
+def test_brick_layer_has_q_minus_one_gates_and_the_parameter_formula():
+    for Q in range(2, 25):
+        even, odd = brick_layer_pairs(Q)
+        assert len(even) + len(odd) == Q - 1 and set(even).isdisjoint(odd)
+    assert adtn_num_params(18, 2) == 16 * 2 * 17 + 1
+    layer = torchtn.ADTNLinear(784, 256, depth=2)
+    assert layer.Q == num_qubits(784 * 256) == 18
+    assert layer.param_report == {"gates": 544, "scale": 1, "bias": 256, "generator": 545, "dense_weight": 200_704}
+    assert sum(p.numel() for p in layer.parameters()) == 544 + 1 + 256
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_gradcheck(recompute):
+    gates = (torch.randn(2, 2, 4, 4, dtype=f64, generator=torch.Generator().manual_seed(1)) / 2).requires_grad_()
+    scale = torch.tensor(1.3, dtype=f64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda g, s: adtn_generate(g, activation="tanh", scale=s, group=2, recompute=recompute), (gates, scale))
+
+
+def test_initial_weight_has_pytorchs_default_variance_up_to_q_24():
+    for in_f, out_f in [(64, 10), (784, 256), (4096, 4096)]:
+        torch.manual_seed(0)
+        layer = torchtn.ADTNLinear(in_f, out_f, depth=1)
+        assert layer.Q == num_qubits(in_f * out_f)
+        with torch.no_grad():
+            var = layer.weight.double().var().item()
+        assert var == pytest.approx(1 / (3 * in_f), rel=1e-3)
+    assert layer.Q == 24
+
+
+def test_fitting_a_weight_improves_with_depth():
+    target = torch.randn(16, 16, generator=torch.Generator().manual_seed(0), dtype=f64)
+
+    def fit(depth: int) -> float:
+        torch.manual_seed(depth)
+        layer = torchtn.ADTNLinear(16, 16, depth=depth, bias=False, activation="none").double()
+        opt = torch.optim.Adam(layer.parameters(), lr=0.03)
+        for _ in range(200):
+            opt.zero_grad()
+            loss = (layer.weight - target).square().mean()
+            loss.backward()
+            opt.step()
+        return float(((layer.weight - target).norm() / target.norm()).detach())
+
+    errors = [fit(d) for d in (1, 2, 4)]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_weight_is_cached_in_eval_and_regenerated_after_a_step():
+    torch.manual_seed(0)
+    layer = torchtn.ADTNLinear(20, 12, depth=2)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer.eval()
+    with torch.no_grad():
+        first = layer.weight
+        assert layer.weight is first  # no regeneration between eval calls
+    layer.train()
+    layer(torch.randn(3, 20)).sum().backward()
+    opt.step()
+    layer.eval()
+    with torch.no_grad():
+        after = layer.weight
+    assert after is not first and not torch.equal(after, first)
+    torch.testing.assert_close(after, layer._generate().detach())
+
+
+def test_save_load_same_outputs(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torchtn.ADTNLinear(30, 8, depth=3, activation="tanh"), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 2))
+    x = torch.randn(4, 30)
+    torchtn.save_model(model, tmp_path / "m.safetensors")
+    skeleton = torch.nn.Sequential(torch.nn.Linear(30, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    again = torchtn.load_model(tmp_path / "m.safetensors", skeleton)
+    torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+    from torchtn.cli import main
+
+    assert main(["inspect", str(tmp_path / "m.safetensors")]) == 0
+    assert "ADTNLinear" in capsys.readouterr().out
+
+
+def test_planner_merges_gates_and_bad_inputs_are_named():
+    plan = plan_adtn(20, 2)
+    assert plan.group in (1, 2, 3) and "gate(s) per pass" in str(plan)
+    with pytest.raises(ValueError, match="expected \\(depth, Q - 1, 4, 4\\)"):
+        adtn_generate(torch.zeros(2, 3, 2, 2))
+    with pytest.raises(ValueError, match="activation='gelu' is not allowed"):
+        adtn_generate(torch.zeros(1, 3, 4, 4), activation="gelu")
+    with pytest.raises(ValueError, match="group=5 is not allowed"):
+        adtn_generate(torch.zeros(1, 3, 4, 4), group=5)
+    with pytest.raises(ValueError, match="activation='gelu' is not allowed"):
+        torchtn.ADTNLinear(4, 4, activation="gelu")
