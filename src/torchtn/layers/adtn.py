@@ -75,6 +75,30 @@ class ADTNLinear(nn.Module):
                              f"in_features={self.in_features}")
         return F.linear(x, self.weight, self.bias)
 
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, depth: int = 2, *, steps: int = 500, lr: float = 0.02,
+                   activation: str = "relu", seed: int = 0) -> tuple["ADTNLinear", float]:
+        """An ADTN fitted to a trained ``nn.Linear``'s weight (Adam on ``‖W_adtn − W‖²``, ``steps`` steps; the bias
+        is copied). Returns the layer and the relative Frobenius error ``‖W_adtn − W‖ / ‖W‖`` of the fit."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        check_positive_int("steps", steps)
+        torch.manual_seed(seed)
+        w = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, depth, linear.bias is not None, activation=activation,
+                    device=w.device, dtype=w.dtype)
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias)
+        opt = torch.optim.Adam([layer.gates, layer.scale], lr=lr)
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            (layer._generate() - w).square().sum().backward()
+            opt.step()
+        with torch.no_grad():
+            error = float((layer._generate() - w).norm() / w.norm().clamp_min(1e-30))
+        return layer, error
+
     @property
     def param_report(self) -> dict[str, int]:
         """What is counted: gate entries, the scale, the bias, and the dense weight entries they replace."""
