@@ -240,10 +240,11 @@ def main() -> None:
 
         conv = conv_section(args.device)
         if args.device == "cpu":
+            from adtn import section as adtn_section
             from attention import section as attention_section
             from tproduct import section as tproduct_section
 
-            conv += "\n" + attention_section() + "\n" + tproduct_section()
+            conv += "\n" + attention_section() + "\n" + tproduct_section() + "\n" + adtn_section()
         took = time.time() - start
         dump(took)
 
