@@ -20,22 +20,38 @@ CASES = [{"Q": 18, "depth": 2}, {"Q": 24, "depth": 2}]
 def worker(case: dict) -> dict:
     import torch
 
-    from torchtn.core.adtn import adtn_generate, plan_adtn
+    from torchtn.core.adtn import adtn_generate, brick_layer_pairs, plan_adtn
 
     torch.manual_seed(0)
     Q, depth = case["Q"], case["depth"]
     gates = (torch.randn(depth, Q - 1, 4, 4) / 2).requires_grad_()
     plan = plan_adtn(Q, depth)
-    contestants = {"gate by gate (torch.matmul on views)": dict(group=1, recompute=False),
-                   f"torchtn (planner: {plan.group} gates per pass, recompute)": dict(group=plan.group,
-                                                                                      recompute=True)}
+
+    def obvious(g):
+        """What one writes first: every gate applied by torch.matmul on a (2^q, 4, 2^(Q−q−2)) view, autograd stores
+        every intermediate."""
+        x = torch.zeros(2**Q)
+        x[0] = 1
+        for m in range(depth):
+            if m:
+                x = torch.relu(x)
+            k = 0
+            for half in brick_layer_pairs(Q):
+                for q in half:
+                    x = torch.matmul(g[m, k], x.reshape(2**q, 4, 2 ** (Q - q - 2))).reshape(-1)
+                    k += 1
+        return x
+
+    contestants = {"gate by gate (torch.matmul on views)": obvious,
+                   f"torchtn (planner: {plan.group} gates per pass, recompute)":
+                       lambda g: adtn_generate(g, group=plan.group, recompute=True)}
     out = {"_plan": str(plan)}
-    for name, kw in contestants.items():
+    for name, fn in contestants.items():
         fwd, bwd = [], []
         for _ in range(3):
             gates.grad = None
             t0 = time.perf_counter()
-            w = adtn_generate(gates, **kw)
+            w = fn(gates)
             t1 = time.perf_counter()
             w.square().sum().backward()
             t2 = time.perf_counter()
