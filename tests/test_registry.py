@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from torchtn import MPOConv2d, MPOLinear, load_model, save_model, tensorize
+from torchtn import ADTNLinear, MPOConv2d, MPOLinear, load_model, save_model, tensorize
 from torchtn.cli import main
-from torchtn.layers import TTLayer, layer_types, register_layer
+from torchtn.layers import TAntisymmetric, THamiltonian, TLinear, TResidual, TTLayer, layer_types, register_layer
 from torchtn.layers import registry as registry_module
 
 # One example per registered type: adding a layer type without adding it here fails test_every_type_has_an_example.
@@ -16,7 +16,18 @@ EXAMPLES = {
     "MPOConv2d": lambda: nn.Sequential(nn.Unflatten(1, (3, 4, 4)), MPOConv2d(3, 5, 3, padding=1, rank=3,
                                                                                dtype=torch.float64),
                                        nn.Flatten(), nn.Linear(80, 20, dtype=torch.float64)),
+    "TLinear": lambda: _tubes(TLinear(6, 5, 8, M="orthogonal", dtype=torch.float64), 40),
+    "TResidual": lambda: _tubes(TResidual(6, 8, M="dft", dtype=torch.float64), 48),
+    "TAntisymmetric": lambda: _tubes(TAntisymmetric(6, 8, gamma=1e-3, dtype=torch.float64), 48),
+    "THamiltonian": lambda: _tubes(THamiltonian(6, 8, 2, width=7, M="identity", dtype=torch.float64), 48),
+    "ADTNLinear": lambda: ADTNLinear(48, 20, depth=2, activation="tanh", dtype=torch.float64),
 }
+
+
+def _tubes(layer: nn.Module, out_features: int) -> nn.Module:
+    """48 features as (6 features, tubes of 8) through a t-product layer, then a dense map to 20."""
+    return nn.Sequential(nn.Unflatten(1, (6, 8)), layer, nn.Flatten(), nn.Linear(out_features, 20,
+                                                                                  dtype=torch.float64))
 
 
 def test_every_type_has_an_example():

@@ -97,7 +97,8 @@ def test_tnn_quick_run_rows_and_report(tmp_path, monkeypatch):
     cls = {(r["model"], r["loss"]): r for r in rows if r["experiment"] == "classification"}
     assert {k: r["params"] for k, r in cls.items()} == {("tnn", "tce"): 30_856, ("tnn", "ce"): 30_586,
                                                         ("matrix", "ce"): 31_015, ("matrix-wide", "ce"): 623_290}
-    assert all(r["n_train"] == 48 and 0 <= r["test_accuracy"] <= 1 for r in cls.values())
+    assert len({r["n_train"] for r in cls.values()}) == 1 and all(0 < r["n_train"] <= 48 and 0 <= r["test_accuracy"] <= 1
+                                                                for r in cls.values())
     depth = [r for r in rows if r["experiment"] == "depth"]
     assert [r["depth"] for r in depth] == [2, 4] and all(r["finite"] for r in depth)
     assert {r["transform"] for r in rows if r["experiment"] == "transform"} == {"dct", "dft"}

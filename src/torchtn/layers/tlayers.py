@@ -38,7 +38,8 @@ class _TModule(nn.Module):
     """Holds the transform: by name (``dct``, ``dft``, ``identity``), or as a matrix buffer ``M`` saved with the
     weights (``orthogonal``, ``data``, a user matrix)."""
 
-    def _init_transform(self, M: str | torch.Tensor | Transform, tubes: int, data: torch.Tensor | None) -> None:
+    def _init_transform(self, M: str | torch.Tensor | Transform, tubes: int, data: torch.Tensor | None,
+                        dtype=None, device=None) -> None:
         if isinstance(M, str) and M not in TRANSFORMS:
             raise ValueError(f"M={M!r} is not allowed: expected one of {', '.join(map(repr, TRANSFORMS))} or an "
                              f"invertible (tubes, tubes) tensor")
@@ -48,7 +49,7 @@ class _TModule(nn.Module):
         if t.name in ("dct", "dft", "identity"):
             self.M = None
         else:
-            self.register_buffer("M", t.matrix.to(torch.get_default_dtype()))
+            self.register_buffer("M", t.matrix.to(dtype=dtype or torch.get_default_dtype(), device=device))
 
     @property
     def T(self) -> Transform:
@@ -102,7 +103,7 @@ class TLinear(_TModule):
         self.in_features = check_positive_int("in_features", in_features)
         self.out_features = check_positive_int("out_features", out_features)
         self.tubes = check_positive_int("tubes", tubes)
-        self._init_transform(M, tubes, data)
+        self._init_transform(M, tubes, data, dtype, device)
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, tubes, **kw))
         self.bias = nn.Parameter(torch.empty(out_features, 1, tubes, **kw)) if bias else None
@@ -139,7 +140,7 @@ class _TStep(_TModule):
         if not (isinstance(h, (int, float)) and h > 0):
             raise ValueError(f"h={h!r} is not allowed: expected a step size > 0")
         self.h, self.activation = float(h), check_choice("activation", activation, tuple(ACTIVATIONS))
-        self._init_transform(M, tubes, data)
+        self._init_transform(M, tubes, data, dtype, device)
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(features, features, tubes, **kw))
         self.bias = nn.Parameter(torch.empty(features, 1, tubes, **kw))
@@ -212,7 +213,7 @@ class THamiltonian(_TModule):
         if not (isinstance(h, (int, float)) and h > 0):
             raise ValueError(f"h={h!r} is not allowed: expected a step size > 0")
         self.h, self.activation = float(h), check_choice("activation", activation, tuple(ACTIVATIONS))
-        self._init_transform(M, tubes, data)
+        self._init_transform(M, tubes, data, dtype, device)
         kw = {"device": device, "dtype": dtype}
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()

@@ -86,7 +86,8 @@ class HamiltonianTNN(nn.Module):
                      else nn.Linear(features * tubes, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.body(as_tubes(x))
+        # the body's (features, tubes): (96, 32) for a CIFAR image as a t-NN, (3072, 1) for its matrix counterpart
+        y = self.body(as_tubes(x).reshape(x.shape[0], self.body.features, self.body.tubes))
         return self.head(y.flatten(1)) if self.head_kind == "ce" else tubal_scores(self.head(y), self.head.T)
 
 
