@@ -120,3 +120,20 @@ def test_tnn_cifar_command_smoke_run_on_a_tiny_subset(tmp_path, monkeypatch):
     assert {(r["model"], r["params"]) for r in rows} == {("tnn-hamiltonian", 96 * 96 * 32 + 32 + 10 * 96 * 32 + 10 * 32),
                                                          ("matrix-hamiltonian", 3072 * 3072 + 1 + 3072 * 10 + 10)}
     assert "Hamiltonian t-ResNet vs matrix Hamiltonian ResNet" in (out / "report.md").read_text()
+
+
+def test_adtn_quick_run_rows_and_report(tmp_path, monkeypatch):
+    from torchtn.experiments import adtn
+
+    monkeypatch.setitem(adtn.QUICK, "train", None)
+    data = make_mnist_dir(tmp_path / "mnist", n_train=48, n_test=20)
+    out = tmp_path / "run"
+    assert main(["reproduce", "adtn", "--quick", "--dataset", "mnist", "--data-dir", str(data), "--out", str(out),
+                 "--no-progress"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    got = {(r["model"], r["layers"], r["depth"]): r["layer_params"] for r in rows}
+    assert got == {("fc2", "dense", None): 200_704, ("fc2", "adtn", 1): 16 * 17 + 1, ("fc2", "mpo", 1): 288,
+                   ("fc2", "adtn", 2): 16 * 2 * 17 + 1, ("fc2", "mpo", 2): 600, ("lenet5", "dense", None): 58_080,
+                   ("lenet5", "adtn", 2): (16 * 2 * 15 + 1) + (16 * 2 * 13 + 1)}
+    assert all(r["dataset"] == "mnist" and 0 <= r["test_accuracy"] <= 1 for r in rows)
+    assert "ADTN ≥ MPO at equal parameters" in (out / "report.md").read_text()
