@@ -19,7 +19,7 @@ over the vector), trading passes over memory for arithmetic; ``g = 1`` is the ga
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .contraction.autotune import time_call
 from .contraction.cost import CostModel
-from .contraction.planner import make_plan, register_strategy
+from .contraction.planner import MeasuredPlan, make_plan, register_strategy
 
 __all__ = ["adtn_generate", "brick_layer_pairs", "adtn_num_params", "ADTNPlan", "plan_adtn", "ACTIVATIONS",
            "num_qubits"]
@@ -139,26 +139,18 @@ class ADTNProblem:
 
 
 @dataclass(frozen=True)
-class ADTNPlan:
+class ADTNPlan(MeasuredPlan):
     """How many gates of a half-layer are merged into one Kronecker block per pass over the ``2^Q`` vector."""
 
     group: int
     seconds: float
     flops: float
-    measured_seconds: float | None = None
-    model_pick_seconds: float | None = None
-    measurements: tuple = ()
 
     def describe(self) -> str:
-        tail = f", measured {1e3 * self.measured_seconds:.2f} ms" if self.measured_seconds is not None else ""
         return (f"{self.group} gate(s) per pass ({4 ** self.group}×{4 ** self.group} blocks): "
-                f"{self.flops / 1e6:.1f} MFLOP, est. {1e3 * self.seconds:.2f} ms{tail}")
+                f"{self.flops / 1e6:.1f} MFLOP, est. {1e3 * self.seconds:.2f} ms{self.measured_tail()}")
 
     __str__ = describe
-
-    def with_measurements(self, seconds: float, measurements: tuple, model_pick_seconds: float) -> "ADTNPlan":
-        return replace(self, measured_seconds=seconds, measurements=measurements,
-                       model_pick_seconds=model_pick_seconds)
 
 
 def _price(p: ADTNProblem, group: int, model: CostModel) -> ADTNPlan:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from .contraction.autotune import time_call
 from .contraction.cost import CostModel
-from .contraction.planner import make_plan, register_strategy
+from .contraction.planner import MeasuredPlan, make_plan, register_strategy
 
 __all__ = ["TensorAttentionState", "LinearAttentionState", "SoftmaxAttentionState", "tensor_attention",
            "tensor_attention_step", "linear_attention", "linear_attention_step", "softmax_attention",
@@ -443,28 +443,20 @@ class AttentionProblem:
 
 
 @dataclass(frozen=True)
-class AttentionPlan:
+class AttentionPlan(MeasuredPlan):
     """Which form computes the attention, with which chunk size, and what the cost model expects."""
 
     form: str  # "chunked" | "recurrent" | "parallel"
     chunk: int | None
     seconds: float
     flops: float
-    measured_seconds: float | None = None
-    model_pick_seconds: float | None = None
-    measurements: tuple = ()
 
     def describe(self) -> str:
         what = f"chunked scan, chunks of {self.chunk}" if self.form == "chunked" else (
             "token loop (O(d²) state)" if self.form == "recurrent" else "explicit n×n products")
-        tail = f", measured {1e3 * self.measured_seconds:.3f} ms" if self.measured_seconds is not None else ""
-        return f"{what}: {self.flops / 1e6:.1f} MFLOP, est. {1e3 * self.seconds:.3f} ms{tail}"
+        return f"{what}: {self.flops / 1e6:.1f} MFLOP, est. {1e3 * self.seconds:.3f} ms{self.measured_tail()}"
 
     __str__ = describe
-
-    def with_measurements(self, seconds: float, measurements: tuple, model_pick_seconds: float) -> "AttentionPlan":
-        return replace(self, measured_seconds=seconds, measurements=measurements,
-                       model_pick_seconds=model_pick_seconds)
 
 
 _CHUNKS = (16, 32, 64, 128, 256)

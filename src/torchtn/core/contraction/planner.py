@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -18,7 +19,7 @@ from .autotune import AUTOTUNE_CANDIDATES, autotune_enabled
 from .cost import CostModel, get_cost_model
 
 __all__ = ["register_strategy", "strategy_names", "get_strategy", "make_plan", "clear_plan_cache", "plan_cache_info",
-           "Plan"]
+           "Plan", "MeasuredPlan"]
 
 
 class Plan(Protocol):
@@ -30,6 +31,23 @@ class Plan(Protocol):
     def describe(self) -> str: ...
 
     def with_measurements(self, seconds: float, measurements: tuple, model_pick_seconds: float) -> "Plan": ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeasuredPlan:
+    """Base of plan dataclasses: the autotuning record :func:`make_plan` attaches (``with_measurements``)."""
+
+    measured_seconds: float | None = None  # this plan's time on the device, when autotuned
+    model_pick_seconds: float | None = None  # … and the cost model's own pick's, in the same measurement
+    measurements: tuple = ()  # (description, seconds) of every timed candidate
+
+    def with_measurements(self, seconds: float, measurements: tuple, model_pick_seconds: float):
+        return replace(self, measured_seconds=seconds, measurements=measurements,
+                       model_pick_seconds=model_pick_seconds)
+
+    def measured_tail(self) -> str:
+        """``", measured 1.23 ms"`` for an autotuned plan, else ``""`` (for ``describe``)."""
+        return f", measured {1e3 * self.measured_seconds:.3f} ms" if self.measured_seconds is not None else ""
 
 
 Strategy = Callable[[Any, CostModel], Sequence[Plan]]
