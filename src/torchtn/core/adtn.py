@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -191,6 +190,3 @@ def plan_adtn(Q: int, depth: int, dtype: torch.dtype = torch.float32, device: to
     problem = ADTNProblem(Q, depth, dtype, str(torch.device(device)))
     return make_plan(KIND, strategy, problem, cost_model=cost_model, device=device, measure=_measure(problem),
                      autotune=autotune)
-
-
-Activation = Literal["relu", "leaky_relu", "tanh", "none"]
