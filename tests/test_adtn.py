@@ -103,7 +103,7 @@ def test_weight_is_cached_in_eval_and_regenerated_after_a_step():
     with torch.no_grad():
         after = layer.weight
     assert after is not first and not torch.equal(after, first)
-    torch.testing.assert_close(after, layer._generate().detach())
+    torch.testing.assert_close(after, layer.generator._generate().detach())
 
 
 def test_save_load_same_outputs(tmp_path, capsys):
@@ -144,3 +144,34 @@ def test_from_dense_fits_a_trained_layer_and_reports_the_error():
     assert error < 0.5 * untrained and error == pytest.approx(
         float((layer.weight - linear.weight).norm().detach() / linear.weight.norm().detach()), rel=1e-5)
     torch.testing.assert_close(layer.bias, linear.bias)
+
+
+def test_conv2d_is_f_conv2d_with_the_generated_kernel_and_has_conv_init_variance():
+    torch.manual_seed(0)
+    conv = torchtn.ADTNConv2d(6, 8, 3, stride=2, padding=1, dilation=2, groups=2, depth=2).double()
+    x = torch.randn(2, 6, 11, 9, dtype=f64)
+    kernel = conv.weight
+    assert kernel.shape == (8, 3, 3, 3)
+    torch.testing.assert_close(conv(x), torch.nn.functional.conv2d(x, kernel, conv.bias, 2, 1, 2, 2),
+                               rtol=0, atol=1e-12)
+    big = torchtn.ADTNConv2d(64, 64, 3, depth=1)
+    with torch.no_grad():
+        assert big.weight.double().var().item() == pytest.approx(1 / (3 * 64 * 9), rel=1e-3)
+    assert big.param_report["dense_weight"] == 64 * 64 * 9
+
+
+def test_any_parameter_can_be_generated_by_an_adtn():
+    from torch.nn.utils import parametrize
+
+    from torchtn.layers import adtn_parametrize
+
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(100, 16)
+    gen = adtn_parametrize(emb, "weight", depth=2)
+    assert parametrize.is_parametrized(emb, "weight") and emb.weight.shape == (100, 16)
+    trainable = sum(p.numel() for p in emb.parameters() if p.requires_grad)
+    assert trainable == gen.num_params == 16 * 2 * (11 - 1) + 1  # the dense table is gone (an empty original)
+    ids = torch.tensor([[1, 5, 7]])
+    emb(ids).sum().backward()
+    assert gen.gates.grad is not None and gen.gates.grad.abs().sum() > 0
+    torch.testing.assert_close(emb(ids)[0, 1], gen()[5])

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from torchtn import ADTNLinear, MPOConv2d, MPOLinear, load_model, save_model, tensorize
+from torchtn import ADTNConv2d, ADTNLinear, MPOConv2d, MPOLinear, load_model, save_model, tensorize
 from torchtn.cli import main
 from torchtn.layers import TAntisymmetric, THamiltonian, TLinear, TResidual, TTLayer, layer_types, register_layer
 from torchtn.layers import registry as registry_module
@@ -21,6 +21,9 @@ EXAMPLES = {
     "TAntisymmetric": lambda: _tubes(TAntisymmetric(6, 8, gamma=1e-3, dtype=torch.float64), 48),
     "THamiltonian": lambda: _tubes(THamiltonian(6, 8, 2, width=7, M="identity", dtype=torch.float64), 48),
     "ADTNLinear": lambda: ADTNLinear(48, 20, depth=2, activation="tanh", dtype=torch.float64),
+    "ADTNConv2d": lambda: nn.Sequential(nn.Unflatten(1, (3, 4, 4)), ADTNConv2d(3, 5, 3, padding=1, depth=2,
+                                                                                 dtype=torch.float64),
+                                        nn.Flatten(), nn.Linear(80, 20, dtype=torch.float64)),
 }
 
 

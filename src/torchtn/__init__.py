@@ -10,17 +10,18 @@ from .core import TTMatrix, set_autotune, tt_round, tt_svd, tt_to_dense
 from .core.tt import bond_spectra, entanglement_entropy
 from .io import ModelFileError, load_model, save_model
 from .layers import (
-           ADTNLinear,
-           LinearAttention,
-           MPOConv2d,
-           MPOLinear,
-           SoftmaxAttention,
-           TensorAttention,
-           TensorInteraction,
+    ADTNConv2d,
+    ADTNLinear,
+    LinearAttention,
+    MPOConv2d,
+    MPOLinear,
+    SoftmaxAttention,
+    TensorAttention,
+    TensorInteraction,
 )
 from .models.dtn import DeepTensorNetwork, TensorBlock
 
 __all__ = ["__version__", "TTMatrix", "tt_svd", "tt_to_dense", "tt_round", "bond_spectra", "entanglement_entropy",
            "MPOLinear", "MPOConv2d", "tensorize", "save_model", "load_model", "ModelFileError",
            "set_autotune", "TensorAttention", "LinearAttention", "SoftmaxAttention", "TensorInteraction", "TensorBlock",
-           "DeepTensorNetwork", "ADTNLinear"]
+           "DeepTensorNetwork", "ADTNLinear", "ADTNConv2d"]

@@ -1,5 +1,5 @@
 """Layers: thin ``nn.Module``s over the math core, and the registry that makes them files, tensorize rules and reports."""
-from .adtn import ADTNLinear
+from .adtn import ADTNConv2d, ADTNGenerator, ADTNLinear, adtn_parametrize
 from .attention import LinearAttention, SoftmaxAttention, TensorAttention
 from .mpo_conv import MPOConv2d
 from .mpo_linear import MPOLinear
@@ -10,4 +10,5 @@ from .tt_layer import TTLayer
 
 __all__ = ["MPOLinear", "MPOConv2d", "TTLayer", "register_layer", "layer_types", "layer_type", "type_name", "converter_for",
            "TensorAttention", "LinearAttention", "SoftmaxAttention", "TensorInteraction", "TLinear", "TResidual",
-           "TAntisymmetric", "THamiltonian", "ADTNLinear"]
+           "TAntisymmetric", "THamiltonian", "ADTNLinear",
+           "ADTNConv2d", "ADTNGenerator", "adtn_parametrize"]
