@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from torchtn import ADTNConv2d, ADTNLinear, MPOConv2d, MPOLinear, load_model, save_model, tensorize
+from torchtn import ADTNConv2d, ADTNLinear, MPOConv2d, MPOEmbedding, MPOLinear, load_model, save_model, tensorize
 from torchtn.cli import main
 from torchtn.layers import TAntisymmetric, THamiltonian, TLinear, TResidual, TTLayer, layer_types, register_layer
 from torchtn.layers import registry as registry_module
@@ -21,10 +21,19 @@ EXAMPLES = {
     "TAntisymmetric": lambda: _tubes(TAntisymmetric(6, 8, gamma=1e-3, dtype=torch.float64), 48),
     "THamiltonian": lambda: _tubes(THamiltonian(6, 8, 2, width=7, M="identity", dtype=torch.float64), 48),
     "ADTNLinear": lambda: ADTNLinear(48, 20, depth=2, activation="tanh", dtype=torch.float64),
+    "MPOEmbedding": lambda: nn.Sequential(_Ids(), MPOEmbedding(50, 5, rank=3, dtype=torch.float64), nn.Flatten(),
+                                          nn.Linear(20, 20, dtype=torch.float64)),
     "ADTNConv2d": lambda: nn.Sequential(nn.Unflatten(1, (3, 4, 4)), ADTNConv2d(3, 5, 3, padding=1, depth=2,
                                                                                  dtype=torch.float64),
                                         nn.Flatten(), nn.Linear(80, 20, dtype=torch.float64)),
 }
+
+
+class _Ids(nn.Module):
+    """48 features -> 4 token ids in [0, 50) (for the embedding example)."""
+
+    def forward(self, x):
+        return (x[:, :4].abs() * 7).long() % 50
 
 
 def _tubes(layer: nn.Module, out_features: int) -> nn.Module:

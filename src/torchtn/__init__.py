@@ -14,6 +14,7 @@ from .layers import (
     ADTNLinear,
     LinearAttention,
     MPOConv2d,
+    MPOEmbedding,
     MPOLinear,
     SoftmaxAttention,
     TensorAttention,
@@ -24,4 +25,4 @@ from .models.dtn import DeepTensorNetwork, TensorBlock
 __all__ = ["__version__", "TTMatrix", "tt_svd", "tt_to_dense", "tt_round", "bond_spectra", "entanglement_entropy",
            "MPOLinear", "MPOConv2d", "tensorize", "save_model", "load_model", "ModelFileError",
            "set_autotune", "TensorAttention", "LinearAttention", "SoftmaxAttention", "TensorInteraction", "TensorBlock",
-           "DeepTensorNetwork", "ADTNLinear", "ADTNConv2d"]
+           "DeepTensorNetwork", "ADTNLinear", "ADTNConv2d", "MPOEmbedding"]

@@ -224,7 +224,8 @@ def tensorize(
 ) -> tuple[nn.Module, TensorizeReport]:
     """A copy of ``model`` with its dense layers replaced by registered torchtn layers (TT-SVD of the trained weights).
 
-    Today every ``nn.Linear`` becomes an ``MPOLinear``; the rules come from the layer registry.
+    The rules come from the layer registry: ``nn.Linear`` → ``MPOLinear``, ``nn.Conv2d`` → ``MPOConv2d``,
+    ``nn.Embedding`` → ``MPOEmbedding``.
 
     Give ``rank`` (cap on every bond; or ``{layer name: cap}`` per layer, layers not named then keep their full
     rank) and/or ``rel_tol`` (per-layer relative Frobenius error bound), or ``ratio``: a
@@ -247,7 +248,10 @@ def tensorize(
     new = copy.deepcopy(model)
     targets, kept = _targets(new, skip)
     if not targets:
-        raise ValueError("the model has no layer that tensorize can convert (nn.Linear; after skip)")
+        from ..layers.registry import convertible_types
+
+        kinds = ", ".join(sorted(f"nn.{c.__name__}" for c in convertible_types()))
+        raise ValueError(f"the model has no layer that tensorize can convert ({kinds}; after skip)")
     shapes = dict(shapes or {})
     unknown = set(shapes) - {n for n, _, _ in targets}
     if unknown:

@@ -2,6 +2,7 @@
 from .adtn import ADTNConv2d, ADTNGenerator, ADTNLinear, adtn_parametrize
 from .attention import LinearAttention, SoftmaxAttention, TensorAttention
 from .mpo_conv import MPOConv2d
+from .mpo_embedding import MPOEmbedding
 from .mpo_linear import MPOLinear
 from .registry import converter_for, layer_type, layer_types, register_layer, type_name
 from .tensor_interaction import TensorInteraction
@@ -11,4 +12,4 @@ from .tt_layer import TTLayer
 __all__ = ["MPOLinear", "MPOConv2d", "TTLayer", "register_layer", "layer_types", "layer_type", "type_name", "converter_for",
            "TensorAttention", "LinearAttention", "SoftmaxAttention", "TensorInteraction", "TLinear", "TResidual",
            "TAntisymmetric", "THamiltonian", "ADTNLinear",
-           "ADTNConv2d", "ADTNGenerator", "adtn_parametrize"]
+           "ADTNConv2d", "ADTNGenerator", "adtn_parametrize", "MPOEmbedding"]

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..core.tt import TTMatrix
 
-__all__ = ["register_layer", "layer_types", "layer_type", "type_name", "converter_for", "RegisteredLayer"]
+__all__ = ["register_layer", "convertible_types", "layer_types", "layer_type", "type_name", "converter_for", "RegisteredLayer"]
 
 
 class RegisteredLayer(Protocol):
@@ -53,6 +53,11 @@ def register_layer(name: str | None = None, *, converts: Sequence[type[nn.Module
             _CONVERTS[dense] = cls
         return cls
     return deco
+
+
+def convertible_types() -> tuple[type[nn.Module], ...]:
+    """The dense module types ``tensorize`` can replace (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``, …)."""
+    return tuple(_CONVERTS)
 
 
 def layer_types() -> dict[str, type[nn.Module]]:

@@ -1,0 +1,162 @@
+"""``MPOEmbedding``: an ``nn.Embedding`` whose table is an MPO (TT-embedding), looked up without forming the table.
+
+The ``(num_embeddings, embedding_dim)`` table is the TT-matrix ``W (∏m, ∏n)`` with the vocabulary as the row modes
+``m`` and the embedding as the column modes ``n`` (the one layout of ``conventions.md``). When ``num_embeddings``
+has no balanced factorization (30,522 = 2·3·5,087), the row modes cover a slightly larger vocabulary and the extra rows
+are never looked up. A lookup of ids ``(…)`` gathers, per core, the slices ``G_k[:, i_k, :, :]`` of the ids' digits and
+contracts them left to right: ``O(Σ_k r_{k−1} r_k ∏_{l≤k} n_l)`` per id, never ``num_embeddings × embedding_dim``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._checks import check_positive_int
+from ..core.factorize import factorize
+from ..core.tt import TTMatrix, inner_ranks
+from .registry import register_layer
+from .tt_layer import TTLayer
+
+__all__ = ["MPOEmbedding", "vocab_modes"]
+
+
+def vocab_modes(num_embeddings: int, d: int) -> tuple[int, ...]:
+    """``d`` balanced row modes whose product is the smallest number ≥ ``num_embeddings`` (within 2%) with the most
+    balanced factorization (smallest largest mode)."""
+    best = None
+    for n in range(num_embeddings, num_embeddings + max(16, num_embeddings // 50)):
+        modes = factorize(n, d)
+        if best is None or max(modes) < max(best):
+            best = modes
+    return tuple(best)
+
+
+def _digits(ids: torch.Tensor, modes: Sequence[int]) -> list[torch.Tensor]:
+    """C-order digits of ``ids`` in the mixed radix ``modes`` (the first mode most significant)."""
+    out, rest = [], ids
+    for m in reversed(modes):
+        out.append(rest % m)
+        rest = rest // m
+    return out[::-1]
+
+
+def mpo_embedding(ids: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Rows ``ids`` of the TT-matrix ``cores`` (``(r, m_k, n_k, r')`` each): ``(…) -> (…, ∏n)``."""
+    modes = [c.shape[1] for c in cores]
+    flat = ids.reshape(-1)
+    state = None  # (N, ∏_{l≤k} n_l, r_k)
+    for core, digit in zip(cores, _digits(flat, modes)):
+        piece = core[:, digit]  # (r, N, n_k, r')
+        if state is None:
+            state = piece[0]  # r_0 = 1: (N, n_1, r_1)
+        else:
+            state = torch.einsum("bpr,rbns->bpns", state, piece).flatten(1, 2)
+    return state.reshape(*ids.shape, -1)
+
+
+@register_layer("MPOEmbedding", converts=(nn.Embedding,))
+class MPOEmbedding(TTLayer):
+    """Drop-in ``nn.Embedding``: ids ``(…)`` (int64) -> ``(…, embedding_dim)``; the table is an MPO of bond ``rank``.
+
+    ``vocab_shape``/``dim_shape``: the row and column modes (default: :func:`vocab_modes` and a balanced
+    factorization, 3 cores). Initialized like ``nn.Embedding`` (entries of variance 1). ``padding_idx`` is not
+    supported (an MPO row cannot be pinned to zero).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int | Sequence[int] = 8,
+                 vocab_shape: Sequence[int] | None = None, dim_shape: Sequence[int] | None = None, *,
+                 num_cores: int = 3, device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_embeddings = check_positive_int("num_embeddings", num_embeddings)
+        self.embedding_dim = check_positive_int("embedding_dim", embedding_dim)
+        vocab_shape = tuple(vocab_shape) if vocab_shape is not None else vocab_modes(num_embeddings, num_cores)
+        dim_shape = tuple(dim_shape) if dim_shape is not None else factorize(embedding_dim, len(vocab_shape))
+        if len(vocab_shape) != len(dim_shape):
+            raise ValueError(f"vocab_shape={vocab_shape} and dim_shape={dim_shape} must have the same length")
+        if math.prod(vocab_shape) < num_embeddings:
+            raise ValueError(f"vocab_shape={vocab_shape} covers {math.prod(vocab_shape)} ids; num_embeddings="
+                             f"{num_embeddings} needs at least that many")
+        if math.prod(dim_shape) != embedding_dim:
+            raise ValueError(f"dim_shape={dim_shape} has product {math.prod(dim_shape)}, not embedding_dim="
+                             f"{embedding_dim}")
+        ranks = inner_ranks(rank, dim_shape, vocab_shape, name="rank")
+        tt = TTMatrix.random(dim_shape, vocab_shape, ranks, variance=1.0, device=device, dtype=dtype)
+        self._init_cores(tt)
+
+    @property
+    def vocab_shape(self) -> tuple[int, ...]:
+        return self.tt.out_shape
+
+    @property
+    def dim_shape(self) -> tuple[int, ...]:
+        return self.tt.in_shape
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The ``(num_embeddings, embedding_dim)`` table, reconstructed (cached in eval; costs the whole table)."""
+        return self._cached_dense()[: self.num_embeddings]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"ids must be int64 or int32 token ids, got {ids.dtype}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+            raise ValueError(f"ids must be in [0, {self.num_embeddings}); got values in [{int(ids.min())}, "
+                             f"{int(ids.max())}]")
+        return mpo_embedding(ids.long(), self.core_list())
+
+    # ------------------------------------------------------------------ conversion (tensorize) and files
+    @staticmethod
+    def dense_matrix(embedding: nn.Embedding) -> torch.Tensor:
+        """The table as the TT-matrix's ``(∏m, ∏n)`` matrix: zero rows appended up to ∏m."""
+        w = embedding.weight.detach()
+        rows = math.prod(vocab_modes(embedding.num_embeddings, 3))
+        return F.pad(w, (0, 0, 0, rows - w.shape[0]))
+
+    @staticmethod
+    def tt_shapes_for(embedding: nn.Embedding, in_shape: Sequence[int] | None = None,
+                      out_shape: Sequence[int] | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(dim_shape, vocab_shape)`` (the shapes ``dense_matrix`` is read with)."""
+        if in_shape is not None or out_shape is not None:
+            raise ValueError("MPOEmbedding chooses its own modes (vocabulary padded to a balanced size); do not pass "
+                             "shapes= for an nn.Embedding")
+        vocab = vocab_modes(embedding.num_embeddings, 3)
+        return tuple(factorize(embedding.embedding_dim, 3)), vocab
+
+    @classmethod
+    def from_tt(cls, embedding: nn.Embedding, tt: TTMatrix) -> "MPOEmbedding":
+        if embedding.padding_idx is not None:
+            raise ValueError("an nn.Embedding with padding_idx cannot become an MPOEmbedding (the padding row would "
+                             "not stay zero); skip it")
+        ref = embedding.weight
+        layer = cls(embedding.num_embeddings, embedding.embedding_dim, list(tt.ranks[1:-1]), tt.out_shape,
+                    tt.in_shape, device=ref.device, dtype=ref.dtype)
+        layer.set_cores(tt.cores)
+        return layer
+
+    @classmethod
+    def from_dense(cls, embedding: nn.Embedding, rank: int | None = None,
+                   rel_tol: float | None = None) -> "MPOEmbedding":
+        """TT-SVD of a trained ``nn.Embedding``'s table (bond cap ``rank`` and/or relative error ``rel_tol``)."""
+        if not isinstance(embedding, nn.Embedding):
+            raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
+        tt = TTMatrix.from_dense(cls.dense_matrix(embedding), *cls.tt_shapes_for(embedding), max_rank=rank,
+                                 rel_tol=rel_tol)
+        return cls.from_tt(embedding, tt)
+
+    def layout(self) -> dict[str, Any]:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+                "vocab_shape": list(self.vocab_shape), "dim_shape": list(self.dim_shape), "ranks": list(self.ranks)}
+
+    @classmethod
+    def from_layout(cls, spec: dict[str, Any], *, device=None, dtype=None) -> "MPOEmbedding":
+        return cls(spec["num_embeddings"], spec["embedding_dim"], list(spec["ranks"])[1:-1], spec["vocab_shape"],
+                   spec["dim_shape"], device=device, dtype=dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, vocab_shape={self.vocab_shape}, "
+                f"dim_shape={self.dim_shape}, ranks={self.ranks}")

@@ -1,0 +1,60 @@
+"""MPOEmbedding: lookups equal F.embedding of its own dense table; TT-SVD of a trained table; tensorize; files."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchtn
+from torchtn import MPOEmbedding
+from torchtn.layers.mpo_embedding import vocab_modes
+
+
+def test_lookup_equals_f_embedding_of_the_dense_table_in_float64():
+    torch.manual_seed(0)
+    layer = MPOEmbedding(997, 24, rank=5).double()  # 997 is prime: the vocabulary is padded
+    assert torch.prod(torch.tensor(layer.vocab_shape)) >= 997
+    table = layer.tt.to_dense()[:997]  # rebuilt independently of the lookup path
+    ids = torch.cat([torch.randint(0, 997, (40,)), torch.tensor([0, 996])]).reshape(6, 7)
+    torch.testing.assert_close(layer(ids), F.embedding(ids, table), rtol=0, atol=1e-12)
+    assert layer(ids).shape == (6, 7, 24)
+    # gradients reach every core
+    layer(ids).square().sum().backward()
+    assert all(c.grad is not None and c.grad.abs().sum() > 0 for c in layer.cores)
+
+
+def test_from_dense_is_exact_at_full_rank_and_bounded_by_rel_tol():
+    torch.manual_seed(1)
+    emb = nn.Embedding(60, 12).double()
+    full = MPOEmbedding.from_dense(emb)
+    ids = torch.arange(60)
+    torch.testing.assert_close(full(ids), emb(ids), rtol=0, atol=1e-10)
+    approx = MPOEmbedding.from_dense(emb, rel_tol=0.3)
+    err = torch.linalg.norm(approx(ids) - emb(ids)) / torch.linalg.norm(emb.weight)
+    assert err <= 0.3 + 1e-9
+    assert MPOEmbedding.from_dense(emb, rank=2).num_weight_params < full.num_weight_params
+
+
+def test_tensorize_converts_embeddings_and_refuses_padding_rows():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Embedding(4096, 64), nn.Flatten(), nn.Linear(64 * 3, 10))
+    new, report = torchtn.tensorize(model, rank=16, skip=["2"])
+    assert isinstance(new[0], MPOEmbedding) and report.layers[0].layer_type == "MPOEmbedding"
+    ids = torch.randint(0, 4096, (5, 3))
+    assert new(ids).shape == (5, 10)
+    assert sum(p.numel() for p in new.parameters()) < sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="padding_idx"):
+        torchtn.tensorize(nn.Sequential(nn.Embedding(4096, 64, padding_idx=0)), rank=8)
+
+
+def test_save_load_and_bad_ids(tmp_path):
+    torch.manual_seed(3)
+    model = nn.Sequential(MPOEmbedding(300, 16, rank=4))
+    torchtn.save_model(model, tmp_path / "m.safetensors")
+    again = torchtn.load_model(tmp_path / "m.safetensors", nn.Sequential(nn.Embedding(300, 16)))
+    ids = torch.randint(0, 300, (4, 5))
+    torch.testing.assert_close(again(ids), model(ids), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"ids must be in \[0, 300\)"):
+        model(torch.tensor([300]))
+    with pytest.raises(TypeError, match="int64 or int32"):
+        model(torch.tensor([1.0]))
+    assert vocab_modes(30522, 3) == (30, 32, 32)
