@@ -15,11 +15,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.utils import _pair
 from torch.nn.utils import parametrize
 
 from .._checks import check_choice, check_positive_int
 from ..core.adtn import ACTIVATIONS, adtn_generate, adtn_num_params, num_qubits
+from ._conv import set_conv_geometry
 from .registry import register_layer
 
 __all__ = ["ADTNGenerator", "ADTNLinear", "ADTNConv2d", "adtn_parametrize"]
@@ -189,13 +189,7 @@ class ADTNConv2d(_ADTNLayer):
                  dilation=1, groups: int = 1, bias: bool = True, *, depth: int = 2, activation: str = "relu",
                  gate_std: float = 0.5, device=None, dtype=None) -> None:
         super().__init__()
-        self.in_channels = check_positive_int("in_channels", in_channels)
-        self.out_channels = check_positive_int("out_channels", out_channels)
-        self.groups = check_positive_int("groups", groups)
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
-        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        set_conv_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
         shape = (out_channels, in_channels // groups, *self.kernel_size)
         fan_in = math.prod(shape[1:])
         kw = {"device": device, "dtype": dtype}

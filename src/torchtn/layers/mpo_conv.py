@@ -22,12 +22,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.utils import _pair
 
-from .._checks import check_choice, check_positive_int, check_rel_tol
+from .._checks import check_choice, check_rel_tol
 from ..core.factorize import resolve_shapes, suggest_shapes
 from ..core.tt import TTMatrix, inner_ranks
 from ..functional import conv_kernel_from_matrix, conv_kernel_to_matrix, mpo_conv2d
+from ._conv import set_conv_geometry
 from .registry import register_layer
 from .tt_layer import TTLayer
 
@@ -55,23 +55,7 @@ class MPOConv2d(TTLayer):
                  out_shape: Sequence[int] | None = None, contraction: str = "auto",
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.in_channels = check_positive_int("in_channels", in_channels)
-        self.out_channels = check_positive_int("out_channels", out_channels)
-        self.groups = check_positive_int("groups", groups)
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
-        self.kernel_size = tuple(check_positive_int("kernel_size", k) for k in _pair(kernel_size))
-        self.stride = tuple(check_positive_int("stride", s) for s in _pair(stride))
-        self.dilation = tuple(check_positive_int("dilation", s) for s in _pair(dilation))
-        if isinstance(padding, str):
-            check_choice("padding", padding, ("same", "valid"))
-            if padding == "same" and any(s != 1 for s in self.stride):
-                raise ValueError("padding='same' is not supported for strided convolutions (as in nn.Conv2d)")
-            self.padding = padding
-        else:
-            self.padding = tuple(int(p) for p in _pair(padding))
-            if any(p < 0 for p in self.padding):
-                raise ValueError(f"padding={padding!r} is not allowed: expected non-negative integers")
+        set_conv_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
         self.padding_mode = check_choice("padding_mode", padding_mode, _PADDING_MODES)
         self.mapping = check_choice("mapping", mapping, _MAPPINGS)
         self.contraction = check_choice("contraction", contraction, ("auto", "rebuild", "patches"))
