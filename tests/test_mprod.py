@@ -198,3 +198,16 @@ def test_models_train_a_step_and_the_autoencoder_keeps_shapes():
         loss.backward()
         assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
     assert TAutoencoder()(x[:, 0]).shape == (8, 28, 28)
+
+
+def test_t_linear_caches_its_transformed_weight_in_eval_and_notices_updates():
+    torch.manual_seed(5)
+    layer = TLinear(5, 3, 6).double().eval()
+    x = rand(4, 5, 6, seed=13)
+    with torch.no_grad():
+        first = layer(x)
+        layer.weight.add_(0.1)  # an optimizer-style in-place update
+        second = layer(x)
+    ref = mprod(layer.weight.detach(), x.transpose(0, 1), layer.T) + layer.bias.detach()
+    torch.testing.assert_close(second, ref.transpose(0, 1), rtol=0, atol=1e-12)
+    assert (second - first).abs().max() > 1e-3

@@ -53,9 +53,24 @@ class _TModule(nn.Module):
 
     @property
     def T(self) -> Transform:
+        """The transform (built once for named transforms; over the ``M`` buffer otherwise)."""
         if self.M is None:
-            return transform(self.transform_name, self.tubes)
+            cached = self.__dict__.get("_named_T")
+            if cached is None:
+                cached = self.__dict__["_named_T"] = transform(self.transform_name, self.tubes)
+            return cached
         return Transform(self.transform_name, self.tubes, self.M, self.transform_orthogonal)
+
+    def _transformed(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight ×₃ M``: recomputed whenever a gradient may flow, cached in eval until the weight changes."""
+        if torch.is_grad_enabled() and weight.requires_grad or torch.compiler.is_compiling():
+            return self.T.forward(weight)
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device,
+               None if self.M is None else (self.M.data_ptr(), self.M._version))
+        cached = self.__dict__.get("_weight_hat")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_weight_hat"] = (key, self.T.forward(weight))
+        return cached[1]
 
     def _transform_layout(self) -> dict[str, Any]:
         return {"M": self.transform_name if self.M is None else "matrix", "M_orthogonal": self.transform_orthogonal,
@@ -73,10 +88,12 @@ class _TModule(nn.Module):
         return {}
 
 
-def _t_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, T: Transform) -> torch.Tensor:
-    """``(batch, in, n) -> (batch, out, n)``: ``W ⋆M X + B`` in one batched matmul over the transform slices."""
+def _t_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, T: Transform,
+              weight_hat: torch.Tensor | None = None) -> torch.Tensor:
+    """``(batch, in, n) -> (batch, out, n)``: ``W ⋆M X + B`` in one batched matmul over the transform slices
+    (``weight_hat``: ``W`` already in the transform domain)."""
     X = T.forward(x.transpose(0, 1))  # (in, batch, n) in the transform domain
-    Y = facewise(T.forward(weight), X)
+    Y = facewise(T.forward(weight) if weight_hat is None else weight_hat, X)
     y = T.inverse(Y)
     if bias is not None:
         y = y + bias
@@ -113,7 +130,7 @@ class TLinear(_TModule):
         x = as_tubes(x)
         if x.shape[1:] != (self.in_features, self.tubes):
             raise ValueError(f"x has shape {tuple(x.shape)}: expected (batch, {self.in_features}, {self.tubes})")
-        return _t_linear(x, self.weight, self.bias, self.T)
+        return _t_linear(x, self.weight, self.bias, self.T, self._transformed(self.weight))
 
     def layout(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
