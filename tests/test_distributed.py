@@ -28,6 +28,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         shard = slice(rank * 4, rank * 4 + 4)
         ((model(x[shard]) - y[shard]) ** 2).mean().backward()
         torch.save({n: p.grad for n, p in model.module.named_parameters()}, os.path.join(out_dir, f"g{rank}.pt"))
+        dist.barrier()  # neither process closes its gloo connections while the other may still use them
     finally:
         dist.destroy_process_group()
 
