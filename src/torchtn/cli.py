@@ -328,7 +328,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         run_train(job, data, out, resume=args.resume, progress=not args.no_progress, log=log, device=args.device)
         return f"wrote {out}/model.safetensors and {out}/results.json" if rank == 0 else ""
 
-    return _run_job("train", args, make_config, prepare, run)
+    status = _run_job("train", args, make_config, prepare, run)
+    if status == 0 and world > 1:  # a clean shutdown: nobody closes its connections while a peer still uses them
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return status
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
