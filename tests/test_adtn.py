@@ -175,3 +175,26 @@ def test_any_parameter_can_be_generated_by_an_adtn():
     emb(ids).sum().backward()
     assert gen.gates.grad is not None and gen.gates.grad.abs().sum() > 0
     torch.testing.assert_close(emb(ids)[0, 1], gen()[5])
+
+
+def test_tensorize_with_adtn_fits_every_layer_and_reports_the_fit_error():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 6 * 6, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    new, report = torchtn.tensorize(model, method="adtn", depth=2, fit_steps=60, skip=["5"])
+    assert [type(new[i]).__name__ for i in (0, 3, 5)] == ["ADTNConv2d", "ADTNLinear", "Linear"]
+    x = torch.randn(2, 3, 6, 6)
+    assert new(x).shape == (2, 4)
+    rows = {r.name: r for r in report.layers}
+    for name in ("0", "3"):
+        layer, dense = new[int(name)], model[int(name)]
+        err = float((layer.weight - dense.weight).norm().detach() / dense.weight.norm().detach())
+        assert rows[name].rel_error == pytest.approx(err, rel=1e-5) and rows[name].rel_error < 1.0
+        assert rows[name].weight_ratio == pytest.approx(dense.weight.numel() / layer.generator.num_params)
+        torch.testing.assert_close(layer.bias, dense.bias)
+    assert report.params_after == sum(p.numel() for p in new.parameters()) < report.params_before
+    assert "ADTNConv2d" in str(report)
+    with pytest.raises(ValueError, match="method='adtn' takes depth"):
+        torchtn.tensorize(model, method="adtn", rank=4)
+    with pytest.raises(ValueError, match="method='tucker' is not allowed"):
+        torchtn.tensorize(model, method="tucker", rank=4)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .._checks import check_positive_real, check_rel_tol
+from .._checks import check_choice, check_positive_int, check_positive_real, check_rel_tol
 from .._modules import replace_submodule
 from ..core import TTMatrix, bond_caps, inner_ranks, tt_compression_ratio, tt_num_params
 from ..layers.registry import converter_for
@@ -41,6 +41,7 @@ class LayerReport:
     bias_params: int = 0
     layer_type: str = "MPOLinear"
     entropies: tuple[float, ...] = ()  # entanglement entropy per inner bond (nats)
+    weight_params: int | None = None  # parameters replacing the weight, for layers that are not TT-matrices (ADTN)
 
     @property
     def compression_ratio(self) -> float:
@@ -50,6 +51,8 @@ class LayerReport:
     @property
     def weight_ratio(self) -> float:
         """Weight entries / core entries (bias excluded), as the layer's ``compression_ratio``."""
+        if self.weight_params is not None:
+            return self.out_features * self.in_features / self.weight_params
         return tt_compression_ratio(self.in_shape, self.out_shape, self.ranks)
 
 
@@ -92,6 +95,36 @@ class TensorizeReport:
                 "compression_ratio": self.compression_ratio, "skipped": list(self.skipped)}
 
 
+def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip) -> tuple[nn.Module, TensorizeReport]:
+    """The ``method="adtn"`` branch of :func:`tensorize`."""
+    from ..layers.adtn import ADTNConv2d, ADTNLinear
+
+    check_positive_int("depth", depth)
+    check_positive_int("fit_steps", fit_steps)
+    new = copy.deepcopy(model)
+    skip_fn = _skipper(skip)
+    inside_mha = _inside_mha(new)
+    targets = [(n, m) for n, m in new.named_modules()
+               if type(m) in (nn.Linear, nn.Conv2d) and n not in inside_mha and not skip_fn(n, m)
+               and not (isinstance(m, nn.Conv2d) and m.padding_mode != "zeros")]
+    if not targets:
+        raise ValueError("the model has no layer that tensorize(method='adtn') can convert (nn.Linear, nn.Conv2d with "
+                         "zero padding; after skip)")
+    before = sum(p.numel() for p in model.parameters())
+    rows = []
+    for name, module in targets:
+        cls = ADTNLinear if isinstance(module, nn.Linear) else ADTNConv2d
+        layer, err = cls.from_dense(module, depth, steps=fit_steps)
+        replace_submodule(new, name, layer)
+        w = module.weight
+        bias = 0 if module.bias is None else module.bias.numel()
+        rows.append(LayerReport(name, w.shape[0], w[0].numel(), (), (), (), w.numel() + bias,
+                                layer.generator.num_params + bias, err, bias, cls.__name__,
+                                weight_params=layer.generator.num_params))
+    after = sum(p.numel() for p in new.parameters())
+    return new, TensorizeReport(rows, before, after, [])
+
+
 def _skipper(skip: Skip) -> Callable[[str, nn.Module], bool]:
     if callable(skip):
         return skip
@@ -104,11 +137,17 @@ def _skipper(skip: Skip) -> Callable[[str, nn.Module], bool]:
     return lambda name, _m: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _inside_mha(model: nn.Module) -> set[str]:
+    """Names of the layers inside ``nn.MultiheadAttention`` modules: it reads ``out_proj.weight`` directly, so they
+    must stay dense."""
+    return {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+            for c, _ in m.named_children()}
+
+
 def _targets(model: nn.Module, skip: Skip) -> tuple[list[tuple[str, nn.Module, type]], list[str]]:
     """``(name, dense module, layer class)`` to convert (by the registry's rules), and the names of those kept dense."""
     skip_fn = _skipper(skip)
-    inside_mha = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
-                  for c, _ in m.named_children()}
+    inside_mha = _inside_mha(model)
     chosen, kept = [], []
     for name, module in model.named_modules():
         cls = converter_for(module)
@@ -221,6 +260,10 @@ def tensorize(
     skip: Skip = (),
     shapes: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
     allow_larger: bool = False,
+    *,
+    method: str = "mpo",
+    depth: int = 2,
+    fit_steps: int = 500,
 ) -> tuple[nn.Module, TensorizeReport]:
     """A copy of ``model`` with its dense layers replaced by registered torchtn layers (TT-SVD of the trained weights).
 
@@ -236,9 +279,18 @@ def tensorize(
     layer or more stays dense (the report says so; with ``ratio`` the budget is then shared by the others) unless
     ``allow_larger`` (e.g. for an exact full-rank conversion). Returns ``(new_model, report)``; the input is not
     modified.
+
+    ``method="adtn"``: every ``nn.Linear`` and ``nn.Conv2d`` (after ``skip``) becomes an ``ADTNLinear`` /
+    ``ADTNConv2d`` of ``depth`` brick layers, its generator first fitted to the trained weight (``fit_steps`` Adam
+    steps); the report's ``rel. error`` is that fit's. Heal the model by fine-tuning afterwards.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_choice("method", method, ("mpo", "adtn"))
+    if method == "adtn":
+        if rank is not None or rel_tol is not None or ratio is not None or shapes:
+            raise ValueError("method='adtn' takes depth= and fit_steps=, not rank=, rel_tol=, ratio= or shapes=")
+        return _tensorize_adtn(model, depth, fit_steps, skip)
     rel_tol = check_rel_tol("rel_tol", rel_tol)
     ratio = check_positive_real("ratio", ratio, allow_none=True)
     if ratio is not None and (rank is not None or rel_tol is not None):

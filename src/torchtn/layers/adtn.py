@@ -67,6 +67,19 @@ class ADTNGenerator(nn.Module):
                 self._cache = (key, self._generate())
         return self._cache[1]
 
+    def fit(self, target: torch.Tensor, steps: int = 500, lr: float = 0.02) -> float:
+        """Fit the gates and the scale to ``target`` (Adam on ``‖T − target‖²``); returns ``‖T − target‖ / ‖target‖``."""
+        check_positive_int("steps", steps)
+        target = target.detach().reshape(self.shape)
+        opt = torch.optim.Adam([self.gates, self.scale], lr=lr)
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            (self._generate() - target).square().sum().backward()
+            opt.step()
+        self._cache = None
+        with torch.no_grad():
+            return float((self._generate() - target).norm() / target.norm().clamp_min(1e-30))
+
     @property
     def num_params(self) -> int:
         """Gates + scale: ``16 · depth · (Q − 1) + 1``."""
@@ -114,6 +127,13 @@ class _ADTNLayer(nn.Module):
     def tt_matrices(self) -> dict:
         return {}
 
+    def _fit_from(self, dense: nn.Module, steps: int, lr: float) -> float:
+        """Fit the generator to ``dense.weight`` and copy its bias; returns the fit error."""
+        if dense.bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(dense.bias)
+        return self.generator.fit(dense.weight, steps, lr)
+
     def _init_bias(self, bias: bool, out: int, fan_in: int, kw: dict) -> None:
         self.bias = nn.Parameter(torch.empty(out, **kw)) if bias else None
         if bias:
@@ -145,27 +165,15 @@ class ADTNLinear(_ADTNLayer):
     @classmethod
     def from_dense(cls, linear: nn.Linear, depth: int = 2, *, steps: int = 500, lr: float = 0.02,
                    activation: str = "relu", seed: int = 0) -> tuple["ADTNLinear", float]:
-        """An ADTN fitted to a trained ``nn.Linear``'s weight (Adam on ``‖W_adtn − W‖²``, ``steps`` steps; the bias
-        is copied). Returns the layer and the relative Frobenius error ``‖W_adtn − W‖ / ‖W‖`` of the fit."""
+        """An ADTN fitted to a trained ``nn.Linear``'s weight (:meth:`ADTNGenerator.fit`; the bias is copied).
+        Returns the layer and the relative Frobenius error ``‖W_adtn − W‖ / ‖W‖`` of the fit."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        check_positive_int("steps", steps)
         torch.manual_seed(seed)
-        w = linear.weight.detach()
+        w = linear.weight
         layer = cls(linear.in_features, linear.out_features, depth, linear.bias is not None, activation=activation,
                     device=w.device, dtype=w.dtype)
-        if linear.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(linear.bias)
-        gen = layer.generator
-        opt = torch.optim.Adam([gen.gates, gen.scale], lr=lr)
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            (gen._generate() - w).square().sum().backward()
-            opt.step()
-        with torch.no_grad():
-            error = float((gen._generate() - w).norm() / w.norm().clamp_min(1e-30))
-        return layer, error
+        return layer, layer._fit_from(linear, steps, lr)
 
     def layout(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "depth": self.depth,
@@ -198,6 +206,19 @@ class ADTNConv2d(_ADTNLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, depth: int = 2, *, steps: int = 500, lr: float = 0.02,
+                   activation: str = "relu", seed: int = 0) -> tuple["ADTNConv2d", float]:
+        """An ADTN fitted to a trained ``nn.Conv2d``'s kernel (zero padding mode only); returns it and the fit
+        error."""
+        if not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros":
+            raise TypeError("conv must be an nn.Conv2d with padding_mode='zeros'")
+        torch.manual_seed(seed)
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    conv.groups, conv.bias is not None, depth=depth, activation=activation,
+                    device=conv.weight.device, dtype=conv.weight.dtype)
+        return layer, layer._fit_from(conv, steps, lr)
 
     def layout(self) -> dict[str, Any]:
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,
