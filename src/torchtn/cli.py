@@ -205,10 +205,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _device(args: argparse.Namespace):
     from .train.device import resolve_device
 
-    try:
-        return resolve_device(args.device)
-    except ValueError as err:
-        raise ValueError(f"--device {args.device}: {str(err).split(': ', 1)[1]}") from None
+    return resolve_device(args.device, name="--device")
 
 
 def _elastic_restart() -> bool:

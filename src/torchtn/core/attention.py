@@ -41,7 +41,8 @@ from .contraction.planner import MeasuredPlan, make_plan, register_strategy
 
 __all__ = ["TensorAttentionState", "LinearAttentionState", "SoftmaxAttentionState", "tensor_attention",
            "tensor_attention_step", "linear_attention", "linear_attention_step", "softmax_attention",
-           "softmax_attention_step", "combine_summaries", "chunk_summaries", "AttentionPlan", "plan_attention"]
+           "softmax_attention_step", "combine_summaries", "chunk_summaries", "AttentionPlan", "plan_attention",
+           "check_attention_options"]
 
 Form = Literal["auto", "parallel", "chunked", "recurrent"]
 FORMS = ("auto", "parallel", "chunked", "recurrent")
@@ -99,13 +100,9 @@ class SoftmaxAttentionState:
 
 
 # ------------------------------------------------------------------------------------------------------------ checks
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: float | None, ridge: float, eps: float,
-           form: str, causal: bool, chunk_size: int | None = None) -> None:
-    if q.dim() < 2 or q.shape != k.shape:
-        raise ValueError(f"q and k must have the same shape (..., n, d); got {tuple(q.shape)} and {tuple(k.shape)}")
-    if v.shape[:-1] != q.shape[:-1]:
-        raise ValueError(f"v must be (..., n, e) with the leading dims of q {tuple(q.shape[:-1])}; got "
-                         f"{tuple(v.shape)}")
+def check_attention_options(*, causal: bool = True, decay: float | None = None, ridge: float = 0.0,
+                            eps: float = 1e-6, form: str = "auto", chunk_size: int | None = None) -> None:
+    """Raise ``ValueError`` naming the first option that is not allowed (the kernels and the modules both call it)."""
     if decay is not None and not (isinstance(decay, (int, float)) and 0 < decay <= 1):
         raise ValueError(f"decay={decay!r} is not allowed: expected None or a number in (0, 1]")
     if decay is not None and not causal:
@@ -118,6 +115,16 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: float | Non
         raise ValueError(f"form={form!r} is not allowed: expected one of {', '.join(map(repr, FORMS))}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"chunk_size={chunk_size!r} is not allowed: expected a positive integer or None")
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: float | None, ridge: float, eps: float,
+           form: str, causal: bool, chunk_size: int | None = None) -> None:
+    if q.dim() < 2 or q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape (..., n, d); got {tuple(q.shape)} and {tuple(k.shape)}")
+    if v.shape[:-1] != q.shape[:-1]:
+        raise ValueError(f"v must be (..., n, e) with the leading dims of q {tuple(q.shape[:-1])}; got "
+                         f"{tuple(v.shape)}")
+    check_attention_options(causal=causal, decay=decay, ridge=ridge, eps=eps, form=form, chunk_size=chunk_size)
 
 
 def _decay_mask(n: int, decay: float | None, like: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -206,16 +213,15 @@ def chunk_summaries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: fl
     """The summaries of one chunk of tokens ``(..., c, ·)`` on their own (the state after it, from zeros)."""
     c = q.shape[-2]
     w = _end_weights(c, decay, q)  # γ^{end−i}
-    kw = k * w.unsqueeze(-1)
+    kw, qw = k * w.unsqueeze(-1), q * w.unsqueeze(-1)
     S = kw.transpose(-1, -2) @ k
-    C = (q * w.unsqueeze(-1)).transpose(-1, -2) @ v
-    m = (q * w.unsqueeze(-1)).sum(-2)
+    C = qw.transpose(-1, -2) @ v
+    m = qw.sum(-2)
     if masked:
         strict = _decay_mask(c, None, q, offset=1)  # j < i
-        P = (kw @ (q * w.unsqueeze(-1)).transpose(-1, -2)) * strict  # (i, j): γ^{end−i}γ^{end−j} k_i·q_j, j < i
+        P = (kw @ qw.transpose(-1, -2)) * strict  # (i, j): γ^{end−i}γ^{end−j} k_i·q_j, j < i
         G = k.transpose(-1, -2) @ (P @ v)
-        h = k.transpose(-1, -2) @ P.sum(-1, keepdim=True)
-        h = h.squeeze(-1)
+        h = (k.transpose(-1, -2) @ P.sum(-1, keepdim=True)).squeeze(-1)
     else:
         G, h = torch.zeros_like(C), torch.zeros_like(m)
     return TensorAttentionState(S, C, m, G, h, c)

@@ -58,6 +58,12 @@ class Dataset:
 
         return dataclasses.replace(self, x_train=flat(self.x_train), x_val=flat(self.x_val), x_test=flat(self.x_test))
 
+    def first(self, n: int | None) -> "Dataset":
+        """The same data with only the first ``n`` training rows (``None``, or ``n`` ≥ the split: unchanged)."""
+        if n is None or n >= len(self.y_train):
+            return self
+        return dataclasses.replace(self, x_train=self.x_train[:n], y_train=self.y_train[:n])
+
     def describe(self) -> str:
         return (f"{self.name}: {len(self.y_train):,} train / {len(self.y_val):,} val / {len(self.y_test):,} test, "
                 f"{self.num_features} features {self.image_shape}, {self.num_classes} classes")

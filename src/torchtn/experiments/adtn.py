@@ -79,13 +79,10 @@ def _layer_params(model: nn.Module) -> int:
 
 
 def run(ctx: Context) -> list[dict]:
-    from dataclasses import replace
-
     s = dict(QUICK if ctx.config.quick else FULL)
     if ctx.config.seeds is not None:
         s["seeds"] = ctx.config.seeds
-    data = ctx.data if s["train"] is None else replace(ctx.data, x_train=ctx.data.x_train[:s["train"]],
-                                                       y_train=ctx.data.y_train[:s["train"]])
+    data = ctx.data.first(s["train"])
     rows = []
 
     def train(name: str, model_name: str, kind: str, depth: int | None, model: nn.Module, seed: int) -> None:

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import Dataset
 from ..data.recall import IGNORE, associative_recall
 from ..models import SequenceClassifier, TokenPredictor
 from ..report import format_markdown_table
@@ -147,21 +146,13 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _subset(data: Dataset, n: int | None) -> Dataset:
-    if n is None or n >= len(data.y_train):
-        return data
-    from dataclasses import replace
-
-    return replace(data, x_train=data.x_train[:n], y_train=data.y_train[:n])
-
-
 def _tasks(ctx: Context, s: dict, seed: int) -> list[dict]:
     rows = []
 
     def cfg(epochs: int, tag: str) -> TrainConfig:
         return TrainConfig(epochs=epochs, batch_size=BATCH, lr=LR, seed=seed, progress=ctx.progress, desc=tag)
 
-    images = _subset(ctx.data, s["rows_train"])
+    images = ctx.data.first(s["rows_train"])
     height, width = images.image_shape[-2:]
     for model_name in MODELS:
         torch.manual_seed(seed)

@@ -49,11 +49,7 @@ QUICK = {"seeds": 1, "sizes": (2000,), "size_epochs": 2, "full_epochs": 0, "wide
          "depth_epochs": 1, "transforms": ("dct", "dft"), "transform_train": 2000}
 BATCH, WEIGHT_DECAY, AE_LR, DEPTH_LR = 32, 1e-4, 1e-3, 1e-3
 MODELS = ("tnn", "matrix", "matrix-wide")
-
-
-def _subset(data: Dataset, n: int | None) -> Dataset:
-    return data if n is None or n >= len(data.y_train) else replace(data, x_train=data.x_train[:n],
-                                                                       y_train=data.y_train[:n])
+VARIANTS = (("tnn", "tce"), ("tnn", "ce"), ("matrix", "ce"), ("matrix-wide", "ce"))  # (model, loss)
 
 
 def _classifier(kind: str, loss: str, transform: str = "dct") -> tuple[nn.Module, dict]:
@@ -64,10 +60,6 @@ def _classifier(kind: str, loss: str, transform: str = "dct") -> tuple[nn.Module
     if kind == "matrix":
         return matrix_baseline(TNN(head="tce"), 784, 10), {}
     return MatrixNet(784, (784,), 10), {}
-
-
-def _variants() -> list[tuple[str, str]]:
-    return [("tnn", "tce"), ("tnn", "ce"), ("matrix", "ce"), ("matrix-wide", "ce")]
 
 
 def _cfg(ctx: Context, epochs: int, lr: float, seed: int, tag: str) -> TrainConfig:
@@ -83,25 +75,24 @@ def _accuracy(model: nn.Module, data: Dataset, split: str = "test") -> float:
 
 
 def _tune(ctx: Context, s: dict) -> dict[tuple[str, str], float]:
-    """The learning rate of each (model, loss): the best validation accuracy at 10k images, seed 0."""
+    """The learning rate of each (model, loss): the best validation accuracy at 10k images, seed 0 (no search when
+    there is one candidate)."""
+    if len(s["lrs"]) == 1:
+        return {variant: s["lrs"][0] for variant in VARIANTS}
     chosen = {}
-    data = _subset(ctx.data, max(s["sizes"]))
-    for kind, loss in _variants():
+    data = ctx.data.first(max(s["sizes"]))
+    for kind, loss in VARIANTS:
         scores = {}
         for lr in s["lrs"]:
-            if len(s["lrs"]) == 1:
-                scores[lr] = float("nan")
-                break
             torch.manual_seed(0)
             model, kw = _classifier(kind, loss)
             model, _ = ctx.stage(f"tune-{kind}-{loss}-lr{lr:g}", model, _cfg(ctx, s["size_epochs"], lr, 0,
                                                                                  f"tune {kind} {loss} {lr:g}"),
                                  data=data, **kw)
             scores[lr] = _accuracy(model, ctx.data, "val")
-        chosen[kind, loss] = max(scores, key=lambda lr: scores[lr]) if len(scores) > 1 else s["lrs"][0]
-        searched = ", ".join(f"{lr:g} → {100 * a:.2f}%" for lr, a in scores.items()) if len(s["lrs"]) > 1 else \
-            "the only candidate"
-        ctx.log(f"learning rate for {kind} ({loss}): {chosen[kind, loss]:g} (validation: {searched})")
+        chosen[kind, loss] = max(scores, key=lambda lr: scores[lr])
+        ctx.log(f"learning rate for {kind} ({loss}): {chosen[kind, loss]:g} (validation: "
+                f"{', '.join(f'{lr:g} → {100 * a:.2f}%' for lr, a in scores.items())})")
     return chosen
 
 
@@ -109,10 +100,10 @@ def _classification(ctx: Context, s: dict, lrs: dict) -> list[dict]:
     rows = []
     runs = [(n, s["size_epochs"]) for n in s["sizes"]] + ([(None, s["full_epochs"])] if s["full_epochs"] else [])
     for n, epochs in runs:
-        data = _subset(ctx.data, n)
+        data = ctx.data.first(n)
         label = len(data.y_train)
         for seed in range(s["seeds"]):
-            for kind, loss in _variants():
+            for kind, loss in VARIANTS:
                 if n is None and kind == "matrix-wide" and seed >= s["wide_full_seeds"]:
                     continue
                 torch.manual_seed(seed)
@@ -129,7 +120,7 @@ def _classification(ctx: Context, s: dict, lrs: dict) -> list[dict]:
 
 
 def _autoencoders(ctx: Context, s: dict) -> list[dict]:
-    data = _subset(ctx.data, s["ae_train"])
+    data = ctx.data.first(s["ae_train"])
     ae = replace(data, y_train=data.x_train, y_val=data.x_val, y_test=data.x_test)  # targets: the images
     rows = []
     models = [("tnn", "28-20-10", lambda: TAutoencoder(28, 28, (20, 10)))] + [
@@ -155,7 +146,7 @@ def _grad_norm(model: nn.Module, data: Dataset) -> float:
 
 
 def _depth_sweep(ctx: Context, s: dict) -> list[dict]:
-    data = _subset(ctx.data, s["depth_train"])
+    data = ctx.data.first(s["depth_train"])
     rows = []
     for depth in s["depths"]:
         torch.manual_seed(0)
@@ -177,7 +168,7 @@ def _depth_sweep(ctx: Context, s: dict) -> list[dict]:
 
 
 def _transforms(ctx: Context, s: dict, lrs: dict) -> list[dict]:
-    data = _subset(ctx.data, s["transform_train"])
+    data = ctx.data.first(s["transform_train"])
     rows = []
     for name in s["transforms"]:
         torch.manual_seed(0)
@@ -201,7 +192,7 @@ CIFAR_LR = 1e-3
 
 
 def _cifar(ctx: Context, s: dict) -> list[dict]:
-    data = _subset(ctx.data, s["train"])
+    data = ctx.data.first(s["train"])
     rows = []
     for seed in range(s["seeds"]):
         for depth in s["depths"]:

@@ -20,6 +20,7 @@ from torch import nn
 
 from .._checks import check_positive_int
 from ..core.attention import (
+    check_attention_options,
     linear_attention,
     linear_attention_step,
     softmax_attention,
@@ -115,11 +116,11 @@ class TensorAttention(_Attention):
                  normalize: bool = False, decay: float | None = None, ridge: float = 0.0, eps: float = 1e-6,
                  form: str = "auto", chunk_size: int | None = None, qk_norm: bool = True, out_norm: bool = True,
                  bias: bool = False, device=None, dtype=None) -> None:
+        check_attention_options(causal=causal, decay=decay, ridge=ridge, eps=eps, form=form, chunk_size=chunk_size)
         super().__init__(dim, heads, causal, bias=bias, device=device, dtype=dtype)
         self.opts = dict(masked=masked, normalize=normalize, decay=decay, ridge=ridge, eps=eps)
         self.form, self.chunk_size, self.qk_norm = form, chunk_size, qk_norm
         self.norm = nn.RMSNorm(self.head_dim, device=device, dtype=dtype) if out_norm else None
-        tensor_attention(*(torch.zeros(1, 1, 1) for _ in range(3)), causal=causal, form=form, **self.opts)
 
     def features(self, q, k):
         return (F.normalize(q, dim=-1), F.normalize(k, dim=-1)) if self.qk_norm else (q, k)
@@ -142,10 +143,10 @@ class LinearAttention(_Attention):
     def __init__(self, dim: int, heads: int = 1, causal: bool = True, *, normalize: bool = True,
                  decay: float | None = None, eps: float = 1e-6, form: str = "auto", chunk_size: int | None = None,
                  bias: bool = False, device=None, dtype=None) -> None:
+        check_attention_options(causal=causal, decay=decay, eps=eps, form=form, chunk_size=chunk_size)
         super().__init__(dim, heads, causal, bias=bias, device=device, dtype=dtype)
         self.opts = dict(normalize=normalize, decay=decay, eps=eps)
         self.form, self.chunk_size = form, chunk_size
-        linear_attention(*(torch.zeros(1, 1, 1) for _ in range(3)), causal=causal, form=form, **self.opts)
 
     def features(self, q, k):
         return F.elu(q) + 1, F.elu(k) + 1
