@@ -44,6 +44,8 @@ When the cores need no
     merged cores. Assigning to it raises.
     """
 
+    sweepable = True
+
     def __init__(
         self,
         in_features: int,

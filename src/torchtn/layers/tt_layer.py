@@ -8,7 +8,8 @@ place that swaps parameters and drops caches (plans are keyed on the ranks, so t
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -23,6 +24,9 @@ class TTLayer(nn.Module):
     """A module whose weight is the TT-matrix ``self.tt`` built from ``self.cores``."""
 
     cores: nn.ParameterList
+    #: whether ``forward`` runs on any chain of cores of the same matrix (modes of neighbouring sites merged), which
+    #: sweep training needs (:meth:`cores_override` with a two-site tensor)
+    sweepable: bool = False
 
     def _init_cores(self, shapes_ranks: TTMatrix) -> None:
         self.cores = nn.ParameterList(nn.Parameter(c) for c in shapes_ranks.cores)
@@ -31,8 +35,26 @@ class TTLayer(nn.Module):
 
     def core_list(self) -> list[torch.Tensor]:
         """The cores as a list (read straight from the ``ParameterList``'s registry: iterating it by index costs
-        ~5 µs per core, which dominates small forward calls)."""
+        ~5 µs per core, which dominates small forward calls). Inside :meth:`cores_override`, the override."""
+        override = self.__dict__.get("_core_override")
+        if override is not None:
+            return list(override)
         return list(self.cores._parameters.values())
+
+    @contextmanager
+    def cores_override(self, cores: Sequence[torch.Tensor]) -> Iterator[None]:
+        """Run ``forward`` on other cores of the same matrix for the duration of the block (e.g. a chain with a
+        two-site tensor in place of two cores, whose gradient a sweep needs); only for ``sweepable`` layers."""
+        if not self.sweepable:
+            raise TypeError(f"{type(self).__name__} cannot run on overridden cores (not sweepable)")
+        new = TTMatrix(check_cores(list(cores)))
+        if new.shape != self.tt.shape:
+            raise ValueError(f"override cores make a {new.shape} matrix, the layer's is {self.tt.shape}")
+        self.__dict__["_core_override"] = new.cores
+        try:
+            yield
+        finally:
+            self.__dict__["_core_override"] = None
 
     def _reset(self, fan_in: int, bias: torch.Tensor | None) -> None:
         """PyTorch's default init for a layer of this fan-in: cores with ``Var(W_ij) = 1/(3·fan_in)`` (see

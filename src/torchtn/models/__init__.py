@@ -1,4 +1,5 @@
-"""Model zoo: the five networks of Gao et al. 2020, each buildable dense or with MPO layers.
+"""Model zoo: the five networks of Gao et al. 2020 and the hybrid network of Jahromi & Orús, each buildable dense or
+with MPO layers.
 
 ``build_model(config)`` rebuilds a model from its ``config()`` dict (stored in every model file torchtn writes).
 """
@@ -9,13 +10,14 @@ from torch import nn
 from .cifar import VGG16, DenseNet, ResNet18
 from .dtn import DeepTensorNetwork, SequenceClassifier, TensorBlock, TokenPredictor
 from .fc2 import FC2
+from .hybrid import HybridMLP
 from .lenet5 import LeNet5
 
-__all__ = ["FC2", "LeNet5", "VGG16", "ResNet18", "DenseNet", "build_model", "MODELS", "DeepTensorNetwork", "TensorBlock",
+__all__ = ["FC2", "HybridMLP", "LeNet5", "VGG16", "ResNet18", "DenseNet", "build_model", "MODELS", "DeepTensorNetwork", "TensorBlock",
            "SequenceClassifier", "TokenPredictor"]
 
 MODELS: dict[str, type[nn.Module]] = {"fc2": FC2, "lenet5": LeNet5, "vgg16": VGG16, "resnet18": ResNet18,
-                                      "densenet": DenseNet}
+                                      "densenet": DenseNet, "hybrid": HybridMLP}
 
 
 def build_model(config: Mapping) -> nn.Module:

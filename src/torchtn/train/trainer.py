@@ -22,11 +22,12 @@ from .._checks import check_choice, check_nonnegative_int, check_positive_int, c
 from ..data import Dataset
 from ..io import ModelFileError, load_model, read_metadata, read_tensors, save_model
 from .device import resolve_device
+from .sweep import SweepConfig, Sweeper
 
 __all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "EpochRecord", "evaluate", "measure", "LOSSES", "accuracy",
            "process_group"]
 
-_OPTIMIZERS = ("adamw", "sgd")
+_OPTIMIZERS = ("adamw", "sgd", "sweep")
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -87,12 +88,13 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"  # "sweep": DMRG-style sweeps for the MPO layers, AdamW for the rest (see ``sweep``)
     momentum: float = 0.9  # SGD only
     min_lr_fraction: float = 0.0  # cosine schedule decays lr to lr * min_lr_fraction
     seed: int = 0
     progress: bool = True
     desc: str = "train"
+    sweep: SweepConfig | None = None  # options of optimizer="sweep" (default SweepConfig()); its lr follows the schedule
 
     def __post_init__(self) -> None:
         check_nonnegative_int("epochs", self.epochs)
@@ -101,6 +103,15 @@ class TrainConfig:
         if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay={self.weight_decay!r} is not allowed: expected a number >= 0")
         check_choice("optimizer", self.optimizer, _OPTIMIZERS)
+        if isinstance(self.sweep, dict):
+            self.sweep = SweepConfig(**self.sweep)
+        if self.optimizer == "sweep" and self.sweep is None:
+            self.sweep = SweepConfig()
+        if self.sweep is not None and not isinstance(self.sweep, SweepConfig):
+            raise TypeError(f"sweep={self.sweep!r} is not allowed: expected a SweepConfig")
+        if self.sweep is not None and self.optimizer != "sweep":
+            raise ValueError(f"sweep options were given with optimizer={self.optimizer!r}: they need "
+                             f"optimizer='sweep'")
         check_nonnegative_int("seed", self.seed)
         if self.seed >= 2**32:
             raise ValueError(f"seed={self.seed!r} is not allowed: expected an integer in [0, 2**32)")
@@ -184,7 +195,10 @@ class Trainer:
     computed on the validation split after every epoch (default: those of the named loss).
     ``on_step_end(trainer, step) -> bool``: called after every optimizer step; return ``True`` when it changed the
     model's structure (e.g. a sweep changed bond dimensions) and the trainer rebuilds its optimizer
-    (:meth:`structure_changed`). ``teacher`` (e.g. the dense model a compressed one is healed from) adds knowledge
+    (:meth:`structure_changed`). ``config.optimizer="sweep"`` trains every ``MPOLinear`` by DMRG-style sweeps
+    (:class:`~torchtn.train.sweep.Sweeper`, options ``config.sweep``; bond dimensions adapt, ``sweeper.history``
+    records ranks, entropies and truncation errors per sweep) and the other parameters by AdamW in the same step.
+    ``teacher`` (e.g. the dense model a compressed one is healed from) adds knowledge
     distillation: ``(1 − distill)·loss + distill·T²·KL(softmax(teacher/T) ‖ softmax(model/T))``. ``device``
     (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``; default: where the model is) moves the model and the teacher
     there in place; batches follow. With ``checkpoint`` (a ``.safetensors`` path) the model, optimizer, RNG state and
@@ -225,12 +239,20 @@ class Trainer:
         self.metadata = dict(metadata or {})
         self.on_epoch_end = on_epoch_end
         self.history: list[EpochRecord] = []
+        self.sweeper: Sweeper | None = None
+        if self.config.optimizer == "sweep":
+            if self.world_size > 1:
+                raise ValueError("optimizer='sweep' runs on one process: its local SVD updates are not averaged "
+                                 "across torch.distributed processes; use adamw/sgd under torchrun")
+            self.sweeper = Sweeper(model, self.config.sweep)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in self.model.parameters() if p.requires_grad]  # a sweep's cores are frozen here
         self._names = {id(p): n for n, p in self.model.named_parameters()}
-        if c.optimizer == "adamw":
+        if c.optimizer == "sweep" and not params:  # nothing outside the sweep: an optimizer with nothing to do
+            params = [nn.Parameter(torch.zeros(0))]
+        if c.optimizer in ("adamw", "sweep"):
             return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
         return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
 
@@ -291,6 +313,7 @@ class Trainer:
             "history": [asdict(h) for h in self.history],
             "optimizer": rest,
             "loss": self.loss_name,
+            **({"sweep": self.sweeper.state()} if self.sweeper is not None else {}),
             "architecture": self.model.config() if hasattr(self.model, "config") else type(self.model).__name__,
             **self.metadata,
         }
@@ -314,6 +337,10 @@ class Trainer:
             raise ValueError(f"cannot resume {self.checkpoint}: it was trained with loss {meta.get('loss')!r}, "
                              f"not {self.loss_name!r}")
         load_model(self.checkpoint, self.model, strict=True)
+        if self.sweeper is not None:  # the loaded layers replaced the hooked ones
+            self.sweeper.detach()
+            self.sweeper.attach()
+            self.sweeper.load_state(meta.get("sweep", {}))
         optimizer = self.optimizer = self._make_optimizer()
         tensors = read_tensors(self.checkpoint)
         optim = {k[len("__optim/"):]: v for k, v in tensors.items() if k.startswith("__optim/")}
@@ -344,13 +371,7 @@ class Trainer:
             idx = order[i * c.batch_size:(i + 1) * c.batch_size]
             mine = idx[self.rank::self.world_size]  # this process's share of the global batch
             xb, yb = data.x_train[mine].to(device), data.y_train[mine].to(device)
-            out = self._net(xb)
-            loss = self.loss_fn(out, yb)
-            if self.teacher is not None:  # knowledge distillation (Hinton et al.): match the teacher's softened outputs
-                with torch.no_grad():
-                    target = F.softmax(self.teacher(xb) / self.temperature, dim=-1)
-                kd = F.kl_div(F.log_softmax(out / self.temperature, dim=-1), target, reduction="batchmean")
-                loss = (1 - self.distill) * loss + self.distill * self.temperature ** 2 * kd
+            loss = self._batch_loss(xb, yb)
             if self.world_size > 1:  # DDP averages gradients over processes: weight each by its share
                 loss = loss * (len(mine) * self.world_size / len(idx))
             loss_value = float(loss.detach())
@@ -361,6 +382,9 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if self.sweeper is not None:
+                self.sweeper.update(epoch * steps_per_epoch + i, i, steps_per_epoch,
+                                    lambda: self._batch_loss(xb, yb), lr_scale=lr / c.lr)
             if self.on_step_end is not None and self.on_step_end(self, epoch * steps_per_epoch + i):
                 optimizer = self.structure_changed()
             running += loss_value * len(idx) / self.world_size
@@ -373,8 +397,29 @@ class Trainer:
             running, seen = float(totals[0]), float(totals[1])
         return running / max(seen, 1), lr
 
+    def _batch_loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        """The training loss of one batch (with distillation from the teacher when there is one)."""
+        out = self._net(xb)
+        loss = self.loss_fn(out, yb)
+        if self.teacher is not None:  # knowledge distillation (Hinton et al.): match the teacher's softened outputs
+            with torch.no_grad():
+                target = F.softmax(self.teacher(xb) / self.temperature, dim=-1)
+            kd = F.kl_div(F.log_softmax(out / self.temperature, dim=-1), target, reduction="batchmean")
+            loss = (1 - self.distill) * loss + self.distill * self.temperature ** 2 * kd
+        return loss
+
     def fit(self, data: Dataset, resume: bool = False) -> list[EpochRecord]:
         """Train for ``config.epochs`` epochs (continuing a checkpoint when ``resume``); returns the history."""
+        c = self.config
+        if self.sweeper is not None:
+            self.sweeper.attach()
+        try:
+            return self._fit(data, resume)
+        finally:
+            if self.sweeper is not None:
+                self.sweeper.detach()
+
+    def _fit(self, data: Dataset, resume: bool) -> list[EpochRecord]:
         c = self.config
         optimizer = self.optimizer = self._make_optimizer()
         start = 0
@@ -388,6 +433,8 @@ class Trainer:
             optimizer, start = self._restore()
         else:
             torch.manual_seed(c.seed)
+            if self.sweeper is not None:
+                self.sweeper.canonicalize()
         self._wrap()
         steps_per_epoch = math.ceil(len(data.y_train) / c.batch_size)
         total = steps_per_epoch * c.epochs
