@@ -239,7 +239,7 @@ def test_a_bond_that_grows_then_shrinks_leaves_no_stale_plan_or_state(tmp_path):
 
 
 def test_sweep_resume_gives_identical_weights(tmp_path):
-    from test_trainer import run_interrupted_and_resumed, assert_same_weights
+    from test_trainer import assert_same_weights, run_interrupted_and_resumed
 
     def build():
         torch.manual_seed(2)

@@ -410,7 +410,6 @@ class Trainer:
 
     def fit(self, data: Dataset, resume: bool = False) -> list[EpochRecord]:
         """Train for ``config.epochs`` epochs (continuing a checkpoint when ``resume``); returns the history."""
-        c = self.config
         if self.sweeper is not None:
             self.sweeper.attach()
         try:
