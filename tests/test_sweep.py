@@ -164,7 +164,8 @@ def test_sweep_keeps_the_mpo_mixed_canonical_after_every_update():
     assert max(errors) < 1e-10
     assert all(p.requires_grad for p in model.tn.cores)  # frozen only while the sweep runs
     assert model.tn.ranks == (1, 6, 6, 1)  # grown from 3 to max_rank (the bonds could hold 16)
-    assert len(sweeper.history) == 6 and sweeper.history[-1]["ranks"] == [6, 6]
+    assert len(sweeper.history) == 1 + 6 and sweeper.history[-1]["ranks"] == [6, 6]
+    assert sweeper.history[0]["step"] == 0 and sweeper.history[0]["ranks"] == [3, 3]  # the start
 
 
 @pytest.mark.parametrize("options", [dict(), dict(gradient="manual"), dict(recompute=True),

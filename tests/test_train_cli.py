@@ -117,3 +117,23 @@ def test_cifar_architectures_smoke_run_on_a_tiny_subset(tmp_path):
                      "--epochs", "1", "--batch-size", "16", "--no-progress", "--out", str(out)]) == 0
         row = json.loads((out / "results.json").read_text())["rows"][0]
         assert row["model"] == arch and row["layers"] == "mpo" and 0 <= row["test_accuracy"] <= 1
+
+
+def test_sweep_training_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["train", "--arch", "hybrid", "--layers", "mpo", "--rank", "2", "--optimizer", "sweep", "--max-rank", "6",
+            "--cutoff", "1e-4", "--epochs", "6", "--lr", "3e-3", "--batch-size", "64", "--no-progress"]
+    assert main([*args, "--out", str(out)]) == 0
+    row = json.loads((out / "results.json").read_text())["rows"][0]
+    assert row["optimizer"] == "sweep" and row["test_accuracy"] >= 0.9
+    assert max(row["bond_dims"]["tn"]) == 6  # grown from --rank 2 to --max-rank
+    assert (out / "sweeps.png").stat().st_size > 10_000
+    capsys.readouterr()
+    assert main(["inspect", str(out / "model.safetensors"), "--plot", str(tmp_path / "e.png")]) == 0
+    shown = capsys.readouterr().out
+    assert "sweep training: 127 records (steps 0–126)" in shown  # the start, 21 batches × 6 epochs
+    assert "2 → 6" in shown and (tmp_path / "e-sweeps.png").exists()
+    # sweeps need MPO layers: one clear line, nothing written
+    assert main(["train", "--arch", "fc2", "--optimizer", "sweep", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "--optimizer sweep trains MPO layers" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

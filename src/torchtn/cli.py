@@ -122,7 +122,17 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--layers", choices=("dense", "mpo"), default="dense",
                    help="dense layers, or the architecture's MPO layers (default dense)")
     t.add_argument("--rank", type=_int_at_least("--rank", 1), default=4, help="MPO bond dimension (default 4)")
-    t.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    t.add_argument("--optimizer", choices=("adamw", "sgd", "sweep"), default="adamw",
+                   help="sweep: DMRG-style sweeps train the MPO layers (adaptive bonds), AdamW the rest")
+    sw = t.add_argument_group("sweep training (--optimizer sweep)")
+    sw.add_argument("--max-rank", type=_int_at_least("--max-rank", 1), default=16,
+                    help="bond-dimension cap of the sweep (default 16)")
+    sw.add_argument("--cutoff", type=_float_in("--cutoff", 0.0, 1.0, open_low=False), default=0.0,
+                    help="drop singular values below cutoff·s_1 at every split (default 0: keep up to --max-rank)")
+    sw.add_argument("--sweep-lr", type=_float_in("--sweep-lr", 0.0, None), default=0.05,
+                    help="step size of the local updates (default 0.05; follows the --lr schedule)")
+    sw.add_argument("--sweep-schedule", choices=("batch", "bond", "epoch"), default="batch",
+                    help="a full sweep every batch (default), one bond per batch, or one sweep per epoch")
 
     r = sub.add_parser("reproduce", help="run a paper reproduction (results.json, report.md, plots)",
                        description="Run one registered paper reproduction into --out: results.json (one row per "
@@ -194,12 +204,38 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                        rows))
     print("ratio = dense weight entries / core entries; entropy in nats (ln r for a flat spectrum); "
           "error = ‖W − W'‖/‖W‖ if that bond alone lost one rank")
+    sweep = meta.get("metadata", {}).get("sweep") if isinstance(meta.get("metadata"), dict) else None
+    if sweep and sweep.get("history"):
+        _print_sweep_history(sweep["history"])
     if args.plot is not None:
-        from .plotting import plot_entanglement
+        from .plotting import plot_entanglement, plot_sweep_history
 
         plot_entanglement(entropies, args.plot, title=f"entanglement of {args.file.name}")
         print(f"wrote {args.plot}")
+        if sweep and sweep.get("history"):
+            history_plot = args.plot.with_name(f"{args.plot.stem}-sweeps{args.plot.suffix}")
+            if history_plot.exists():
+                return _fail(f"{history_plot} exists; choose another --plot path")
+            plot_sweep_history(sweep["history"], history_plot, title=f"sweep training of {args.file.name}")
+            print(f"wrote {history_plot}")
     return 0
+
+
+def _print_sweep_history(history: list[dict]) -> None:
+    """The sweep-training record of a model file: per layer and bond, the first and last sweep and the extremes."""
+    from .report import format_table
+
+    rows = []
+    for layer in dict.fromkeys(r["layer"] for r in history):
+        records = [r for r in history if r["layer"] == layer]
+        for b in range(len(records[-1]["ranks"])):
+            ranks = [r["ranks"][b] for r in records]
+            entropy = [r["entropy"][b] for r in records]
+            rows.append((layer, b + 1, f"{ranks[0]} → {ranks[-1]}", min(ranks), max(ranks),
+                         f"{entropy[0]:.3f} → {entropy[-1]:.3f}", max(r["truncation_error"][b] for r in records)))
+    print(f"sweep training: {len(history)} records (steps {history[0]['step']}–{history[-1]['step']})")
+    print(format_table(["layer", "bond", "rank first → last", "min rank", "max rank", "entropy first → last",
+                        "max truncation error"], rows))
 
 
 def _device(args: argparse.Namespace):
@@ -305,7 +341,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return TrainJob(arch=args.arch, layers=args.layers, rank=args.rank, dataset=args.dataset,
                         data_dir=None if args.data_dir is None else str(args.data_dir),
                         epochs=10 if args.epochs is None else args.epochs, batch_size=args.batch_size, lr=args.lr,
-                        optimizer=args.optimizer, seed=args.seed)
+                        optimizer=args.optimizer, seed=args.seed, max_rank=args.max_rank, cutoff=args.cutoff,
+                        sweep_lr=args.sweep_lr, sweep_schedule=args.sweep_schedule)
 
     def prepare(job, data, out):
         check_writable(out)

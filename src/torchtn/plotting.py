@@ -126,3 +126,32 @@ def plot_scaling(series: dict[str, Sequence[tuple[float, float]]], path: str | o
     """``{name: [(n, value), …]}`` on log-log axes (e.g. time against sequence length), with slope guides n and n²."""
     return plot_lines(series, path, title=title, xlabel="sequence length n", ylabel=ylabel, logx=True, logy=True,
                       guides=(1, 2))
+
+
+def plot_sweep_history(history: Sequence[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """Sweep training's record (:attr:`Sweeper.history`) against the training step: entanglement entropy, bond
+    dimension and truncation error of every bond (one line per layer and bond; three stacked panels)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(3, 1, figsize=(6.8, 8.0), dpi=120, sharex=True)
+    series: dict[tuple[str, int], list[dict]] = {}
+    for record in history:
+        for b in range(len(record["ranks"])):
+            series.setdefault((record["layer"], b + 1), []).append(
+                {"step": record["step"], "entropy": record["entropy"][b], "rank": record["ranks"][b],
+                 "error": record["truncation_error"][b]})
+    for (layer, bond), points in series.items():
+        steps = [p["step"] for p in points]
+        label = f"{layer} bond {bond}"
+        axes[0].plot(steps, [p["entropy"] for p in points], label=label)
+        axes[1].step(steps, [p["rank"] for p in points], where="post", label=label)
+        axes[2].plot(steps, [max(p["error"], 1e-16) for p in points], label=label)
+    axes[0].set_ylabel("entropy S_k (nats)")
+    axes[1].set_ylabel("bond dimension")
+    axes[2].set_ylabel("truncation error")
+    axes[2].set_yscale("log")
+    axes[2].set_xlabel("training step")
+    axes[0].set_title(title)
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    return _save(fig, path)

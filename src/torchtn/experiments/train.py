@@ -5,6 +5,7 @@ Output directory (every file atomic; ``--resume`` continues from the checkpoint)
     out/model.safetensors (+ .json)     the trained model (its config, so ``build_model`` rebuilds the skeleton)
     out/checkpoints/model.safetensors   the per-epoch training checkpoint
     out/results.json                    one row in the shared results format (conventions.md)
+    out/sweeps.png                      with --optimizer sweep: entropy, bond dimension and truncation error per bond
 
 Under ``torchrun`` the same command runs data-parallel (``Trainer`` wraps the model in DDP); only rank 0 writes.
 """
@@ -25,6 +26,7 @@ from ..io import atomic_write_text, read_metadata, save_model
 from ..models import MODELS, build_model
 from ..models.blocks import LAYER_KINDS
 from ..train import TrainConfig, Trainer, evaluate
+from ..train.sweep import SweepConfig, Sweeper
 from ..train.trainer import process_group
 
 __all__ = ["TrainJob", "run_train", "model_config", "check_train_job"]
@@ -44,6 +46,10 @@ class TrainJob:
     lr: float = 1e-3
     optimizer: str = "adamw"
     seed: int = 0
+    max_rank: int = 16  # the four sweep options: used with optimizer="sweep"
+    cutoff: float = 0.0
+    sweep_lr: float = 0.05
+    sweep_schedule: str = "batch"
 
     def __post_init__(self) -> None:
         check_choice("arch", self.arch, tuple(MODELS))
@@ -53,8 +59,10 @@ class TrainJob:
         check_positive_real("lr", self.lr)
 
     def train_config(self, progress: bool) -> TrainConfig:
+        sweep = SweepConfig(max_rank=self.max_rank, cutoff=self.cutoff, lr=self.sweep_lr,
+                            schedule=self.sweep_schedule) if self.optimizer == "sweep" else None
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer,
-                           seed=self.seed, progress=progress, desc=f"{self.arch}-{self.layers}")
+                           seed=self.seed, progress=progress, desc=f"{self.arch}-{self.layers}", sweep=sweep)
 
 
 def model_config(job: TrainJob, data: Dataset) -> dict:
@@ -67,6 +75,9 @@ def model_config(job: TrainJob, data: Dataset) -> dict:
         ranks = [job.rank, job.rank, max(1, job.rank // 2)]  # Gao's (4, 4, 2) at --rank 4
         return {"name": "lenet5", "in_channels": channels, "num_classes": data.num_classes, "layers": job.layers,
                 "ranks": ranks}
+    if job.arch == "hybrid":
+        return {"name": "hybrid", "in_features": data.num_features, "out_features": data.num_classes,
+                "layers": job.layers, "rank": job.rank}
     return {"name": job.arch, "num_classes": data.num_classes, "layers": job.layers, "rank": job.rank}
 
 
@@ -80,6 +91,12 @@ def check_train_job(job: TrainJob, data: Dataset) -> None:
     except (RuntimeError, ValueError) as err:
         raise ValueError(f"--arch {job.arch} cannot take {data.name} images of shape {data.image_shape} "
                          f"({str(err).splitlines()[0][:160]})") from None
+    if job.optimizer == "sweep":
+        try:
+            Sweeper(model, job.train_config(False).sweep)
+        except ValueError:
+            raise ValueError(f"--optimizer sweep trains MPO layers, and --arch {job.arch} --layers {job.layers} has "
+                             f"none: use --layers mpo (e.g. --arch hybrid --layers mpo)") from None
 
 
 def run_train(job: TrainJob, data: Dataset, out: Path, *, resume: bool = False, progress: bool = True,
@@ -110,10 +127,19 @@ def run_train(job: TrainJob, data: Dataset, out: Path, *, resume: bool = False, 
     params = sum(p.numel() for p in model.parameters())
     row = {"model": job.arch, "dataset": data.name, "seed": job.seed, "params": params, "test_accuracy": acc,
            "seconds": seconds, "layers": job.layers, "rank": job.rank if job.layers == "mpo" else None,
-           "world_size": world}
+           "world_size": world, "optimizer": job.optimizer}
+    sweep = read_metadata(final)["metadata"].get("sweep") if final.exists() else (
+        trainer.sweeper.state() if trainer.sweeper is not None else None)
+    if sweep is not None and sweep["history"]:
+        row["bond_dims"] = {r["layer"]: r["ranks"] for r in sweep["history"]}  # each layer's last sweep
     if rank == 0:
         if not final.exists():
-            save_model(model, final, {**meta, "seconds": seconds, "config": model.config()})
+            save_model(model, final, {**meta, "seconds": seconds, "config": model.config(),
+                                      **({"sweep": sweep} if sweep is not None else {})})
+        if sweep is not None and sweep["history"]:
+            from ..plotting import plot_sweep_history
+
+            plot_sweep_history(sweep["history"], out / "sweeps.png", title=f"sweep training of {job.arch}")
         results = {"experiment": "train", "command": "torchtn train", "machine": platform.platform(),
                    "versions": {"torch": torch.__version__}, "seconds": seconds, "rows": [row]}
         atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")

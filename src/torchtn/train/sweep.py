@@ -113,8 +113,8 @@ class Sweeper:
     Layers are looked up by name at every use (loading a checkpoint replaces them). :meth:`attach` freezes their cores
     for the ordinary optimizer and hooks them; :meth:`canonicalize` brings each into mixed-canonical form with the
     centre at site 0 (a fresh run); :meth:`update` runs this batch's share of the sweep; :meth:`detach` undoes
-    :meth:`attach`. ``history`` holds one record per layer per completed sweep: the step, the bond dimensions, the
-    entropies and the truncation errors of every bond at its last visit.
+    :meth:`attach`. ``history`` holds one record per layer at step 0 and after every completed sweep: the step, the bond
+    dimensions, the entropies and the truncation errors of every bond at its last visit.
     """
 
     def __init__(self, model: nn.Module, config: SweepConfig) -> None:
@@ -148,10 +148,13 @@ class Sweeper:
         self._captures.clear()
 
     def canonicalize(self) -> None:
-        """Mixed-canonical form with the orthogonality centre at site 0 (cores 1 … d−1 right-orthogonal)."""
+        """Mixed-canonical form with the orthogonality centre at site 0 (cores 1 … d−1 right-orthogonal), and the
+        step-0 record of every layer (its initial bonds and entropies)."""
         for name in self.names:
             layer = self.layer(name)
             layer.set_cores(layer.tt.right_canonical().cores)
+            self._last[name] = {b.bond - 1: (b.rank, b.entropy, 0.0) for b in layer.bond_report()}
+            self._record(name, 0)
 
     # ------------------------------------------------------------------ the sweep
     def visits(self, num_cores: int) -> list[tuple[int, str]]:
