@@ -54,7 +54,7 @@ def test_reproduce_refusals(tmp_path, capsys):
 
 
 def test_registry_lists_every_reproduction():
-    assert {"gao2020", "dtn", "tnn"} <= set(reproductions())
+    assert {"gao2020", "dtn", "tnn", "adtn", "vtnn"} <= set(reproductions())
 
 
 def test_dtn_quick_run_rows_and_report(tmp_path, monkeypatch):
@@ -137,3 +137,32 @@ def test_adtn_quick_run_rows_and_report(tmp_path, monkeypatch):
                    ("lenet5", "adtn", 2): (16 * 2 * 15 + 1) + (16 * 2 * 13 + 1)}
     assert all(r["dataset"] == "mnist" and 0 <= r["test_accuracy"] <= 1 for r in rows)
     assert "ADTN ≥ MPO at equal parameters" in (out / "report.md").read_text()
+
+
+def test_vtnn_quick_run_rows_and_report(tmp_path, monkeypatch):
+    import dataclasses
+
+    from torchtn.experiments import vtnn
+
+    monkeypatch.setattr(vtnn, "TASKS", tuple(dataclasses.replace(t, quick_epochs=1) for t in vtnn.TASKS))
+    data = make_mnist_dir(tmp_path / "mnist", n_train=96, n_test=20)
+    out = tmp_path / "run"
+    assert main(["reproduce", "vtnn", "--quick", "--dataset", "mnist", "--data-dir", str(data), "--out", str(out),
+                 "--no-progress"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    tasks = ("linear-regression", "nonlinear-regression", "moons", "circles", "digits", "images")
+    assert {(r["model"], r["method"]) for r in rows} == {(t, m) for t in tasks for m in ("dense", "sweep", "backprop")}
+    for r in rows:
+        key = "test_mse" if "regression" in r["model"] else "test_accuracy"
+        assert r[key] >= 0 and r["params"] > 0 and len(r["val_curve"]) == 1
+        if r["method"] == "backprop":
+            assert r["bond_dims"] == [r["max_rank"]] * (2 if r["model"] != "images" else 3)
+        if r["method"] == "sweep":
+            assert 2 <= min(r["bond_dims"]) and max(r["bond_dims"]) <= r["max_rank"]
+            assert len(r["entropy"]) == len(r["bond_dims"]) and r["sweep_history"][0]["step"] == 0
+    digits = {r["method"]: r for r in rows if r["model"] == "digits"}
+    assert digits["sweep"]["params"] < digits["dense"]["params"]
+    report = (out / "report.md").read_text()
+    assert "digits: hybrid trained by sweeps ≥ 95% test accuracy" in report and "within 10% of backprop" in report
+    for png in ("sweeps-digits.png", "sweeps-images.png", "entropy_profiles.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"

@@ -33,7 +33,7 @@ def register_reproduction(rep: Reproduction) -> Reproduction:
 
 
 def reproductions() -> dict[str, Reproduction]:
-    from . import adtn, dtn, gao2020, tnn  # noqa: F401  (each reproduction module registers itself on import)
+    from . import adtn, dtn, gao2020, tnn, vtnn  # noqa: F401  (each reproduction module registers itself on import)
 
     return dict(_REGISTRY)
 
