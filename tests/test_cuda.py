@@ -177,3 +177,28 @@ def test_t_layers_on_cuda_equal_cpu(M):
     y, z = ham.forward_states(x.cuda())
     back, _ = ham.inverse(y, z)
     torch.testing.assert_close(back.cpu(), x, rtol=0, atol=1e-10)
+
+
+@cuda
+def test_sweep_training_on_cuda_equals_cpu_in_float64():
+    from torchtn.models import HybridMLP
+    from torchtn.train.sweep import SweepConfig
+
+    data = load_digits()
+    models = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = HybridMLP(64, 64, 10, rank=2, hidden_shape=(4, 4, 4)).double()
+        cfg = TrainConfig(epochs=1, batch_size=256, lr=3e-3, optimizer="sweep", progress=False,
+                          sweep=SweepConfig(max_rank=8))
+        trainer = Trainer(model, cfg, device=device)
+        trainer.fit(data.first(512))
+        models[device] = (model, trainer.sweeper.history)
+    (cpu, h_cpu), (gpu, h_gpu) = models["cpu"], models["cuda"]
+    assert cpu.tn.ranks == gpu.tn.ranks and [r["ranks"] for r in h_cpu] == [r["ranks"] for r in h_gpu]
+    # the SVD's singular vectors are fixed only up to signs, which may differ between devices: compare the weights
+    assert torch.allclose(cpu.tn.to_dense(), gpu.tn.to_dense().cpu(), atol=1e-8)
+    for (name, a), b in zip(cpu.state_dict().items(), gpu.state_dict().values()):
+        assert b.device.type == "cuda"
+        if not name.startswith("tn.cores"):
+            assert torch.allclose(a, b.cpu(), atol=1e-8), name
