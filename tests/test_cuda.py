@@ -184,7 +184,10 @@ def test_sweep_training_on_cuda_equals_cpu_in_float64():
     from torchtn.models import HybridMLP
     from torchtn.train.sweep import SweepConfig
 
-    data = load_digits()
+    import dataclasses
+
+    digits = load_digits().first(512)
+    data = dataclasses.replace(digits, **{k: getattr(digits, k).double() for k in ("x_train", "x_val", "x_test")})
     models = {}
     for device in ("cpu", "cuda"):
         torch.manual_seed(0)
@@ -192,7 +195,7 @@ def test_sweep_training_on_cuda_equals_cpu_in_float64():
         cfg = TrainConfig(epochs=1, batch_size=256, lr=3e-3, optimizer="sweep", progress=False,
                           sweep=SweepConfig(max_rank=8))
         trainer = Trainer(model, cfg, device=device)
-        trainer.fit(data.first(512))
+        trainer.fit(data)
         models[device] = (model, trainer.sweeper.history)
     (cpu, h_cpu), (gpu, h_gpu) = models["cpu"], models["cuda"]
     assert cpu.tn.ranks == gpu.tn.ranks and [r["ranks"] for r in h_cpu] == [r["ranks"] for r in h_gpu]
