@@ -181,10 +181,10 @@ def test_t_layers_on_cuda_equal_cpu(M):
 
 @cuda
 def test_sweep_training_on_cuda_equals_cpu_in_float64():
+    import dataclasses
+
     from torchtn.models import HybridMLP
     from torchtn.train.sweep import SweepConfig
-
-    import dataclasses
 
     digits = load_digits().first(512)
     data = dataclasses.replace(digits, **{k: getattr(digits, k).double() for k in ("x_train", "x_val", "x_test")})

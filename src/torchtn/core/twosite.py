@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from .svd import truncated_svd
-from .tt import _merge_pair, check_cores, merge_cores, spectrum_entropy
+from .tt import _absorb_left, _absorb_right, _merge_pair, check_cores, merge_cores, spectrum_entropy
 
-__all__ = ["merge_two_site", "with_two_site", "split_two_site", "TwoSiteSplit", "two_site_grad_from_weight_grad",
-           "canonical_error"]
+__all__ = ["merge_two_site", "with_two_site", "split_two_site", "TwoSiteSplit", "local_grad_from_weight_grad",
+           "move_centre", "canonical_error"]
 
 
 def merge_two_site(cores: Sequence[torch.Tensor], bond: int) -> torch.Tensor:
@@ -80,25 +80,41 @@ def split_two_site(theta: torch.Tensor, site_shapes: tuple[tuple[int, int], tupl
     return TwoSiteSplit(left.reshape(ra, m1, n1, keep), right.reshape(keep, m2, n2, rb), s, keep, error)
 
 
-def two_site_grad_from_weight_grad(cores: Sequence[torch.Tensor], bond: int, weight_grad: torch.Tensor) -> torch.Tensor:
-    """``∂L/∂Θ`` at ``bond`` by environment contraction, from the dense gradient ``∂L/∂W`` ``(∏m, ∏n)``.
+def local_grad_from_weight_grad(cores: Sequence[torch.Tensor], site: int, weight_grad: torch.Tensor) -> torch.Tensor:
+    """``∂L/∂G`` for the core ``G = cores[site]`` by environment contraction, from the dense gradient ``∂L/∂W``
+    ``(∏m, ∏n)``. The chain may hold a merged two-site core (:func:`with_two_site`), so this serves one- and
+    two-site sweeps alike.
 
-    ``W`` is linear in ``Θ``: ``W = E_left · Θ · E_right`` with the environments the merged cores left and right of
-    the bond, so ``∂L/∂Θ[a, (m m'), (n n'), c] = Σ E_left[(m_<), (n_<), a] ∂L/∂W[(m_< m m' m_>), (n_< n n' n_>)]
-    E_right[c, (m_>), (n_>)]``. The manual counterpart of autograd through :func:`with_two_site` (they agree to
-    rounding); it forms ``∂L/∂W``, so it is meant for checking and for layers where that is cheap.
+    ``W`` is linear in ``G``: ``W = E_left · G · E_right`` with the environments the merged cores left and right of it,
+    so ``∂L/∂G[a, m, n, c] = Σ E_left[(m_<), (n_<), a] ∂L/∂W[(m_< m m_>), (n_< n n_>)] E_right[c, (m_>), (n_>)]``. The
+    manual counterpart of autograd (they agree to rounding); it forms ``∂L/∂W``, so it is meant for checking and for
+    layers where that is cheap.
     """
     cores = check_cores(list(cores))
-    _check_bond(len(cores), bond)
+    if not isinstance(site, int) or not 0 <= site < len(cores):
+        raise ValueError(f"site={site!r} is not allowed: a chain of {len(cores)} cores has sites 0 … {len(cores) - 1}")
     ref = cores[0]
     one = torch.ones(1, 1, 1, 1, dtype=ref.dtype, device=ref.device)
-    left = merge_cores(cores[:bond]) if bond > 0 else one  # (1, M<, N<, a)
-    right = merge_cores(cores[bond + 2:]) if bond + 2 < len(cores) else one  # (c, M>, N>, 1)
-    a, c = cores[bond].shape[0], cores[bond + 1].shape[3]
-    mm = cores[bond].shape[1] * cores[bond + 1].shape[1]
-    nn = cores[bond].shape[2] * cores[bond + 1].shape[2]
-    g = weight_grad.reshape(left.shape[1], mm, right.shape[1], left.shape[2], nn, right.shape[2])
-    return torch.einsum("xipyjq,xya,cpq->aijc", g, left[0], right[..., 0]).reshape(a, mm, nn, c)
+    left = merge_cores(cores[:site]) if site > 0 else one  # (1, M<, N<, a)
+    right = merge_cores(cores[site + 1:]) if site + 1 < len(cores) else one  # (c, M>, N>, 1)
+    a, m, n, c = cores[site].shape
+    g = weight_grad.reshape(left.shape[1], m, right.shape[1], left.shape[2], n, right.shape[2])
+    return torch.einsum("xipyjq,xya,cpq->aijc", g, left[0], right[..., 0])
+
+
+def move_centre(core: torch.Tensor, neighbour: torch.Tensor, direction: str) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                         torch.Tensor]:
+    """Move the orthogonality centre off ``core`` onto its ``neighbour`` (``direction="right"``: the next core,
+    ``"left"``: the previous one) by an SVD, keeping every singular value (the one-site sweep's step: bonds fixed).
+    Returns the orthogonal core, the neighbour with ``S·Vᵀ`` (or ``U·S``) absorbed, and the bond's singular values."""
+    r_prev, m, n, r = core.shape
+    if direction == "right":
+        u, s, vh = torch.linalg.svd(core.reshape(r_prev * m * n, r), full_matrices=False)
+        return u.reshape(r_prev, m, n, -1), _absorb_left(s[:, None] * vh, neighbour), s
+    if direction == "left":
+        u, s, vh = torch.linalg.svd(core.reshape(r_prev, m * n * r), full_matrices=False)
+        return vh.reshape(-1, m, n, r), _absorb_right(neighbour, u * s), s
+    raise ValueError(f"direction={direction!r} is not allowed: expected 'left' or 'right'")
 
 
 def canonical_error(cores: Sequence[torch.Tensor], centre: int) -> float:

@@ -9,7 +9,7 @@ parameter (dense layers of a hybrid model, biases, layers the sweep does not han
 ordinary optimizer in the same step. The bond spectra, entropies and truncation errors are recorded at every sweep.
 
 The paper leaves these choices open (spec/vtnn.md marks them [RECON]); each is an option of :class:`SweepConfig`, with
-the defaults in brackets: two-site updates [always; the one-site variant is not implemented]; local steps per visit
+the defaults in brackets: two-site or one-site updates [two-site]; local steps per visit
 [1]; local optimizer [plain SGD]; sweeps per batch, per bond or per epoch [a full sweep every batch]; local gradients
 from one forward pass per batch, or the whole network recomputed after every local update [one pass]; local gradient by
 autograd or by manual environment contraction [autograd].
@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from .._checks import check_choice, check_positive_int, check_positive_real
-from ..core.tt import bond_caps
-from ..core.twosite import merge_two_site, split_two_site, two_site_grad_from_weight_grad, with_two_site
+from ..core.tt import bond_caps, spectrum_entropy
+from ..core.twosite import local_grad_from_weight_grad, merge_two_site, move_centre, split_two_site, with_two_site
 from ..functional import mpo_linear
 from ..layers.tt_layer import TTLayer
 
@@ -41,7 +41,8 @@ class SweepConfig:
     """Options of sweep training (stored with every checkpoint).
 
     ``max_rank``: bond-dimension cap; ``cutoff``: drop singular values ``s_i ≤ cutoff·s_1`` (0 keeps all up to the
-    cap); ``lr``: step size of the local updates; ``local_steps``: gradient steps on ``Θ`` per visit (with
+    cap); ``sites``: 2 — two-site updates split by a truncated SVD (bonds adapt), 1 — one-site updates with the centre
+    moved by an untruncated SVD (bonds fixed; ``max_rank`` and ``cutoff`` unused), the spec's ablation; ``lr``: step size of the local updates; ``local_steps``: gradient steps on ``Θ`` per visit (with
     ``recompute=False`` the local objective is linear in ``Θ``, so more steps act as a larger step);
     ``local_optimizer``: ``"sgd"`` or ``"adam"`` (a fresh Adam on ``Θ`` at every visit); ``schedule``: ``"batch"`` — a
     full left→right→left sweep every mini-batch, ``"bond"`` — one bond per mini-batch, the sweep spanning
@@ -54,6 +55,7 @@ class SweepConfig:
 
     max_rank: int = 16
     cutoff: float = 0.0
+    sites: int = 2
     lr: float = 0.05
     local_steps: int = 1
     local_optimizer: str = "sgd"
@@ -63,6 +65,9 @@ class SweepConfig:
 
     def __post_init__(self) -> None:
         check_positive_int("max_rank", self.max_rank)
+        if self.sites not in (1, 2):
+            raise ValueError(f"sites={self.sites!r} is not allowed: expected 2 (two-site updates, adaptive bonds) or "
+                             f"1 (one-site updates, fixed bonds)")
         if not (isinstance(self.cutoff, (int, float)) and 0.0 <= self.cutoff < 1.0):
             raise ValueError(f"cutoff={self.cutoff!r} is not allowed: expected a relative singular-value cutoff "
                              f"in [0, 1)")
@@ -158,9 +163,11 @@ class Sweeper:
 
     # ------------------------------------------------------------------ the sweep
     def visits(self, num_cores: int) -> list[tuple[int, str]]:
-        """One sweep: ``(bond, where the centre goes)`` left→right, then right→left."""
-        bonds = range(num_cores - 1)
-        return [(b, "right") for b in bonds] + [(b, "left") for b in reversed(bonds)]
+        """One sweep: ``(where, where the centre goes)`` left→right, then right→left. Two-site: ``where`` is the bond
+        (sites ``b``, ``b+1``); one-site: the site (``0 … d−2`` going right, ``d−1 … 1`` going left)."""
+        first = range(num_cores - 1)
+        back = reversed(first) if self.config.sites == 2 else range(num_cores - 1, 0, -1)
+        return [(b, "right") for b in first] + [(b, "left") for b in back]
 
     def _positions(self, length: int, step: int, index: int, steps_per_epoch: int) -> range:
         schedule = self.config.schedule
@@ -187,49 +194,61 @@ class Sweeper:
             ranks = layer.ranks
             weight_grad = None
             for p in positions:
-                bond, centre = sequence[p]
-                weight_grad = self._visit(name, layer, bond, centre, batch_loss, weight_grad)
+                where, centre = sequence[p]
+                weight_grad = self._visit(name, layer, where, centre, batch_loss, weight_grad)
                 if p == len(sequence) - 1:
                     self._record(name, step + 1)
             changed |= layer.ranks != ranks
         return changed
 
-    def _visit(self, name: str, layer: TTLayer, bond: int, centre: str, batch_loss: Callable[[], torch.Tensor],
+    def _visit(self, name: str, layer: TTLayer, where: int, centre: str, batch_loss: Callable[[], torch.Tensor],
                weight_grad: torch.Tensor | None) -> torch.Tensor | None:
+        """Local steps on the two-site tensor at bond ``where`` (or the core at site ``where``), then the split (or
+        the centre's move) towards ``centre``. Returns the layer's dense weight gradient for reuse, if one was made."""
         c = self.config
         cores = layer.core_list()
-        theta = merge_two_site(cores, bond).detach().requires_grad_(True)
-        local = torch.optim.Adam([theta], lr=self._lr) if c.local_optimizer == "adam" else None
+        two = c.sites == 2
+        local = (merge_two_site(cores, where) if two else cores[where]).detach().clone().requires_grad_(True)
+        chain = with_two_site(cores, where, local) if two else [*cores[:where], local, *cores[where + 1:]]
+        adam = torch.optim.Adam([local], lr=self._lr) if c.local_optimizer == "adam" else None
         for _ in range(c.local_steps):
             if c.recompute:
                 weight_grad = None  # the network is recomputed: nothing from before this local step holds
-            grad, weight_grad = self._local_grad(name, layer, cores, bond, theta, batch_loss, weight_grad)
+            grad, weight_grad = self._local_grad(name, layer, chain, where, local, batch_loss, weight_grad)
             with torch.no_grad():
-                if local is None:
-                    theta -= self._lr * grad
+                if adam is None:
+                    local -= self._lr * grad
                 else:
-                    theta.grad = grad
-                    local.step()
-        (m1, n1), (m2, n2) = cores[bond].shape[1:3], cores[bond + 1].shape[1:3]
-        cap = min(c.max_rank, bond_caps(layer.tt.in_shape, layer.tt.out_shape)[bond])
-        split = split_two_site(theta.detach(), ((m1, n1), (m2, n2)), max_rank=cap, cutoff=c.cutoff, centre=centre)
+                    local.grad = grad
+                    adam.step()
         new = list(cores)
-        new[bond], new[bond + 1] = split.left, split.right
+        local = local.detach()
+        if two:
+            (m1, n1), (m2, n2) = cores[where].shape[1:3], cores[where + 1].shape[1:3]
+            cap = min(c.max_rank, bond_caps(layer.tt.in_shape, layer.tt.out_shape)[where])
+            split = split_two_site(local, ((m1, n1), (m2, n2)), max_rank=cap, cutoff=c.cutoff, centre=centre)
+            new[where], new[where + 1] = split.left, split.right
+            bond, record = where, (split.rank, split.entropy, split.truncation_error)
+        else:
+            other = where + 1 if centre == "right" else where - 1
+            new[where], new[other], s = move_centre(local, cores[other], centre)
+            bond, record = min(where, other), (int(s.shape[0]), float(spectrum_entropy(s)), 0.0)
         layer.set_cores(new)
-        self._last[name][bond] = (split.rank, split.entropy, split.truncation_error)
+        self._last[name][bond] = record
         return weight_grad if not c.recompute else None
 
-    def _local_grad(self, name: str, layer: TTLayer, cores: list[torch.Tensor], bond: int, theta: torch.Tensor,
+    def _local_grad(self, name: str, layer: TTLayer, chain: list[torch.Tensor], site: int, local: torch.Tensor,
                     batch_loss: Callable[[], torch.Tensor],
                     weight_grad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``∂L/∂Θ`` (and the layer's dense weight gradient, when the manual gradient formed it)."""
+        """``∂L/∂(local tensor)`` — ``chain[site]`` is it — and the layer's dense weight gradient, when the manual
+        gradient formed it."""
         c = self.config
         cap = self._captures[name]
         if c.recompute:
-            with layer.cores_override(with_two_site(cores, bond, theta)):
+            with layer.cores_override(chain):
                 loss = batch_loss()
             if c.gradient == "autograd":
-                return torch.autograd.grad(loss, theta)[0], None
+                return torch.autograd.grad(loss, local)[0], None
             delta = torch.autograd.grad(loss, cap.y)[0]
             x = cap.x
         else:
@@ -237,13 +256,13 @@ class Sweeper:
                 raise RuntimeError(f"sweep: layer {name!r} took no part in this batch's backward pass; every "
                                    f"sweepable layer must be used in the loss")
             x, delta = cap.x, cap.y.grad
-            if c.gradient == "autograd":  # ∂/∂Θ of the layer's linearized loss Σ δ·(x W(Θ)ᵀ)
+            if c.gradient == "autograd":  # ∂/∂(local) of the layer's linearized loss Σ δ·(x W(local)ᵀ)
                 with torch.enable_grad():
-                    y = mpo_linear(x, with_two_site(cores, bond, theta))
-                    return torch.autograd.grad((y * delta).sum(), theta)[0], None
+                    y = mpo_linear(x, chain)
+                    return torch.autograd.grad((y * delta).sum(), local)[0], None
         if weight_grad is None:
             weight_grad = delta.reshape(-1, delta.shape[-1]).T @ x.reshape(-1, x.shape[-1])
-        return two_site_grad_from_weight_grad(cores, bond, weight_grad), weight_grad
+        return local_grad_from_weight_grad([t.detach() for t in chain], site, weight_grad), weight_grad
 
     def _record(self, name: str, step: int) -> None:
         last = self._last[name]
