@@ -34,7 +34,7 @@ def test_from_dense_is_exact_at_full_rank_and_bounded_by_rel_tol():
     assert MPOEmbedding.from_dense(emb, rank=2).num_weight_params < full.num_weight_params
 
 
-def test_tensorize_converts_embeddings_and_refuses_padding_rows():
+def test_tensorize_converts_embeddings_and_keeps_padding_rows_exact(tmp_path):
     torch.manual_seed(2)
     model = nn.Sequential(nn.Embedding(4096, 64), nn.Flatten(), nn.Linear(64 * 3, 10))
     new, report = torchtn.tensorize(model, rank=16, skip=["2"])
@@ -42,8 +42,25 @@ def test_tensorize_converts_embeddings_and_refuses_padding_rows():
     ids = torch.randint(0, 4096, (5, 3))
     assert new(ids).shape == (5, 10)
     assert sum(p.numel() for p in new.parameters()) < sum(p.numel() for p in model.parameters())
-    with pytest.raises(ValueError, match="padding_idx"):
-        torchtn.tensorize(nn.Sequential(nn.Embedding(4096, 64, padding_idx=0)), rank=8)
+    # nn.Embedding(padding_idx=...): the padding row is kept exactly (a trained one need not be zero), gets no gradient
+    padded = nn.Embedding(4096, 64, padding_idx=7)
+    with torch.no_grad():
+        padded.weight[7] = torch.linspace(-1, 1, 64)
+    small, _ = torchtn.tensorize(nn.Sequential(padded), rank=4)
+    layer = small[0]
+    assert layer.padding_idx == 7 and layer.ranks == (1, 4, 4, 1)
+    ids = torch.tensor([[7, 3, 7], [4095, 7, 0]])
+    out = layer(ids)
+    torch.testing.assert_close(out[0, 0], padded.weight[7].detach(), rtol=0, atol=0)
+    torch.testing.assert_close(out[0, 1], layer.tt.to_dense()[3], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.weight[7], padded.weight[7].detach(), rtol=0, atol=0)
+    out.sum().backward()
+    assert layer.padding_row.grad is None and all(c.grad is not None for c in layer.cores)
+    torchtn.save_model(small, tmp_path / "p.safetensors")
+    again = torchtn.load_model(tmp_path / "p.safetensors", nn.Sequential(nn.Embedding(4096, 64, padding_idx=7)))
+    torch.testing.assert_close(again(ids), layer(ids), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="padding_idx=4096"):
+        MPOEmbedding(4096, 64, padding_idx=4096)
 
 
 def test_save_load_and_bad_ids(tmp_path):

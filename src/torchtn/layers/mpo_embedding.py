@@ -64,16 +64,23 @@ class MPOEmbedding(TTLayer):
     """Drop-in ``nn.Embedding``: ids ``(…)`` (int64) -> ``(…, embedding_dim)``; the table is an MPO of bond ``rank``.
 
     ``vocab_shape``/``dim_shape``: the row and column modes (default: :func:`vocab_modes` and a balanced
-    factorization, 3 cores). Initialized like ``nn.Embedding`` (entries of variance 1). ``padding_idx`` is not
-    supported (an MPO row cannot be pinned to zero).
+    factorization, 3 cores). Initialized like ``nn.Embedding`` (entries of variance 1). ``padding_idx``: as in
+    ``nn.Embedding``, that id's row is pinned — an MPO row cannot be, so the layer keeps it as the buffer
+    ``padding_row`` (zeros, or the converted table's row) and returns it for that id; it gets no gradient.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, rank: int | Sequence[int] = 8,
                  vocab_shape: Sequence[int] | None = None, dim_shape: Sequence[int] | None = None, *,
-                 num_cores: int = 3, device=None, dtype=None) -> None:
+                 num_cores: int = 3, padding_idx: int | None = None, device=None, dtype=None) -> None:
         super().__init__()
         self.num_embeddings = check_positive_int("num_embeddings", num_embeddings)
         self.embedding_dim = check_positive_int("embedding_dim", embedding_dim)
+        if padding_idx is not None:
+            if not isinstance(padding_idx, int) or not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"padding_idx={padding_idx!r} is not allowed: expected an id in "
+                                 f"[-{num_embeddings}, {num_embeddings}) or None")
+            padding_idx %= num_embeddings
+        self.padding_idx = padding_idx
         vocab_shape = tuple(vocab_shape) if vocab_shape is not None else vocab_modes(num_embeddings, num_cores)
         dim_shape = tuple(dim_shape) if dim_shape is not None else factorize(embedding_dim, len(vocab_shape))
         if len(vocab_shape) != len(dim_shape):
@@ -87,6 +94,10 @@ class MPOEmbedding(TTLayer):
         ranks = inner_ranks(rank, dim_shape, vocab_shape, name="rank")
         tt = TTMatrix.random(dim_shape, vocab_shape, ranks, variance=1.0, device=device, dtype=dtype)
         self._init_cores(tt)
+        if padding_idx is not None:
+            self.register_buffer("padding_row", torch.zeros(embedding_dim, device=device, dtype=dtype))
+        else:
+            self.padding_row = None
 
     @property
     def vocab_shape(self) -> tuple[int, ...]:
@@ -99,7 +110,10 @@ class MPOEmbedding(TTLayer):
     @property
     def weight(self) -> torch.Tensor:
         """The ``(num_embeddings, embedding_dim)`` table, reconstructed (cached in eval; costs the whole table)."""
-        return self._cached_dense()[: self.num_embeddings]
+        table = self._cached_dense()[: self.num_embeddings]
+        if self.padding_idx is None:
+            return table
+        return torch.cat([table[:self.padding_idx], self.padding_row[None], table[self.padding_idx + 1:]])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.dtype not in (torch.int64, torch.int32):
@@ -107,7 +121,10 @@ class MPOEmbedding(TTLayer):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
             raise ValueError(f"ids must be in [0, {self.num_embeddings}); got values in [{int(ids.min())}, "
                              f"{int(ids.max())}]")
-        return mpo_embedding(ids.long(), self.core_list())
+        out = mpo_embedding(ids.long(), self.core_list())
+        if self.padding_idx is not None:
+            out = torch.where((ids == self.padding_idx).unsqueeze(-1), self.padding_row.to(out.dtype), out)
+        return out
 
     # ------------------------------------------------------------------ conversion (tensorize) and files
     @staticmethod
@@ -129,13 +146,14 @@ class MPOEmbedding(TTLayer):
 
     @classmethod
     def from_tt(cls, embedding: nn.Embedding, tt: TTMatrix) -> "MPOEmbedding":
-        if embedding.padding_idx is not None:
-            raise ValueError("an nn.Embedding with padding_idx cannot become an MPOEmbedding (the padding row would "
-                             "not stay zero); skip it")
+        """The layer replacing ``embedding``: table ``tt``; a padding row is kept exactly."""
         ref = embedding.weight
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, list(tt.ranks[1:-1]), tt.out_shape,
-                    tt.in_shape, device=ref.device, dtype=ref.dtype)
+                    tt.in_shape, padding_idx=embedding.padding_idx, device=ref.device, dtype=ref.dtype)
         layer.set_cores(tt.cores)
+        if layer.padding_idx is not None:
+            with torch.no_grad():
+                layer.padding_row.copy_(ref[layer.padding_idx])
         return layer
 
     @classmethod
@@ -150,13 +168,15 @@ class MPOEmbedding(TTLayer):
 
     def layout(self) -> dict[str, Any]:
         return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
-                "vocab_shape": list(self.vocab_shape), "dim_shape": list(self.dim_shape), "ranks": list(self.ranks)}
+                "vocab_shape": list(self.vocab_shape), "dim_shape": list(self.dim_shape), "ranks": list(self.ranks),
+                "padding_idx": self.padding_idx}
 
     @classmethod
     def from_layout(cls, spec: dict[str, Any], *, device=None, dtype=None) -> "MPOEmbedding":
         return cls(spec["num_embeddings"], spec["embedding_dim"], list(spec["ranks"])[1:-1], spec["vocab_shape"],
-                   spec["dim_shape"], device=device, dtype=dtype)
+                   spec["dim_shape"], padding_idx=spec.get("padding_idx"), device=device, dtype=dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, vocab_shape={self.vocab_shape}, "
-                f"dim_shape={self.dim_shape}, ranks={self.ranks}")
+                f"dim_shape={self.dim_shape}, ranks={self.ranks}"
+                + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""))
