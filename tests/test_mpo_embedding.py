@@ -54,6 +54,8 @@ def test_tensorize_converts_embeddings_and_keeps_padding_rows_exact(tmp_path):
     torch.testing.assert_close(out[0, 0], padded.weight[7].detach(), rtol=0, atol=0)
     torch.testing.assert_close(out[0, 1], layer.tt.to_dense()[3], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(layer.weight[7], padded.weight[7].detach(), rtol=0, atol=0)
+    with torch.no_grad():  # inference gathers from the cached table: the same rows
+        torch.testing.assert_close(layer(ids), out.detach(), rtol=1e-6, atol=1e-6)
     out.sum().backward()
     assert layer.padding_row.grad is None and all(c.grad is not None for c in layer.cores)
     torchtn.save_model(small, tmp_path / "p.safetensors")

@@ -103,7 +103,8 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--finetune-epochs", type=_int_at_least("--finetune-epochs", 0), default=None,
                    help="fine-tuning epochs per setting (default: same as --epochs)")
     c.add_argument("--hidden", type=_int_at_least("--hidden", 1, 2**31), default=256)
-    c.add_argument("--finetune-lr", type=_float_in("--finetune-lr", 0.0, None), default=1e-3)
+    c.add_argument("--finetune-lr", type=_float_in("--finetune-lr", 0.0, None), default=None,
+                   help="learning rate of fine-tuning / healing (default 1e-3; 1e-4 with --hf-model)")
     c.add_argument("--model-file", type=Path, default=None,
                    help="compress this trained model instead of training one: a torchtn or plain safetensors file, "
                         "or a .pt/.pth state dict (read with weights_only=True; never an arbitrary pickle)")
@@ -112,6 +113,16 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="healing: weight of knowledge distillation from the dense model, in [0, 1) (default 0)")
     c.add_argument("--temperature", type=_float_in("--temperature", 0.0, None), default=2.0,
                    help="healing: distillation temperature (default 2)")
+    hfg = c.add_argument_group("a pretrained transformer (pip install 'torchtn[hf]')")
+    hfg.add_argument("--hf-model", type=Path, default=None,
+                     help="compress this local Hugging Face model folder instead (with --ratio/--rank/--rel-tol and "
+                          "--corpus): MPO layers for attention, MLP and embeddings, healed by distillation")
+    hfg.add_argument("--corpus", type=Path, default=None,
+                     help="plain text, one passage per line: healing data and held-out evaluation lines")
+    hfg.add_argument("--heal-minutes", type=_float_in("--heal-minutes", 0.0, None, open_low=False), default=10.0,
+                     help="healing time budget in minutes (default 10; 0: no healing)")
+    hfg.add_argument("--parts", nargs="+", choices=("attention", "mlp", "embeddings"),
+                     default=["attention", "mlp", "embeddings"], help="which parts become MPOs (default: all three)")
 
     t = sub.add_parser("train", help="train a zoo model, dense or with MPO layers (torchrun: many processes)",
                        description="Train a model of the zoo with the shared trainer and write the model, its "
@@ -305,14 +316,56 @@ def _run_job(job: str, args: argparse.Namespace, make_config, prepare, run) -> i
     return 0
 
 
+def _cmd_compress_hf(args: argparse.Namespace) -> int:
+    """``torchtn compress --hf-model PATH``: compress, heal and measure a pretrained transformer."""
+    from .experiments.compress_hf import HFCompressJob, run_hf_compress
+
+    if args.corpus is None:
+        return _fail("--hf-model needs --corpus FILE (plain text, one passage per line) to heal and measure on")
+    if args.rank is not None and len(args.rank) > 1:
+        return _fail("--hf-model takes one --rank value")
+    try:
+        job = HFCompressJob(model=str(args.hf_model), corpus=str(args.corpus), ratio=args.ratio,
+                            rank=None if args.rank is None else args.rank[0], rel_tol=args.rel_tol,
+                            parts=tuple(args.parts), heal_minutes=args.heal_minutes, batch_size=args.batch_size,
+                            lr=1e-4 if args.finetune_lr is None else args.finetune_lr, seed=args.seed)
+        device = str(_device(args))
+    except ValueError as err:
+        return _fail(str(err))
+    out = args.out if args.out is not None else Path("runs") / f"compress-hf-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and not out.is_dir():
+        return _fail(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.resume:
+        return _fail(f"--out {out} already holds files: pass --resume to continue that run, or choose another --out")
+    try:
+        results = run_hf_compress(job, out, resume=args.resume, progress=not args.no_progress,
+                                  log=lambda s: print(s, flush=True), device=device)
+    except ImportError as err:
+        return _fail(str(err))
+    except ValueError as err:
+        return _fail(str(err))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with: torchtn compress --hf-model {args.hf_model} --resume --out {out} "
+              f"(and the same options)", file=sys.stderr)
+        return 130
+    print(f"\n{results['table']}\n\nwrote {out}/model (torchtn.hf.load) and {out}/results.json")
+    return 0
+
+
 def _cmd_compress(args: argparse.Namespace) -> int:
     from .experiments.compress import CompressConfig, preflight, run_compress
+
+    if args.hf_model is not None:
+        return _cmd_compress_hf(args)
+    if args.corpus is not None:
+        return _fail("--corpus is for --hf-model")
 
     def make_config():
         return CompressConfig(dataset=args.dataset, data_dir=None if args.data_dir is None else str(args.data_dir),
                               hidden=args.hidden, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                               ranks=args.rank, rel_tol=args.rel_tol, ratio=args.ratio, batch_size=args.batch_size,
-                              lr=args.lr, finetune_lr=args.finetune_lr, seed=args.seed, arch=args.arch,
+                              lr=args.lr, finetune_lr=1e-3 if args.finetune_lr is None else args.finetune_lr,
+                              seed=args.seed, arch=args.arch,
                               model_file=None if args.model_file is None else str(args.model_file),
                               distill=args.distill, temperature=args.temperature)
 

@@ -229,10 +229,11 @@ def allocate_ranks(spectra: Sequence[Sequence[torch.Tensor]], shapes: Sequence[t
     return [r[1:-1] for r in ranks]
 
 
-def _fit_budget(before: int, ratio: float, weights: list[torch.Tensor], layer_shapes: list, active: list[int]
-                ) -> dict[int, TTMatrix]:
-    """TT-SVDs of the ``active`` layers whose cores together fit the whole-model budget of ``before / ratio``."""
-    fixed = before - sum(weights[li].numel() for li in active)
+def _fit_budget(before: int, ratio: float, weights: list[torch.Tensor], sizes: list[int], layer_shapes: list,
+                active: list[int], allocation: str = "absolute") -> dict[int, TTMatrix]:
+    """TT-SVDs of the ``active`` layers whose cores together fit the whole-model budget of ``before / ratio``
+    (``sizes``: the dense parameters each layer's cores replace)."""
+    fixed = before - sum(sizes[li] for li in active)
     budget = math.floor(before / ratio) - fixed
     if budget <= 0:
         raise ValueError(f"ratio={ratio:g} is unreachable: the {fixed:,} parameters that stay dense already exceed "
@@ -246,7 +247,11 @@ def _fit_budget(before: int, ratio: float, weights: list[torch.Tensor], layer_sh
             r += 1
         first[li] = TTMatrix.from_dense(weights[li], i, o, max_rank=r)
     try:
-        chosen = allocate_ranks([first[li].spectra() for li in active], [layer_shapes[li] for li in active], budget)
+        spectra = [first[li].spectra() for li in active]
+        if allocation == "relative":  # every layer's spectrum in units of its own norm: equal relative errors
+            spectra = [[s / torch.linalg.vector_norm(weights[li].double()) for s in layer]
+                       for li, layer in zip(active, spectra)]
+        chosen = allocate_ranks(spectra, [layer_shapes[li] for li in active], budget)
     except ValueError as err:
         raise ValueError(f"ratio={ratio:g} is unreachable: {err}") from None
     return {li: first[li].round(max_rank=r) for li, r in zip(active, chosen)}
@@ -264,6 +269,7 @@ def tensorize(
     method: str = "mpo",
     depth: int = 2,
     fit_steps: int = 500,
+    allocation: str = "absolute",
 ) -> tuple[nn.Module, TensorizeReport]:
     """A copy of ``model`` with its dense layers replaced by registered torchtn layers (TT-SVD of the trained weights).
 
@@ -273,7 +279,9 @@ def tensorize(
     Give ``rank`` (cap on every bond; or ``{layer name: cap}`` per layer, layers not named then keep their full
     rank) and/or ``rel_tol`` (per-layer relative Frobenius error bound), or ``ratio``: a
     whole-model compression ``dense parameters / tensorized parameters``, reached by sharing one budget across the
-    layers by their spectra (:func:`allocate_ranks`). ``skip``: module-name glob patterns (``"classifier*"``) or a
+    layers by their spectra (:func:`allocate_ranks`) — ``allocation="absolute"`` minimizes the total squared error
+    of all weights, ``"relative"`` measures each layer's singular values in units of its own norm, so no layer is
+    sacrificed for a larger-normed one (for pretrained transformers, whose layers differ in scale). ``skip``: module-name glob patterns (``"classifier*"``) or a
     callable ``(name, module) -> bool`` for layers to keep dense; ``shapes``: ``{name: (in_shape, out_shape)}`` to
     override the default balanced 4-mode factorization. A layer whose MPO would hold as many parameters as the dense
     layer or more stays dense (the report says so; with ``ratio`` the budget is then shared by the others) unless
@@ -287,6 +295,7 @@ def tensorize(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_choice("method", method, ("mpo", "adtn"))
+    check_choice("allocation", allocation, ("absolute", "relative"))
     if method == "adtn":
         if rank is not None or rel_tol is not None or ratio is not None or shapes:
             raise ValueError("method='adtn' takes depth= and fit_steps=, not rank=, rel_tol=, ratio= or shapes=")
@@ -320,6 +329,8 @@ def tensorize(
     rank_caps = [None if r is None else inner_ranks(r, i, o, name="rank") for r, (i, o) in zip(per_layer, layer_shapes)]
     before = sum(p.numel() for p in model.parameters())
     weights = [cls.dense_matrix(module) for _, module, cls in targets]
+    # the parameters the cores replace (an embedding's matrix may be padded to a factorizable size: not counted)
+    sizes = [module.weight.numel() for _, module, _ in targets]
 
     active = list(range(len(targets)))  # layers that become tensor networks
     larger: list[str] = []  # layers kept dense because their MPO would not be smaller
@@ -328,8 +339,8 @@ def tensorize(
             tts = {li: TTMatrix.from_dense(weights[li], *layer_shapes[li], max_rank=rank_caps[li], rel_tol=rel_tol)
                    for li in active}
         else:
-            tts = _fit_budget(before, ratio, weights, layer_shapes, active)
-        grew = [li for li in active if tts[li].num_params >= weights[li].numel()]
+            tts = _fit_budget(before, ratio, weights, sizes, layer_shapes, active, allocation)
+        grew = [li for li in active if tts[li].num_params >= sizes[li]]
         if allow_larger or not grew:
             break
         active = [li for li in active if li not in grew]
@@ -344,7 +355,7 @@ def tensorize(
         replace_submodule(new, name, layer)
         err = float(torch.linalg.vector_norm((tt.to_dense() - w).double()) / torch.linalg.vector_norm(w.double()))
         nb = sum(p.numel() for p in layer.parameters()) - tt.num_params
-        rows.append(LayerReport(name, w.shape[0], w.shape[1], o, i, tt.ranks, w.numel() + nb, tt.num_params + nb,
+        rows.append(LayerReport(name, w.shape[0], w.shape[1], o, i, tt.ranks, sizes[li] + nb, tt.num_params + nb,
                                 err, nb, cls.__name__, tuple(float(e) for e in tt.entanglement_entropy())))
     after = sum(p.numel() for p in new.parameters())
     kept += [f"{name} (its MPO would not be smaller)" for name in larger]

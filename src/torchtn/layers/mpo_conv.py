@@ -132,6 +132,8 @@ class MPOConv2d(TTLayer):
                                           self.padding, self.dilation, self.groups, self.bias is not None,
                                           self.padding_mode, device=ref.device, dtype=ref.dtype))
 
+    to_dense_module = to_conv
+
     # ------------------------------------------------------------------ registry protocol
     @staticmethod
     def dense_matrix(conv: nn.Conv2d) -> torch.Tensor:

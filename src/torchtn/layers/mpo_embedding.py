@@ -5,6 +5,8 @@ The ``(num_embeddings, embedding_dim)`` table is the TT-matrix ``W (∏m, ∏n)`
 has no balanced factorization (30,522 = 2·3·5,087), the row modes cover a slightly larger vocabulary and the extra rows
 are never looked up. A lookup of ids ``(…)`` gathers, per core, the slices ``G_k[:, i_k, :, :]`` of the ids' digits and
 contracts them left to right: ``O(Σ_k r_{k−1} r_k ∏_{l≤k} n_l)`` per id, never ``num_embeddings × embedding_dim``.
+In inference (no gradient needed) the table is rebuilt once, cached like ``MPOLinear``'s merged cores, and looked up
+with one gather: as fast as ``nn.Embedding``, at the memory of one table while cached.
 """
 from __future__ import annotations
 
@@ -121,10 +123,24 @@ class MPOEmbedding(TTLayer):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
             raise ValueError(f"ids must be in [0, {self.num_embeddings}); got values in [{int(ids.min())}, "
                              f"{int(ids.max())}]")
-        out = mpo_embedding(ids.long(), self.core_list())
+        if torch.is_grad_enabled() and any(c.requires_grad for c in self.core_list()):
+            out = mpo_embedding(ids.long(), self.core_list())
+        else:  # inference: one gather from the table rebuilt once and cached while the cores do not change
+            out = F.embedding(ids.long(), self._cached_dense())
         if self.padding_idx is not None:
             out = torch.where((ids == self.padding_idx).unsqueeze(-1), self.padding_row.to(out.dtype), out)
         return out
+
+    def to_embedding(self) -> nn.Embedding:
+        """An ``nn.Embedding`` holding the reconstructed table (and the padding row)."""
+        ref = self.cores[0]
+        out = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx, device=ref.device,
+                           dtype=ref.dtype)
+        with torch.no_grad():
+            out.weight.copy_(self.weight)
+        return out
+
+    to_dense_module = to_embedding
 
     # ------------------------------------------------------------------ conversion (tensorize) and files
     @staticmethod

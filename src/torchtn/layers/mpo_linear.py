@@ -122,6 +122,8 @@ When the cores need no
         return self._dense_copy(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                                           device=ref.device, dtype=ref.dtype))
 
+    to_dense_module = to_linear
+
     # ------------------------------------------------------------------ registry protocol
     @staticmethod
     def dense_matrix(linear: nn.Linear) -> torch.Tensor:

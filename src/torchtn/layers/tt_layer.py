@@ -69,6 +69,11 @@ class TTLayer(nn.Module):
                 bound = 1.0 / math.sqrt(fan_in)
                 bias.uniform_(-bound, bound)
 
+    def to_dense_module(self) -> nn.Module:
+        """The plain PyTorch module computing the same map (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``), e.g. to
+        export a model that loads without torchtn."""
+        raise NotImplementedError(f"{type(self).__name__} has no dense counterpart")
+
     def _dense_copy(self, module: nn.Module) -> nn.Module:
         """``module`` (a fresh dense layer of the same geometry) holding this layer's weight and bias."""
         with torch.no_grad():

@@ -95,6 +95,8 @@ class TrainConfig:
     progress: bool = True
     desc: str = "train"
     sweep: SweepConfig | None = None  # options of optimizer="sweep" (default SweepConfig()); its lr follows the schedule
+    max_seconds: float | None = None  # time budget: no epoch starts that would end past it (by the mean epoch so far)
+    eval_batch_size: int = 1024  # rows per forward pass when validating
 
     def __post_init__(self) -> None:
         check_nonnegative_int("epochs", self.epochs)
@@ -113,6 +115,8 @@ class TrainConfig:
             raise ValueError(f"sweep options were given with optimizer={self.optimizer!r}: they need "
                              f"optimizer='sweep'")
         check_nonnegative_int("seed", self.seed)
+        check_positive_real("max_seconds", self.max_seconds, allow_none=True)
+        check_positive_int("eval_batch_size", self.eval_batch_size)
         if self.seed >= 2**32:
             raise ValueError(f"seed={self.seed!r} is not allowed: expected an integer in [0, 2**32)")
 
@@ -443,10 +447,14 @@ class Trainer:
                    dynamic_ncols=True, mininterval=0.5, unit="step")
         try:
             for epoch in range(start, c.epochs):
+                if c.max_seconds is not None and self.history:
+                    spent = sum(h.seconds for h in self.history)
+                    if spent + spent / len(self.history) > c.max_seconds:
+                        break  # the next epoch would end past the time budget
                 t0 = time.perf_counter()
                 train_loss, lr = self._train_epoch(optimizer, data, epoch, steps_per_epoch, total, bar)
                 optimizer = self.optimizer
-                val = measure(self.model, data.x_val, data.y_val, self.loss_fn, self.metrics)
+                val = measure(self.model, data.x_val, data.y_val, self.loss_fn, self.metrics, c.eval_batch_size)
                 val_loss = val.pop("loss")
                 shown = {k: (f"{100 * v:.2f}%" if k == "accuracy" else f"{v:.4g}") for k, v in val.items()}
                 bar.set_postfix(epoch=f"{epoch + 1}/{c.epochs}", loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4g}",

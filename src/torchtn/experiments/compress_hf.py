@@ -1,0 +1,130 @@
+"""``torchtn compress --hf-model PATH``: compress a pretrained transformer with MPOs, heal it by distillation on a
+corpus, and measure what was kept.
+
+Output directory (``--resume`` continues the healing from its checkpoint)::
+
+    out/model/                     the compressed model (torchtn.hf.save: torchtn.safetensors, config, tokenizer)
+    out/checkpoints/heal.safetensors  the healing checkpoint (every pass over the corpus)
+    out/results.json               per-layer report; parameters, file sizes, quality and throughput before/after
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .._checks import check_positive_int, check_positive_real
+from .._version import __version__
+from ..io import atomic_write_text
+from ..report import format_table, machine_description
+
+__all__ = ["HFCompressJob", "run_hf_compress"]
+
+
+@dataclass
+class HFCompressJob:
+    """Settings of one ``torchtn compress --hf-model`` run."""
+
+    model: str
+    corpus: str
+    ratio: float | None = None
+    rank: int | None = None
+    rel_tol: float | None = None
+    parts: tuple[str, ...] = ("attention", "mlp", "embeddings")
+    heal_minutes: float = 10.0
+    eval_lines: int = 500
+    batch_size: int = 32
+    max_length: int = 128
+    lr: float = 1e-4
+    seed: int = 0
+    skip: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if sum(v is not None for v in (self.ratio, self.rank, self.rel_tol)) == 0:
+            raise ValueError("--hf-model needs --ratio, --rank or --rel-tol to know how much to compress")
+        check_positive_real("ratio", self.ratio, allow_none=True)
+        if not (isinstance(self.heal_minutes, (int, float)) and self.heal_minutes >= 0):
+            raise ValueError(f"--heal-minutes {self.heal_minutes!r} is not allowed: expected minutes >= 0")
+        check_positive_int("eval_lines", self.eval_lines)
+        check_positive_int("batch_size", self.batch_size)
+        check_positive_int("max_length", self.max_length)
+
+
+def _split(texts: list[str], eval_lines: int, seed: int) -> tuple[list[str], list[str]]:
+    """Held-out evaluation lines (a seeded random ``eval_lines``, at most a fifth of the corpus) and the rest."""
+    if len(texts) < 10:
+        raise ValueError(f"--corpus has {len(texts)} passages; at least 10 are needed (held-out lines are measured)")
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = max(2, min(eval_lines, len(texts) // 5))
+    return [texts[i] for i in order[n_eval:]], [texts[i] for i in order[:n_eval]]
+
+
+def _weights_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def run_hf_compress(job: HFCompressJob, out: Path, *, resume: bool = False, progress: bool = True,
+                    log: Callable[[str], None] = print, device: str | None = None) -> dict:
+    """Compress, heal, measure and save (see the module docstring); returns the results."""
+    from .. import hf
+
+    started = time.perf_counter()
+    out = Path(out)
+    teacher, tokenizer = hf.load_pretrained(job.model)
+    train_texts, eval_texts = _split(hf.read_corpus(job.corpus), job.eval_lines, job.seed)
+    log(f"{job.model}: {type(teacher).__name__}, {sum(p.numel() for p in teacher.parameters()):,} parameters; "
+        f"corpus: {len(train_texts):,} passages to heal on, {len(eval_texts):,} held out")
+    torch.manual_seed(job.seed)
+    student, report = hf.compress(teacher, ratio=job.ratio, rank=job.rank, rel_tol=job.rel_tol, parts=job.parts,
+                                  skip=job.skip)
+    log(report.table())
+    kw = {"batch_size": job.batch_size, "max_length": job.max_length}
+    reference = hf.embed(teacher, tokenizer, eval_texts, **kw)
+    before = hf.quality(student, teacher, tokenizer, eval_texts, teacher_embeddings=reference, **kw)
+    log(f"before healing: mean cosine {before['mean_cosine']:.4f}, nearest-neighbour agreement "
+        f"{before['nn_agreement']:.4f}")
+    history = []
+    if job.heal_minutes > 0:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        records = hf.heal(student, teacher, tokenizer, train_texts, minutes=job.heal_minutes, epochs=1000,
+                          lr=job.lr, val_texts=eval_texts[:64], checkpoint=out / "checkpoints" / "heal.safetensors",
+                          resume=resume, progress=progress, seed=job.seed, device=device, **kw)
+        history = [asdict(r) for r in records]
+        student.to("cpu")
+    after = hf.quality(student, teacher, tokenizer, eval_texts, teacher_embeddings=reference, **kw)
+    log(f"after healing ({len(history)} passes): mean cosine {after['mean_cosine']:.4f}, nearest-neighbour "
+        f"agreement {after['nn_agreement']:.4f}")
+    speed_texts = eval_texts[:256]
+    speed = {"original": hf.throughput(teacher, tokenizer, speed_texts, **kw),
+             "compressed": hf.throughput(student, tokenizer, speed_texts, **kw)}
+    saved = hf.save(student, out / "model", tokenizer, overwrite=resume,
+                    metadata={"hf_compress_job": asdict(job), "source": str(job.model)})
+    params = {"original": sum(p.numel() for p in teacher.parameters()),
+              "compressed": sum(p.numel() for p in student.parameters())}
+    sizes = {"original": _weights_bytes(teacher), "compressed": saved.stat().st_size}
+    seconds = time.perf_counter() - started
+    results = {
+        "experiment": "compress-hf", "command": "torchtn compress --hf-model", "job": asdict(job),
+        "machine": machine_description(),
+        "versions": {"torchtn": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "seconds": seconds, "layers": report.to_dict()["layers"], "kept_dense": report.skipped,
+        "parameters": params, "bytes": sizes, "ratio": params["original"] / params["compressed"],
+        "quality_before_healing": before, "quality_after_healing": after, "heal_history": history,
+        "throughput_sentences_per_s": speed, "eval_passages": len(eval_texts),
+    }
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    rows = [("parameters", f"{params['original']:,}", f"{params['compressed']:,}",
+             f"{params['original'] / params['compressed']:.2f}×"),
+            ("file size (MB)", f"{sizes['original'] / 1e6:.1f}", f"{sizes['compressed'] / 1e6:.1f}",
+             f"{sizes['original'] / sizes['compressed']:.2f}×"),
+            ("mean cosine to the original", "1", f"{before['mean_cosine']:.4f} → {after['mean_cosine']:.4f}", ""),
+            ("nearest-neighbour agreement", "1", f"{before['nn_agreement']:.4f} → {after['nn_agreement']:.4f}", ""),
+            ("sentences/s (batch 32, CPU)", f"{speed['original']:.1f}", f"{speed['compressed']:.1f}",
+             f"{speed['compressed'] / speed['original']:.2f}×")]
+    results["table"] = format_table(["", "original", "compressed (before → after healing)", "ratio"], rows)
+    return results

@@ -1,0 +1,292 @@
+"""``torchtn.hf``: compress a Hugging Face ``transformers`` model with MPOs and heal it by distillation, offline.
+
+Optional extra (``pip install torchtn[hf]``); nothing else in torchtn imports ``transformers``. The pieces:
+
+* :func:`load_pretrained` — a local model folder (``config.json`` + weights + tokenizer) with no network access;
+* :func:`compress` — ``tensorize`` restricted to the chosen parts (attention projections, MLP, embeddings; a name
+  filter), by rank, ``rel_tol`` or a whole-model ``ratio`` whose budget is shared by the spectra;
+* :func:`heal` — distillation from the original model on the user's text: the student's mean-pooled sentence
+  embeddings are pulled to the teacher's (normalized MSE + cosine), with the shared :class:`~torchtn.train.Trainer`
+  (time or epoch budget, progress, atomic checkpoints, resume);
+* :func:`quality`, :func:`throughput` — mean cosine to the original's sentence embeddings, nearest-neighbour
+  agreement, sentences per second;
+* :func:`save` / :func:`load` — a directory with ``torchtn.safetensors`` (torchtn layers recorded), the model's own
+  ``config.json`` and its tokenizer; ``load`` returns the same ``transformers`` class with torchtn layers inside;
+  :func:`export_dense` writes merged dense weights that plain ``transformers`` loads.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._modules import replace_submodule
+from .compress import TensorizeReport, tensorize
+from .data import Dataset
+from .io import load_model, read_metadata, save_model
+from .layers.registry import layer_types
+from .train import TrainConfig, Trainer
+
+__all__ = ["load_pretrained", "compress", "heal", "embed", "quality", "throughput", "save", "load", "export_dense",
+           "read_corpus", "PARTS", "part_of"]
+
+PARTS = ("attention", "mlp", "embeddings")
+_ATTENTION_WORDS = ("attention", "attn", "query", "key", "value", "q_proj", "k_proj", "v_proj", "o_proj")
+_BLOCK_WORDS = ("layer", "layers", "block", "blocks", "h")
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("torchtn.hf needs the transformers package: pip install 'torchtn[hf]'") from None
+    return transformers
+
+
+def load_pretrained(path: str | os.PathLike) -> tuple[nn.Module, object]:
+    """``(model, tokenizer)`` from a local model folder, without network access (``AutoModel``, ``AutoTokenizer``;
+    ``HF_HUB_OFFLINE=1`` is set for the call). Raises ``ValueError`` naming the path when it is not a model folder."""
+    tf = _transformers()
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--hf-model {path} is not a Hugging Face model folder (no config.json there)")
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        model = tf.AutoModel.from_pretrained(str(path), local_files_only=True)
+        tokenizer = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--hf-model {path} could not be loaded: {str(err).splitlines()[0][:200]}") from None
+    finally:
+        if old is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+    return model.eval(), tokenizer
+
+
+def part_of(name: str, module: nn.Module) -> str:
+    """Which part of a transformer a convertible module is: ``"embeddings"`` (``nn.Embedding``), ``"attention"``
+    (a projection inside an attention block), ``"mlp"`` (any other linear map inside a numbered block), or
+    ``"head"`` (poolers, classifiers, language-model heads: kept dense by :func:`compress`)."""
+    if isinstance(module, nn.Embedding):
+        return "embeddings"
+    words = name.lower().split(".")
+    in_block = any(w in _BLOCK_WORDS and i + 1 < len(words) and words[i + 1].isdigit() for i, w in enumerate(words))
+    if not in_block:
+        return "head"
+    if any(any(a in w for a in _ATTENTION_WORDS) for w in words):
+        return "attention"
+    return "mlp"
+
+
+def compress(model: nn.Module, *, ratio: float | None = None, rank: int | None = None, rel_tol: float | None = None,
+             parts: Sequence[str] = PARTS, skip: Sequence[str] = (), allocation: str = "relative"
+             ) -> tuple[nn.Module, TensorizeReport]:
+    """A copy of ``model`` whose chosen ``parts`` are MPO layers (TT-SVD of the pretrained weights).
+
+    ``parts`` ⊆ ``("attention", "mlp", "embeddings")`` (see :func:`part_of`; heads always stay dense); ``skip``: more
+    module-name glob patterns to keep dense. ``ratio`` is a whole-model compression (all parameters counted) shared
+    by spectra (``allocation``: ``"relative"`` — every layer's spectrum in units of its norm, the default here —
+    or ``"absolute"``, see :func:`~torchtn.tensorize`); layers whose MPO would not be smaller stay dense.
+    """
+    parts = tuple(parts)
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        raise ValueError(f"parts={parts!r} is not allowed: choose from {PARTS}")
+    import fnmatch
+
+    def keep_dense(name: str, module: nn.Module) -> bool:
+        return part_of(name, module) not in parts or any(fnmatch.fnmatchcase(name, p) for p in skip)
+
+    return tensorize(model, rank=rank, rel_tol=rel_tol, ratio=ratio, skip=keep_dense, allocation=allocation)
+
+
+# ---------------------------------------------------------------------------------------------------------- text
+def read_corpus(path: str | os.PathLike, *, name: str = "--corpus") -> list[str]:
+    """Passages of a plain-text file, one per non-empty line (whitespace collapsed). ``ValueError`` naming the file
+    when it is missing, unreadable or empty."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise ValueError(f"{name} {path} cannot be read: {err.strerror or err}") from None
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise ValueError(f"{name} {path} has no text (expected one passage per line)")
+    return lines
+
+
+def _encode(tokenizer, texts: Sequence[str], max_length: int) -> torch.Tensor:
+    """``(n, 2, L)`` int64: token ids and attention mask, padded to the longest passage (≤ ``max_length``)."""
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return torch.stack([enc["input_ids"], enc["attention_mask"]], dim=1).long()
+
+
+class PooledEncoder(nn.Module):
+    """``(batch, 2, L)`` [token ids; attention mask] ``-> (batch, hidden)``: the mean of the model's last hidden
+    states over the real tokens (sentence-transformers' pooling). Trims each batch to its longest passage."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = x[:, 1]
+        n = max(int(mask.sum(1).max()), 1)
+        ids, mask = x[:, 0, :n], mask[:, :n]
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+@torch.no_grad()
+def embed(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 32,
+          max_length: int = 128) -> torch.Tensor:
+    """Mean-pooled sentence embeddings ``(len(texts), hidden)`` (not normalized), in eval mode."""
+    pooled = PooledEncoder(model).eval()
+    device = next(model.parameters()).device
+    out = [pooled(_encode(tokenizer, texts[i:i + batch_size], max_length).to(device)).float().cpu()
+           for i in range(0, len(texts), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def quality(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 32,
+            max_length: int = 128, teacher_embeddings: torch.Tensor | None = None) -> dict[str, float]:
+    """How close the student's sentence embeddings are to the teacher's on ``texts``: ``mean_cosine`` (per sentence)
+    and ``nn_agreement`` — the fraction of sentences whose nearest other sentence (cosine) is the same under both."""
+    if len(texts) < 2:
+        raise ValueError("quality needs at least two texts")
+    t = teacher_embeddings if teacher_embeddings is not None else embed(teacher, tokenizer, texts,
+                                                                          batch_size=batch_size, max_length=max_length)
+    s = embed(student, tokenizer, texts, batch_size=batch_size, max_length=max_length)
+    cos = F.cosine_similarity(s, t, dim=-1)
+    return {"mean_cosine": float(cos.mean()), "nn_agreement": float((_nearest(s) == _nearest(t)).double().mean())}
+
+
+def _nearest(e: torch.Tensor) -> torch.Tensor:
+    e = F.normalize(e.double(), dim=-1)
+    sim = e @ e.T
+    sim.fill_diagonal_(-math.inf)
+    return sim.argmax(1)
+
+
+@torch.no_grad()
+def throughput(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 32, max_length: int = 128,
+               repeats: int = 3) -> float:
+    """Sentences per second of mean-pooled encoding (``batch_size`` sentences per call, the best of ``repeats``
+    passes over ``texts`` after one warm-up batch)."""
+    pooled = PooledEncoder(model).eval()
+    device = next(model.parameters()).device
+    batches = [_encode(tokenizer, texts[i:i + batch_size], max_length).to(device)
+               for i in range(0, len(texts), batch_size)]
+    pooled(batches[0])
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for b in batches:
+            pooled(b)
+        best = min(best, time.perf_counter() - t0)
+    return len(texts) / best
+
+
+# ---------------------------------------------------------------------------------------------------------- healing
+def _heal_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``MSE / mean(teacher²) + (1 − cos)``: scale-free embedding distance plus the angle the metrics measure."""
+    mse = F.mse_loss(student, teacher) / teacher.pow(2).mean().clamp_min(1e-12)
+    return mse + (1.0 - F.cosine_similarity(student, teacher, dim=-1).mean())
+
+
+def _cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(student, teacher, dim=-1).mean()
+
+
+def heal(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str], *, minutes: float | None = None,
+         epochs: int = 1, batch_size: int = 32, max_length: int = 128, lr: float = 1e-4, val_texts: Sequence[str] = (),
+         checkpoint: str | os.PathLike | None = None, resume: bool = False, progress: bool = True, seed: int = 0,
+         device: str | torch.device | None = None) -> list:
+    """Distil ``teacher`` into ``student`` (in place) on ``texts``: their mean-pooled sentence embeddings are matched
+    (:func:`_heal_loss`) by AdamW at a constant ``lr`` for ``epochs`` passes, or — with ``minutes`` — as many passes
+    as fit in that time (up to ``epochs``). The teacher's embeddings are computed once up front. ``checkpoint`` (a
+    ``.safetensors`` path) is written atomically after every pass and ``resume`` continues it. Returns the trainer's
+    history (validation ``loss`` and ``cosine`` on ``val_texts`` per pass; without ``val_texts``, on 64 of
+    ``texts``)."""
+    if not texts:
+        raise ValueError("heal needs some text (texts is empty)")
+    val_texts = list(val_texts) or list(texts[:64])
+    x = _encode(tokenizer, texts, max_length)
+    xv = _encode(tokenizer, val_texts, max_length)
+    y = embed(teacher, tokenizer, texts, batch_size=batch_size, max_length=max_length)
+    yv = embed(teacher, tokenizer, val_texts, batch_size=batch_size, max_length=max_length)
+    data = Dataset("corpus", x, y, xv, yv, xv, yv, tuple(x.shape[1:]), 0)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=0.0, min_lr_fraction=1.0, seed=seed,
+                      progress=progress, desc="heal", eval_batch_size=batch_size,
+                      max_seconds=None if minutes is None else 60.0 * minutes)
+    trainer = Trainer(PooledEncoder(student), cfg, checkpoint=checkpoint, loss=_heal_loss,
+                      metrics={"cosine": _cosine}, device=device)
+    history = trainer.fit(data, resume=resume)
+    student.eval()
+    return history
+
+
+# ---------------------------------------------------------------------------------------------------------- files
+_FILE = "torchtn.safetensors"
+
+
+def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, *, metadata: dict | None = None,
+         overwrite: bool = False) -> Path:
+    """Write ``directory/torchtn.safetensors`` (weights, torchtn layers recorded), the model's ``config.json`` and the
+    tokenizer's files. Refuses an existing ``torchtn.safetensors`` unless ``overwrite``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / _FILE
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another directory or pass overwrite=True")
+    model.config.save_pretrained(str(directory))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    meta = {"hf_class": type(model).__name__, **(metadata or {})}
+    save_model(model, path, meta, overwrite=overwrite)
+    return path
+
+
+def load(directory: str | os.PathLike) -> nn.Module:
+    """The model :func:`save` wrote: its ``transformers`` class built from the saved config, with the torchtn layers
+    put back where the file records them and every weight loaded (eval mode)."""
+    tf = _transformers()
+    directory = Path(directory)
+    path = directory / _FILE
+    if not path.is_file():
+        raise ValueError(f"{directory} has no {_FILE}: not a model written by torchtn.hf.save")
+    meta = read_metadata(path).get("metadata", {})
+    cls = getattr(tf, str(meta.get("hf_class", "")), None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"{path}: unknown transformers class {meta.get('hf_class')!r}")
+    config = tf.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    model = cls(config)  # a dense skeleton; load_model puts the recorded torchtn layers in place, then every weight
+    load_model(path, model, strict=True)
+    return model.eval()
+
+
+def export_dense(model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
+    """A copy of ``model`` with every torchtn layer merged back into its dense module, written with the model's own
+    ``save_pretrained`` (safetensors): plain ``transformers`` loads it, no torchtn needed."""
+    import copy
+
+    dense = copy.deepcopy(model)
+    registered = tuple(layer_types().values())
+    for name, module in list(dense.named_modules()):
+        if name and isinstance(module, registered):
+            replace_submodule(dense, name, module.to_dense_module())
+    directory = Path(directory)
+    dense.save_pretrained(str(directory), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    return directory

@@ -1,0 +1,134 @@
+"""torchtn.hf on a tiny randomly initialized BERT built from a transformers config (no download)."""
+import json
+import random
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from torchtn import MPOEmbedding, MPOLinear, hf  # noqa: E402
+from torchtn.cli import main  # noqa: E402
+
+WORDS = ("the cat dog sat on a mat and ran far away from home to see big small red blue green tree house car road "
+         "river sun moon star night day bird fish eats drinks sleeps runs walks jumps quickly slowly happy sad").split()
+
+
+def sentences(n, seed=0):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny BertModel (random weights, seeded) and a word-level tokenizer for WORDS, saved as a model folder."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS] + [f"w{i}" for i in range(250)]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=96, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def test_parts_of_a_bert():
+    config = transformers.BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32)
+    model = transformers.BertModel(config)
+    parts = {name: hf.part_of(name, m) for name, m in model.named_modules()
+             if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+    assert parts["embeddings.word_embeddings"] == "embeddings"
+    assert parts["encoder.layer.0.attention.self.query"] == "attention"
+    assert parts["encoder.layer.0.attention.output.dense"] == "attention"
+    assert parts["encoder.layer.0.intermediate.dense"] == "mlp"
+    assert parts["encoder.layer.0.output.dense"] == "mlp"
+    assert parts["pooler.dense"] == "head"
+
+
+def test_compress_save_load_gives_identical_outputs_and_the_dense_export_loads_in_plain_transformers(tiny, tmp_path):
+    teacher, tokenizer = hf.load_pretrained(tiny)
+    student, report = hf.compress(teacher, ratio=1.5)
+    assert report.compression_ratio >= 1.5
+    kinds = {type(m) for m in student.modules()}
+    assert MPOLinear in kinds and MPOEmbedding in kinds
+    assert isinstance(student.pooler.dense, torch.nn.Linear)  # heads stay dense
+    batch = tokenizer(sentences(5), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = student(**batch).last_hidden_state
+    hf.save(student, tmp_path / "m", tokenizer)
+    again = hf.load(tmp_path / "m")
+    assert type(again) is type(teacher)
+    assert [type(m) for m in again.modules()] == [type(m) for m in student.modules()]
+    with torch.no_grad():
+        assert torch.equal(again(**batch).last_hidden_state, expected)
+    with pytest.raises(FileExistsError):
+        hf.save(student, tmp_path / "m")
+    # merged dense weights, loaded without torchtn: the same function
+    hf.export_dense(student, tmp_path / "dense", tokenizer)
+    plain = transformers.AutoModel.from_pretrained(str(tmp_path / "dense"), local_files_only=True).eval()
+    assert not any(isinstance(m, (MPOLinear, MPOEmbedding)) for m in plain.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).last_hidden_state, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_healing_lowers_the_distillation_loss(tiny, tmp_path):
+    teacher, tokenizer = hf.load_pretrained(tiny)
+    student, _ = hf.compress(teacher, ratio=2.0)
+    texts, held_out = sentences(256, seed=1), sentences(64, seed=2)
+    target = hf.embed(teacher, tokenizer, held_out)
+
+    def distillation_loss():
+        return float(hf._heal_loss(hf.embed(student, tokenizer, held_out), target))
+
+    loss_before, before = distillation_loss(), hf.quality(student, teacher, tokenizer, held_out)
+    history = hf.heal(student, teacher, tokenizer, texts, epochs=6, batch_size=32, lr=1e-3, val_texts=held_out,
+                      checkpoint=tmp_path / "heal.safetensors", progress=False)
+    loss_after, after = distillation_loss(), hf.quality(student, teacher, tokenizer, held_out)
+    assert loss_after < 0.9 * loss_before and history[-1].val_loss == pytest.approx(loss_after, rel=1e-4)
+    assert after["mean_cosine"] > before["mean_cosine"]
+    assert 0.0 <= after["nn_agreement"] <= 1.0 and (tmp_path / "heal.safetensors").exists()
+    assert hf.throughput(student, tokenizer, held_out[:32], repeats=1) > 0
+
+
+def test_bad_inputs_are_named(tiny, tmp_path):
+    with pytest.raises(ValueError, match="is not a Hugging Face model folder"):
+        hf.load_pretrained(tmp_path)
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(ValueError, match="has no text"):
+        hf.read_corpus(tmp_path / "empty.txt")
+    with pytest.raises(ValueError, match="cannot be read"):
+        hf.read_corpus(tmp_path / "missing.txt")
+    teacher, _ = hf.load_pretrained(tiny)
+    with pytest.raises(ValueError, match="ratio=1000 is unreachable"):
+        hf.compress(teacher, ratio=1000)
+    with pytest.raises(ValueError, match="parts="):
+        hf.compress(teacher, ratio=2, parts=("heads",))
+
+
+def test_command_line_compresses_heals_and_refuses_bad_input(tiny, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(sentences(300, seed=3)) + "\n")
+    out = tmp_path / "run"
+    args = ["compress", "--hf-model", str(tiny), "--corpus", str(corpus), "--ratio", "1.5", "--heal-minutes", "0.05",
+            "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["ratio"] >= 1.5 and results["heal_history"]
+    assert results["quality_after_healing"]["mean_cosine"] >= results["quality_before_healing"]["mean_cosine"]
+    assert (out / "model" / "torchtn.safetensors").exists() and (out / "model" / "config.json").exists()
+    assert "nearest-neighbour agreement" in capsys.readouterr().out
+    again = hf.load(out / "model")
+    assert any(isinstance(m, MPOLinear) for m in again.modules())
+    for bad, message in [(["--hf-model", str(tmp_path)], "is not a Hugging Face model folder"),
+                         (["--hf-model", str(tiny), "--corpus", str(tmp_path / "none.txt")], "cannot be read"),
+                         (["--hf-model", str(tiny)], "needs --corpus")]:
+        rest = ["--corpus", str(corpus)] if "--corpus" not in bad and "needs" not in message else []
+        code = main(["compress", *bad, *rest, "--ratio", "1.5", "--out", str(tmp_path / "x"), "--no-progress"])
+        assert code == 2 and message in capsys.readouterr().err
+    assert main(["compress", "--hf-model", str(tiny), "--corpus", str(corpus), "--ratio", "500", "--out",
+                 str(tmp_path / "y"), "--no-progress"]) == 2
+    assert "unreachable" in capsys.readouterr().err
