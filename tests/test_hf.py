@@ -132,3 +132,15 @@ def test_command_line_compresses_heals_and_refuses_bad_input(tiny, tmp_path, cap
     assert main(["compress", "--hf-model", str(tiny), "--corpus", str(corpus), "--ratio", "500", "--out",
                  str(tmp_path / "y"), "--no-progress"]) == 2
     assert "unreachable" in capsys.readouterr().err
+
+
+def test_fortune_corpus_reader(tmp_path):
+    from torchtn.data.text import fortune_passages, main as write_corpus
+
+    (tmp_path / "quotes").write_text("A short line that is long enough.\n%\nTwo\nlines here, joined into one.\n%\nno\n")
+    (tmp_path / "quotes.dat").write_bytes(b"\x00\x01")
+    assert fortune_passages(tmp_path) == ["A short line that is long enough.", "Two lines here, joined into one."]
+    assert write_corpus([str(tmp_path), str(tmp_path / "c.txt")]) == 0
+    assert hf.read_corpus(tmp_path / "c.txt") == fortune_passages(tmp_path)
+    with pytest.raises(FileNotFoundError, match="apt-get install fortunes"):
+        fortune_passages(tmp_path / "nowhere")

@@ -77,3 +77,19 @@ def test_save_load_and_bad_ids(tmp_path):
     with pytest.raises(TypeError, match="int64 or int32"):
         model(torch.tensor([1.0]))
     assert vocab_modes(30522, 3) == (30, 32, 32)
+
+
+def test_training_lookups_rebuild_the_table_for_large_batches_with_the_same_gradients():
+    from torchtn.layers.mpo_embedding import _gathered_per_id, mpo_embedding
+
+    torch.manual_seed(4)
+    layer = MPOEmbedding(300, 16, rank=6).double()
+    ids = torch.randint(0, 300, (40, 50))
+    assert ids.numel() * _gathered_per_id(layer.core_list()) > 4 * 300 * 16  # the table path is taken
+    weights = torch.randn(40, 50, 16, dtype=torch.float64)
+    (layer(ids) * weights).sum().backward()
+    table_grads = [c.grad.clone() for c in layer.cores]
+    layer.zero_grad()
+    (mpo_embedding(ids, layer.core_list()) * weights).sum().backward()  # the per-id path
+    for a, b in zip(table_grads, layer.cores):
+        torch.testing.assert_close(a, b.grad, rtol=1e-10, atol=1e-10)

@@ -123,6 +123,8 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="healing time budget in minutes (default 10; 0: no healing)")
     hfg.add_argument("--parts", nargs="+", choices=("attention", "mlp", "embeddings"),
                      default=["attention", "mlp", "embeddings"], help="which parts become MPOs (default: all three)")
+    hfg.add_argument("--allocation", choices=("relative", "absolute"), default="relative",
+                     help="how --ratio's budget is shared: equal relative errors (default) or least total error")
 
     t = sub.add_parser("train", help="train a zoo model, dense or with MPO layers (torchrun: many processes)",
                        description="Train a model of the zoo with the shared trainer and write the model, its "
@@ -328,6 +330,7 @@ def _cmd_compress_hf(args: argparse.Namespace) -> int:
         job = HFCompressJob(model=str(args.hf_model), corpus=str(args.corpus), ratio=args.ratio,
                             rank=None if args.rank is None else args.rank[0], rel_tol=args.rel_tol,
                             parts=tuple(args.parts), heal_minutes=args.heal_minutes, batch_size=args.batch_size,
+                            allocation=args.allocation,
                             lr=1e-4 if args.finetune_lr is None else args.finetune_lr, seed=args.seed)
         device = str(_device(args))
     except ValueError as err:

@@ -43,6 +43,8 @@ class HFCompressJob:
     lr: float = 1e-4
     seed: int = 0
     skip: tuple[str, ...] = field(default_factory=tuple)
+    allocation: str = "relative"
+    steps_per_round: int = 25  # healing batches between checkpoints / time-budget checks
 
     def __post_init__(self) -> None:
         if sum(v is not None for v in (self.ratio, self.rank, self.rel_tol)) == 0:
@@ -81,7 +83,7 @@ def run_hf_compress(job: HFCompressJob, out: Path, *, resume: bool = False, prog
         f"corpus: {len(train_texts):,} passages to heal on, {len(eval_texts):,} held out")
     torch.manual_seed(job.seed)
     student, report = hf.compress(teacher, ratio=job.ratio, rank=job.rank, rel_tol=job.rel_tol, parts=job.parts,
-                                  skip=job.skip)
+                                  skip=job.skip, allocation=job.allocation)
     log(report.table())
     kw = {"batch_size": job.batch_size, "max_length": job.max_length}
     reference = hf.embed(teacher, tokenizer, eval_texts, **kw)
@@ -91,9 +93,10 @@ def run_hf_compress(job: HFCompressJob, out: Path, *, resume: bool = False, prog
     history = []
     if job.heal_minutes > 0:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        records = hf.heal(student, teacher, tokenizer, train_texts, minutes=job.heal_minutes, epochs=1000,
+        records = hf.heal(student, teacher, tokenizer, train_texts, minutes=job.heal_minutes, epochs=10_000,
                           lr=job.lr, val_texts=eval_texts[:64], checkpoint=out / "checkpoints" / "heal.safetensors",
-                          resume=resume, progress=progress, seed=job.seed, device=device, **kw)
+                          steps_per_round=job.steps_per_round, resume=resume, progress=progress, seed=job.seed,
+                          device=device, batch_size=job.batch_size)
         history = [asdict(r) for r in records]
         student.to("cpu")
     after = hf.quality(student, teacher, tokenizer, eval_texts, teacher_embeddings=reference, **kw)

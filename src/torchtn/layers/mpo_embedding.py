@@ -6,7 +6,9 @@ has no balanced factorization (30,522 = 2·3·5,087), the row modes cover a slig
 are never looked up. A lookup of ids ``(…)`` gathers, per core, the slices ``G_k[:, i_k, :, :]`` of the ids' digits and
 contracts them left to right: ``O(Σ_k r_{k−1} r_k ∏_{l≤k} n_l)`` per id, never ``num_embeddings × embedding_dim``.
 In inference (no gradient needed) the table is rebuilt once, cached like ``MPOLinear``'s merged cores, and looked up
-with one gather: as fast as ``nn.Embedding``, at the memory of one table while cached.
+with one gather: as fast as ``nn.Embedding``, at the memory of one table while cached. In training, a batch whose
+gathered core slices would outweigh the table (a transformer batch of thousands of tokens at bonds in the hundreds:
+gigabytes) rebuilds the table differentiably instead.
 """
 from __future__ import annotations
 
@@ -59,6 +61,11 @@ def mpo_embedding(ids: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Ten
         else:
             state = torch.einsum("bpr,rbns->bpns", state, piece).flatten(1, 2)
     return state.reshape(*ids.shape, -1)
+
+
+def _gathered_per_id(cores: Sequence[torch.Tensor]) -> int:
+    """Elements of the core slices :func:`mpo_embedding` gathers for one id (``Σ_k r_{k−1}·n_k·r_k``)."""
+    return sum(c.shape[0] * c.shape[2] * c.shape[3] for c in cores)
 
 
 @register_layer("MPOEmbedding", converts=(nn.Embedding,))
@@ -123,10 +130,15 @@ class MPOEmbedding(TTLayer):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
             raise ValueError(f"ids must be in [0, {self.num_embeddings}); got values in [{int(ids.min())}, "
                              f"{int(ids.max())}]")
-        if torch.is_grad_enabled() and any(c.requires_grad for c in self.core_list()):
-            out = mpo_embedding(ids.long(), self.core_list())
-        else:  # inference: one gather from the table rebuilt once and cached while the cores do not change
+        cores = self.core_list()
+        if not (torch.is_grad_enabled() and any(c.requires_grad for c in cores)):
+            # inference: one gather from the table rebuilt once and cached while the cores do not change
             out = F.embedding(ids.long(), self._cached_dense())
+        elif ids.numel() * _gathered_per_id(cores) > 4 * math.prod(self.tt.shape):
+            # many ids: the per-id path would gather more core slices than the table holds; rebuild it (differentiable)
+            out = F.embedding(ids.long(), self.tt.to_dense())
+        else:
+            out = mpo_embedding(ids.long(), cores)
         if self.padding_idx is not None:
             out = torch.where((ids == self.padding_idx).unsqueeze(-1), self.padding_row.to(out.dtype), out)
         return out

@@ -97,6 +97,7 @@ class TrainConfig:
     sweep: SweepConfig | None = None  # options of optimizer="sweep" (default SweepConfig()); its lr follows the schedule
     max_seconds: float | None = None  # time budget: no epoch starts that would end past it (by the mean epoch so far)
     eval_batch_size: int = 1024  # rows per forward pass when validating
+    steps_per_epoch: int | None = None  # cap: each epoch takes that many batches of its own seeded shuffle
 
     def __post_init__(self) -> None:
         check_nonnegative_int("epochs", self.epochs)
@@ -117,6 +118,8 @@ class TrainConfig:
         check_nonnegative_int("seed", self.seed)
         check_positive_real("max_seconds", self.max_seconds, allow_none=True)
         check_positive_int("eval_batch_size", self.eval_batch_size)
+        if self.steps_per_epoch is not None:
+            check_positive_int("steps_per_epoch", self.steps_per_epoch)
         if self.seed >= 2**32:
             raise ValueError(f"seed={self.seed!r} is not allowed: expected an integer in [0, 2**32)")
 
@@ -440,6 +443,8 @@ class Trainer:
                 self.sweeper.canonicalize()
         self._wrap()
         steps_per_epoch = math.ceil(len(data.y_train) / c.batch_size)
+        if c.steps_per_epoch is not None:  # an "epoch" of a fixed number of batches: a fresh random subset each time
+            steps_per_epoch = min(steps_per_epoch, c.steps_per_epoch)
         total = steps_per_epoch * c.epochs
         # one bar per run (not per epoch): readable in a terminal and not flooding a log file
         bar = tqdm(total=total, initial=start * steps_per_epoch, desc=c.desc, leave=False,
