@@ -123,8 +123,8 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="healing time budget in minutes (default 10; 0: no healing)")
     hfg.add_argument("--parts", nargs="+", choices=("attention", "mlp", "embeddings"),
                      default=["attention", "mlp", "embeddings"], help="which parts become MPOs (default: all three)")
-    hfg.add_argument("--allocation", choices=("relative", "absolute"), default="relative",
-                     help="how --ratio's budget is shared: equal relative errors (default) or least total error")
+    hfg.add_argument("--allocation", choices=("absolute", "relative"), default="absolute",
+                     help="how --ratio's budget is shared: least total error (default) or equal relative errors")
 
     t = sub.add_parser("train", help="train a zoo model, dense or with MPO layers (torchrun: many processes)",
                        description="Train a model of the zoo with the shared trainer and write the model, its "

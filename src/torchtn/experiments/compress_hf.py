@@ -43,7 +43,7 @@ class HFCompressJob:
     lr: float = 1e-4
     seed: int = 0
     skip: tuple[str, ...] = field(default_factory=tuple)
-    allocation: str = "relative"
+    allocation: str = "absolute"
     steps_per_round: int = 25  # healing batches between checkpoints / time-budget checks
 
     def __post_init__(self) -> None:
