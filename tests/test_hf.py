@@ -88,7 +88,7 @@ def test_healing_lowers_the_distillation_loss(tiny, tmp_path):
     history = hf.heal(student, teacher, tokenizer, texts, epochs=6, batch_size=32, lr=1e-3, val_texts=held_out,
                       checkpoint=tmp_path / "heal.safetensors", progress=False)
     loss_after, after = distillation_loss(), hf.quality(student, teacher, tokenizer, held_out)
-    assert loss_after < 0.9 * loss_before and history[-1].val_loss == pytest.approx(loss_after, rel=1e-4)
+    assert loss_after < 0.9 * loss_before and history[-1].val_loss == pytest.approx(loss_after, rel=1e-2)
     assert after["mean_cosine"] > before["mean_cosine"]
     assert 0.0 <= after["nn_agreement"] <= 1.0 and (tmp_path / "heal.safetensors").exists()
     assert hf.throughput(student, tokenizer, held_out[:32], repeats=1) > 0
@@ -135,7 +135,8 @@ def test_command_line_compresses_heals_and_refuses_bad_input(tiny, tmp_path, cap
 
 
 def test_fortune_corpus_reader(tmp_path):
-    from torchtn.data.text import fortune_passages, main as write_corpus
+    from torchtn.data.text import fortune_passages
+    from torchtn.data.text import main as write_corpus
 
     (tmp_path / "quotes").write_text("A short line that is long enough.\n%\nTwo\nlines here, joined into one.\n%\nno\n")
     (tmp_path / "quotes.dat").write_bytes(b"\x00\x01")

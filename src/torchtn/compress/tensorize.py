@@ -330,7 +330,8 @@ def tensorize(
     before = sum(p.numel() for p in model.parameters())
     weights = [cls.dense_matrix(module) for _, module, cls in targets]
     # the parameters the cores replace (an embedding's matrix may be padded to a factorizable size: not counted)
-    sizes = [module.weight.numel() for _, module, _ in targets]
+    sizes = [cls.replaced_params(module) if hasattr(cls, "replaced_params") else w.numel()
+             for (_, module, cls), w in zip(targets, weights)]
 
     active = list(range(len(targets)))  # layers that become tensor networks
     larger: list[str] = []  # layers kept dense because their MPO would not be smaller

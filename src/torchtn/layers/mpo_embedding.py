@@ -163,6 +163,11 @@ class MPOEmbedding(TTLayer):
         return F.pad(w, (0, 0, 0, rows - w.shape[0]))
 
     @staticmethod
+    def replaced_params(embedding: nn.Embedding) -> int:
+        """Parameters the cores replace: the real table (``dense_matrix`` pads it with rows that are not parameters)."""
+        return embedding.weight.numel()
+
+    @staticmethod
     def tt_shapes_for(embedding: nn.Embedding, in_shape: Sequence[int] | None = None,
                       out_shape: Sequence[int] | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """``(dim_shape, vocab_shape)`` (the shapes ``dense_matrix`` is read with)."""
