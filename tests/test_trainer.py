@@ -217,3 +217,11 @@ def test_resume_after_a_rank_change_restores_the_changed_layer(tmp_path):
                                                        hook_for=hook_for)
     assert resumed.fc1.ranks == (1, 2, 2, 2, 1)
     assert_same_weights(straight, resumed)
+
+
+def test_learning_rate_warms_up_linearly_then_follows_the_schedule():
+    cfg = TrainConfig(epochs=1, lr=1.0, warmup_steps=4, min_lr_fraction=1.0, progress=False)
+    trainer = Trainer(FC2(64), cfg)
+    assert [trainer._lr(s, 100) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="warmup_steps=-1"):
+        TrainConfig(warmup_steps=-1)

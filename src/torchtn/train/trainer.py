@@ -91,6 +91,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # "sweep": DMRG-style sweeps for the MPO layers, AdamW for the rest (see ``sweep``)
     momentum: float = 0.9  # SGD only
     min_lr_fraction: float = 0.0  # cosine schedule decays lr to lr * min_lr_fraction
+    warmup_steps: int = 0  # linear warm-up of the learning rate over the first steps (0: none)
     seed: int = 0
     progress: bool = True
     desc: str = "train"
@@ -116,6 +117,7 @@ class TrainConfig:
             raise ValueError(f"sweep options were given with optimizer={self.optimizer!r}: they need "
                              f"optimizer='sweep'")
         check_nonnegative_int("seed", self.seed)
+        check_nonnegative_int("warmup_steps", self.warmup_steps)
         check_positive_real("max_seconds", self.max_seconds, allow_none=True)
         check_positive_int("eval_batch_size", self.eval_batch_size)
         if self.steps_per_epoch is not None:
@@ -300,7 +302,8 @@ class Trainer:
     def _lr(self, step: int, total: int) -> float:
         c = self.config
         progress = step / max(total, 1)
-        return c.lr * (c.min_lr_fraction + (1 - c.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+        lr = c.lr * (c.min_lr_fraction + (1 - c.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return lr * min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else lr
 
     def _save(self, optimizer: torch.optim.Optimizer, epoch: int) -> None:
         if self.checkpoint is None:
