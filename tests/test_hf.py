@@ -94,6 +94,27 @@ def test_healing_lowers_the_distillation_loss(tiny, tmp_path):
     assert hf.throughput(student, tokenizer, held_out[:32], repeats=1) > 0
 
 
+def test_healing_on_hidden_states_matches_every_token_too(tiny):
+    teacher, tokenizer = hf.load_pretrained(tiny)
+    student, _ = hf.compress(teacher, ratio=2.0)
+    texts, held_out = sentences(256, seed=1), sentences(64, seed=2)
+    x = hf._encode(tokenizer, held_out, 64)
+    student_tokens, teacher_tokens = hf.PooledEncoder(student, tokens=True), hf.PooledEncoder(teacher, tokens=True)
+    with torch.no_grad():
+        pooled = hf.PooledEncoder(student)(x)
+        both = student_tokens(x)
+        assert torch.equal(both[:, 0], pooled) and both.shape[1] == 1 + int(x[:, 1].sum(1).max())
+        assert (both[:, 1:][x[:, 1, :both.shape[1] - 1] == 0] == 0).all()  # padding positions are zero
+
+        def token_loss():
+            return float(hf._token_loss(student_tokens(x), teacher_tokens(x)))
+        before = token_loss()
+    hf.heal(student, teacher, tokenizer, texts, epochs=6, batch_size=32, lr=1e-3, val_texts=held_out,
+            hidden_states=True, progress=False)
+    with torch.no_grad():
+        assert token_loss() < 0.9 * before
+
+
 def test_bad_inputs_are_named(tiny, tmp_path):
     with pytest.raises(ValueError, match="is not a Hugging Face model folder"):
         hf.load_pretrained(tmp_path)

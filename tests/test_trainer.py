@@ -225,3 +225,19 @@ def test_learning_rate_warms_up_linearly_then_follows_the_schedule():
     assert [trainer._lr(s, 100) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="warmup_steps=-1"):
         TrainConfig(warmup_steps=-1)
+
+
+def test_distill_loss_matches_any_teacher_output():
+    data = load_digits()
+    torch.manual_seed(0)
+    teacher = FC2(64, hidden=32)
+    student = FC2(64, hidden=32)
+    mse = torch.nn.functional.mse_loss
+    with torch.no_grad():
+        before = float(mse(student(data.x_val), teacher(data.x_val)))
+    Trainer(student, TrainConfig(epochs=5, lr=3e-3, progress=False), teacher=teacher, distill=1.0,
+            distill_loss=mse).fit(data)
+    with torch.no_grad():
+        assert float(mse(student(data.x_val), teacher(data.x_val))) < 0.2 * before  # it learned the teacher's logits
+    with pytest.raises(ValueError, match="distill_loss needs a teacher"):
+        Trainer(student, TrainConfig(), distill_loss=mse)

@@ -133,11 +133,14 @@ def _encode(tokenizer, texts: Sequence[str], max_length: int) -> torch.Tensor:
 
 class PooledEncoder(nn.Module):
     """``(batch, 2, L)`` [token ids; attention mask] ``-> (batch, hidden)``: the mean of the model's last hidden
-    states over the real tokens (sentence-transformers' pooling). Trims each batch to its longest passage."""
+    states over the real tokens (sentence-transformers' pooling). Trims each batch to its longest passage, ``n``.
+    With ``tokens=True`` the output is ``(batch, 1 + n, hidden)``: the pooled vector, then every token's hidden state
+    (zero at padding), for distilling hidden states too."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, tokens: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.tokens = tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = x[:, 1]
@@ -145,7 +148,8 @@ class PooledEncoder(nn.Module):
         ids, mask = x[:, 0, :n], mask[:, :n]
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         m = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return torch.cat([pooled.unsqueeze(1), hidden * m], dim=1) if self.tokens else pooled
 
 
 @torch.no_grad()
@@ -206,12 +210,27 @@ def _heal_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 def _cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    return F.cosine_similarity(student, teacher, dim=-1).mean()
+    return F.cosine_similarity(_pooled(student), teacher, dim=-1).mean()
+
+
+def _pooled(out: torch.Tensor) -> torch.Tensor:
+    """The pooled vectors of a :class:`PooledEncoder` output (with or without the token states)."""
+    return out[:, 0] if out.dim() == 3 else out
+
+
+def _pooled_loss(student: torch.Tensor, teacher_pooled: torch.Tensor) -> torch.Tensor:
+    return _heal_loss(_pooled(student), teacher_pooled)
+
+
+def _token_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Pooled loss plus every token's hidden state: ``MSE / mean(teacher²)`` over the (zero-padded) token states."""
+    tokens = F.mse_loss(student[:, 1:], teacher[:, 1:]) / teacher[:, 1:].pow(2).mean().clamp_min(1e-12)
+    return _heal_loss(student[:, 0], teacher[:, 0]) + tokens
 
 
 def heal(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str], *, minutes: float | None = None,
          epochs: int = 1, batch_size: int = 32, max_length: int = 64, lr: float = 1e-4, val_texts: Sequence[str] = (),
-         steps_per_round: int | None = None, warmup_steps: int = 50,
+         steps_per_round: int | None = None, warmup_steps: int = 50, hidden_states: bool = False,
          checkpoint: str | os.PathLike | None = None, resume: bool = False,
          progress: bool = True, seed: int = 0, device: str | torch.device | None = None) -> list:
     """Distil ``teacher`` into ``student`` (in place) on ``texts``: their mean-pooled sentence embeddings are matched
@@ -222,7 +241,8 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str]
     Passages are cut at ``max_length`` tokens while healing (64: the cost grows with the longest one in a batch).
     The teacher's embeddings are computed once up front. ``checkpoint`` (a ``.safetensors`` path) is written
     atomically after every round and ``resume`` continues it. Returns the trainer's history (validation ``loss`` and
-    ``cosine`` on ``val_texts`` per round; without ``val_texts``, on 64 of ``texts``)."""
+    ``cosine`` on ``val_texts`` per round; without ``val_texts``, on 64 of ``texts``). ``hidden_states``: also match
+    every token's last hidden state (the teacher then runs beside the student at every step)."""
     if not texts:
         raise ValueError("heal needs some text (texts is empty)")
     val_texts = list(val_texts) or list(texts[:64])
@@ -235,8 +255,13 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str]
                       warmup_steps=warmup_steps,
                       progress=progress, desc="heal", eval_batch_size=batch_size, steps_per_epoch=steps_per_round,
                       max_seconds=None if minutes is None else 60.0 * minutes)
-    trainer = Trainer(PooledEncoder(student), cfg, checkpoint=checkpoint, loss=_heal_loss,
-                      metrics={"cosine": _cosine}, device=device)
+    if hidden_states:
+        trainer = Trainer(PooledEncoder(student, tokens=True), cfg, checkpoint=checkpoint, loss=_pooled_loss,
+                          metrics={"cosine": _cosine}, device=device, teacher=PooledEncoder(teacher, tokens=True),
+                          distill=1.0, distill_loss=_token_loss)
+    else:
+        trainer = Trainer(PooledEncoder(student), cfg, checkpoint=checkpoint, loss=_heal_loss,
+                          metrics={"cosine": _cosine}, device=device)
     history = trainer.fit(data, resume=resume)
     student.eval()
     return history

@@ -45,6 +45,7 @@ class HFCompressJob:
     skip: tuple[str, ...] = field(default_factory=tuple)
     allocation: str = "absolute"
     steps_per_round: int = 25  # healing batches between checkpoints / time-budget checks
+    hidden_states: bool = False  # heal on every token's hidden state too, not only the pooled embedding
 
     def __post_init__(self) -> None:
         if sum(v is not None for v in (self.ratio, self.rank, self.rel_tol)) == 0:
@@ -95,7 +96,8 @@ def run_hf_compress(job: HFCompressJob, out: Path, *, resume: bool = False, prog
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         records = hf.heal(student, teacher, tokenizer, train_texts, minutes=job.heal_minutes, epochs=10_000,
                           lr=job.lr, val_texts=eval_texts[:64], checkpoint=out / "checkpoints" / "heal.safetensors",
-                          steps_per_round=job.steps_per_round, resume=resume, progress=progress, seed=job.seed,
+                          steps_per_round=job.steps_per_round, hidden_states=job.hidden_states, resume=resume,
+                          progress=progress, seed=job.seed,
                           device=device, batch_size=job.batch_size)
         history = [asdict(r) for r in records]
         student.to("cpu")

@@ -208,7 +208,8 @@ class Trainer:
     (:class:`~torchtn.train.sweep.Sweeper`, options ``config.sweep``; bond dimensions adapt, ``sweeper.history``
     records ranks, entropies and truncation errors per sweep) and the other parameters by AdamW in the same step.
     ``teacher`` (e.g. the dense model a compressed one is healed from) adds knowledge
-    distillation: ``(1 − distill)·loss + distill·T²·KL(softmax(teacher/T) ‖ softmax(model/T))``. ``device``
+    distillation: ``(1 − distill)·loss + distill·T²·KL(softmax(teacher/T) ‖ softmax(model/T))``, or with
+    ``distill_loss(student_out, teacher_out)`` any other match: ``(1 − distill)·loss + distill·distill_loss``. ``device``
     (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``; default: where the model is) moves the model and the teacher
     there in place; batches follow. With ``checkpoint`` (a ``.safetensors`` path) the model, optimizer, RNG state and
     history are written atomically after every epoch; ``fit(resume=True)`` continues from it and ends with the same
@@ -224,7 +225,8 @@ class Trainer:
                  metadata: dict | None = None, on_epoch_end: Callable[[EpochRecord], None] | None = None, *,
                  loss: str | Loss = "cross_entropy", metrics: dict[str, Metric] | None = None,
                  on_step_end: Callable[["Trainer", int], bool] | None = None, teacher: nn.Module | None = None,
-                 distill: float = 0.5, temperature: float = 2.0, device: str | torch.device | None = None) -> None:
+                 distill: float = 0.5, temperature: float = 2.0, device: str | torch.device | None = None,
+                 distill_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
         if device is not None:  # moved in place, so the caller's model is the trained one
             device = resolve_device(device)
             model.to(device)
@@ -238,6 +240,9 @@ class Trainer:
             raise ValueError(f"distill={distill!r} is not allowed: expected a weight in [0, 1]")
         check_positive_real("temperature", temperature)
         self.distill, self.temperature = float(distill), float(temperature)
+        if distill_loss is not None and (teacher is None or not callable(distill_loss)):
+            raise ValueError("distill_loss needs a teacher and must be a callable (student_out, teacher_out) -> scalar")
+        self.distill_loss = distill_loss
         self.optimizer: torch.optim.Optimizer | None = None
         self.rank, self.world_size = process_group()
         self._net: nn.Module = model
@@ -411,7 +416,11 @@ class Trainer:
         """The training loss of one batch (with distillation from the teacher when there is one)."""
         out = self._net(xb)
         loss = self.loss_fn(out, yb)
-        if self.teacher is not None:  # knowledge distillation (Hinton et al.): match the teacher's softened outputs
+        if self.teacher is not None and self.distill_loss is not None:  # any match to the teacher's outputs
+            with torch.no_grad():
+                target = self.teacher(xb)
+            loss = (1 - self.distill) * loss + self.distill * self.distill_loss(out, target)
+        elif self.teacher is not None:  # knowledge distillation (Hinton et al.): match the teacher's softened outputs
             with torch.no_grad():
                 target = F.softmax(self.teacher(xb) / self.temperature, dim=-1)
             kd = F.kl_div(F.log_softmax(out / self.temperature, dim=-1), target, reduction="batchmean")
