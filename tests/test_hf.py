@@ -135,7 +135,7 @@ def test_command_line_compresses_heals_and_refuses_bad_input(tiny, tmp_path, cap
     corpus.write_text("\n".join(sentences(300, seed=3)) + "\n")
     out = tmp_path / "run"
     args = ["compress", "--hf-model", str(tiny), "--corpus", str(corpus), "--ratio", "1.5", "--heal-minutes", "0.05",
-            "--out", str(out), "--no-progress"]
+            "--keep-dense", "*position_embeddings", "--out", str(out), "--no-progress"]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["ratio"] >= 1.5 and results["heal_history"]
@@ -144,6 +144,7 @@ def test_command_line_compresses_heals_and_refuses_bad_input(tiny, tmp_path, cap
     assert "nearest-neighbour agreement" in capsys.readouterr().out
     again = hf.load(out / "model")
     assert any(isinstance(m, MPOLinear) for m in again.modules())
+    assert isinstance(again.embeddings.position_embeddings, torch.nn.Embedding)  # --keep-dense
     for bad, message in [(["--hf-model", str(tmp_path)], "is not a Hugging Face model folder"),
                          (["--hf-model", str(tiny), "--corpus", str(tmp_path / "none.txt")], "cannot be read"),
                          (["--hf-model", str(tiny)], "needs --corpus")]:

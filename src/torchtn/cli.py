@@ -123,6 +123,8 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="healing time budget in minutes (default 10; 0: no healing)")
     hfg.add_argument("--parts", nargs="+", choices=("attention", "mlp", "embeddings"),
                      default=["attention", "mlp", "embeddings"], help="which parts become MPOs (default: all three)")
+    hfg.add_argument("--keep-dense", nargs="+", default=[], metavar="PATTERN",
+                     help="module-name glob patterns to keep dense, e.g. '*position_embeddings'")
     hfg.add_argument("--hidden-states", action="store_true",
                      help="heal on every token's hidden state too, not only the pooled sentence embedding")
     hfg.add_argument("--allocation", choices=("absolute", "relative"), default="absolute",
@@ -333,6 +335,7 @@ def _cmd_compress_hf(args: argparse.Namespace) -> int:
                             rank=None if args.rank is None else args.rank[0], rel_tol=args.rel_tol,
                             parts=tuple(args.parts), heal_minutes=args.heal_minutes, batch_size=args.batch_size,
                             allocation=args.allocation, hidden_states=args.hidden_states,
+                            skip=tuple(args.keep_dense),
                             lr=1e-4 if args.finetune_lr is None else args.finetune_lr, seed=args.seed)
         device = str(_device(args))
     except ValueError as err:
