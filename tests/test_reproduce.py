@@ -159,7 +159,7 @@ def test_vtnn_quick_run_rows_and_report(tmp_path, monkeypatch):
             assert r["bond_dims"] == [r["max_rank"]] * (2 if r["model"] != "images" else 3)
         if r["method"] == "sweep":
             assert 2 <= min(r["bond_dims"]) and max(r["bond_dims"]) <= r["max_rank"]
-            assert len(r["entropy"]) == len(r["bond_dims"]) and r["sweep_history"][0]["step"] == 0
+            assert len(r["entropy"]) == len(r["bond_dims"]) and "sweep_history" not in r  # rows stay flat
     digits = {r["method"]: r for r in rows if r["model"] == "digits"}
     assert digits["sweep"]["params"] < digits["dense"]["params"]
     report = (out / "report.md").read_text()

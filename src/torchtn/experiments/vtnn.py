@@ -17,7 +17,6 @@ run beside the paper's one-epoch MNIST figure (95.8 %, third-party).
 """
 from __future__ import annotations
 
-import math
 import statistics
 from dataclasses import dataclass
 
@@ -135,10 +134,6 @@ def _train(ctx: Context, task: Task, data: Dataset, method: str, seed: int, epoc
         row["bond_dims"] = list(model.tn.ranks[1:-1])
         row["entropy"] = [round(float(e), 4) for e in model.tn.entanglement_entropy()]
         row["max_rank"] = task.max_rank
-    if method == "sweep" and seed == 0:  # at most ~120 records (one per sweep would be one per batch)
-        history = record["sweep"]["history"]
-        every = max(1, math.ceil(len(history) / 120))
-        row["sweep_history"] = history[::every] + ([history[-1]] if (len(history) - 1) % every else [])
     unit = "test MSE" if task.kind == "regression" else "test accuracy"
     shown = f"{metric:.4g}" if task.kind == "regression" else f"{100 * metric:.2f}%"
     ctx.log(f"{name}: {unit} {shown}, {row['params']:,} parameters, {seconds:.1f} s"
@@ -245,8 +240,12 @@ def report(rows: list[dict], ctx: Context, results: dict) -> str:
                         if image_name != "mnist" else ".") + "\n")
     plots = []
     for task in TASKS:
-        hist = next((r["sweep_history"] for r in rows if r["model"] == task.name and "sweep_history" in r), None)
-        if hist and task.name in ("digits", "images", "nonlinear-regression"):
+        # the seed-0 sweep record, from its stage's checkpoint (rows stay flat)
+        stage = ctx.out / "checkpoints" / f"{task.name}-sweep-s0.safetensors"
+        if task.name not in ("digits", "images", "nonlinear-regression") or not stage.exists():
+            continue
+        hist = read_metadata(stage)["metadata"]["sweep"]["history"]
+        if hist:
             fname = f"sweeps-{task.name}.png"
             plot_sweep_history(hist, ctx.out / fname, title=f"sweep training, {task.name}")
             plots.append(f"![sweeps on {task.name}]({fname})")

@@ -134,7 +134,7 @@ class MPOEmbedding(TTLayer):
         if not (torch.is_grad_enabled() and any(c.requires_grad for c in cores)):
             # inference: one gather from the table rebuilt once and cached while the cores do not change
             out = F.embedding(ids.long(), self._cached_dense())
-        elif ids.numel() * _gathered_per_id(cores) > 4 * math.prod(self.tt.shape):
+        elif ids.numel() * _gathered_per_id(cores) > 4 * math.prod(c.shape[1] * c.shape[2] for c in cores):
             # many ids: the per-id path would gather more core slices than the table holds; rebuild it (differentiable)
             out = F.embedding(ids.long(), self.tt.to_dense())
         else:
