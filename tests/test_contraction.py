@@ -131,3 +131,60 @@ def test_autotune_environment_variable(monkeypatch):
     assert not autotune_enabled()
     with pytest.raises(TypeError, match="enabled='yes'"):
         set_autotune("yes")
+
+
+def test_inference_scratch_buffers_give_the_same_result_and_never_leak_into_outputs(monkeypatch):
+    from torchtn.core.contraction import release_scratch
+    from torchtn.core.contraction import tt_linear_plans as tlp
+
+    monkeypatch.setattr(tlp, "SCRATCH_MIN_NUMEL", 1)  # every intermediate goes through the scratch buffers
+    cores = random_tt((4, 7, 7, 4), (4, 4, 4, 4), 3)
+    w = tt_to_dense(cores)
+    plan = plan_tt_linear((4, 7, 7, 4), (4, 4, 4, 4), (1, 3, 3, 3, 1), 6, force="rtl")
+    mats = prepare_groups(cores, plan)
+    x1, x2 = (torch.randn(6, 784, dtype=torch.float64) for _ in range(2))
+    with torch.no_grad():
+        y1 = tt_linear(x1, mats, plan, scratch=True)
+        kept = y1.clone()
+        y2 = tt_linear(x2, mats, plan, scratch=True)  # reuses the buffers: the first result must not change
+    assert torch.equal(y1, kept)
+    assert torch.allclose(y1, x1 @ w.T, atol=1e-10) and torch.allclose(y2, x2 @ w.T, atol=1e-10)
+    with torch.inference_mode():  # buffers made outside inference mode are writable inside it, and vice versa
+        y3 = tt_linear(x1, mats, plan, scratch=True)
+    with torch.no_grad():
+        tt_linear(x2, mats, plan, scratch=True)
+    assert torch.equal(y3, kept)
+    release_scratch()
+    with pytest.raises(ValueError, match="scratch=True is only for calls without gradients"):
+        tt_linear(x1.requires_grad_(), mats, plan, scratch=True)
+
+
+def test_repeated_inference_calls_skip_planning_but_follow_core_updates(monkeypatch):
+    from torchtn.core.contraction import tt_linear_plans as tlp
+
+    layer = MPOLinear(784, 256, rank=4, in_shape=(4, 7, 7, 4), out_shape=(4, 4, 4, 4)).double().eval()
+    x = torch.randn(3, 784, dtype=torch.float64)
+    with torch.no_grad():
+        layer(x)
+        calls = []
+        monkeypatch.setattr(tlp, "plan_for", lambda *a, **k: calls.append(1))  # would break if it were called
+        y = layer(x)
+        assert calls == [] and torch.allclose(y, x @ layer.to_dense().T + layer.bias, atol=1e-12)
+        layer.cores[1].mul_(2.0)  # an in-place update (bumps the version): the memo must not serve stale matrices
+        assert torch.allclose(layer(x), x @ layer.to_dense().T + layer.bias, atol=1e-12)
+        monkeypatch.undo()
+        x5 = torch.randn(5, 784, dtype=torch.float64)  # another batch size: planned again
+        assert torch.allclose(layer(x5), x5 @ layer.to_dense().T + layer.bias, atol=1e-12)
+
+
+def test_cost_model_prices_page_faults_of_big_fresh_tensors():
+    model = CostModel()
+    assert model.alloc_seconds((32 << 20) // 4 - 1, 4) == 0.0  # below glibc's mmap threshold: reused heap memory
+    big = model.alloc_seconds(64 << 20, 4)
+    assert big == pytest.approx((256 << 20) / model.fault_bandwidth)
+    assert model.alloc_seconds(128 << 20, 4) == pytest.approx(2 * big)
+    # in training every step's output is fresh: the same plan costs more with the faults priced than without
+    p = dict(in_shape=(8, 8, 8, 8), out_shape=(8, 8, 8, 8), ranks=(1, 32, 32, 32, 1), batch=256, training=True,
+             force="rtl")
+    free = CostModel(fault_threshold=1 << 62)
+    assert plan_tt_linear(**p, model=model).seconds > plan_tt_linear(**p, model=free).seconds

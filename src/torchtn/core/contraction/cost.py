@@ -18,27 +18,43 @@ __all__ = ["CostModel", "DEFAULT_COST_MODEL", "get_cost_model", "set_cost_model"
 class CostModel:
     """Timing model of matmuls on one device.
 
-    Defaults were fitted to matmul timings on a 2-core x86 machine (torch 2.13, MKL, fp32): ~190 GFLOP/s for fat
-    matmuls, ~25 GFLOP/s for batched matmuls whose output has 8 columns (and fat batched products ~25% slower than
-    one GEMM of the same FLOPs), ~15 GB/s effective bandwidth, ~5 µs per call.
+    Defaults were fitted by ``bench/calibrate.py`` on a 2-core x86 machine (torch 2.13, MKL, fp32): every candidate
+    plan of the benchmark grid (784×256, 1024×1024, 4096×4096; ranks 4–32; batch 1–256; inference and training)
+    timed side by side, then a random search for the constants whose picks come closest to the fastest measured
+    candidate (geo-mean pick / best 1.05; the previous hand-fitted constants 1.10). Shapes of the effective rates:
+    a GEMM runs at ``peak_flops`` times ``(side / fat) ** gemm_exp`` for each side shorter than ``fat``; a batched
+    product (a stride-0 matrix times many slices) at ``batched`` times ``(cols / fat) ** cols_exp`` times
+    ``(min(1, a/fat)·min(1, k/fat)) ** side_exp``; memory traffic at ``bandwidth``; every call costs ``call_overhead``. A fresh tensor of
+    at least ``fault_threshold`` bytes costs ``bytes / fault_bandwidth`` on top: glibc serves such allocations with a
+    new ``mmap`` whose pages fault in on first touch (measured 0.23 ns/byte above 32 MiB, nothing below).
     """
 
-    peak_flops: float = 1.9e11
-    bandwidth: float = 1.5e10
-    call_overhead: float = 5e-6
-    fat: int = 64  # an operand side at least this long runs at full speed
-    batched: float = 0.75  # a batched product (a stride-0 matrix times many slices) runs at most at this fraction
+    peak_flops: float = 1.1e11
+    bandwidth: float = 4.66e10
+    call_overhead: float = 7.6e-6
+    fat: int = 48  # an operand side at least this long runs at full speed
+    batched: float = 0.78  # a batched product (a stride-0 matrix times many slices) runs at most at this fraction
+    gemm_exp: float = 0.44  # a GEMM side shorter than `fat` slows it by (side / fat) ** gemm_exp
+    cols_exp: float = 0.59  # ... for batched products: the output's column count
+    side_exp: float = 0.78  # ... for batched products: the matrix's two sides
+    fault_threshold: int = 32 << 20
+    fault_bandwidth: float = 4.3e9
 
     def matmul_seconds(self, batch: int, a: int, k: int, cols: int, itemsize: int) -> float:
         """Time of ``(a, k) @ (batch, k, cols)`` (``cols == 1``: one GEMM ``(batch, k) @ (k, a)``)."""
         flops = 2.0 * batch * a * k * cols
         if cols == 1:  # a plain GEMM with `batch` rows
-            eff = math.prod([min(1.0, s / self.fat) ** 0.5 for s in (batch, a, k)])
+            eff = math.prod([min(1.0, s / self.fat) ** self.gemm_exp for s in (batch, a, k)])
         else:
-            eff = self.batched * min(1.0, cols / self.fat) ** 0.9 * min(1.0, a / self.fat) ** 0.3 * min(
-                1.0, k / self.fat) ** 0.3
+            eff = self.batched * min(1.0, cols / self.fat) ** self.cols_exp * (
+                min(1.0, a / self.fat) * min(1.0, k / self.fat)) ** self.side_exp
         traffic = itemsize * (batch * k * cols + batch * a * cols + a * k)
         return max(flops / (self.peak_flops * eff), traffic / self.bandwidth) + self.call_overhead
+
+    def alloc_seconds(self, numel: int, itemsize: int) -> float:
+        """Time of faulting in a fresh tensor of ``numel`` elements (zero below ``fault_threshold`` bytes)."""
+        size = numel * itemsize
+        return size / self.fault_bandwidth if size >= self.fault_threshold else 0.0
 
     def copy_seconds(self, numel: int, itemsize: int) -> float:
         """Time of one permuting copy of ``numel`` elements (read + write)."""
@@ -49,7 +65,8 @@ DEFAULT_COST_MODEL = CostModel()
 # A data-centre GPU: fast GEMMs, high bandwidth, kernel launches dominate small problems. A first guess to shortlist
 # candidates; turn autotuning on (``torchtn.set_autotune(True)``) to let measurements decide.
 _COST_MODELS: dict[str, CostModel] = {"cpu": DEFAULT_COST_MODEL,
-                                      "cuda": CostModel(peak_flops=4e13, bandwidth=2e12, call_overhead=8e-6, fat=128)}
+                                      "cuda": CostModel(peak_flops=4e13, bandwidth=2e12, call_overhead=8e-6, fat=128,
+                                                        fault_threshold=1 << 62)}  # cached allocator
 
 
 def get_cost_model(device: torch.device | str | None = None) -> CostModel:

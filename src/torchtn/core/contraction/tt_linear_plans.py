@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ from .cost import DEFAULT_COST_MODEL, CostModel
 from .planner import make_plan, register_strategy
 
 __all__ = ["ContractionPlan", "TTLinearProblem", "plan_tt_linear", "plan_for", "merge_group", "prepare_groups",
-           "tt_linear", "tt_linear_apply", "tt_linear_flops", "MergedCache"]
+           "tt_linear", "tt_linear_apply", "tt_linear_flops", "MergedCache", "release_scratch"]
 
 Span = tuple[int, int]
 KIND = "tt_linear"
@@ -166,10 +167,11 @@ def _price(groups: tuple[Span, ...], direction: str, p: TTLinearProblem, cache_m
     n = [math.prod(p.in_shape[a:b]) for a, b in groups]
     r = [p.ranks[a] for a, _ in groups] + [1]
     seconds, flops, biggest = 0.0, 0, 0
-    for span in groups:
+    for gi, span in enumerate(groups):
         if _builds_new_tensor(span, direction) and not cache_merged:
             ms, mf = _merge_cost(p, span, model)
-            seconds += passes * ms
+            seconds += passes * ms + (2 if p.training else 1) * model.alloc_seconds(
+                r[gi] * m[gi] * n[gi] * r[gi + 1], p.itemsize)  # the merged tensor (and its gradient)
             flops += passes * mf
     order = range(len(groups) - 1, -1, -1) if direction == "rtl" else range(len(groups))
     done, rest = 1, math.prod(n)  # finished output modes, untouched input modes
@@ -179,9 +181,18 @@ def _price(groups: tuple[Span, ...], direction: str, p: TTLinearProblem, cache_m
             a, k, cols, prefix = r[gi] * m[gi], n[gi] * r[gi + 1], done, p.batch * rest
         else:
             a, k, cols, prefix = m[gi] * r[gi + 1], r[gi] * n[gi], rest, p.batch * done
-        products = passes - (1 if p.training and step == 0 and not p.input_grad else 0)
+        first = step == 0
+        products = passes - (1 if p.training and first and not p.input_grad else 0)
         seconds += products * model.matmul_seconds(prefix, a, k, cols, p.itemsize)
         flops += products * 2 * prefix * a * k * cols
+        # fresh tensors: in training every step's output and its input's gradient; in inference only the result
+        # (intermediates go to reused scratch buffers)
+        if p.training:
+            seconds += model.alloc_seconds(prefix * a * cols, p.itemsize)
+            if not first or p.input_grad:
+                seconds += model.alloc_seconds(prefix * k * cols, p.itemsize)
+        elif step == len(groups) - 1:
+            seconds += model.alloc_seconds(prefix * a * cols, p.itemsize)
         biggest = max(biggest, prefix * a * cols)
         done *= m[gi]
     return seconds, flops, biggest
@@ -246,7 +257,7 @@ def _measure(p: TTLinearProblem):
 
             def run():
                 with torch.no_grad():
-                    tt_linear(x, fixed if fixed is not None else prepare_groups(cores, plan), plan)
+                    tt_linear(x, fixed if fixed is not None else prepare_groups(cores, plan), plan, scratch=True)
         return time_call(run, device)
     return measure
 
@@ -324,22 +335,64 @@ def _bmm(mat: torch.Tensor, t3: torch.Tensor) -> torch.Tensor:
     return torch.bmm(mat.expand(t3.shape[0], -1, -1), t3)
 
 
-def _step(mat: torch.Tensor, t: torch.Tensor, cols: int) -> torch.Tensor:
-    k = mat.shape[1]
+class _Scratch(threading.local):
+    """Per-thread scratch buffers for inference intermediates (two, used alternately by consecutive steps)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+
+_SCRATCH = _Scratch()
+SCRATCH_MIN_NUMEL = 1 << 18  # intermediates at least this big (1 MiB in fp32) are written into scratch buffers
+
+
+def _scratch(slot: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat buffer of at least ``numel`` elements, reused across calls (grown, never shrunk)."""
+    key = (slot, dtype, device)
+    buf = _SCRATCH.buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        _SCRATCH.buffers.pop(key, None)  # free the old one before allocating the bigger one
+        with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+            buf = torch.empty(numel, dtype=dtype, device=device)
+        _SCRATCH.buffers[key] = buf
+    return buf[:numel]
+
+
+def release_scratch() -> None:
+    """Free this thread's inference scratch buffers (they are otherwise kept for the next call)."""
+    _SCRATCH.buffers.clear()
+
+
+def _step(mat: torch.Tensor, t: torch.Tensor, cols: int, slot: int | None = None) -> torch.Tensor:
+    a, k = mat.shape
+    rows = t.numel() // (k * cols)
+    out = None
+    if slot is not None and rows * a * cols >= SCRATCH_MIN_NUMEL:
+        out = _scratch(slot, rows * a * cols, t.dtype, t.device)
     if cols == 1:
-        return t.reshape(-1, k) @ mat.T
-    return _bmm(mat, t.reshape(-1, k, cols))
+        return torch.mm(t.reshape(-1, k), mat.T, out=None if out is None else out.view(rows, a))
+    t3 = t.reshape(-1, k, cols)
+    if out is None:
+        return _bmm(mat, t3)
+    return torch.bmm(mat.expand(rows, -1, -1), t3, out=out.view(rows, a, cols))
 
 
-def _sweep(x: torch.Tensor, mats: Sequence[torch.Tensor], plan: ContractionPlan) -> torch.Tensor:
+def _sweep(x: torch.Tensor, mats: Sequence[torch.Tensor], plan: ContractionPlan, scratch: bool = False) -> torch.Tensor:
+    """Run the plan's steps. ``scratch`` (inference only): intermediates go into reused per-thread buffers — a fresh
+    allocation of tens of MiB costs as much as the product (the pages are faulted in on every call); the result never
+    does."""
     t = x
-    for gi, cols in plan.steps:
-        t = _step(mats[gi], t, cols)
+    last = len(plan.steps) - 1
+    for i, (gi, cols) in enumerate(plan.steps):
+        t = _step(mats[gi], t, cols, i % 2 if scratch and i < last else None)
     return t.reshape(x.shape[0], -1)
 
 
-def tt_linear(x: torch.Tensor, mats: Sequence[torch.Tensor], plan: ContractionPlan) -> torch.Tensor:
-    """``(batch, ∏n) -> (batch, ∏m)`` through the group matrices that :func:`prepare_groups` made for ``plan``."""
+def tt_linear(x: torch.Tensor, mats: Sequence[torch.Tensor], plan: ContractionPlan, *,
+              scratch: bool = False) -> torch.Tensor:
+    """``(batch, ∏n) -> (batch, ∏m)`` through the group matrices that :func:`prepare_groups` made for ``plan``.
+
+    ``scratch`` (only without gradients): write big intermediates into reused per-thread buffers."""
     if x.dim() != 2 or x.shape[1] != math.prod(plan.in_sizes):
         raise ValueError(f"x has shape {tuple(x.shape)}: the plan expects (batch, {math.prod(plan.in_sizes)})")
     if len(mats) != len(plan.groups):
@@ -349,7 +402,9 @@ def tt_linear(x: torch.Tensor, mats: Sequence[torch.Tensor], plan: ContractionPl
             if tuple(mat.shape) != want:
                 raise ValueError(f"matrix {i} has shape {tuple(mat.shape)} but the plan (ranks {plan.ranks}) expects "
                                  f"{want}: plan again after a rank change")
-    return _sweep(x, mats, plan)
+    if scratch and torch.is_grad_enabled() and (x.requires_grad or any([m.requires_grad for m in mats])):
+        raise ValueError("scratch=True is only for calls without gradients (its buffers are overwritten)")
+    return _sweep(x, mats, plan, scratch)
 
 
 class MergedCache:
@@ -361,15 +416,18 @@ class MergedCache:
     a rank change or a device move can never serve stale data.
     """
 
-    __slots__ = ("key", "mats", "plans")
+    __slots__ = ("key", "mats", "plans", "last")
 
     def __init__(self) -> None:
         self.key: tuple | None = None
         self.mats: list[torch.Tensor] = []
         self.plans: dict[tuple, ContractionPlan] = {}
+        # the last gradient-free call: (signature, plan, matrices), so that a repeated inference call skips the
+        # planner and the cache lookups (~10 µs of Python, as much as a small layer's GEMM)
+        self.last: tuple | None = None
 
     def clear(self) -> None:
-        self.key, self.mats, self.plans = None, [], {}
+        self.key, self.mats, self.plans, self.last = None, [], {}, None
 
     def get(self, cores: Sequence[torch.Tensor], plan: ContractionPlan) -> list[torch.Tensor]:
         # storage and version identify the values (a move, a cast or ``.data =`` changes the storage; in-place
@@ -390,6 +448,13 @@ def tt_linear_apply(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.
     Plans are cached per (shapes, ranks, batch, dtype, device, grad mode, strategy). With a ``cache`` the plan is
     also memoized per call signature, and — when the cores need no gradient — merged groups are reused between calls.
     """
+    fast = cache is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    if fast:  # inference: a call like the last one reuses its plan and matrices outright
+        sig = (x.shape, x.dtype, x.device, contraction, cost_model, autotune, autotune_enabled(),
+               *[(c.data_ptr(), c._version) for c in cores])
+        last = cache.last
+        if last is not None and last[0] == sig:
+            return _run(x, last[2], last[1], bias, scratch=True)
     in_features = 1
     for c in cores:
         in_features *= c.shape[2]
@@ -416,13 +481,21 @@ def tt_linear_apply(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.
         plan = plan_for(cores, batch, dtype=x2.dtype, device=x2.device, needs_grad=needs_grad, input_grad=input_grad,
                         contraction=contraction, cache_merged=False, cost_model=cost_model, autotune=autotune)
         mats = prepare_groups(cores, plan)
+    if fast and plan.cache_merged:
+        cache.last = (sig, plan, mats)
+    return _run(x, mats, plan, bias, scratch=not needs_grad and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling())
+
+
+def _run(x: torch.Tensor, mats: Sequence[torch.Tensor], plan: ContractionPlan, bias: torch.Tensor | None,
+         scratch: bool = False) -> torch.Tensor:
+    """``(*, ∏n) -> (*, ∏m)`` through a plan's step matrices, plus the bias."""
     if plan.is_dense:
-        y = F.linear(x2, mats[0], bias)
-    else:
-        y = _sweep(x2, mats, plan)
-        if bias is not None:
-            y = y + bias
-    return y.reshape(*lead, y.shape[-1])
+        return F.linear(x, mats[0], bias)
+    y = _sweep(x.reshape(-1, x.shape[-1]), mats, plan, scratch)
+    if bias is not None:
+        y = y.add_(bias)  # y is a fresh product (never scratch) that no backward formula needs
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def tt_linear_flops(in_shape: Sequence[int], out_shape: Sequence[int], ranks: Sequence[int], batch: int = 1,

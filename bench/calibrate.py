@@ -1,0 +1,171 @@
+"""Fit the CPU cost model to this machine: time every candidate plan of the benchmark grid, then search constants.
+
+    python bench/calibrate.py --out runs/calibration.json          # measure (a few minutes), then fit
+    python bench/calibrate.py --fit runs/calibration.json          # fit again from saved measurements
+
+For each cell (shape, rank, batch; inference and training) every candidate contraction plan of the ``"auto"`` strategy
+whose cost-model estimate is within ``--within`` of the best estimate is timed side by side, in randomly ordered
+rounds as in ``bench/run.py`` (so each call runs after another candidate's, as layers do in a network). The fit is a
+coordinate search over the :class:`~torchtn.core.CostModel` constants that minimizes the geometric mean, over the
+cells, of (measured time of the model's pick) / (fastest measured candidate); it prints the constants and the
+per-cell losses before and after. The measurement is a plain function of the plans, so any constants can be scored
+again from the saved JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from worker import rounds  # noqa: E402
+
+from torchtn.core.contraction import CostModel, TTLinearProblem, prepare_groups, tt_linear  # noqa: E402
+from torchtn.core.contraction.cost import DEFAULT_COST_MODEL  # noqa: E402
+from torchtn.core.contraction.tt_linear_plans import _auto  # noqa: E402
+from torchtn.core.tt import bond_caps  # noqa: E402
+
+SHAPES = {"784x256": ((4, 7, 7, 4), (4, 4, 4, 4)), "1024x1024": ((4, 4, 8, 8), (4, 4, 8, 8)),
+          "4096x4096": ((8, 8, 8, 8), (8, 8, 8, 8))}  # as in bench/run.py
+RANKS, BATCHES = (4, 8, 16, 32), (1, 64, 256)
+FIELDS = ("peak_flops", "bandwidth", "call_overhead", "fat", "batched", "gemm_exp", "cols_exp", "side_exp")
+
+
+def _ranks(in_shape, out_shape, r):
+    return (1, *[min(r, c) for c in bond_caps(in_shape, out_shape)], 1)
+
+
+def _key(plan) -> str:
+    return f"{plan.direction}:{plan.groups}"
+
+
+def measure_cell(p: TTLinearProblem, within: float, reps: int) -> dict[str, float]:
+    """``{plan key: median ms}`` for the candidates of ``p`` within ``within``× of the best estimate."""
+    plans = sorted(_auto(p, DEFAULT_COST_MODEL), key=lambda c: c.seconds)
+    plans = [c for c in plans if c.seconds <= within * plans[0].seconds or c.is_dense]
+    gen = torch.Generator().manual_seed(0)
+    cores = [torch.randn(p.ranks[k], m, n, p.ranks[k + 1], generator=gen, requires_grad=p.training)
+             for k, (m, n) in enumerate(zip(p.out_shape, p.in_shape))]
+    x = torch.randn(p.batch, math.prod(p.in_shape), generator=gen)
+    fns = {}
+    for plan in plans:
+        if p.training:
+            def call(plan=plan):
+                for c in cores:
+                    c.grad = None
+                tt_linear(x, prepare_groups(cores, plan), plan).sum().backward()
+        else:
+            with torch.no_grad():
+                mats = prepare_groups(cores, plan) if plan.cache_merged else None
+
+            def call(plan=plan, mats=mats):
+                with torch.no_grad():
+                    tt_linear(x, mats if mats is not None else prepare_groups(cores, plan), plan, scratch=True)
+        fns[_key(plan)] = call
+    return rounds(fns, reps, warmup=2)
+
+
+def problems():
+    for name, (in_shape, out_shape) in SHAPES.items():
+        for r in RANKS:
+            for b in BATCHES:
+                for training in (False, True):
+                    yield name, TTLinearProblem(in_shape, out_shape, _ranks(in_shape, out_shape, r), b,
+                                                training=training, input_grad=False, cache_merged=not training)
+
+
+def loss(model: CostModel, cells: list[dict]) -> tuple[float, list[float]]:
+    """Geo-mean over cells of measured(model's pick among the measured candidates) / measured best."""
+    ratios = []
+    for cell in cells:
+        p = TTLinearProblem(**{**cell["problem"], "in_shape": tuple(cell["problem"]["in_shape"]),
+                               "out_shape": tuple(cell["problem"]["out_shape"]),
+                               "ranks": tuple(cell["problem"]["ranks"])})
+        times = cell["ms"]
+        priced = [(c.seconds, _key(c)) for c in _auto(p, model) if _key(c) in times]
+        pick = min(priced)[1]
+        ratios.append(times[pick] / min(times.values()))
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios)), ratios
+
+
+def _sample(rng: random.Random, start: CostModel) -> CostModel:
+    """A random model around ``start``: each rate and overhead scaled log-uniformly by up to 4×, exponents in (0, 1]."""
+    values = {}
+    for field in FIELDS:
+        if field in ("batched", "gemm_exp", "cols_exp", "side_exp"):
+            values[field] = rng.uniform(0.05, 1.0)
+        elif field == "fat":
+            values[field] = rng.choice([16, 32, 48, 64, 96, 128])
+        else:
+            values[field] = getattr(start, field) * 4 ** rng.uniform(-1, 1)
+    return dataclasses.replace(start, **values)
+
+
+def fit(cells: list[dict], start: CostModel = DEFAULT_COST_MODEL, rounds_: int = 3, samples: int = 800,
+        seed: int = 0) -> CostModel:
+    """Random search around ``start`` (``samples`` models), then a coordinate search from the best one (each constant
+    scaled by factors of 2^±k/2), keeping any strict improvement."""
+    best, best_loss = start, loss(start, cells)[0]
+    rng = random.Random(seed)
+    for _ in range(samples):
+        cand = _sample(rng, start)
+        cand_loss = loss(cand, cells)[0]
+        if cand_loss < best_loss - 1e-6:
+            best, best_loss = cand, cand_loss
+    for _ in range(rounds_):
+        for field in FIELDS:
+            for f in (0.25, 0.5, 0.71, 1.41, 2.0, 4.0):
+                value = getattr(best, field) * f
+                if field == "fat":
+                    value = max(8, int(round(value)))
+                if field in ("batched", "gemm_exp", "cols_exp", "side_exp"):
+                    value = min(1.0, value)
+                cand = dataclasses.replace(best, **{field: value})
+                cand_loss = loss(cand, cells)[0]
+                if cand_loss < best_loss - 1e-6:
+                    best, best_loss = cand, cand_loss
+    return best
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("runs/calibration.json"))
+    ap.add_argument("--fit", type=Path, help="fit from saved measurements instead of measuring")
+    ap.add_argument("--within", type=float, default=8.0)
+    ap.add_argument("--reps", type=int, default=7)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(torch.get_num_threads())
+    if args.fit:
+        cells = json.loads(args.fit.read_text())["cells"]
+    else:
+        cells = []
+        for name, p in problems():
+            ms = measure_cell(p, args.within, args.reps)
+            cells.append({"name": name, "problem": {k: v for k, v in dataclasses.asdict(p).items()
+                                                     if k not in ("dtype",)}, "ms": ms})
+            print(f"{name} r{max(p.ranks)} B{p.batch} {'train' if p.training else 'infer'}: "
+                  f"{len(ms)} candidates, best {min(ms.values()):.3f} ms", flush=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = args.out.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"torch": torch.__version__, "cells": cells}, indent=1))
+            tmp.replace(args.out)
+    before, r0 = loss(DEFAULT_COST_MODEL, cells)
+    fitted = fit(cells)
+    after, r1 = loss(fitted, cells)
+    print(f"\ngeo-mean pick/best: default {before:.3f} -> fitted {after:.3f}")
+    print("fitted:", {f: getattr(fitted, f) for f in FIELDS})
+    for cell, a, b in zip(cells, r0, r1):
+        if max(a, b) > 1.1:
+            p = cell["problem"]
+            print(f"  {cell['name']} ranks {p['ranks']} B{p['batch']} {'train' if p['training'] else 'infer'}: "
+                  f"{a:.2f} -> {b:.2f}")
+
+
+if __name__ == "__main__":
+    main()
