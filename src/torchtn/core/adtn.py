@@ -153,14 +153,17 @@ class ADTNPlan(MeasuredPlan):
 
 
 def _price(p: ADTNProblem, group: int, model: CostModel) -> ADTNPlan:
-    even, odd = brick_layer_pairs(p.Q)
-    passes = p.depth * (math.ceil(len(even) / group) + math.ceil(len(odd) / group))
-    size = 2 ** p.Q
-    itemsize = torch.empty((), dtype=p.dtype).element_size()
-    flops = 2.0 * passes * size * 4 ** group
-    seconds = passes * (2 * itemsize * size / model.bandwidth + model.call_overhead)
-    seconds = max(seconds, flops / model.peak_flops * (1.0 if 4 ** group >= model.fat else 2.0))
-    return ADTNPlan(group, seconds, flops)
+    """Every pass is one (batched) product of a ``4^g × 4^g`` block with the vector viewed as ``(2^first, 4^g,
+    rest)``, priced by the device's cost model like any other product."""
+    itemsize = p.dtype.itemsize
+    seconds, flops = 0.0, 0.0
+    for starts in brick_layer_pairs(p.Q):
+        for i in range(0, len(starts), group):
+            first, span = starts[i], 2 * len(starts[i:i + group])
+            block, rest = 2 ** span, 2 ** (p.Q - first - span)
+            seconds += model.matmul_seconds(2 ** first, block, block, rest, itemsize)
+            flops += 2.0 * 2 ** p.Q * block
+    return ADTNPlan(group, p.depth * seconds, p.depth * flops)
 
 
 @register_strategy(KIND, "auto")

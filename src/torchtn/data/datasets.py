@@ -160,8 +160,9 @@ def load_mnist(data_dir: str | os.PathLike | None) -> Dataset:
     """MNIST (60k/10k, 28×28) from the standard IDX files (``.gz`` or raw) in ``data_dir``."""
     if data_dir is None:
         raise DataFilesMissing(f"mnist: no data directory given. Put {_IDX_FILES} in a directory and pass it "
-                               f"(--data-dir DIR, or data_dir=DIR)")
-    return _load_idx_dir(Path(data_dir), "mnist", f"Put {_IDX_FILES} (or their unzipped forms) there.", (1, 28, 28))
+                               f"(--data-dir DIR, or data_dir=DIR); `make mnist` fetches them into data/mnist")
+    return _load_idx_dir(Path(data_dir), "mnist", f"Put {_IDX_FILES} (or their unzipped forms) there; `make mnist` "
+                                                  f"fetches them into data/mnist.", (1, 28, 28))
 
 
 class _Refused(pickle.UnpicklingError):
