@@ -198,3 +198,29 @@ def test_tensorize_with_adtn_fits_every_layer_and_reports_the_fit_error():
         torchtn.tensorize(model, method="adtn", rank=4)
     with pytest.raises(ValueError, match="method='tucker' is not allowed"):
         torchtn.tensorize(model, method="tucker", rank=4)
+
+
+@pytest.mark.parametrize("Q", [5, 9, 12])
+@pytest.mark.parametrize("group", [1, 2, 3])
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "tanh", "none"])
+def test_recomputing_backward_equals_autograd_through_every_pass(Q, group, activation):
+    """The hand-written backward (scratch buffers, recomputed passes; every branch of the block-gradient reduction
+    is reached across these Q and groups) against autograd through the stored passes."""
+    from torchtn.core.adtn import _passes
+
+    branches = set()
+    for first, span, _ in _passes(Q, group):
+        rest, a = 2 ** (Q - first - span), 2**span
+        branches.add("gemm" if rest == 1 else "one" if first == 0 else "bmm" if 2**first * a * a <= 2**Q else "perm")
+    gates = torch.randn(3, Q - 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(Q)) / 2
+    weights = torch.randn(2**Q, dtype=torch.float64)
+    grads = []
+    for recompute in (False, True):
+        g = gates.clone().requires_grad_()
+        out = adtn_generate(g, activation=activation, group=group, recompute=recompute)
+        (out * weights).sum().backward()
+        grads.append((out.detach(), g.grad))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-12)
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-9, atol=1e-11), branches
+    if (Q, group) == (12, 2):  # this case reaches every branch
+        assert branches == {"gemm", "one", "bmm", "perm"}

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 from .contraction.autotune import time_call
 from .contraction.cost import CostModel
@@ -71,25 +71,144 @@ def _kron(gates: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def _half_layer(x: torch.Tensor, gates: torch.Tensor, starts: list[int], Q: int, group: int) -> torch.Tensor:
-    """Apply the gates of one half-layer (on disjoint pairs starting at ``starts``), ``group`` at a time."""
-    for i in range(0, len(starts), group):
-        chunk = starts[i:i + group]
-        first, span = chunk[0], 2 * len(chunk)  # consecutive pairs: qubits first … first + span − 1
-        block = gates[i] if len(chunk) == 1 else _kron([gates[i + j] for j in range(len(chunk))])
-        rest = 2 ** (Q - first - span)
-        if rest == 1:  # the last qubits: one plain GEMM (a broadcast matmul with 1 column is ~6× slower)
-            x = x.reshape(-1, 2**span) @ block.T
-        else:
-            view = x.reshape(2 ** first, 2**span, rest)  # bmm on a stride-0 view: no copies of block or state
-            x = torch.bmm(block.expand(view.shape[0], -1, -1), view)
-    return x.reshape(-1)
+def _passes(Q: int, group: int) -> list[tuple[int, int, list[int]]]:
+    """The passes of one brick layer, in order: ``(first qubit, qubits spanned, indices of its gates)``."""
+    out, offset = [], 0
+    for starts in brick_layer_pairs(Q):
+        for i in range(0, len(starts), group):
+            chunk = starts[i:i + group]
+            out.append((chunk[0], 2 * len(chunk), [offset + i + j for j in range(len(chunk))]))
+        offset += len(starts)
+    return out
+
+
+def _blocks(layer_gates: torch.Tensor, passes) -> list[torch.Tensor]:
+    return [layer_gates[idx[0]] if len(idx) == 1 else _kron([layer_gates[i] for i in idx]) for _, _, idx in passes]
+
+
+def _apply_pass(x: torch.Tensor, block: torch.Tensor, first: int, span: int, Q: int,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """One pass: the ``2^span × 2^span`` block on qubits ``first … first + span − 1`` of the flat vector ``x``."""
+    rest = 2 ** (Q - first - span)
+    if rest == 1:  # the last qubits: one plain GEMM (a broadcast matmul with 1 column is ~6× slower)
+        return torch.mm(x.view(-1, 2**span), block.T, out=None if out is None else out.view(-1, 2**span)).view(-1)
+    view = x.view(2 ** first, 2**span, rest)  # bmm on a stride-0 view: no copies of block or state
+    res = torch.bmm(block.expand(view.shape[0], -1, -1), view, out=None if out is None else out.view(view.shape))
+    return res.view(-1)
 
 
 def _brick_layer(x: torch.Tensor, layer_gates: torch.Tensor, Q: int, group: int) -> torch.Tensor:
-    even, odd = brick_layer_pairs(Q)
-    x = _half_layer(x, layer_gates[:len(even)], even, Q, group)
-    return _half_layer(x, layer_gates[len(even):], odd, Q, group)
+    """One brick layer through autograd (every pass's output a fresh tensor)."""
+    passes = _passes(Q, group)
+    for (first, span, _), block in zip(passes, _blocks(layer_gates, passes)):
+        x = _apply_pass(x.contiguous(), block, first, span, Q)
+    return x
+
+
+def _activation_grad(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """``σ'(x)`` for the activations of :data:`ACTIVATIONS` (``x``: the pre-activation)."""
+    if activation == "relu":
+        return (x > 0).to(x.dtype)
+    if activation == "leaky_relu":
+        return (x > 0).to(x.dtype).mul_(0.99).add_(0.01)  # in x's dtype (a where() on two floats gives float32)
+    if activation == "tanh":
+        return 1 - torch.tanh(x) ** 2
+    return torch.ones_like(x)
+
+
+class _Generate(torch.autograd.Function):
+    """All brick layers at once, keeping only each layer's output for the backward pass.
+
+    Forward: the passes of a layer write into two reused per-thread scratch buffers (a fresh ``2^Q`` tensor has its
+    pages faulted in on every pass: ~15 ms at ``2^24``); only each layer's output is a new tensor. Backward, layer by
+    layer from the last: recompute the layer's pass inputs from its saved input, then run the passes backwards — the
+    state's gradient through scratch buffers, each block's gradient as one reduction, the gates' gradients through
+    the (tiny) Kronecker products by autograd, the activation's by its derivative.
+    """
+
+    @staticmethod
+    def forward(ctx, gates: torch.Tensor, activation: str, group: int) -> torch.Tensor:
+        from .contraction.tt_linear_plans import _scratch
+
+        depth, Q = gates.shape[0], gates.shape[1] + 1
+        size = 2 ** Q
+        passes = _passes(Q, group)
+        x = torch.zeros(size, dtype=gates.dtype, device=gates.device)
+        x[0] = 1
+        outputs = []
+        for m in range(depth):
+            u = _activate(x, activation) if m else x
+            blocks = _blocks(gates[m], passes)
+            for p, ((first, span, _), block) in enumerate(zip(passes, blocks)):
+                last = p == len(passes) - 1
+                u = _apply_pass(u, block, first, span, Q,
+                                out=None if last else _scratch(p % 2, size, gates.dtype, gates.device))
+            x = u
+            outputs.append(x)
+        ctx.save_for_backward(gates, *outputs[:-1])
+        ctx.meta = (activation, group)
+        return x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        from .contraction.tt_linear_plans import _scratch
+
+        gates, *inputs = ctx.saved_tensors
+        activation, group = ctx.meta
+        depth, Q = gates.shape[0], gates.shape[1] + 1
+        size = 2 ** Q
+        passes = _passes(Q, group)
+        grad_gates = torch.zeros_like(gates)
+        e0 = torch.zeros(size, dtype=gates.dtype, device=gates.device)
+        e0[0] = 1
+        g = grad.contiguous()
+        turn = 0  # the state's gradient alternates between two scratch buffers, across layers too
+        for m in range(depth - 1, -1, -1):
+            with torch.enable_grad():
+                layer_gates = gates[m].detach().requires_grad_()
+                blocks = _blocks(layer_gates, passes)
+            # the pass inputs of layer m, recomputed from its saved input
+            u = _activate(inputs[m - 1], activation) if m else e0
+            pass_inputs = [u]
+            for (first, span, _), block in zip(passes[:-1], blocks[:-1]):
+                u = _apply_pass(u, block.detach(), first, span, Q)
+                pass_inputs.append(u)
+            grad_blocks = []
+            for p in range(len(passes) - 1, -1, -1):
+                (first, span, _), block, u = passes[p], blocks[p].detach(), pass_inputs[p]
+                a, rest = 2**span, 2 ** (Q - first - span)
+                if rest == 1:
+                    gv, uv = g.view(-1, a), u.view(-1, a)
+                    grad_blocks.append(gv.T @ uv)
+                    slot = _scratch(2 + turn % 2, size, g.dtype, g.device)
+                    g = torch.mm(gv, block, out=slot.view(-1, a)).view(-1)
+                else:
+                    batch = 2**first
+                    gv, uv = g.view(batch, a, rest), u.view(batch, a, rest)
+                    if batch == 1:
+                        grad_blocks.append(gv[0] @ uv[0].T)
+                    elif batch * a * a <= size:  # per-slice products, summed: no bigger than the state
+                        part = _scratch(4, batch * a * a, g.dtype, g.device).view(batch, a, a)
+                        grad_blocks.append(torch.bmm(gv, uv.transpose(1, 2), out=part).sum(0))
+                    else:  # few columns per slice: bring the block index first, then one GEMM
+                        gp = _scratch(4, size, g.dtype, g.device).view(a, batch, rest)
+                        up = _scratch(5, size, g.dtype, g.device).view(a, batch, rest)
+                        gp.copy_(gv.transpose(0, 1))
+                        up.copy_(uv.transpose(0, 1))
+                        grad_blocks.append(gp.view(a, -1) @ up.view(a, -1).T)
+                    slot = _scratch(2 + turn % 2, size, g.dtype, g.device)
+                    g = torch.bmm(block.T.expand(batch, -1, -1), gv, out=slot.view(batch, a, rest)).view(-1)
+                pass_inputs[p] = None  # free as we go
+                turn += 1
+            grad_blocks.reverse()
+            grad_gates[m] = torch.autograd.grad(blocks, layer_gates, grad_blocks)[0]
+            if m:  # through the activation, to the previous layer's output (g is a scratch buffer: in place)
+                if activation == "relu":
+                    g = g.masked_fill_(inputs[m - 1] <= 0, 0.0)
+                elif activation != "none":
+                    g = g.mul_(_activation_grad(inputs[m - 1], activation))
+        return grad_gates, None, None
 
 
 def adtn_generate(gates: torch.Tensor, *, numel: int | None = None, activation: str = "relu",
@@ -98,8 +217,9 @@ def adtn_generate(gates: torch.Tensor, *, numel: int | None = None, activation: 
     """The generated tensor: ``gates (depth, Q − 1, 4, 4)`` -> ``(numel,)`` (default: all ``2^Q`` entries).
 
     ``group``: gates merged per pass (``None``: the planner's choice; ``1``: gate by gate). ``recompute``: keep only
-    each brick layer's input for the backward pass and recompute inside it (default: when the vector is large),
-    instead of storing one ``2^Q`` intermediate per pass.
+    each brick layer's output for the backward pass and recompute the passes inside it (default: when the vector is
+    large), instead of storing one ``2^Q`` intermediate per pass; that path (and generation without gradients) writes
+    the passes into reused scratch buffers.
     """
     if gates.dim() != 4 or gates.shape[-2:] != (4, 4) or gates.shape[1] < 1:
         raise ValueError(f"gates has shape {tuple(gates.shape)}: expected (depth, Q - 1, 4, 4)")
@@ -113,17 +233,16 @@ def adtn_generate(gates: torch.Tensor, *, numel: int | None = None, activation: 
         group = plan_adtn(Q, gates.shape[0], gates.dtype, gates.device, cost_model=cost_model).group
     if not (isinstance(group, int) and 1 <= group <= _MAX_GROUP):
         raise ValueError(f"group={group!r} is not allowed: expected 1 … {_MAX_GROUP}")
+    needs_grad = torch.is_grad_enabled() and gates.requires_grad
     if recompute is None:
-        recompute = torch.is_grad_enabled() and gates.requires_grad and size >= 2**16
-    x = torch.zeros(size, dtype=gates.dtype, device=gates.device)
-    x[0] = 1
-    for m in range(gates.shape[0]):
-        if m:
-            x = _activate(x, activation)
-        if recompute and not torch.compiler.is_compiling():
-            x = checkpoint(_brick_layer, x, gates[m], Q, group, use_reentrant=False)
-        else:
-            x = _brick_layer(x, gates[m], Q, group)
+        recompute = needs_grad and size >= 2**16
+    if torch.compiler.is_compiling() or (needs_grad and not recompute):
+        x = torch.zeros(size, dtype=gates.dtype, device=gates.device)
+        x[0] = 1
+        for m in range(gates.shape[0]):
+            x = _brick_layer(_activate(x, activation) if m else x, gates[m], Q, group)
+    else:
+        x = _Generate.apply(gates, activation, group)
     out = x if numel is None else x[:numel]
     return out * scale
 
