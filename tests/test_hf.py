@@ -4,6 +4,7 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
@@ -30,6 +31,27 @@ def tiny(tmp_path_factory):
                                      intermediate_size=96, max_position_embeddings=64)
     torch.manual_seed(0)
     model = transformers.BertModel(config).eval()
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tiny, tmp_path_factory):
+    """The tiny BERT with a 3-class sequence-classification head. A random BERT's pooled outputs barely differ between
+    texts, so the head reads their three main directions of variation, whitened (logits of spread ~3)."""
+    folder = tmp_path_factory.mktemp("tiny-bert-cls")
+    config = transformers.BertConfig.from_pretrained(str(tiny), num_labels=3)
+    torch.manual_seed(1)
+    model = transformers.BertForSequenceClassification(config).eval()
+    tokenizer = transformers.BertTokenizerFast.from_pretrained(str(tiny))
+    with torch.no_grad():
+        pooled = model.bert(**tokenizer(sentences(256, seed=7), padding=True, return_tensors="pt")).pooler_output
+        mean = pooled.mean(0)
+        _, sv, v = torch.linalg.svd(pooled - mean, full_matrices=False)
+        weight = 3.0 * v[:3] / (sv[:3, None] / 256**0.5)
+        model.classifier.weight.copy_(weight)
+        model.classifier.bias.copy_(-weight @ mean)
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     return folder
@@ -115,6 +137,36 @@ def test_healing_on_hidden_states_matches_every_token_too(tiny):
         assert token_loss() < 0.9 * before
 
 
+def test_healing_on_a_task_heads_logits(tiny, tiny_classifier, tmp_path):
+    teacher, tokenizer = hf.load_pretrained(tiny_classifier, head=True)
+    assert type(teacher).__name__ == "BertForSequenceClassification"
+    assert type(hf.load_pretrained(tiny_classifier)[0]).__name__ == "BertModel"  # without head: the bare encoder
+    student, _ = hf.compress(teacher, ratio=2.0)
+    assert isinstance(student.classifier, torch.nn.Linear)  # the head stays dense
+    texts, held_out = sentences(256, seed=1), sentences(64, seed=2)
+    t = hf.logits(teacher, tokenizer, held_out)
+    assert t.shape == (64, 3) and t.argmax(-1).unique().numel() > 1  # a head that tells texts apart
+    before = hf.head_quality(student, teacher, tokenizer, held_out, teacher_logits=t)
+    s = hf.logits(student, tokenizer, held_out)  # kl is KL(teacher ‖ student), averaged over texts
+    kl = (F.softmax(t, -1) * (F.log_softmax(t, -1) - F.log_softmax(s, -1))).sum(-1).mean()
+    assert before["kl"] == pytest.approx(float(kl), rel=1e-4)
+    history = hf.heal(student, teacher, tokenizer, texts, epochs=6, batch_size=32, lr=1e-3, val_texts=held_out,
+                      target="logits", temperature=2.0, progress=False)
+    after = hf.head_quality(student, teacher, tokenizer, held_out, teacher_logits=t)
+    assert after["kl"] < 0.8 * before["kl"] and after["agreement"] >= before["agreement"]
+    assert history[-1].metrics["agreement"] == pytest.approx(after["agreement"], abs=1e-6)
+    with pytest.raises(ValueError, match="needs a sequence-level head"):
+        hf.logits(hf.load_pretrained(tiny)[0], tokenizer, held_out[:2])
+    with pytest.raises(ValueError, match="target='sentences' is not allowed"):
+        hf.heal(student, teacher, tokenizer, texts, target="sentences")
+    with pytest.raises(ValueError, match="names no transformers task class"):
+        config = json.loads((tiny_classifier / "config.json").read_text())
+        folder = tmp_path / "no-arch"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**config, "architectures": []}))
+        hf.load_pretrained(folder, head=True)
+
+
 def test_bad_inputs_are_named(tiny, tmp_path):
     with pytest.raises(ValueError, match="is not a Hugging Face model folder"):
         hf.load_pretrained(tmp_path)
@@ -154,6 +206,21 @@ def test_command_line_compresses_heals_and_refuses_bad_input(tiny, tmp_path, cap
     assert main(["compress", "--hf-model", str(tiny), "--corpus", str(corpus), "--ratio", "500", "--out",
                  str(tmp_path / "y"), "--no-progress"]) == 2
     assert "unreachable" in capsys.readouterr().err
+
+
+def test_command_line_heals_a_task_head(tiny_classifier, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(sentences(300, seed=3)) + "\n")
+    out = tmp_path / "run"
+    assert main(["compress", "--hf-model", str(tiny_classifier), "--hf-head", "--corpus", str(corpus), "--ratio", "1.5",
+                 "--heal-minutes", "0.05", "--out", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["quality_after_healing"]) == {"agreement", "kl"}
+    assert results["quality_after_healing"]["kl"] <= results["quality_before_healing"]["kl"]
+    assert "top-class agreement with the original" in capsys.readouterr().out
+    assert type(hf.load(out / "model")).__name__ == "BertForSequenceClassification"
+    assert main(["compress", "--hf-head", "--out", str(tmp_path / "z"), "--no-progress"]) == 2
+    assert "--hf-head is for --hf-model" in capsys.readouterr().err
 
 
 def test_fortune_corpus_reader(tmp_path):

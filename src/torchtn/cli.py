@@ -127,6 +127,9 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="module-name glob patterns to keep dense, e.g. '*position_embeddings'")
     hfg.add_argument("--hidden-states", action="store_true",
                      help="heal on every token's hidden state too, not only the pooled sentence embedding")
+    hfg.add_argument("--hf-head", action="store_true",
+                     help="load the task class the model's config names (e.g. ...ForSequenceClassification) with its "
+                          "head, heal on its logits (distillation at --temperature) and report top-class agreement")
     hfg.add_argument("--allocation", choices=("absolute", "relative"), default="absolute",
                      help="how --ratio's budget is shared: least total error (default) or equal relative errors")
 
@@ -335,7 +338,7 @@ def _cmd_compress_hf(args: argparse.Namespace) -> int:
                             rank=None if args.rank is None else args.rank[0], rel_tol=args.rel_tol,
                             parts=tuple(args.parts), heal_minutes=args.heal_minutes, batch_size=args.batch_size,
                             allocation=args.allocation, hidden_states=args.hidden_states,
-                            skip=tuple(args.keep_dense),
+                            head=args.hf_head, temperature=args.temperature, skip=tuple(args.keep_dense),
                             lr=1e-4 if args.finetune_lr is None else args.finetune_lr, seed=args.seed)
         device = str(_device(args))
     except ValueError as err:
@@ -365,8 +368,10 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
     if args.hf_model is not None:
         return _cmd_compress_hf(args)
-    if args.corpus is not None:
-        return _fail("--corpus is for --hf-model")
+    for flag, given in (("--corpus", args.corpus is not None), ("--hf-head", args.hf_head),
+                        ("--hidden-states", args.hidden_states)):
+        if given:
+            return _fail(f"{flag} is for --hf-model")
 
     def make_config():
         return CompressConfig(dataset=args.dataset, data_dir=None if args.data_dir is None else str(args.data_dir),

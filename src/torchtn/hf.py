@@ -6,10 +6,11 @@ Optional extra (``pip install torchtn[hf]``); nothing else in torchtn imports ``
 * :func:`compress` — ``tensorize`` restricted to the chosen parts (attention projections, MLP, embeddings; a name
   filter), by rank, ``rel_tol`` or a whole-model ``ratio`` whose budget is shared by the spectra;
 * :func:`heal` — distillation from the original model on the user's text: the student's mean-pooled sentence
-  embeddings are pulled to the teacher's (normalized MSE + cosine), with the shared :class:`~torchtn.train.Trainer`
-  (time or epoch budget, progress, atomic checkpoints, resume);
-* :func:`quality`, :func:`throughput` — mean cosine to the original's sentence embeddings, nearest-neighbour
-  agreement, sentences per second;
+  embeddings are pulled to the teacher's (normalized MSE + cosine; optionally every token's hidden state), or — for a
+  task model with a sequence-level head — its logits (Hinton et al.'s loss at a temperature), with the shared
+  :class:`~torchtn.train.Trainer` (time or epoch budget, progress, atomic checkpoints, resume);
+* :func:`quality`, :func:`head_quality`, :func:`throughput` — mean cosine to the original's sentence embeddings,
+  nearest-neighbour agreement; the head's top-class agreement and KL divergence; sentences per second;
 * :func:`save` / :func:`load` — a directory with ``torchtn.safetensors`` (torchtn layers recorded), the model's own
   ``config.json`` and its tokenizer; ``load`` returns the same ``transformers`` class with torchtn layers inside;
   :func:`export_dense` writes merged dense weights that plain ``transformers`` loads.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ from .layers.registry import layer_types
 from .train import TrainConfig, Trainer
 
 __all__ = ["load_pretrained", "compress", "heal", "embed", "quality", "throughput", "save", "load", "export_dense",
-           "read_corpus", "PARTS", "part_of"]
+           "read_corpus", "PARTS", "part_of", "HeadLogits", "logits", "head_quality"]
 
 PARTS = ("attention", "mlp", "embeddings")
 _ATTENTION_WORDS = ("attention", "attn", "query", "key", "value", "q_proj", "k_proj", "v_proj", "o_proj")
@@ -49,17 +50,28 @@ def _transformers():
     return transformers
 
 
-def load_pretrained(path: str | os.PathLike) -> tuple[nn.Module, object]:
+def load_pretrained(path: str | os.PathLike, *, head: bool = False) -> tuple[nn.Module, object]:
     """``(model, tokenizer)`` from a local model folder, without network access (``AutoModel``, ``AutoTokenizer``;
-    ``HF_HUB_OFFLINE=1`` is set for the call). Raises ``ValueError`` naming the path when it is not a model folder."""
+    ``HF_HUB_OFFLINE=1`` is set for the call). ``head=True``: the task class the folder's config names
+    (``architectures``, e.g. ``BertForSequenceClassification``), with its head, instead of the bare encoder. Raises
+    ``ValueError`` naming the path when it is not a model folder."""
     tf = _transformers()
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ValueError(f"--hf-model {path} is not a Hugging Face model folder (no config.json there)")
+    cls = tf.AutoModel
+    if head:
+        import json
+
+        names = json.loads((path / "config.json").read_text()).get("architectures") or []
+        cls = getattr(tf, str(names[0]), None) if names else None
+        if not (isinstance(cls, type) and hasattr(cls, "from_pretrained")):
+            raise ValueError(f"--hf-model {path}: its config.json names no transformers task class in "
+                             f"'architectures' ({names!r}), so there is no head to load")
     old = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        model = tf.AutoModel.from_pretrained(str(path), local_files_only=True)
+        model = cls.from_pretrained(str(path), local_files_only=True)
         tokenizer = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as err:
         raise ValueError(f"--hf-model {path} could not be loaded: {str(err).splitlines()[0][:200]}") from None
@@ -152,6 +164,51 @@ class PooledEncoder(nn.Module):
         return torch.cat([pooled.unsqueeze(1), hidden * m], dim=1) if self.tokens else pooled
 
 
+class HeadLogits(nn.Module):
+    """``(batch, 2, L)`` [token ids; attention mask] ``-> (batch, classes)``: a task model's sequence-level logits
+    (classification or regression heads). Token-level heads (logits per token) are refused with a clear error."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = x[:, 1]
+        n = max(int(mask.sum(1).max()), 1)
+        out = self.model(input_ids=x[:, 0, :n], attention_mask=mask[:, :n])
+        logits = getattr(out, "logits", None)
+        if logits is None or logits.dim() != 2:
+            shape = None if logits is None else tuple(logits.shape)
+            raise ValueError(f"{type(self.model).__name__} gives logits of shape {shape}: healing on logits needs a "
+                             f"sequence-level head, logits (batch, classes)")
+        return logits
+
+
+@torch.no_grad()
+def logits(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 32,
+           max_length: int = 128) -> torch.Tensor:
+    """A task model's sequence-level logits ``(len(texts), classes)`` in eval mode (see :class:`HeadLogits`)."""
+    head = HeadLogits(model).eval()
+    device = next(model.parameters()).device
+    out = [head(_encode(tokenizer, texts[i:i + batch_size], max_length).to(device)).float().cpu()
+           for i in range(0, len(texts), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def head_quality(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 32,
+                 max_length: int = 128, teacher_logits: torch.Tensor | None = None) -> dict[str, float]:
+    """How close the student's task head is to the teacher's on ``texts``: ``agreement`` (fraction of texts with the
+    same top class) and ``kl`` (mean KL divergence of the teacher's class distribution from the student's, nats)."""
+    if not texts:
+        raise ValueError("head_quality needs some texts")
+    t = teacher_logits if teacher_logits is not None else logits(teacher, tokenizer, texts, batch_size=batch_size,
+                                                                  max_length=max_length)
+    s = logits(student, tokenizer, texts, batch_size=batch_size, max_length=max_length)
+    kl = F.kl_div(F.log_softmax(s.double(), -1), F.log_softmax(t.double(), -1), log_target=True,
+                  reduction="batchmean")
+    return {"agreement": float((s.argmax(-1) == t.argmax(-1)).double().mean()), "kl": float(kl)}
+
+
 @torch.no_grad()
 def embed(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 32,
           max_length: int = 128) -> torch.Tensor:
@@ -186,12 +243,13 @@ def _nearest(e: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def throughput(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 32, max_length: int = 128,
                repeats: int = 3) -> float:
-    """Sentences per second of mean-pooled encoding (``batch_size`` sentences per call, the best of ``repeats``
-    passes over ``texts`` after one warm-up batch)."""
-    pooled = PooledEncoder(model).eval()
+    """Sentences per second of mean-pooled encoding — or of the logits, for a task model with a head —
+    (``batch_size`` sentences per call, the best of ``repeats`` passes over ``texts`` after one warm-up batch)."""
     device = next(model.parameters()).device
     batches = [_encode(tokenizer, texts[i:i + batch_size], max_length).to(device)
                for i in range(0, len(texts), batch_size)]
+    first = model(input_ids=batches[0][:, 0], attention_mask=batches[0][:, 1])
+    pooled = (PooledEncoder(model) if hasattr(first, "last_hidden_state") else HeadLogits(model)).eval()
     pooled(batches[0])
     best = math.inf
     for _ in range(repeats):
@@ -228,9 +286,23 @@ def _token_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return _heal_loss(student[:, 0], teacher[:, 0]) + tokens
 
 
+def _kd_loss(temperature: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Hinton et al.'s distillation loss on logits: ``T²·KL(softmax(teacher/T) ‖ softmax(student/T))``."""
+    def loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return temperature ** 2 * F.kl_div(F.log_softmax(student / temperature, -1),
+                                           F.log_softmax(teacher / temperature, -1), log_target=True,
+                                           reduction="batchmean")
+    return loss
+
+
+def _agreement(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    return (student.argmax(-1) == teacher.argmax(-1)).to(student.dtype).mean()
+
+
 def heal(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str], *, minutes: float | None = None,
          epochs: int = 1, batch_size: int = 32, max_length: int = 64, lr: float = 1e-4, val_texts: Sequence[str] = (),
          steps_per_round: int | None = None, warmup_steps: int = 50, hidden_states: bool = False,
+         target: str = "embedding", temperature: float = 2.0,
          checkpoint: str | os.PathLike | None = None, resume: bool = False,
          progress: bool = True, seed: int = 0, device: str | torch.device | None = None) -> list:
     """Distil ``teacher`` into ``student`` (in place) on ``texts``: their mean-pooled sentence embeddings are matched
@@ -242,20 +314,34 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str]
     The teacher's embeddings are computed once up front. ``checkpoint`` (a ``.safetensors`` path) is written
     atomically after every round and ``resume`` continues it. Returns the trainer's history (validation ``loss`` and
     ``cosine`` on ``val_texts`` per round; without ``val_texts``, on 64 of ``texts``). ``hidden_states``: also match
-    every token's last hidden state (the teacher then runs beside the student at every step)."""
+    every token's last hidden state (the teacher then runs beside the student at every step).
+
+    ``target="logits"``: for a task model with a sequence-level head (loaded with ``load_pretrained(head=True)``),
+    match the head's logits instead — the distillation loss of Hinton et al. at ``temperature`` against the
+    teacher's logits (computed once up front); the validation metric is then ``agreement`` (same top class)."""
     if not texts:
         raise ValueError("heal needs some text (texts is empty)")
+    if target not in ("embedding", "logits"):
+        raise ValueError(f"target={target!r} is not allowed: expected 'embedding' or 'logits'")
+    if target == "logits" and hidden_states:
+        raise ValueError("hidden_states=True matches hidden states; it does not combine with target='logits'")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature={temperature!r} is not allowed: expected a number > 0")
     val_texts = list(val_texts) or list(texts[:64])
     x = _encode(tokenizer, texts, max_length)
     xv = _encode(tokenizer, val_texts, max_length)
-    y = embed(teacher, tokenizer, texts, batch_size=batch_size, max_length=max_length)
-    yv = embed(teacher, tokenizer, val_texts, batch_size=batch_size, max_length=max_length)
+    outputs = logits if target == "logits" else embed
+    y = outputs(teacher, tokenizer, texts, batch_size=batch_size, max_length=max_length)
+    yv = outputs(teacher, tokenizer, val_texts, batch_size=batch_size, max_length=max_length)
     data = Dataset("corpus", x, y, xv, yv, xv, yv, tuple(x.shape[1:]), 0)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=0.0, min_lr_fraction=1.0, seed=seed,
                       warmup_steps=warmup_steps,
                       progress=progress, desc="heal", eval_batch_size=batch_size, steps_per_epoch=steps_per_round,
                       max_seconds=None if minutes is None else 60.0 * minutes)
-    if hidden_states:
+    if target == "logits":
+        trainer = Trainer(HeadLogits(student), cfg, checkpoint=checkpoint, loss=_kd_loss(float(temperature)),
+                          metrics={"agreement": _agreement}, device=device)
+    elif hidden_states:
         trainer = Trainer(PooledEncoder(student, tokens=True), cfg, checkpoint=checkpoint, loss=_pooled_loss,
                           metrics={"cosine": _cosine}, device=device, teacher=PooledEncoder(teacher, tokens=True),
                           distill=1.0, distill_loss=_token_loss)

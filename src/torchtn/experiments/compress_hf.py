@@ -46,6 +46,8 @@ class HFCompressJob:
     allocation: str = "absolute"
     steps_per_round: int = 25  # healing batches between checkpoints / time-budget checks
     hidden_states: bool = False  # heal on every token's hidden state too, not only the pooled embedding
+    head: bool = False  # load the task class with its head; heal and measure on its logits
+    temperature: float = 2.0  # of the logits distillation (with head)
 
     def __post_init__(self) -> None:
         if sum(v is not None for v in (self.ratio, self.rank, self.rel_tol)) == 0:
@@ -56,6 +58,9 @@ class HFCompressJob:
         check_positive_int("eval_lines", self.eval_lines)
         check_positive_int("batch_size", self.batch_size)
         check_positive_int("max_length", self.max_length)
+        check_positive_real("temperature", self.temperature)
+        if self.head and self.hidden_states:
+            raise ValueError("--hidden-states heals on hidden states; with --hf-head the head's logits are matched")
 
 
 def _split(texts: list[str], eval_lines: int, seed: int) -> tuple[list[str], list[str]]:
@@ -78,7 +83,7 @@ def run_hf_compress(job: HFCompressJob, out: Path, *, resume: bool = False, prog
 
     started = time.perf_counter()
     out = Path(out)
-    teacher, tokenizer = hf.load_pretrained(job.model)
+    teacher, tokenizer = hf.load_pretrained(job.model, head=job.head)
     train_texts, eval_texts = _split(hf.read_corpus(job.corpus), job.eval_lines, job.seed)
     log(f"{job.model}: {type(teacher).__name__}, {sum(p.numel() for p in teacher.parameters()):,} parameters; "
         f"corpus: {len(train_texts):,} passages to heal on, {len(eval_texts):,} held out")
@@ -87,23 +92,33 @@ def run_hf_compress(job: HFCompressJob, out: Path, *, resume: bool = False, prog
                                   skip=job.skip, allocation=job.allocation)
     log(report.table())
     kw = {"batch_size": job.batch_size, "max_length": job.max_length}
-    reference = hf.embed(teacher, tokenizer, eval_texts, **kw)
-    before = hf.quality(student, teacher, tokenizer, eval_texts, teacher_embeddings=reference, **kw)
-    log(f"before healing: mean cosine {before['mean_cosine']:.4f}, nearest-neighbour agreement "
-        f"{before['nn_agreement']:.4f}")
+    if job.head:  # the task head's logits: top-class agreement and KL divergence
+        reference = hf.logits(teacher, tokenizer, eval_texts, **kw)
+
+        def measure() -> dict[str, float]:
+            return hf.head_quality(student, teacher, tokenizer, eval_texts, teacher_logits=reference, **kw)
+        names = {"agreement": "top-class agreement with the original", "kl": "KL divergence from the original"}
+    else:  # the sentence embeddings: cosine and nearest-neighbour agreement
+        reference = hf.embed(teacher, tokenizer, eval_texts, **kw)
+
+        def measure() -> dict[str, float]:
+            return hf.quality(student, teacher, tokenizer, eval_texts, teacher_embeddings=reference, **kw)
+        names = {"mean_cosine": "mean cosine to the original", "nn_agreement": "nearest-neighbour agreement"}
+    before = measure()
+    log("before healing: " + ", ".join(f"{names[k]} {v:.4f}" for k, v in before.items()))
     history = []
     if job.heal_minutes > 0:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         records = hf.heal(student, teacher, tokenizer, train_texts, minutes=job.heal_minutes, epochs=10_000,
                           lr=job.lr, val_texts=eval_texts[:64], checkpoint=out / "checkpoints" / "heal.safetensors",
                           steps_per_round=job.steps_per_round, hidden_states=job.hidden_states, resume=resume,
+                          target="logits" if job.head else "embedding", temperature=job.temperature,
                           progress=progress, seed=job.seed,
                           device=device, batch_size=job.batch_size)
         history = [asdict(r) for r in records]
         student.to("cpu")
-    after = hf.quality(student, teacher, tokenizer, eval_texts, teacher_embeddings=reference, **kw)
-    log(f"after healing ({len(history)} passes): mean cosine {after['mean_cosine']:.4f}, nearest-neighbour "
-        f"agreement {after['nn_agreement']:.4f}")
+    after = measure()
+    log(f"after healing ({len(history)} passes): " + ", ".join(f"{names[k]} {v:.4f}" for k, v in after.items()))
     speed_texts = eval_texts[:256]
     speed = {"original": hf.throughput(teacher, tokenizer, speed_texts, **kw),
              "compressed": hf.throughput(student, tokenizer, speed_texts, **kw)}
@@ -127,8 +142,7 @@ def run_hf_compress(job: HFCompressJob, out: Path, *, resume: bool = False, prog
              f"{params['original'] / params['compressed']:.2f}×"),
             ("file size (MB)", f"{sizes['original'] / 1e6:.1f}", f"{sizes['compressed'] / 1e6:.1f}",
              f"{sizes['original'] / sizes['compressed']:.2f}×"),
-            ("mean cosine to the original", "1", f"{before['mean_cosine']:.4f} → {after['mean_cosine']:.4f}", ""),
-            ("nearest-neighbour agreement", "1", f"{before['nn_agreement']:.4f} → {after['nn_agreement']:.4f}", ""),
+            *[(names[k], "0" if k == "kl" else "1", f"{before[k]:.4f} → {after[k]:.4f}", "") for k in names],
             ("sentences/s (batch 32, CPU)", f"{speed['original']:.1f}", f"{speed['compressed']:.1f}",
              f"{speed['compressed'] / speed['original']:.2f}×")]
     results["table"] = format_table(["", "original", "compressed (before → after healing)", "ratio"], rows)
