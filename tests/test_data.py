@@ -115,6 +115,46 @@ def test_cifar_loader_and_refuses_code(tmp_path):
         load_cifar10(evil_dir)
 
 
+def write_cifar100(directory: Path, n=10) -> Path:
+    """CIFAR-100's python-version layout: ``train`` and ``test`` with fine and coarse labels."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(2)
+    for name in ("train", "test"):
+        batch = {b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8), b"fine_labels": [7 * i % 100 for i in range(n)],
+                 b"coarse_labels": [i % 20 for i in range(n)], b"filenames": [b"x.png"] * n, b"batch_label": b"x"}
+        with open(directory / name, "wb") as fh:
+            pickle.dump(batch, fh, protocol=2)
+    return directory
+
+
+def test_cifar100_loader_fine_and_coarse_labels_and_refuses_code(tmp_path):
+    from torchtn.data import load_cifar100
+
+    root = write_cifar100(tmp_path / "cifar-100-python", n=20).parent
+    fine = load_cifar100(root)
+    assert fine.num_classes == 100 and fine.image_shape == (3, 32, 32)
+    assert fine.x_train.shape == (18, 3, 32, 32) and fine.x_test.shape == (20, 3, 32, 32)
+    assert sorted(fine.y_test.tolist()) == sorted(7 * i % 100 for i in range(20))
+    coarse = load_cifar100(root, labels="coarse")
+    assert coarse.num_classes == 20 and coarse.y_test.tolist() == [i % 20 for i in range(20)]
+    assert load_dataset("cifar100", root).num_classes == 100
+    with pytest.raises(DataFilesMissing, match="cifar100: train, test missing"):
+        load_cifar100(tmp_path / "nothing-here")
+    with pytest.raises(ValueError, match="labels='medium'"):
+        load_cifar100(root, labels="medium")
+
+    class Evil:
+        def __reduce__(self):
+            import os
+            return (os.system, ("echo pwned",))
+
+    evil = write_cifar100(tmp_path / "evil")
+    with open(evil / "train", "wb") as fh:
+        pickle.dump({b"data": Evil(), b"fine_labels": []}, fh, protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+        load_cifar100(evil)
+
+
 def test_digits_splits_are_fixed_and_standardized():
     a, b = load_digits(), load_digits()
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)

@@ -61,9 +61,31 @@ def test_vgg_and_densenet_mpo_maps_follow_the_paper():
     assert dn.fc.in_features == 448 and dn.fc.in_shape == (4, 4, 7, 4)
 
 
+def test_cifar_alexnet_and_zfnet_dense_mpo_adtn_and_vggs_two_adtn_maps():
+    from torchtn.layers import ADTNLinear
+    from torchtn.models import AlexNet, ZFNet
+
+    x = torch.randn(2, 3, 32, 32)
+    for cls in (AlexNet, ZFNet):
+        dense = cls(num_classes=100)
+        fc_in = dense.classifier[0].in_features
+        assert fc_in == {"alexnet": 256 * 4 * 4, "zfnet": 256 * 2 * 2}[cls.name]
+        assert dense(x).shape == (2, 100)
+        for layers in ("mpo", "adtn"):
+            model = cls(num_classes=100, layers=layers, adtn_depth=3)
+            assert model(x).shape == (2, 100)
+            again = build_model(model.config())
+            assert again.config() == model.config() and type(again) is cls
+    vgg = VGG16(layers="adtn", adtn_depth=2)
+    gens = [m for m in vgg.modules() if isinstance(m, ADTNLinear)]
+    # the 512→4096 and 4096→4096 maps (2^21 and 2^24 entries: Q = 21, 24), 16·depth·(Q−1) gate entries + 1 scale each
+    assert [m.param_report["generator"] for m in gens] == [16 * 2 * 20 + 1, 16 * 2 * 23 + 1]
+    assert isinstance(vgg.classifier[-1], torch.nn.Linear) and vgg.config()["adtn_depth"] == 2
+
+
 def test_build_model_errors():
-    with pytest.raises(ValueError, match="'alexnet' is not in the zoo"):
-        build_model({"name": "alexnet"})
+    with pytest.raises(ValueError, match="'googlenet' is not in the zoo"):
+        build_model({"name": "googlenet"})
     with pytest.raises(ValueError, match="invalid"):
         build_model({"name": "fc2", "in_features": 4, "colour": "red"})
     with pytest.raises(ValueError, match="layers='tt'"):

@@ -100,7 +100,9 @@ def test_train_refuses_bad_requests(tmp_path, capsys):
     assert main(["train", "--arch", "lenet5", "--out", str(tmp_path / "x")]) == 2
     assert "cannot take digits images" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-    assert main(["train", "--arch", "alexnet"]) == 2
+    assert main(["train", "--arch", "googlenet"]) == 2
+    assert main(["train", "--arch", "fc2", "--layers", "adtn", "--out", str(tmp_path / "a")]) == 2
+    assert "--layers adtn is wired for --arch alexnet, vgg16, zfnet" in capsys.readouterr().err
     assert main([*BASE, "--out", str(tmp_path / "r")]) == 0
     assert main([*BASE, "--out", str(tmp_path / "r"), "--resume", "--lr", "0.5"]) == 2
     assert "other settings (lr" in capsys.readouterr().err
@@ -117,6 +119,32 @@ def test_cifar_architectures_smoke_run_on_a_tiny_subset(tmp_path):
                      "--epochs", "1", "--batch-size", "16", "--no-progress", "--out", str(out)]) == 0
         row = json.loads((out / "results.json").read_text())["rows"][0]
         assert row["model"] == arch and row["layers"] == "mpo" and 0 <= row["test_accuracy"] <= 1
+
+
+def test_adtn_papers_cifar_networks_smoke_run_on_a_tiny_subset(tmp_path):
+    """Qing et al.'s CIFAR runs (AlexNet, ZFNet, VGG-16 on CIFAR-10/100) run where the files and a GPU are; here tiny
+    fake sets check the whole path, ADTN layers included."""
+    from test_data import write_cifar, write_cifar100
+
+    from torchtn.io import load_model, read_metadata
+    from torchtn.layers import ADTNLinear
+    from torchtn.models import build_model
+
+    c100 = write_cifar100(tmp_path / "cifar-100-python", n=16).parent
+    c10 = write_cifar(tmp_path / "cifar-10-batches-py", n=8).parent
+    for arch, layers, dataset, data in (("alexnet", "adtn", "cifar100", c100), ("zfnet", "mpo", "cifar100", c100),
+                                        ("vgg16", "adtn", "cifar10", c10)):
+        out = tmp_path / f"{arch}-{layers}"
+        assert main(["train", "--arch", arch, "--layers", layers, "--depth", "1", "--dataset", dataset,
+                     "--data-dir", str(data), "--epochs", "1", "--batch-size", "16", "--no-progress",
+                     "--out", str(out)]) == 0
+        row = json.loads((out / "results.json").read_text())["rows"][0]
+        assert row["model"] == arch and row["layers"] == layers and 0 <= row["test_accuracy"] <= 1
+        path = out / "model.safetensors"
+        model = load_model(path, build_model(read_metadata(path)["metadata"]["config"]))
+        adtn = [m for m in model.modules() if isinstance(m, ADTNLinear)]
+        assert len(adtn) == (2 if layers == "adtn" else 0) and all(m.generator.depth == 1 for m in adtn)
+        assert model.classifier[-1].out_features == (100 if dataset == "cifar100" else 10)
 
 
 def test_sweep_training_from_the_command_line(tmp_path, capsys):

@@ -60,7 +60,7 @@ def _add_run_options(p: argparse.ArgumentParser, job: str, epochs_help: str, lr:
     from .data import DATASETS
 
     p.add_argument("--dataset", choices=DATASETS, default="digits", help="default: digits (ships with scikit-learn)")
-    p.add_argument("--data-dir", type=Path, default=None, help="directory of the dataset's files (mnist, cifar10; "
+    p.add_argument("--data-dir", type=Path, default=None, help="directory of the dataset's files (mnist, cifar10, cifar100; "
                                                                "fashion-mnist defaults to the Debian package's)")
     p.add_argument("--epochs", type=_int_at_least("--epochs", 0), default=None, help=epochs_help)
     p.add_argument("--batch-size", type=_int_at_least("--batch-size", 1), default=128,
@@ -139,9 +139,12 @@ def _build_parser() -> argparse.ArgumentParser:
                                    "torchrun (e.g. torchrun --nproc_per_node 2 -m torchtn train ...).")
     _add_run_options(t, "train", "training epochs (default 10)", 1e-3)
     t.add_argument("--arch", choices=sorted(MODELS), default="fc2", help="zoo architecture (default fc2)")
-    t.add_argument("--layers", choices=("dense", "mpo"), default="dense",
-                   help="dense layers, or the architecture's MPO layers (default dense)")
+    t.add_argument("--layers", choices=("dense", "mpo", "adtn"), default="dense",
+                   help="dense layers, the architecture's MPO layers, or ADTN layers (alexnet, vgg16, zfnet: the "
+                        "two big fully connected maps) (default dense)")
     t.add_argument("--rank", type=_int_at_least("--rank", 1), default=4, help="MPO bond dimension (default 4)")
+    t.add_argument("--depth", type=_int_at_least("--depth", 1), default=2,
+                   help="brick layers of each ADTN, with --layers adtn (default 2)")
     t.add_argument("--optimizer", choices=("adamw", "sgd", "sweep"), default="adamw",
                    help="sweep: DMRG-style sweeps train the MPO layers (adaptive bonds), AdamW the rest")
     sw = t.add_argument_group("sweep training (--optimizer sweep)")
@@ -408,7 +411,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                         data_dir=None if args.data_dir is None else str(args.data_dir),
                         epochs=10 if args.epochs is None else args.epochs, batch_size=args.batch_size, lr=args.lr,
                         optimizer=args.optimizer, seed=args.seed, max_rank=args.max_rank, cutoff=args.cutoff,
-                        sweep_lr=args.sweep_lr, sweep_schedule=args.sweep_schedule)
+                        sweep_lr=args.sweep_lr, sweep_schedule=args.sweep_schedule, depth=args.depth)
 
     def prepare(job, data, out):
         check_writable(out)

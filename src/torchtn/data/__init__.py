@@ -4,6 +4,7 @@ from .datasets import (
     DataFilesMissing,
     Dataset,
     load_cifar10,
+    load_cifar100,
     load_dataset,
     load_digits,
     load_fashion_mnist,
@@ -12,4 +13,4 @@ from .datasets import (
 from .idx import read_idx
 
 __all__ = ["read_idx", "Dataset", "DataFilesMissing", "DATASETS", "load_dataset", "load_digits",
-           "load_fashion_mnist", "load_mnist", "load_cifar10"]
+           "load_fashion_mnist", "load_mnist", "load_cifar10", "load_cifar100"]

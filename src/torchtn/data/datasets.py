@@ -20,10 +20,10 @@ import torch
 from .._checks import check_choice
 from .idx import read_idx
 
-__all__ = ["Dataset", "load_dataset", "load_digits", "load_fashion_mnist", "load_mnist", "load_cifar10",
+__all__ = ["Dataset", "load_dataset", "load_digits", "load_fashion_mnist", "load_mnist", "load_cifar10", "load_cifar100",
            "DATASETS", "FASHION_MNIST_DIR", "DataFilesMissing"]
 
-DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10")
+DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 _SPLIT_SEED = 20240101  # fixed: splits never change with the experiment's seed
 
@@ -179,48 +179,63 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
-        raise _Refused(f"refusing to load {module}.{name} from a CIFAR-10 batch file")
+        raise _Refused(f"refusing to load {module}.{name} from a CIFAR batch file")
 
 
-_CIFAR_MAX_FILE = 64 << 20  # a real batch is ~31 MB
+_CIFAR_MAX_FILE = 64 << 20  # a real CIFAR-10 batch is ~31 MB
 _CIFAR_MAX_ROWS = 10_000
 
 
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR-10 python batch, validated structurally before any array is built from it.
+def _read_cifar_batch(path: Path, *, label_key: str = "labels", max_rows: int = _CIFAR_MAX_ROWS,
+                      max_bytes: int = _CIFAR_MAX_FILE, what: str = "CIFAR-10 batch") -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR python batch (CIFAR-10's ``data_batch_*``, CIFAR-100's ``train``/``test``), validated structurally
+    before any array is built from it.
 
-    ``data`` must be a ``(n, 3072)`` uint8 NumPy array and ``labels`` a flat list (or 1-D array) of ``n`` ints, with
-    ``n ≤ 10,000``: nested lists or shared references (which a few kilobytes of pickle can expand to gigabytes) are
-    refused, as is any global other than NumPy's array reconstruction.
+    ``data`` must be a ``(n, 3072)`` uint8 NumPy array and ``label_key`` a flat list (or 1-D array) of ``n`` ints,
+    with ``n ≤ max_rows``: nested lists or shared references (which a few kilobytes of pickle can expand to
+    gigabytes) are refused, as is any global other than NumPy's array reconstruction.
     """
     size = path.stat().st_size
-    if size > _CIFAR_MAX_FILE:
-        raise ValueError(f"{path} is {size:,} bytes: not a CIFAR-10 batch (those are ~31 MB)")
+    if size > max_bytes:
+        raise ValueError(f"{path} is {size:,} bytes: not a {what} (at most {max_bytes:,} expected)")
     try:
         with open(path, "rb") as fh:
             batch = _ArrayOnlyUnpickler(fh, encoding="bytes").load()
     except _Refused:
         raise
     except Exception as err:  # truncated or malformed pickles raise many types
-        raise ValueError(f"{path} is not a CIFAR-10 python batch ({type(err).__name__})") from None
+        raise ValueError(f"{path} is not a {what} ({type(err).__name__})") from None
     if not isinstance(batch, dict):
-        raise ValueError(f"{path} is not a CIFAR-10 python batch (expected a dict)")
+        raise ValueError(f"{path} is not a {what} (expected a dict)")
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
-    if "data" not in batch or "labels" not in batch:
-        raise ValueError(f"{path} is not a CIFAR-10 python batch (no 'data'/'labels' entries)")
-    data, labels = batch["data"], batch["labels"]
+    if "data" not in batch or label_key not in batch:
+        raise ValueError(f"{path} is not a {what} (no 'data'/{label_key!r} entries)")
+    data, labels = batch["data"], batch[label_key]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 \
-            or not 0 < data.shape[0] <= _CIFAR_MAX_ROWS:
+            or not 0 < data.shape[0] <= max_rows:
         shape = data.shape if isinstance(data, np.ndarray) else type(data).__name__
-        raise ValueError(f"{path}: 'data' must be a (n ≤ {_CIFAR_MAX_ROWS}, 3072) uint8 array, got {shape}")
+        raise ValueError(f"{path}: 'data' must be a (n ≤ {max_rows}, 3072) uint8 array, got {shape}")
     if isinstance(labels, np.ndarray):
         ok = labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer)
     else:
-        ok = isinstance(labels, list) and len(labels) <= _CIFAR_MAX_ROWS and all(
+        ok = isinstance(labels, list) and len(labels) <= max_rows and all(
             [isinstance(v, int) and not isinstance(v, bool) for v in labels])
     if not ok or len(labels) != data.shape[0]:
-        raise ValueError(f"{path}: 'labels' must be a flat list of {data.shape[0]} integers")
+        raise ValueError(f"{path}: {label_key!r} must be a flat list of {data.shape[0]} integers")
     return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
+
+
+def _cifar_dir(data_dir: str | os.PathLike | None, dataset: str, folder: str, files: list[str], how: str) -> Path:
+    """The directory holding ``files`` (``data_dir`` or its ``folder`` subdirectory), or a clear error."""
+    if data_dir is None:
+        raise DataFilesMissing(f"{dataset}: no data directory given. {how}")
+    directory = Path(data_dir)
+    if (directory / folder).is_dir():
+        directory = directory / folder
+    missing = [f for f in files if not (directory / f).is_file()]
+    if missing:
+        raise DataFilesMissing(f"{dataset}: {', '.join(missing)} missing in {directory}. {how}")
+    return directory
 
 
 def load_cifar10(data_dir: str | os.PathLike | None) -> Dataset:
@@ -228,18 +243,24 @@ def load_cifar10(data_dir: str | os.PathLike | None) -> Dataset:
     files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     how = (f"Put the CIFAR-10 python-version files ({', '.join(files)}) there — the folder cifar-10-batches-py "
            f"from cifar-10-python.tar.gz — and pass it with --data-dir.")
-    if data_dir is None:
-        raise DataFilesMissing(f"cifar10: no data directory given. {how}")
-    directory = Path(data_dir)
-    if (directory / "cifar-10-batches-py").is_dir():
-        directory = directory / "cifar-10-batches-py"
-    missing = [f for f in files if not (directory / f).is_file()]
-    if missing:
-        raise DataFilesMissing(f"cifar10: {', '.join(missing)} missing in {directory}. {how}")
+    directory = _cifar_dir(data_dir, "cifar10", "cifar-10-batches-py", files, how)
     parts = [_read_cifar_batch(directory / f) for f in files]
     x_tr = np.concatenate([p[0] for p in parts[:5]])
     y_tr = np.concatenate([p[1] for p in parts[:5]])
     return _finish("cifar10", x_tr, y_tr, parts[5][0], parts[5][1], 0.1, (3, 32, 32), 10)
+
+
+def load_cifar100(data_dir: str | os.PathLike | None, labels: str = "fine") -> Dataset:
+    """CIFAR-100 from its "python version" files (``train``, ``test``), read without running code (the same checks
+    as CIFAR-10's). ``labels``: ``"fine"`` (100 classes, the default) or ``"coarse"`` (20 superclasses)."""
+    check_choice("labels", labels, ("fine", "coarse"))
+    how = ("Put the CIFAR-100 python-version files (train, test) there — the folder cifar-100-python from "
+           "cifar-100-python.tar.gz — and pass it with --data-dir.")
+    directory = _cifar_dir(data_dir, "cifar100", "cifar-100-python", ["train", "test"], how)
+    read = {"label_key": f"{labels}_labels", "max_rows": 50_000, "max_bytes": 256 << 20, "what": "CIFAR-100 file"}
+    x_tr, y_tr = _read_cifar_batch(directory / "train", **read)
+    x_te, y_te = _read_cifar_batch(directory / "test", **read)
+    return _finish("cifar100", x_tr, y_tr, x_te, y_te, 0.1, (3, 32, 32), 100 if labels == "fine" else 20)
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
@@ -251,4 +272,6 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Datase
         return load_fashion_mnist(data_dir)
     if name == "mnist":
         return load_mnist(data_dir)
+    if name == "cifar100":
+        return load_cifar100(data_dir)
     return load_cifar10(data_dir)

@@ -32,7 +32,7 @@ from .stage import train_stage
 __all__ = ["CompressConfig", "CompressRow", "run_compress", "preflight", "DEFAULT_RANKS", "results_table"]
 
 DEFAULT_RANKS = (1, 2, 4, 8, 16)
-DEFAULT_EPOCHS = {"digits": 30, "fashion-mnist": 15, "mnist": 15, "cifar10": 15}
+DEFAULT_EPOCHS = {"digits": 30, "fashion-mnist": 15, "mnist": 15, "cifar10": 15, "cifar100": 15}
 
 
 @dataclass

@@ -29,7 +29,9 @@ from ..train import TrainConfig, Trainer, evaluate
 from ..train.sweep import SweepConfig, Sweeper
 from ..train.trainer import process_group
 
-__all__ = ["TrainJob", "run_train", "model_config", "check_train_job"]
+__all__ = ["TrainJob", "run_train", "model_config", "check_train_job", "ADTN_ARCHS"]
+
+ADTN_ARCHS = ("alexnet", "vgg16", "zfnet")  # zoo networks whose big fully connected maps can be ADTNs
 
 
 @dataclass
@@ -50,11 +52,16 @@ class TrainJob:
     cutoff: float = 0.0
     sweep_lr: float = 0.05
     sweep_schedule: str = "batch"
+    depth: int = 2  # brick layers of each ADTN, with layers="adtn"
 
     def __post_init__(self) -> None:
         check_choice("arch", self.arch, tuple(MODELS))
         check_choice("layers", self.layers, LAYER_KINDS)
+        if self.layers == "adtn" and self.arch not in ADTN_ARCHS:
+            raise ValueError(f"--layers adtn is wired for --arch {', '.join(ADTN_ARCHS)} (the ADTN paper's CIFAR "
+                             f"networks), not {self.arch}; FC2 and LeNet-5 with ADTN layers: torchtn reproduce adtn")
         check_positive_int("rank", self.rank)
+        check_positive_int("depth", self.depth)
         check_positive_int("batch_size", self.batch_size)
         check_positive_real("lr", self.lr)
 
@@ -78,7 +85,10 @@ def model_config(job: TrainJob, data: Dataset) -> dict:
     if job.arch == "hybrid":
         return {"name": "hybrid", "in_features": data.num_features, "out_features": data.num_classes,
                 "layers": job.layers, "rank": job.rank}
-    return {"name": job.arch, "num_classes": data.num_classes, "layers": job.layers, "rank": job.rank}
+    config = {"name": job.arch, "num_classes": data.num_classes, "layers": job.layers, "rank": job.rank}
+    if job.layers == "adtn":
+        config["adtn_depth"] = job.depth
+    return config
 
 
 def check_train_job(job: TrainJob, data: Dataset) -> None:

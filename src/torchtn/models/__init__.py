@@ -7,17 +7,17 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from .cifar import VGG16, DenseNet, ResNet18
+from .cifar import VGG16, AlexNet, DenseNet, ResNet18, ZFNet
 from .dtn import DeepTensorNetwork, SequenceClassifier, TensorBlock, TokenPredictor
 from .fc2 import FC2
 from .hybrid import HybridMLP
 from .lenet5 import LeNet5
 
-__all__ = ["FC2", "HybridMLP", "LeNet5", "VGG16", "ResNet18", "DenseNet", "build_model", "MODELS", "DeepTensorNetwork", "TensorBlock",
+__all__ = ["FC2", "HybridMLP", "LeNet5", "VGG16", "AlexNet", "ZFNet", "ResNet18", "DenseNet", "build_model", "MODELS", "DeepTensorNetwork", "TensorBlock",
            "SequenceClassifier", "TokenPredictor"]
 
 MODELS: dict[str, type[nn.Module]] = {"fc2": FC2, "lenet5": LeNet5, "vgg16": VGG16, "resnet18": ResNet18,
-                                      "densenet": DenseNet, "hybrid": HybridMLP}
+                                      "densenet": DenseNet, "hybrid": HybridMLP, "alexnet": AlexNet, "zfnet": ZFNet}
 
 
 def build_model(config: Mapping) -> nn.Module:

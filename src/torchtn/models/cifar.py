@@ -1,4 +1,5 @@
-"""CIFAR-size VGG-16, ResNet-18 and DenseNet with Gao et al.'s MPO placements (spec/mpo.md §4.3).
+"""CIFAR-size VGG-16, ResNet-18 and DenseNet with Gao et al.'s MPO placements (spec/mpo.md §4.3), and CIFAR-size
+AlexNet and ZFNet (Qing et al.'s ADTN networks).
 
 Where the paper's code fixes the placement it is followed; where the spec leaves it open the choice is stated in the
 class docstring and is configurable: ``layers="mpo"`` tensorizes the fully connected maps (the paper's choice for
@@ -14,9 +15,23 @@ from torch import nn
 from .._checks import check_positive_int
 from .blocks import conv2d, linear
 
-__all__ = ["VGG16", "ResNet18", "DenseNet"]
+__all__ = ["VGG16", "AlexNet", "ZFNet", "ResNet18", "DenseNet"]
 
 _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def _head(in_features: int, hidden: int, num_classes: int, layers: str, rank: int, depth: int, dropout: float,
+          shapes: Sequence = ((None, None),) * 3) -> nn.Sequential:
+    """``in → hidden → hidden → classes`` with ReLU and dropout. ``layers="mpo"``: all three maps MPOs (modes from
+    ``shapes``); ``"adtn"``: the two big maps ADTNs of ``depth`` brick layers (Qing et al. replace the two ~10⁷-weight
+    layers of VGG-16), the small classifier dense."""
+    last = "dense" if layers == "adtn" else layers
+    return nn.Sequential(
+        linear(in_features, hidden, layers, rank, in_shape=shapes[0][0], out_shape=shapes[0][1], depth=depth),
+        nn.ReLU(), nn.Dropout(dropout),
+        linear(hidden, hidden, layers, rank, in_shape=shapes[1][0], out_shape=shapes[1][1], depth=depth),
+        nn.ReLU(), nn.Dropout(dropout),
+        linear(hidden, num_classes, last, rank, in_shape=shapes[2][0], out_shape=shapes[2][1], depth=depth))
 
 
 class VGG16(nn.Module):
@@ -26,10 +41,12 @@ class VGG16(nn.Module):
     ``(4,4,4,4,2)→(4,4,8,8,4)``, 4096→4096 ``(4,4,8,8,4)²``, 4096→10 ``(4,4,8,8,4)→(1,10,1,1,1)``) and bond
     ``rank`` (4: 1,376 + 2,432 + 928 weights). ``mpo_convs=True`` also makes the 3×3 convolutions MPOs at the
     same bond. The paper's extra 2048→2048 maps on 2×2×512 feature maps are not reproduced (a documented choice).
+    ``layers="adtn"``: the 512→4096 and 4096→4096 maps as ADTNs of ``adtn_depth`` brick layers (Qing et al.'s
+    headline replaces exactly these two), the classifier dense.
     """
 
     def __init__(self, num_classes: int = 10, layers: str = "dense", rank: int = 4, mpo_convs: bool = False,
-                 dropout: float = 0.2) -> None:
+                 dropout: float = 0.2, adtn_depth: int = 2) -> None:
         super().__init__()
         self.num_classes = check_positive_int("num_classes", num_classes)
         blocks, c = [], 3
@@ -42,20 +59,72 @@ class VGG16(nn.Module):
             c = v
         self.features = nn.Sequential(*blocks, nn.Flatten())
         last = ((4, 4, 8, 8, 4), (1, 10, 1, 1, 1)) if num_classes == 10 else (None, None)
-        self.classifier = nn.Sequential(
-            linear(512, 4096, layers, rank, in_shape=(4, 4, 4, 4, 2), out_shape=(4, 4, 8, 8, 4)), nn.ReLU(),
-            nn.Dropout(dropout),
-            linear(4096, 4096, layers, rank, in_shape=(4, 4, 8, 8, 4), out_shape=(4, 4, 8, 8, 4)), nn.ReLU(),
-            nn.Dropout(dropout),
-            linear(4096, num_classes, layers, rank, in_shape=last[0], out_shape=last[1]))
+        shapes = (((4, 4, 4, 4, 2), (4, 4, 8, 8, 4)), ((4, 4, 8, 8, 4), (4, 4, 8, 8, 4)), last)
+        self.classifier = _head(512, 4096, num_classes, layers, rank, adtn_depth, dropout, shapes)
         self._cfg = {"name": "vgg16", "num_classes": num_classes, "layers": layers, "rank": rank,
                      "mpo_convs": mpo_convs, "dropout": dropout}
+        if layers == "adtn":
+            self._cfg["adtn_depth"] = adtn_depth
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
     def config(self) -> dict:
         return dict(self._cfg)
+
+
+class _AlexLike(nn.Module):
+    """Five ReLU convolutions with three max-pools, then ``flat → 4096 → 4096 → classes`` (see :func:`_head`)."""
+
+    name = ""
+    #: (out channels, kernel, stride, padding, pool after) per convolution; pools are 3×3 stride-2 (padding 1)
+    spec: tuple = ()
+
+    def __init__(self, num_classes: int = 10, layers: str = "dense", rank: int = 4, dropout: float = 0.5,
+                 adtn_depth: int = 2) -> None:
+        super().__init__()
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        blocks, c, size = [], 3, 32
+        for out, k, stride, pad, pool in self.spec:
+            blocks += [nn.Conv2d(c, out, k, stride, pad), nn.ReLU()]
+            size = (size + 2 * pad - k) // stride + 1
+            if pool:
+                blocks.append(nn.MaxPool2d(3, 2, padding=1))
+                size = (size - 1) // 2 + 1
+            c = out
+        self.features = nn.Sequential(*blocks, nn.Flatten())
+        self.classifier = _head(c * size * size, 4096, num_classes, layers, rank, adtn_depth, dropout)
+        self._cfg = {"name": self.name, "num_classes": num_classes, "layers": layers, "rank": rank,
+                     "dropout": dropout}
+        if layers == "adtn":
+            self._cfg["adtn_depth"] = adtn_depth
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+    def config(self) -> dict:
+        return dict(self._cfg)
+
+
+class AlexNet(_AlexLike):
+    """A CIFAR-size AlexNet for ``(batch, 3, 32, 32)`` inputs (our variant; the paper's CIFAR layout could not be
+    read): convolutions 64 (5×5), 192 (5×5), 384, 256, 256 (3×3), max-pools after the 1st, 2nd and 5th, no LRN;
+    then 4096 → 4096 → classes with dropout. ``layers="mpo"`` / ``"adtn"``: the fully connected maps (see
+    :func:`_head`); the convolutions stay dense."""
+
+    name = "alexnet"
+    spec = ((64, 5, 1, 2, True), (192, 5, 1, 2, True), (384, 3, 1, 1, False), (256, 3, 1, 1, False),
+            (256, 3, 1, 1, True))
+
+
+class ZFNet(_AlexLike):
+    """A CIFAR-size ZFNet for ``(batch, 3, 32, 32)`` inputs (our variant): as AlexNet with ZFNet's changes — a 7×7
+    stride-2 first convolution of 96 filters, then 256 (5×5), 384, 384, 256 (3×3) — and the same 4096 → 4096 →
+    classes head. ``layers`` as :class:`AlexNet`."""
+
+    name = "zfnet"
+    spec = ((96, 7, 2, 3, True), (256, 5, 1, 2, True), (384, 3, 1, 1, False), (384, 3, 1, 1, False),
+            (256, 3, 1, 1, True))
 
 
 class _Basic(nn.Module):
