@@ -26,9 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from worker import rounds  # noqa: E402
 
-from torchtn.core.contraction import CostModel, TTLinearProblem, prepare_groups, tt_linear  # noqa: E402
+from torchtn.core.contraction import CostModel, TTLinearProblem  # noqa: E402
 from torchtn.core.contraction.cost import DEFAULT_COST_MODEL  # noqa: E402
-from torchtn.core.contraction.tt_linear_plans import _auto  # noqa: E402
+from torchtn.core.contraction.tt_linear_plans import _auto, plan_call, random_operands  # noqa: E402
 from torchtn.core.tt import bond_caps  # noqa: E402
 
 SHAPES = {"784x256": ((4, 7, 7, 4), (4, 4, 4, 4)), "1024x1024": ((4, 4, 8, 8), (4, 4, 8, 8)),
@@ -49,26 +49,8 @@ def measure_cell(p: TTLinearProblem, within: float, reps: int) -> dict[str, floa
     """``{plan key: median ms}`` for the candidates of ``p`` within ``within``× of the best estimate."""
     plans = sorted(_auto(p, DEFAULT_COST_MODEL), key=lambda c: c.seconds)
     plans = [c for c in plans if c.seconds <= within * plans[0].seconds or c.is_dense]
-    gen = torch.Generator().manual_seed(0)
-    cores = [torch.randn(p.ranks[k], m, n, p.ranks[k + 1], generator=gen, requires_grad=p.training)
-             for k, (m, n) in enumerate(zip(p.out_shape, p.in_shape))]
-    x = torch.randn(p.batch, math.prod(p.in_shape), generator=gen)
-    fns = {}
-    for plan in plans:
-        if p.training:
-            def call(plan=plan):
-                for c in cores:
-                    c.grad = None
-                tt_linear(x, prepare_groups(cores, plan), plan).sum().backward()
-        else:
-            with torch.no_grad():
-                mats = prepare_groups(cores, plan) if plan.cache_merged else None
-
-            def call(plan=plan, mats=mats):
-                with torch.no_grad():
-                    tt_linear(x, mats if mats is not None else prepare_groups(cores, plan), plan, scratch=True)
-        fns[_key(plan)] = call
-    return rounds(fns, reps, warmup=2)
+    cores, x = random_operands(p)
+    return rounds({_key(plan): plan_call(p, plan, cores, x) for plan in plans}, reps, warmup=2)
 
 
 def problems():

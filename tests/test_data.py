@@ -87,6 +87,14 @@ def test_missing_files_are_named(tmp_path):
         load_dataset("imagenet")
 
 
+class Evil:
+    """Unpickling this would run a shell command: the loaders must refuse it."""
+
+    def __reduce__(self):
+        import os
+        return (os.system, ("echo pwned",))
+
+
 def write_cifar(directory: Path, n=10) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1)
@@ -102,11 +110,6 @@ def test_cifar_loader_and_refuses_code(tmp_path):
     data = load_cifar10(write_cifar(tmp_path / "cifar-10-batches-py").parent)
     assert data.x_train.shape == (45, 3, 32, 32) and data.x_test.shape == (10, 3, 32, 32)
     assert data.image_shape == (3, 32, 32)
-
-    class Evil:
-        def __reduce__(self):
-            import os
-            return (os.system, ("echo pwned",))
 
     evil_dir = write_cifar(tmp_path / "evil")
     with open(evil_dir / "data_batch_1", "wb") as fh:
@@ -142,11 +145,6 @@ def test_cifar100_loader_fine_and_coarse_labels_and_refuses_code(tmp_path):
         load_cifar100(tmp_path / "nothing-here")
     with pytest.raises(ValueError, match="labels='medium'"):
         load_cifar100(root, labels="medium")
-
-    class Evil:
-        def __reduce__(self):
-            import os
-            return (os.system, ("echo pwned",))
 
     evil = write_cifar100(tmp_path / "evil")
     with open(evil / "train", "wb") as fh:

@@ -185,14 +185,20 @@ class HeadLogits(nn.Module):
 
 
 @torch.no_grad()
+def _batched(wrapper: nn.Module, model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int,
+             max_length: int) -> torch.Tensor:
+    """``wrapper`` (around ``model``) applied to ``texts`` in batches, in eval mode, concatenated on the CPU."""
+    wrapper.eval()
+    device = next(model.parameters()).device
+    out = [wrapper(_encode(tokenizer, texts[i:i + batch_size], max_length).to(device)).float().cpu()
+           for i in range(0, len(texts), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 def logits(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 32,
            max_length: int = 128) -> torch.Tensor:
     """A task model's sequence-level logits ``(len(texts), classes)`` in eval mode (see :class:`HeadLogits`)."""
-    head = HeadLogits(model).eval()
-    device = next(model.parameters()).device
-    out = [head(_encode(tokenizer, texts[i:i + batch_size], max_length).to(device)).float().cpu()
-           for i in range(0, len(texts), batch_size)]
-    return torch.cat(out) if out else torch.zeros(0)
+    return _batched(HeadLogits(model), model, tokenizer, texts, batch_size, max_length)
 
 
 def head_quality(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 32,
@@ -209,15 +215,10 @@ def head_quality(student: nn.Module, teacher: nn.Module, tokenizer, texts: Seque
     return {"agreement": float((s.argmax(-1) == t.argmax(-1)).double().mean()), "kl": float(kl)}
 
 
-@torch.no_grad()
 def embed(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 32,
           max_length: int = 128) -> torch.Tensor:
     """Mean-pooled sentence embeddings ``(len(texts), hidden)`` (not normalized), in eval mode."""
-    pooled = PooledEncoder(model).eval()
-    device = next(model.parameters()).device
-    out = [pooled(_encode(tokenizer, texts[i:i + batch_size], max_length).to(device)).float().cpu()
-           for i in range(0, len(texts), batch_size)]
-    return torch.cat(out) if out else torch.zeros(0)
+    return _batched(PooledEncoder(model), model, tokenizer, texts, batch_size, max_length)
 
 
 def quality(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 32,

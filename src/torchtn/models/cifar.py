@@ -34,7 +34,25 @@ def _head(in_features: int, hidden: int, num_classes: int, layers: str, rank: in
         linear(hidden, num_classes, last, rank, in_shape=shapes[2][0], out_shape=shapes[2][1], depth=depth))
 
 
-class VGG16(nn.Module):
+class _FeaturesHead(nn.Module):
+    """``features`` then ``classifier``; ``config()`` is what :func:`~torchtn.models.build_model` rebuilds from."""
+
+    features: nn.Module
+    classifier: nn.Module
+
+    def _record(self, layers: str, adtn_depth: int, **cfg) -> None:
+        self._cfg = {**cfg, "layers": layers}
+        if layers == "adtn":  # only then: files of dense and MPO models keep their config
+            self._cfg["adtn_depth"] = adtn_depth
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+    def config(self) -> dict:
+        return dict(self._cfg)
+
+
+class VGG16(_FeaturesHead):
     """VGG-16 for ``(batch, 3, 32, 32)`` inputs: 13 BN-ReLU convolutions, then 512 → 4096 → 4096 → classes.
 
     ``layers="mpo"``: the three fully connected maps as MPOs with the paper's modes (512→4096
@@ -61,19 +79,11 @@ class VGG16(nn.Module):
         last = ((4, 4, 8, 8, 4), (1, 10, 1, 1, 1)) if num_classes == 10 else (None, None)
         shapes = (((4, 4, 4, 4, 2), (4, 4, 8, 8, 4)), ((4, 4, 8, 8, 4), (4, 4, 8, 8, 4)), last)
         self.classifier = _head(512, 4096, num_classes, layers, rank, adtn_depth, dropout, shapes)
-        self._cfg = {"name": "vgg16", "num_classes": num_classes, "layers": layers, "rank": rank,
-                     "mpo_convs": mpo_convs, "dropout": dropout}
-        if layers == "adtn":
-            self._cfg["adtn_depth"] = adtn_depth
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
-
-    def config(self) -> dict:
-        return dict(self._cfg)
+        self._record(layers, adtn_depth, name="vgg16", num_classes=num_classes, rank=rank, mpo_convs=mpo_convs,
+                     dropout=dropout)
 
 
-class _AlexLike(nn.Module):
+class _AlexLike(_FeaturesHead):
     """Five ReLU convolutions with three max-pools, then ``flat → 4096 → 4096 → classes`` (see :func:`_head`)."""
 
     name = ""
@@ -94,16 +104,7 @@ class _AlexLike(nn.Module):
             c = out
         self.features = nn.Sequential(*blocks, nn.Flatten())
         self.classifier = _head(c * size * size, 4096, num_classes, layers, rank, adtn_depth, dropout)
-        self._cfg = {"name": self.name, "num_classes": num_classes, "layers": layers, "rank": rank,
-                     "dropout": dropout}
-        if layers == "adtn":
-            self._cfg["adtn_depth"] = adtn_depth
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
-
-    def config(self) -> dict:
-        return dict(self._cfg)
+        self._record(layers, adtn_depth, name=self.name, num_classes=num_classes, rank=rank, dropout=dropout)
 
 
 class AlexNet(_AlexLike):

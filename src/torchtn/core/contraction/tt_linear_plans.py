@@ -22,7 +22,7 @@ import dataclasses
 import itertools
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -236,29 +236,40 @@ register_strategy(KIND, "rtl")(_core_by_core("rtl"))
 register_strategy(KIND, "ltr")(_core_by_core("ltr"))
 
 
+def random_operands(p: TTLinearProblem) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Seeded random cores and input of the problem's shapes, dtype, device and grad mode (for timing plans)."""
+    device = torch.device(p.device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    cores = [torch.randn(p.ranks[k], m, n, p.ranks[k + 1], dtype=p.dtype, device=device, generator=gen,
+                         requires_grad=p.training) for k, (m, n) in enumerate(zip(p.out_shape, p.in_shape))]
+    x = torch.randn(p.batch, math.prod(p.in_shape), dtype=p.dtype, device=device, generator=gen,
+                    requires_grad=p.training and p.input_grad)
+    return cores, x
+
+
+def plan_call(p: TTLinearProblem, plan: ContractionPlan, cores: Sequence[torch.Tensor],
+              x: torch.Tensor) -> Callable[[], None]:
+    """One call of ``plan`` as the layer makes it: forward + backward in training; in inference a forward on the
+    cached merged groups (when the plan caches them) with scratch buffers."""
+    if p.training:
+        def run() -> None:
+            for c in cores:
+                c.grad = None
+            tt_linear(x, prepare_groups(cores, plan), plan).sum().backward()
+        return run
+    with torch.no_grad():
+        fixed = prepare_groups(cores, plan) if plan.cache_merged else None
+
+    def run() -> None:
+        with torch.no_grad():
+            tt_linear(x, fixed if fixed is not None else prepare_groups(cores, plan), plan, scratch=True)
+    return run
+
+
 def _measure(p: TTLinearProblem):
     """``plan -> seconds`` on the problem's device, with random operands of the problem's shapes (for autotuning)."""
-    device = torch.device(p.device)
-
     def measure(plan: ContractionPlan) -> float:
-        gen = torch.Generator(device=device).manual_seed(0)
-        cores = [torch.randn(p.ranks[k], m, n, p.ranks[k + 1], dtype=p.dtype, device=device, generator=gen,
-                             requires_grad=p.training) for k, (m, n) in enumerate(zip(p.out_shape, p.in_shape))]
-        x = torch.randn(p.batch, math.prod(p.in_shape), dtype=p.dtype, device=device, generator=gen,
-                        requires_grad=p.training and p.input_grad)
-        if p.training:
-            def run():
-                for c in cores:
-                    c.grad = None
-                tt_linear(x, prepare_groups(cores, plan), plan).sum().backward()
-        else:
-            with torch.no_grad():
-                fixed = prepare_groups(cores, plan) if plan.cache_merged else None
-
-            def run():
-                with torch.no_grad():
-                    tt_linear(x, fixed if fixed is not None else prepare_groups(cores, plan), plan, scratch=True)
-        return time_call(run, device)
+        return time_call(plan_call(p, plan, *random_operands(p)), torch.device(p.device))
     return measure
 
 
