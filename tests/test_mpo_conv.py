@@ -9,14 +9,17 @@ from torch import nn
 from torchtn import MPOConv2d, load_model, save_model, tensorize
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(groups=st.sampled_from([1, 2]), k=st.sampled_from([1, 3, (3, 2)]), stride=st.integers(1, 2),
-       padding=st.integers(0, 2), dilation=st.integers(1, 2), mapping=st.sampled_from(["matrix", "spatial"]),
-       contraction=st.sampled_from(["auto", "rebuild", "patches"]), seed=st.integers(0, 1000))
+       padding=st.integers(0, 2), dilation=st.integers(1, 2),
+       mapping=st.sampled_from(["matrix", "spatial", "kernel"]),
+       contraction=st.sampled_from(["auto", "rebuild", "patches", "sequential"]), seed=st.integers(0, 1000))
 def test_forward_equals_conv2d_with_the_rebuilt_kernel(groups, k, stride, padding, dilation, mapping, contraction,
                                                         seed):
-    if contraction == "patches" and (mapping != "matrix" or groups != 1):
-        with pytest.raises(ValueError, match="patches"):
+    refused = ((contraction == "patches" and (mapping == "spatial" or groups != 1))
+               or (contraction == "sequential" and (mapping != "kernel" or groups != 1)))
+    if refused:
+        with pytest.raises(ValueError, match=contraction):
             MPOConv2d(4, 6, k, groups=groups, mapping=mapping, contraction=contraction)
         return
     torch.manual_seed(seed)
@@ -32,7 +35,7 @@ def test_forward_equals_conv2d_with_the_rebuilt_kernel(groups, k, stride, paddin
         assert torch.allclose(layer(x[0]), expected[0], atol=1e-12)  # unbatched input, as nn.Conv2d
 
 
-@pytest.mark.parametrize("mapping", ["matrix", "spatial"])
+@pytest.mark.parametrize("mapping", ["matrix", "spatial", "kernel"])
 def test_from_dense_full_rank_is_exact_and_padding_modes_match_nn_conv2d(mapping):
     for padding_mode, padding in (("zeros", 1), ("reflect", 2), ("circular", 1), ("replicate", "same")):
         conv = nn.Conv2d(4, 8, 3, padding=padding, padding_mode=padding_mode, dtype=torch.float64)
@@ -62,6 +65,39 @@ def test_gradcheck_and_patches_gradients_equal_rebuild_gradients():
     other(x).square().sum().backward()
     for a, b in zip(layer.parameters(), other.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
+def test_kernel_mapping_is_the_tt_of_the_4d_kernel_and_runs_as_four_small_convolutions():
+    layer = MPOConv2d(6, 10, (3, 2), rank=[4, 5, 3], mapping="kernel", dtype=torch.float64)
+    assert layer.in_shape == (6, 3, 2, 1) and layer.out_shape == (1, 1, 1, 10) and layer.ranks == (1, 4, 5, 3, 1)
+    g0, g1, g2, g3 = (c.detach() for c in layer.cores)  # K[o, c, i, j] = Σ G0[c,a] G1[a,i,b] G2[b,j,d] G3[d,o]
+    kernel = torch.einsum("ca,aib,bjd,do->ocij", g0[0, 0], g1[:, 0], g2[:, 0], g3[:, :, 0, 0])
+    assert torch.allclose(layer.to_dense(), kernel, atol=1e-12)
+    assert layer.num_weight_params == 6 * 4 + 4 * 3 * 5 + 5 * 2 * 3 + 3 * 10
+    x = torch.randn(2, 6, 9, 8, dtype=torch.float64, requires_grad=True)
+    for geometry in (dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2)), dict(padding="same"),
+                     dict(padding="valid", stride=2)):
+        ways = {c: MPOConv2d(6, 10, (3, 2), rank=[4, 5, 3], mapping="kernel", contraction=c, dtype=torch.float64,
+                             **geometry) for c in ("sequential", "rebuild")}
+        ways["rebuild"].load_state_dict(layer.state_dict())
+        ways["sequential"].load_state_dict(layer.state_dict())
+        args = (geometry.get("stride", 1), geometry.get("padding", 0), geometry.get("dilation", 1))
+        expected = F.conv2d(x, kernel, layer.bias, *args)
+        grads = []
+        for way in ways.values():
+            y = way(x)
+            assert torch.allclose(y, expected, atol=1e-12)
+            grads.append(torch.autograd.grad(y.square().sum(), [x, *way.parameters()]))
+        for a, b in zip(*grads):
+            assert torch.allclose(a, b, atol=1e-10)
+    with pytest.raises(ValueError, match="modes are fixed"):
+        MPOConv2d(6, 10, 3, mapping="kernel", in_shape=(2, 3, 9))
+    # at a strong compression the planner runs the four small convolutions
+    big = MPOConv2d(64, 64, 3, padding=1, rank=8, mapping="kernel")
+    with torch.no_grad():
+        big(torch.randn(4, 64, 16, 16))
+    assert "sequential" in big._merged.plans.values()
 
 
 def test_default_init_matches_nn_conv2d_and_weight_is_read_only():

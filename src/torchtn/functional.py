@@ -36,10 +36,11 @@ def mpo_linear(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tenso
 
 
 def conv_kernel_to_matrix(kernel: torch.Tensor, mapping: str = "matrix") -> torch.Tensor:
-    """A conv kernel ``(C_out, C_in/g, kh, kw)`` as the matrix an MPO holds: ``"matrix"`` — ``(C_out, C_in/g·kh·kw)``
-    in PyTorch's ``(channel, position)`` order; ``"spatial"`` — the same with the input index ``(position, channel)``."""
+    """A conv kernel ``(C_out, C_in/g, kh, kw)`` as the matrix an MPO holds: ``"matrix"`` (and ``"kernel"``) —
+    ``(C_out, C_in/g·kh·kw)`` in PyTorch's ``(channel, position)`` order; ``"spatial"`` — the same with the input
+    index ``(position, channel)``."""
     c_out, cin = kernel.shape[:2]
-    if mapping == "matrix":
+    if mapping != "spatial":
         return kernel.reshape(c_out, -1)
     return kernel.reshape(c_out, cin, -1).transpose(1, 2).reshape(c_out, -1)
 
@@ -49,7 +50,7 @@ def conv_kernel_from_matrix(matrix: torch.Tensor, in_per_group: int, kernel_size
     """The inverse of :func:`conv_kernel_to_matrix`: ``(C_out, fan_in) -> (C_out, C_in/g, kh, kw)``."""
     kh, kw = kernel_size
     c_out = matrix.shape[0]
-    if mapping == "matrix":
+    if mapping != "spatial":
         return matrix.reshape(c_out, in_per_group, kh, kw)
     return matrix.reshape(c_out, kh * kw, in_per_group).transpose(1, 2).reshape(c_out, in_per_group, kh, kw)
 
@@ -65,28 +66,35 @@ def mpo_conv2d(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tenso
                dense: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """2-D convolution with the kernel held by the TT-matrix ``cores`` (see :class:`torchtn.MPOConv2d`).
 
-    Shape: ``(batch, C_in, H, W) -> (batch, C_out, H', W')``. Two ways, chosen by the cost model unless
-    ``contraction`` says (``"rebuild"``/``"patches"``): rebuild the kernel (``dense()`` may return a cached dense
-    matrix) and call ``F.conv2d``; or unfold the input into patches ``(batch·H'·W', C_in·kh·kw)`` and contract them
-    through the cores with the planned ``tt_linear`` (``"matrix"`` mapping, ``groups == 1``, numeric padding only).
+    Shape: ``(batch, C_in, H, W) -> (batch, C_out, H', W')``. Three ways, chosen by the cost model unless
+    ``contraction`` says (``"rebuild"``/``"patches"``/``"sequential"``): rebuild the kernel (``dense()`` may return a
+    cached dense matrix) and call ``F.conv2d``; unfold the input into patches ``(batch·H'·W', C_in·kh·kw)`` and
+    contract them through the cores with the planned ``tt_linear`` (``"matrix"``/``"kernel"`` mapping, ``groups ==
+    1``, numeric padding only); or — for the ``"kernel"`` mapping (cores over ``C_in, kh, kw, C_out``), ``groups ==
+    1`` — four small convolutions in a row, one per core: 1×1 (``C_in → r₁``), ``kh×1`` (``r₁ → r₂``, the height's
+    stride, padding and dilation), ``1×kw`` (``r₂ → r₃``, the width's), 1×1 (``r₃ → C_out``, the bias).
     """
     in_per_group = math.prod([int(c.shape[2]) for c in cores]) // (kernel_size[0] * kernel_size[1])
-    patches_ok = mapping == "matrix" and groups == 1 and not isinstance(padding, str)
+    patches_ok = mapping in ("matrix", "kernel") and groups == 1 and not isinstance(padding, str)
+    sequential_ok = mapping == "kernel" and groups == 1
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
-    use_patches = contraction == "patches"
-    if contraction == "auto" and patches_ok:
-        use_patches = _patches_cheaper(x, cores, kernel_size, stride, padding, dilation, cost_model, cache)
-    if use_patches:
-        if not patches_ok:
-            raise ValueError("contraction='patches' needs mapping='matrix', groups=1 and numeric padding")
+    way = contraction if contraction != "auto" else _cheapest_way(x, cores, kernel_size, stride, padding, dilation,
+                                                                  patches_ok, sequential_ok, cost_model, cache)
+    if way == "patches" and not patches_ok:
+        raise ValueError("contraction='patches' needs mapping='matrix' or 'kernel', groups=1 and numeric padding")
+    if way == "sequential" and not sequential_ok:
+        raise ValueError("contraction='sequential' needs mapping='kernel' and groups=1")
+    if way == "patches":
         batch, _, h, w = x.shape
         ho = _out_size(h, kernel_size[0], stride[0], padding[0], dilation[0])
         wo = _out_size(w, kernel_size[1], stride[1], padding[1], dilation[1])
         cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)  # (B, fan_in, L)
         y = tt_linear_apply(cols.transpose(1, 2), cores, bias, cost_model=cost_model, cache=cache)  # (B, L, C_out)
         y = y.transpose(1, 2).reshape(batch, -1, ho, wo)
+    elif way == "sequential":
+        y = _sequential_conv(x, cores, bias, stride, padding, dilation)
     else:
         needs_grad = torch.is_grad_enabled() and any([c.requires_grad for c in cores])
         matrix = dense() if dense is not None and not needs_grad else tt_to_dense(cores)
@@ -95,24 +103,57 @@ def mpo_conv2d(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tenso
     return y.squeeze(0) if unbatched else y
 
 
-def _patches_cheaper(x, cores, kernel_size, stride, padding, dilation, cost_model, cache) -> bool:
-    """Price the two ways with the device's cost model (memoized per call signature in ``cache``)."""
+def _sequential_conv(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None,
+                     stride: Sequence[int], padding: Sequence[int] | str, dilation: Sequence[int]) -> torch.Tensor:
+    """The ``"kernel"`` mapping's convolution as four small ones: ``K[o, c, i, j] = Σ G₀[c, r₁] G₁[r₁, i, r₂]
+    G₂[r₂, j, r₃] G₃[r₃, o]``, so the height and width parts of the kernel act one after the other."""
+    g0, g1, g2, g3 = cores  # (1, 1, C_in, r1), (r1, 1, kh, r2), (r2, 1, kw, r3), (r3, C_out, 1, 1)
+    pad_h, pad_w = (padding, padding) if isinstance(padding, str) else ((padding[0], 0), (0, padding[1]))
+    y = F.conv2d(x, g0[0, 0].T[:, :, None, None])
+    y = F.conv2d(y, g1[:, 0].permute(2, 0, 1)[..., None], None, (stride[0], 1), pad_h, (dilation[0], 1))
+    y = F.conv2d(y, g2[:, 0].permute(2, 0, 1)[:, :, None, :], None, (1, stride[1]), pad_w, (1, dilation[1]))
+    return F.conv2d(y, g3[:, :, 0, 0].T[:, :, None, None], bias)
+
+
+def _cheapest_way(x, cores, kernel_size, stride, padding, dilation, patches_ok, sequential_ok, cost_model,
+                  cache) -> str:
+    """``"rebuild"``, ``"patches"`` or ``"sequential"``, priced by the device's cost model (memoized per call
+    signature in ``cache``)."""
+    if not (patches_ok or sequential_ok):
+        return "rebuild"
     needs_grad = torch.is_grad_enabled() and any([c.requires_grad for c in cores])
     key = ("conv", tuple(x.shape), x.dtype, x.device, needs_grad, tuple([c.shape for c in cores]))
     if cache is not None and key in cache.plans:
         return cache.plans[key]
     batch, _, h, w = x.shape
-    rows = batch * _out_size(h, kernel_size[0], stride[0], padding[0], dilation[0]) * _out_size(
-        w, kernel_size[1], stride[1], padding[1], dilation[1])
+    if isinstance(padding, str):  # "valid", or "same" (stride 1): the output keeps the input's size
+        ho, wo = (h, w) if padding == "same" else (_out_size(h, kernel_size[0], stride[0], 0, dilation[0]),
+                                                   _out_size(w, kernel_size[1], stride[1], 0, dilation[1]))
+    else:
+        ho = _out_size(h, kernel_size[0], stride[0], padding[0], dilation[0])
+        wo = _out_size(w, kernel_size[1], stride[1], padding[1], dilation[1])
+    rows = batch * ho * wo
+    model = cost_model if cost_model is not None else get_cost_model(x.device)
+    size = x.element_size()
+    passes = 3 if needs_grad else 1
     common = dict(dtype=x.dtype, device=x.device, needs_grad=needs_grad, input_grad=x.requires_grad,
                   cache_merged=not needs_grad, cost_model=cost_model)
-    rebuild = plan_for(cores, rows, contraction="dense", **common).seconds
-    best = plan_for(cores, rows, **common)
-    model = cost_model if cost_model is not None else get_cost_model(x.device)
     fan_in = math.prod([int(c.shape[2]) for c in cores])
     out = math.prod([int(c.shape[1]) for c in cores])
-    copies = model.copy_seconds(rows * fan_in, x.element_size()) + model.copy_seconds(rows * out, x.element_size())
-    cheaper = not best.is_dense and best.seconds + copies < rebuild
+    # rebuild: the kernel and one convolution, priced as the dense plan of its im2col GEMM
+    prices = {"rebuild": plan_for(cores, rows, contraction="dense", **common).seconds}
+    if patches_ok:
+        best = plan_for(cores, rows, **common)
+        if not best.is_dense:
+            prices["patches"] = (best.seconds + model.copy_seconds(rows * fan_in, size)
+                                 + model.copy_seconds(rows * out, size))
+    if sequential_ok:
+        cin, kh, kw = (int(c.shape[2]) for c in cores[:3])
+        r1, r2, r3 = (int(c.shape[3]) for c in cores[:3])
+        convs = [(batch * h * w, r1, cin), (batch * ho * w, r2, r1 * kh), (rows, r3, r2 * kw), (rows, out, r3)]
+        prices["sequential"] = passes * sum([model.matmul_seconds(n, a, k, 1, size) + model.copy_seconds(n * k, size)
+                                             for n, a, k in convs])
+    way = min(prices, key=prices.get)
     if cache is not None:
-        cache.plans[key] = cheaper
-    return cheaper
+        cache.plans[key] = way
+    return way

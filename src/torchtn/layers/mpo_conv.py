@@ -9,10 +9,14 @@ Two kernel mappings (Gao et al. 2020, §4.2 of ``spec/mpo.md``; which one the pa
   TT-matrix with input modes ``(kh·kw, c_1, …, c_d)`` and output modes ``(1, c'_1, …, c'_d)`` whose input index is
   ``(position, channel)``; the kernel is that matrix with its input index permuted to PyTorch's ``(channel,
   position)``.
+* ``"kernel"``: the TT of the 4-D kernel over ``(C_in, kh, kw, C_out)`` (the "TT convolution" of tltorch and of
+  Lebedev-style decompositions) — the im2col matrix with input modes ``(C_in/g, kh, kw, 1)`` and output modes
+  ``(1, 1, 1, C_out)``. Its convolution runs as four small ones in a row (1×1, ``kh×1``, ``1×kw``, 1×1).
 
-The forward pass is planned: the kernel is rebuilt from the cores (cached in inference) and handed to ``F.conv2d``,
-or — for the matrix mapping without groups — the input is unfolded into patches and contracted through the cores by
-the ``tt_linear`` planner, whichever the cost model prices lower (``contraction="rebuild"`` / ``"patches"`` forces one).
+The forward pass is planned: the kernel is rebuilt from the cores (cached in inference) and handed to ``F.conv2d``;
+or — for the matrix and kernel mappings without groups — the input is unfolded into patches and contracted through
+the cores by the ``tt_linear`` planner; or — for the kernel mapping — the four small convolutions run; whichever the
+cost model prices lowest (``contraction="rebuild"`` / ``"patches"`` / ``"sequential"`` forces one).
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ from .tt_layer import TTLayer
 
 __all__ = ["MPOConv2d"]
 
-_MAPPINGS = ("matrix", "spatial")
+_MAPPINGS = ("matrix", "spatial", "kernel")
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
@@ -43,10 +47,10 @@ class MPOConv2d(TTLayer):
 
     Arguments as ``nn.Conv2d`` (``stride``, ``padding`` incl. ``"same"``/``"valid"``, ``dilation``, ``groups``,
     ``bias``, ``padding_mode``, ``device``, ``dtype``), plus ``rank`` (an int caps every bond, or one per bond),
-    ``mapping`` (``"matrix"`` or ``"spatial"``, see the module docstring), ``in_shape``/``out_shape`` (the modes of
-    the kernel matrix's input and output sizes — for ``"spatial"``, of the channels only; default: balanced
-    factorizations) and ``contraction``
-    (``"auto"``, ``"rebuild"``, ``"patches"``). Initialized like ``nn.Conv2d``: ``Var(K) = 1/(3·fan_in)``.
+    ``mapping`` (``"matrix"``, ``"spatial"`` or ``"kernel"``, see the module docstring), ``in_shape``/``out_shape``
+    (the modes of the kernel matrix's input and output sizes — for ``"spatial"``, of the channels only; default:
+    balanced factorizations; fixed for ``"kernel"``) and ``contraction`` (``"auto"``, ``"rebuild"``, ``"patches"``,
+    ``"sequential"``). Initialized like ``nn.Conv2d``: ``Var(K) = 1/(3·fan_in)``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int], stride=1, padding=0,
@@ -58,9 +62,11 @@ class MPOConv2d(TTLayer):
         set_conv_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
         self.padding_mode = check_choice("padding_mode", padding_mode, _PADDING_MODES)
         self.mapping = check_choice("mapping", mapping, _MAPPINGS)
-        self.contraction = check_choice("contraction", contraction, ("auto", "rebuild", "patches"))
-        if self.contraction == "patches" and (self.mapping != "matrix" or self.groups != 1):
-            raise ValueError("contraction='patches' needs mapping='matrix' and groups=1")
+        self.contraction = check_choice("contraction", contraction, ("auto", "rebuild", "patches", "sequential"))
+        if self.contraction == "patches" and (self.mapping == "spatial" or self.groups != 1):
+            raise ValueError("contraction='patches' needs mapping='matrix' or 'kernel' and groups=1")
+        if self.contraction == "sequential" and (self.mapping != "kernel" or self.groups != 1):
+            raise ValueError("contraction='sequential' needs mapping='kernel' and groups=1")
         self.in_shape, self.out_shape = self._shapes(in_shape, out_shape)
         ranks = (1, *inner_ranks(rank, self.in_shape, self.out_shape, name="rank"), 1)
         self._init_cores(TTMatrix([torch.empty(ranks[k], m, n, ranks[k + 1], device=device, dtype=dtype)
@@ -78,6 +84,13 @@ class MPOConv2d(TTLayer):
         cin = self.in_channels // self.groups
         if self.mapping == "matrix":
             return _matrix_shapes(cin, self.out_channels, positions, in_shape, out_shape)
+        if self.mapping == "kernel":  # fixed modes: C_in, kh, kw in, C_out out
+            fixed = (cin, *self.kernel_size, 1), (1, 1, 1, self.out_channels)
+            for name, given, want in (("in_shape", in_shape, fixed[0]), ("out_shape", out_shape, fixed[1])):
+                if given is not None and tuple(given) != want:
+                    raise ValueError(f"{name}={tuple(given)!r} is not allowed with mapping='kernel': its modes are "
+                                     f"fixed, {want}")
+            return fixed
         # spatial: a leading site (m = 1, n = kh·kw), then channel sites
         chan_in, chan_out = resolve_shapes(cin, self.out_channels, in_shape, out_shape)
         return (positions, *chan_in), (1, *chan_out)
