@@ -93,6 +93,15 @@ def test_kernel_mapping_is_the_tt_of_the_4d_kernel_and_runs_as_four_small_convol
             assert torch.allclose(a, b, atol=1e-10)
     with pytest.raises(ValueError, match="modes are fixed"):
         MPOConv2d(6, 10, 3, mapping="kernel", in_shape=(2, 3, 9))
+    # tensorize gives every convolution these modes on request; the matrix mapping with them runs the same way
+    cnn = nn.Sequential(nn.Conv2d(6, 10, 3, padding=1), nn.ReLU(), nn.Conv2d(10, 4, (3, 2), stride=2)).double()
+    tt_cnn, _ = tensorize(cnn, rank=4, conv_modes="kernel")
+    assert [m.in_shape for m in tt_cnn if isinstance(m, MPOConv2d)] == [(6, 3, 3, 1), (10, 3, 2, 1)]
+    for m in tt_cnn:
+        if isinstance(m, MPOConv2d):
+            m.contraction = "sequential"
+    ref = nn.Sequential(tt_cnn[0].to_conv(), nn.ReLU(), tt_cnn[2].to_conv())
+    assert torch.allclose(tt_cnn(x.detach()), ref(x.detach()), atol=1e-12)
     # at a strong compression the planner runs the four small convolutions
     big = MPOConv2d(64, 64, 3, padding=1, rank=8, mapping="kernel")
     with torch.no_grad():

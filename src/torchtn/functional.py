@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .core.contraction import CostModel, MergedCache, get_cost_model, get_strategy, plan_for, tt_linear_apply
 from .core.tt import check_cores, tt_to_dense
 
-__all__ = ["mpo_linear", "mpo_conv2d", "conv_kernel_to_matrix", "conv_kernel_from_matrix"]
+__all__ = ["mpo_linear", "mpo_conv2d", "conv_kernel_to_matrix", "conv_kernel_from_matrix", "is_kernel_tt"]
 
 
 def mpo_linear(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None = None, *,
@@ -76,7 +76,7 @@ def mpo_conv2d(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tenso
     """
     in_per_group = math.prod([int(c.shape[2]) for c in cores]) // (kernel_size[0] * kernel_size[1])
     patches_ok = mapping in ("matrix", "kernel") and groups == 1 and not isinstance(padding, str)
-    sequential_ok = mapping == "kernel" and groups == 1
+    sequential_ok = groups == 1 and is_kernel_tt(cores, kernel_size, mapping)
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
@@ -85,7 +85,8 @@ def mpo_conv2d(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tenso
     if way == "patches" and not patches_ok:
         raise ValueError("contraction='patches' needs mapping='matrix' or 'kernel', groups=1 and numeric padding")
     if way == "sequential" and not sequential_ok:
-        raise ValueError("contraction='sequential' needs mapping='kernel' and groups=1")
+        raise ValueError("contraction='sequential' needs the kernel's TT over (C_in, kh, kw, C_out) (mapping='kernel')"
+                         " and groups=1")
     if way == "patches":
         batch, _, h, w = x.shape
         ho = _out_size(h, kernel_size[0], stride[0], padding[0], dilation[0])
@@ -101,6 +102,17 @@ def mpo_conv2d(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tenso
         kernel = conv_kernel_from_matrix(matrix, in_per_group, kernel_size, mapping)
         y = F.conv2d(x, kernel, bias, stride, padding, dilation, groups)
     return y.squeeze(0) if unbatched else y
+
+
+def is_kernel_tt(cores: Sequence[torch.Tensor], kernel_size: Sequence[int], mapping: str = "matrix") -> bool:
+    """Whether the cores are the TT of the 4-D kernel over ``(C_in, kh, kw, C_out)``: input modes ``(C_in, kh, kw,
+    1)`` and output modes ``(1, 1, 1, C_out)`` of the im2col matrix (the ``"kernel"`` mapping, or the ``"matrix"``
+    mapping with these modes) — the form that runs as four small convolutions."""
+    if mapping == "spatial" or len(cores) != 4:
+        return False
+    kh, kw = kernel_size
+    return ([tuple(c.shape[1:3]) for c in cores[1:]] == [(1, kh), (1, kw), (int(cores[3].shape[1]), 1)]
+            and tuple(cores[0].shape[:2]) == (1, 1))
 
 
 def _sequential_conv(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None,

@@ -270,6 +270,7 @@ def tensorize(
     depth: int = 2,
     fit_steps: int = 500,
     allocation: str = "absolute",
+    conv_modes: str = "matrix",
 ) -> tuple[nn.Module, TensorizeReport]:
     """A copy of ``model`` with its dense layers replaced by registered torchtn layers (TT-SVD of the trained weights).
 
@@ -283,7 +284,9 @@ def tensorize(
     of all weights, ``"relative"`` measures each layer's singular values in units of its own norm, so no layer is
     sacrificed for a larger-normed one (for pretrained transformers, whose layers differ in scale). ``skip``: module-name glob patterns (``"classifier*"``) or a
     callable ``(name, module) -> bool`` for layers to keep dense; ``shapes``: ``{name: (in_shape, out_shape)}`` to
-    override the default balanced 4-mode factorization. A layer whose MPO would hold as many parameters as the dense
+    override the default balanced 4-mode factorization; ``conv_modes="kernel"``: every ``nn.Conv2d`` not named in
+    ``shapes`` gets the modes of its 4-D kernel's TT over ``(C_in, kh, kw, C_out)``, which run as four small
+    convolutions (:func:`~torchtn.layers.mpo_conv.kernel_modes`). A layer whose MPO would hold as many parameters as the dense
     layer or more stays dense (the report says so; with ``ratio`` the budget is then shared by the others) unless
     ``allow_larger`` (e.g. for an exact full-rank conversion). Returns ``(new_model, report)``; the input is not
     modified.
@@ -296,6 +299,7 @@ def tensorize(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_choice("method", method, ("mpo", "adtn"))
     check_choice("allocation", allocation, ("absolute", "relative"))
+    check_choice("conv_modes", conv_modes, ("matrix", "kernel"))
     if method == "adtn":
         if rank is not None or rel_tol is not None or ratio is not None or shapes:
             raise ValueError("method='adtn' takes depth= and fit_steps=, not rank=, rel_tol=, ratio= or shapes=")
@@ -317,6 +321,13 @@ def tensorize(
     unknown = set(shapes) - {n for n, _, _ in targets}
     if unknown:
         raise ValueError(f"shapes names layers that are not converted: {sorted(unknown)}")
+    if conv_modes == "kernel":
+        from ..layers.mpo_conv import kernel_modes
+
+        for name, module, _ in targets:
+            if isinstance(module, nn.Conv2d) and name not in shapes:
+                shapes[name] = kernel_modes(module.in_channels // module.groups, module.out_channels,
+                                            module.kernel_size)
     layer_shapes = [cls.tt_shapes_for(module, *shapes.get(name, (None, None))) for name, module, cls in targets]
     # per-layer bond caps from `rank`, validated here so a bad value is reported under its own name
     if isinstance(rank, Mapping):

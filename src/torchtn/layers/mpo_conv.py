@@ -35,7 +35,7 @@ from ._conv import set_conv_geometry
 from .registry import register_layer
 from .tt_layer import TTLayer
 
-__all__ = ["MPOConv2d"]
+__all__ = ["MPOConv2d", "kernel_modes"]
 
 _MAPPINGS = ("matrix", "spatial", "kernel")
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -65,9 +65,12 @@ class MPOConv2d(TTLayer):
         self.contraction = check_choice("contraction", contraction, ("auto", "rebuild", "patches", "sequential"))
         if self.contraction == "patches" and (self.mapping == "spatial" or self.groups != 1):
             raise ValueError("contraction='patches' needs mapping='matrix' or 'kernel' and groups=1")
-        if self.contraction == "sequential" and (self.mapping != "kernel" or self.groups != 1):
-            raise ValueError("contraction='sequential' needs mapping='kernel' and groups=1")
         self.in_shape, self.out_shape = self._shapes(in_shape, out_shape)
+        kernel_tt = (self.in_shape, self.out_shape) == kernel_modes(self.in_channels // self.groups,
+                                                                    self.out_channels, self.kernel_size)
+        if self.contraction == "sequential" and (self.mapping == "spatial" or not kernel_tt or self.groups != 1):
+            raise ValueError("contraction='sequential' needs the kernel's TT over (C_in, kh, kw, C_out) "
+                             "(mapping='kernel') and groups=1")
         ranks = (1, *inner_ranks(rank, self.in_shape, self.out_shape, name="rank"), 1)
         self._init_cores(TTMatrix([torch.empty(ranks[k], m, n, ranks[k + 1], device=device, dtype=dtype)
                                    for k, (m, n) in enumerate(zip(self.out_shape, self.in_shape))]))
@@ -85,7 +88,7 @@ class MPOConv2d(TTLayer):
         if self.mapping == "matrix":
             return _matrix_shapes(cin, self.out_channels, positions, in_shape, out_shape)
         if self.mapping == "kernel":  # fixed modes: C_in, kh, kw in, C_out out
-            fixed = (cin, *self.kernel_size, 1), (1, 1, 1, self.out_channels)
+            fixed = kernel_modes(cin, self.out_channels, self.kernel_size)
             for name, given, want in (("in_shape", in_shape, fixed[0]), ("out_shape", out_shape, fixed[1])):
                 if given is not None and tuple(given) != want:
                     raise ValueError(f"{name}={tuple(given)!r} is not allowed with mapping='kernel': its modes are "
@@ -216,6 +219,12 @@ class MPOConv2d(TTLayer):
                 f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
                 f"bias={self.bias is not None}, mapping={self.mapping!r}, in_shape={self.in_shape}, "
                 f"out_shape={self.out_shape}, ranks={self.ranks}, compression={self.compression_ratio:.1f}x")
+
+
+def kernel_modes(in_channels: int, out_channels: int, kernel_size: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """``(in_shape, out_shape)`` of the im2col matrix whose TT is the 4-D kernel's over ``(C_in, kh, kw, C_out)``
+    (the ``"kernel"`` mapping; pass them as ``tensorize(shapes=…)`` or use ``tensorize(conv_modes="kernel")``)."""
+    return (in_channels, *kernel_size, 1), (1, 1, 1, out_channels)
 
 
 def _matrix_shapes(cin: int, cout: int, positions: int, in_shape, out_shape) -> tuple[tuple[int, ...], ...]:
