@@ -188,3 +188,28 @@ def test_cost_model_prices_page_faults_of_big_fresh_tensors():
              force="rtl")
     free = CostModel(fault_threshold=1 << 62)
     assert plan_tt_linear(**p, model=model).seconds > plan_tt_linear(**p, model=free).seconds
+
+
+def test_threads_sharing_one_layer_in_inference_get_their_own_results():
+    """Inference from several threads on one layer (different batch sizes, so different plans and merged matrices,
+    and scratch buffers per thread) equals the single-threaded results."""
+    import threading
+
+    layer = MPOLinear(1024, 1024, rank=8).double().eval()
+    inputs = [torch.randn(b, 1024, dtype=torch.float64) for b in (1, 3, 64, 200)]
+    with torch.no_grad():
+        expected = [layer(x) for x in inputs]
+    errors = []
+
+    def work(i: int) -> None:
+        with torch.no_grad():
+            for _ in range(30):
+                if not torch.allclose(layer(inputs[i]), expected[i], atol=1e-12):
+                    errors.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

@@ -424,31 +424,37 @@ class MergedCache:
     Plans are memoized per (batch, dtype, device, grad mode, strategy, cost model, autotune setting, core shapes), so
     a call that repeats skips the planner entirely. Merged matrices are keyed on the plan (grouping, ranks) and each
     core's storage and ``_version`` (bumped by in-place updates such as optimizer steps and ``load_state_dict``) — so
-    a rank change or a device move can never serve stale data.
+    a rank change or a device move can never serve stale data. Every entry is one tuple, replaced whole, so threads
+    calling the same layer at once never see a key with another call's matrices.
     """
 
-    __slots__ = ("key", "mats", "plans", "last")
+    __slots__ = ("entry", "plans", "last")
 
     def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.mats: list[torch.Tensor] = []
+        self.entry: tuple[tuple, list[torch.Tensor]] | None = None  # (key, merged matrices)
         self.plans: dict[tuple, ContractionPlan] = {}
         # the last gradient-free call: (signature, plan, matrices), so that a repeated inference call skips the
         # planner and the cache lookups (~10 µs of Python, as much as a small layer's GEMM)
         self.last: tuple | None = None
 
+    @property
+    def mats(self) -> list[torch.Tensor]:
+        """The merged matrices held now (empty when none)."""
+        return [] if self.entry is None else self.entry[1]
+
     def clear(self) -> None:
-        self.key, self.mats, self.plans, self.last = None, [], {}, None
+        self.entry, self.plans, self.last = None, {}, None
 
     def get(self, cores: Sequence[torch.Tensor], plan: ContractionPlan) -> list[torch.Tensor]:
         # storage and version identify the values (a move, a cast or ``.data =`` changes the storage; in-place
         # updates bump the version); the plan identifies the grouping and — through its ranks — the shapes
         key = (plan, *[(c.data_ptr(), c._version) for c in cores])
-        if self.key != key:
+        entry = self.entry
+        if entry is None or entry[0] != key:
             with torch.no_grad():
-                self.mats = prepare_groups(cores, plan)
-            self.key = key
-        return self.mats
+                entry = (key, prepare_groups(cores, plan))
+            self.entry = entry
+        return entry[1]
 
 
 def tt_linear_apply(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None = None, *,
