@@ -119,15 +119,16 @@ def _activation_grad(x: torch.Tensor, activation: str) -> torch.Tensor:
 class _Generate(torch.autograd.Function):
     """All brick layers at once, keeping only each layer's output for the backward pass.
 
-    Forward: the passes of a layer write into two reused per-thread scratch buffers (a fresh ``2^Q`` tensor has its
-    pages faulted in on every pass: ~15 ms at ``2^24``); only each layer's output is a new tensor. Backward, layer by
+    Forward: with ``scratch`` (training), the passes of a layer write into two reused per-thread scratch buffers (a
+    fresh ``2^Q`` tensor has its pages faulted in on every pass: ~15 ms at ``2^24``); only each layer's output is a
+    new tensor. Backward, layer by
     layer from the last: recompute the layer's pass inputs from its saved input, then run the passes backwards — the
     state's gradient through scratch buffers, each block's gradient as one reduction, the gates' gradients through
     the (tiny) Kronecker products by autograd, the activation's by its derivative.
     """
 
     @staticmethod
-    def forward(ctx, gates: torch.Tensor, activation: str, group: int) -> torch.Tensor:
+    def forward(ctx, gates: torch.Tensor, activation: str, group: int, scratch: bool) -> torch.Tensor:
         from .contraction.tt_linear_plans import _scratch
 
         depth, Q = gates.shape[0], gates.shape[1] + 1
@@ -141,8 +142,8 @@ class _Generate(torch.autograd.Function):
             blocks = _blocks(gates[m], passes)
             for p, ((first, span, _), block) in enumerate(zip(passes, blocks)):
                 last = p == len(passes) - 1
-                u = _apply_pass(u, block, first, span, Q,
-                                out=None if last else _scratch(p % 2, size, gates.dtype, gates.device))
+                u = _apply_pass(u, block, first, span, Q, out=None if last or not scratch
+                                else _scratch(p % 2, size, gates.dtype, gates.device))
             x = u
             outputs.append(x)
         ctx.save_for_backward(gates, *outputs[:-1])
@@ -208,7 +209,7 @@ class _Generate(torch.autograd.Function):
                     g = g.masked_fill_(inputs[m - 1] <= 0, 0.0)
                 elif activation != "none":
                     g = g.mul_(_activation_grad(inputs[m - 1], activation))
-        return grad_gates, None, None
+        return grad_gates, None, None, None
 
 
 def adtn_generate(gates: torch.Tensor, *, numel: int | None = None, activation: str = "relu",
@@ -218,8 +219,9 @@ def adtn_generate(gates: torch.Tensor, *, numel: int | None = None, activation: 
 
     ``group``: gates merged per pass (``None``: the planner's choice; ``1``: gate by gate). ``recompute``: keep only
     each brick layer's output for the backward pass and recompute the passes inside it (default: when the vector is
-    large), instead of storing one ``2^Q`` intermediate per pass; that path (and generation without gradients) writes
-    the passes into reused scratch buffers.
+    large), instead of storing one ``2^Q`` intermediate per pass; in training that path writes the passes into reused
+    per-thread scratch buffers (a few ``2^Q`` vectors, kept for the next step; ``torchtn.core.release_scratch()``
+    frees them).
     """
     if gates.dim() != 4 or gates.shape[-2:] != (4, 4) or gates.shape[1] < 1:
         raise ValueError(f"gates has shape {tuple(gates.shape)}: expected (depth, Q - 1, 4, 4)")
@@ -242,7 +244,9 @@ def adtn_generate(gates: torch.Tensor, *, numel: int | None = None, activation: 
         for m in range(gates.shape[0]):
             x = _brick_layer(_activate(x, activation) if m else x, gates[m], Q, group)
     else:
-        x = _Generate.apply(gates, activation, group)
+        # scratch buffers pay off when generating at every step (training); a generation without gradients (eval,
+        # cached by the layers) allocates instead of keeping two 2^Q buffers alive
+        x = _Generate.apply(gates, activation, group, needs_grad)
     out = x if numel is None else x[:numel]
     return out * scale
 
