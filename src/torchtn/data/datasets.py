@@ -187,7 +187,8 @@ _CIFAR_MAX_ROWS = 10_000
 
 
 def _read_cifar_batch(path: Path, *, label_key: str = "labels", max_rows: int = _CIFAR_MAX_ROWS,
-                      max_bytes: int = _CIFAR_MAX_FILE, what: str = "CIFAR-10 batch") -> tuple[np.ndarray, np.ndarray]:
+                      max_bytes: int = _CIFAR_MAX_FILE,
+                      what: str = "CIFAR-10 python batch") -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR python batch (CIFAR-10's ``data_batch_*``, CIFAR-100's ``train``/``test``), validated structurally
     before any array is built from it.
 
@@ -257,7 +258,8 @@ def load_cifar100(data_dir: str | os.PathLike | None, labels: str = "fine") -> D
     how = ("Put the CIFAR-100 python-version files (train, test) there — the folder cifar-100-python from "
            "cifar-100-python.tar.gz — and pass it with --data-dir.")
     directory = _cifar_dir(data_dir, "cifar100", "cifar-100-python", ["train", "test"], how)
-    read = {"label_key": f"{labels}_labels", "max_rows": 50_000, "max_bytes": 256 << 20, "what": "CIFAR-100 file"}
+    read = {"label_key": f"{labels}_labels", "max_rows": 50_000, "max_bytes": 256 << 20,
+            "what": "CIFAR-100 python file"}
     x_tr, y_tr = _read_cifar_batch(directory / "train", **read)
     x_te, y_te = _read_cifar_batch(directory / "test", **read)
     return _finish("cifar100", x_tr, y_tr, x_te, y_te, 0.1, (3, 32, 32), 100 if labels == "fine" else 20)
