@@ -149,6 +149,17 @@ def test_compress_a_users_trained_model_file(tmp_path, capsys):
     assert "entropy S_k per bond" in printed and "ratio-4" in printed
     row = json.loads((out / "results.json").read_text())["rows"][0]
     assert row["ratio"] >= 4 and 0 <= row["acc_after"] <= 1
+    # the same with the convolutions as kernel TTs (four small convolutions each)
+    fast = tmp_path / "kernel-modes"
+    assert main(["compress", "--dataset", "mnist", "--data-dir", str(data), "--arch", "lenet5", "--model-file",
+                 str(user), "--rank", "3", "--conv-modes", "kernel", "--finetune-epochs", "1", "--out", str(fast),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    from torchtn.io import read_metadata
+
+    layers = read_metadata(fast / "rank-3.safetensors")["layers"]
+    convs = [entry["spec"] for entry in layers.values() if entry["type"] == "MPOConv2d"]
+    assert convs and all(spec["in_shape"][1:] == [5, 5, 1] and spec["out_shape"][:3] == [1, 1, 1] for spec in convs)
 
     class Evil:
         def __reduce__(self):

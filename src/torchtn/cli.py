@@ -111,6 +111,9 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--arch", choices=sorted(MODELS), default="fc2", help="zoo architecture of the dense model")
     c.add_argument("--distill", type=_float_in("--distill", 0.0, 1.0, open_low=False), default=0.0,
                    help="healing: weight of knowledge distillation from the dense model, in [0, 1) (default 0)")
+    c.add_argument("--conv-modes", choices=("matrix", "kernel"), default="matrix",
+                   help="convolutions as an MPO of the im2col matrix (default) or as the TT of the 4-D kernel over "
+                        "(C_in, kh, kw, C_out), which runs as four small convolutions")
     c.add_argument("--temperature", type=_float_in("--temperature", 0.0, None), default=2.0,
                    help="healing: distillation temperature (default 2)")
     hfg = c.add_argument_group("a pretrained transformer (pip install 'torchtn[hf]')")
@@ -383,7 +386,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
                               lr=args.lr, finetune_lr=1e-3 if args.finetune_lr is None else args.finetune_lr,
                               seed=args.seed, arch=args.arch,
                               model_file=None if args.model_file is None else str(args.model_file),
-                              distill=args.distill, temperature=args.temperature)
+                              distill=args.distill, temperature=args.temperature, conv_modes=args.conv_modes)
 
     def run(config, data, out):
         results = run_compress(config, out, resume=args.resume, progress=not args.no_progress,

@@ -55,6 +55,7 @@ class CompressConfig:
     model_file: str | None = None  # start from these trained weights instead of training the dense model
     distill: float = 0.0  # healing: weight of the distillation loss from the dense model (0: plain fine-tuning)
     temperature: float = 2.0  # healing: distillation temperature
+    conv_modes: str = "matrix"  # "kernel": convolutions as the TT of their 4-D kernel (four small convolutions)
 
     def __post_init__(self) -> None:
         from ..models import MODELS
@@ -63,6 +64,7 @@ class CompressConfig:
         if not (isinstance(self.distill, (int, float)) and 0.0 <= self.distill < 1.0):
             raise ValueError(f"distill={self.distill!r} is not allowed: expected a number in [0, 1)")
         check_positive_real("temperature", self.temperature)
+        check_choice("conv_modes", self.conv_modes, ("matrix", "kernel"))
         if self.epochs is not None:
             check_nonnegative_int("epochs", self.epochs)
         if self.finetune_epochs is not None:
@@ -203,7 +205,7 @@ def preflight(config: CompressConfig, out: Path, resume: bool, data: Dataset) ->
         if config.model_file is not None:
             load_user_weights(model, config.model_file)
         if config.ratio is not None:  # reachability depends only on the layer sizes
-            tensorize(model, ratio=config.ratio)
+            tensorize(model, ratio=config.ratio, conv_modes=config.conv_modes)
     if resume:
         check_resume(out, "compress", ["dense.safetensors"], "compress_config", asdict(config), _effective)
 
@@ -238,7 +240,7 @@ def run_compress(config: CompressConfig, out: str | Path, *, resume: bool = Fals
     rows: list[CompressRow] = []
     for name, kwargs in config.settings():
         started = time.perf_counter()
-        model, report = tensorize(dense, **kwargs)
+        model, report = tensorize(dense, conv_modes=config.conv_modes, **kwargs)
         _, acc_before = evaluate(model, data.x_test, data.y_test)
         cfg = TrainConfig(epochs=config.tune_epochs, batch_size=config.batch_size, lr=config.finetune_lr,
                           seed=config.seed, progress=progress, desc=name)
