@@ -221,6 +221,8 @@ def test_command_line_heals_a_task_head(tiny_classifier, tmp_path, capsys):
     assert type(hf.load(out / "model")).__name__ == "BertForSequenceClassification"
     assert main(["compress", "--hf-head", "--out", str(tmp_path / "z"), "--no-progress"]) == 2
     assert "--hf-head is for --hf-model" in capsys.readouterr().err
+    assert main(["compress", "--keep-dense", "*pooler*", "--out", str(tmp_path / "z"), "--no-progress"]) == 2
+    assert "--keep-dense is for --hf-model" in capsys.readouterr().err
 
 
 def test_fortune_corpus_reader(tmp_path):

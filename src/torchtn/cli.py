@@ -375,7 +375,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     if args.hf_model is not None:
         return _cmd_compress_hf(args)
     for flag, given in (("--corpus", args.corpus is not None), ("--hf-head", args.hf_head),
-                        ("--hidden-states", args.hidden_states)):
+                        ("--hidden-states", args.hidden_states), ("--keep-dense", bool(args.keep_dense))):
         if given:
             return _fail(f"{flag} is for --hf-model")
 

@@ -75,7 +75,7 @@ def mpo_conv2d(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tenso
     stride, padding and dilation), ``1×kw`` (``r₂ → r₃``, the width's), 1×1 (``r₃ → C_out``, the bias).
     """
     in_per_group = math.prod([int(c.shape[2]) for c in cores]) // (kernel_size[0] * kernel_size[1])
-    patches_ok = mapping in ("matrix", "kernel") and groups == 1 and not isinstance(padding, str)
+    patches_ok = mapping != "spatial" and groups == 1 and not isinstance(padding, str)
     sequential_ok = groups == 1 and is_kernel_tt(cores, kernel_size, mapping)
     unbatched = x.dim() == 3
     if unbatched:

@@ -17,22 +17,24 @@ Optional extra (``pip install torchtn[hf]``); nothing else in torchtn imports ``
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import check_positive_real
 from ._modules import replace_submodule
 from .compress import TensorizeReport, tensorize
 from .data import Dataset
 from .io import load_model, read_metadata, save_model
 from .layers.registry import layer_types
-from .train import TrainConfig, Trainer
+from .train import TrainConfig, Trainer, distillation_loss
 
 __all__ = ["load_pretrained", "compress", "heal", "embed", "quality", "throughput", "save", "load", "export_dense",
            "read_corpus", "PARTS", "part_of", "HeadLogits", "logits", "head_quality"]
@@ -210,9 +212,7 @@ def head_quality(student: nn.Module, teacher: nn.Module, tokenizer, texts: Seque
     t = teacher_logits if teacher_logits is not None else logits(teacher, tokenizer, texts, batch_size=batch_size,
                                                                   max_length=max_length)
     s = logits(student, tokenizer, texts, batch_size=batch_size, max_length=max_length)
-    kl = F.kl_div(F.log_softmax(s.double(), -1), F.log_softmax(t.double(), -1), log_target=True,
-                  reduction="batchmean")
-    return {"agreement": float((s.argmax(-1) == t.argmax(-1)).double().mean()), "kl": float(kl)}
+    return {"agreement": float(_agreement(s.double(), t)), "kl": float(distillation_loss(s.double(), t.double()))}
 
 
 def embed(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 32,
@@ -249,9 +249,8 @@ def throughput(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size:
     device = next(model.parameters()).device
     batches = [_encode(tokenizer, texts[i:i + batch_size], max_length).to(device)
                for i in range(0, len(texts), batch_size)]
-    first = model(input_ids=batches[0][:, 0], attention_mask=batches[0][:, 1])
-    pooled = (PooledEncoder(model) if hasattr(first, "last_hidden_state") else HeadLogits(model)).eval()
-    pooled(batches[0])
+    warm_up = model.eval()(input_ids=batches[0][:, 0], attention_mask=batches[0][:, 1])  # also tells the model's kind
+    pooled = PooledEncoder(model) if hasattr(warm_up, "last_hidden_state") else HeadLogits(model)
     best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -287,15 +286,6 @@ def _token_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return _heal_loss(student[:, 0], teacher[:, 0]) + tokens
 
 
-def _kd_loss(temperature: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Hinton et al.'s distillation loss on logits: ``T²·KL(softmax(teacher/T) ‖ softmax(student/T))``."""
-    def loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return temperature ** 2 * F.kl_div(F.log_softmax(student / temperature, -1),
-                                           F.log_softmax(teacher / temperature, -1), log_target=True,
-                                           reduction="batchmean")
-    return loss
-
-
 def _agreement(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (student.argmax(-1) == teacher.argmax(-1)).to(student.dtype).mean()
 
@@ -326,8 +316,7 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str]
         raise ValueError(f"target={target!r} is not allowed: expected 'embedding' or 'logits'")
     if target == "logits" and hidden_states:
         raise ValueError("hidden_states=True matches hidden states; it does not combine with target='logits'")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature={temperature!r} is not allowed: expected a number > 0")
+    temperature = check_positive_real("temperature", temperature)
     val_texts = list(val_texts) or list(texts[:64])
     x = _encode(tokenizer, texts, max_length)
     xv = _encode(tokenizer, val_texts, max_length)
@@ -340,7 +329,8 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str]
                       progress=progress, desc="heal", eval_batch_size=batch_size, steps_per_epoch=steps_per_round,
                       max_seconds=None if minutes is None else 60.0 * minutes)
     if target == "logits":
-        trainer = Trainer(HeadLogits(student), cfg, checkpoint=checkpoint, loss=_kd_loss(float(temperature)),
+        trainer = Trainer(HeadLogits(student), cfg, checkpoint=checkpoint,
+                          loss=functools.partial(distillation_loss, temperature=temperature),
                           metrics={"agreement": _agreement}, device=device)
     elif hidden_states:
         trainer = Trainer(PooledEncoder(student, tokens=True), cfg, checkpoint=checkpoint, loss=_pooled_loss,

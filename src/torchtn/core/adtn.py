@@ -121,10 +121,9 @@ class _Generate(torch.autograd.Function):
 
     Forward: with ``scratch`` (training), the passes of a layer write into two reused per-thread scratch buffers (a
     fresh ``2^Q`` tensor has its pages faulted in on every pass: ~15 ms at ``2^24``); only each layer's output is a
-    new tensor. Backward, layer by
-    layer from the last: recompute the layer's pass inputs from its saved input, then run the passes backwards — the
-    state's gradient through scratch buffers, each block's gradient as one reduction, the gates' gradients through
-    the (tiny) Kronecker products by autograd, the activation's by its derivative.
+    new tensor. Backward, layer by layer from the last: recompute the layer's pass inputs from its saved input, then
+    run the passes backwards — the state's gradient through scratch buffers, each block's gradient as one reduction,
+    the gates' gradients through the (tiny) Kronecker products by autograd, the activation's by its derivative.
     """
 
     @staticmethod
@@ -278,14 +277,11 @@ class ADTNPlan(MeasuredPlan):
 def _price(p: ADTNProblem, group: int, model: CostModel) -> ADTNPlan:
     """Every pass is one (batched) product of a ``4^g × 4^g`` block with the vector viewed as ``(2^first, 4^g,
     rest)``, priced by the device's cost model like any other product."""
-    itemsize = p.dtype.itemsize
     seconds, flops = 0.0, 0.0
-    for starts in brick_layer_pairs(p.Q):
-        for i in range(0, len(starts), group):
-            first, span = starts[i], 2 * len(starts[i:i + group])
-            block, rest = 2 ** span, 2 ** (p.Q - first - span)
-            seconds += model.matmul_seconds(2 ** first, block, block, rest, itemsize)
-            flops += 2.0 * 2 ** p.Q * block
+    for first, span, _ in _passes(p.Q, group):
+        block, rest = 2**span, 2 ** (p.Q - first - span)
+        seconds += model.matmul_seconds(2**first, block, block, rest, p.dtype.itemsize)
+        flops += 2.0 * 2**p.Q * block
     return ADTNPlan(group, p.depth * seconds, p.depth * flops)
 
 

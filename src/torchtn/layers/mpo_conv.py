@@ -30,7 +30,7 @@ from torch import nn
 from .._checks import check_choice, check_rel_tol
 from ..core.factorize import resolve_shapes, suggest_shapes
 from ..core.tt import TTMatrix, inner_ranks
-from ..functional import conv_kernel_from_matrix, conv_kernel_to_matrix, mpo_conv2d
+from ..functional import conv_kernel_from_matrix, conv_kernel_to_matrix, is_kernel_tt, mpo_conv2d
 from ._conv import set_conv_geometry
 from .registry import register_layer
 from .tt_layer import TTLayer
@@ -66,14 +66,13 @@ class MPOConv2d(TTLayer):
         if self.contraction == "patches" and (self.mapping == "spatial" or self.groups != 1):
             raise ValueError("contraction='patches' needs mapping='matrix' or 'kernel' and groups=1")
         self.in_shape, self.out_shape = self._shapes(in_shape, out_shape)
-        kernel_tt = (self.in_shape, self.out_shape) == kernel_modes(self.in_channels // self.groups,
-                                                                    self.out_channels, self.kernel_size)
-        if self.contraction == "sequential" and (self.mapping == "spatial" or not kernel_tt or self.groups != 1):
-            raise ValueError("contraction='sequential' needs the kernel's TT over (C_in, kh, kw, C_out) "
-                             "(mapping='kernel') and groups=1")
         ranks = (1, *inner_ranks(rank, self.in_shape, self.out_shape, name="rank"), 1)
         self._init_cores(TTMatrix([torch.empty(ranks[k], m, n, ranks[k + 1], device=device, dtype=dtype)
                                    for k, (m, n) in enumerate(zip(self.out_shape, self.in_shape))]))
+        if self.contraction == "sequential" and not (
+                self.groups == 1 and is_kernel_tt(self.core_list(), self.kernel_size, self.mapping)):
+            raise ValueError("contraction='sequential' needs the kernel's TT over (C_in, kh, kw, C_out) "
+                             "(mapping='kernel') and groups=1")
         self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from .._checks import check_choice
-from ..layers import ADTNConv2d, ADTNLinear, MPOConv2d, MPOLinear
+from ..layers import ADTNLinear, MPOConv2d, MPOLinear
 
 __all__ = ["LAYER_KINDS", "linear", "conv2d"]
 
@@ -27,12 +27,9 @@ def linear(in_features: int, out_features: int, layers: str, rank: int | Sequenc
 
 
 def conv2d(in_channels: int, out_channels: int, kernel_size: int, layers: str, rank: int | Sequence[int], *,
-           stride: int = 1, padding: int | str = 0, bias: bool = True, depth: int = 2) -> nn.Module:
-    """``nn.Conv2d`` (``layers="dense"``), ``MPOConv2d`` (im2col-matrix mapping) with bonds ``rank`` (``"mpo"``), or
-    ``ADTNConv2d`` of ``depth`` brick layers (``"adtn"``)."""
-    check_choice("layers", layers, LAYER_KINDS)
+           stride: int = 1, padding: int | str = 0, bias: bool = True) -> nn.Module:
+    """``nn.Conv2d`` (``layers="dense"``) or ``MPOConv2d`` (im2col-matrix mapping) with bonds ``rank`` (``"mpo"``)."""
+    check_choice("layers", layers, ("dense", "mpo"))
     if layers == "dense":
         return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias)
-    if layers == "adtn":
-        return ADTNConv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias, depth=depth)
     return MPOConv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias, rank=rank)

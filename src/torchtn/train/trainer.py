@@ -25,7 +25,7 @@ from .device import resolve_device
 from .sweep import SweepConfig, Sweeper
 
 __all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "EpochRecord", "evaluate", "measure", "LOSSES", "accuracy",
-           "process_group"]
+           "distillation_loss", "process_group"]
 
 _OPTIMIZERS = ("adamw", "sgd", "sweep")
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -35,6 +35,14 @@ Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Fraction of rows whose arg-max over the last dimension equals the integer target."""
     return (outputs.argmax(-1) == targets).double().mean()
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Hinton et al.'s knowledge-distillation loss on logits ``(batch, …, classes)``:
+    ``T²·KL(softmax(teacher/T) ‖ softmax(student/T))``, averaged over the batch (at ``T = 1``: the plain KL)."""
+    return temperature ** 2 * F.kl_div(F.log_softmax(student / temperature, dim=-1),
+                                       F.log_softmax(teacher / temperature, dim=-1), log_target=True,
+                                       reduction="batchmean")
 
 
 def _mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -422,9 +430,8 @@ class Trainer:
             loss = (1 - self.distill) * loss + self.distill * self.distill_loss(out, target)
         elif self.teacher is not None:  # knowledge distillation (Hinton et al.): match the teacher's softened outputs
             with torch.no_grad():
-                target = F.softmax(self.teacher(xb) / self.temperature, dim=-1)
-            kd = F.kl_div(F.log_softmax(out / self.temperature, dim=-1), target, reduction="batchmean")
-            loss = (1 - self.distill) * loss + self.distill * self.temperature ** 2 * kd
+                target = self.teacher(xb)
+            loss = (1 - self.distill) * loss + self.distill * distillation_loss(out, target, self.temperature)
         return loss
 
     def fit(self, data: Dataset, resume: bool = False) -> list[EpochRecord]:

@@ -465,7 +465,8 @@ def tt_linear_apply(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.
     Plans are cached per (shapes, ranks, batch, dtype, device, grad mode, strategy). With a ``cache`` the plan is
     also memoized per call signature, and — when the cores need no gradient — merged groups are reused between calls.
     """
-    fast = cache is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    inference = not torch.is_grad_enabled() and not torch.compiler.is_compiling()  # scratch buffers allowed
+    fast = cache is not None and inference
     if fast:  # inference: a call like the last one reuses its plan and matrices outright
         sig = (x.shape, x.dtype, x.device, contraction, cost_model, autotune, autotune_enabled(),
                *[(c.data_ptr(), c._version) for c in cores])
@@ -500,8 +501,7 @@ def tt_linear_apply(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.
         mats = prepare_groups(cores, plan)
     if fast and plan.cache_merged:
         cache.last = (sig, plan, mats)
-    return _run(x, mats, plan, bias, scratch=not needs_grad and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling())
+    return _run(x, mats, plan, bias, scratch=inference)
 
 
 def _run(x: torch.Tensor, mats: Sequence[torch.Tensor], plan: ContractionPlan, bias: torch.Tensor | None,
