@@ -9,7 +9,6 @@ from torchtn import MPOLinear
 from torchtn.core import (
     ContractionPlan,
     CostModel,
-    merge_cores,
     plan_tt_linear,
     prepare_groups,
     set_autotune,
@@ -34,47 +33,6 @@ def test_every_plan_equals_dense(in_shape, out_shape, rank, direction):
         plan = ContractionPlan(groups, direction, 5, 0, 0.0, False, 0, ins, outs, ranks)
         y = tt_linear(x, prepare_groups(cores, plan), plan)
         assert torch.allclose(y, x @ w.T, atol=1e-10), (groups, direction)
-
-
-@pytest.mark.parametrize("in_shape,out_shape,rank", [((4, 7, 7, 4), (4, 4, 4, 4), 3), ((2, 3, 4), (5, 1, 2), 4),
-                                                     ((6,), (3,), 1)])
-@pytest.mark.parametrize("direction", ["rtl", "ltr"])
-@pytest.mark.parametrize("input_grad", [True, False])
-def test_training_sweep_gradients_equal_dense_autograd(in_shape, out_shape, rank, direction, input_grad):
-    """The hand-written backward of every plan (merges and steps) gives autograd's gradients of ``x Wᵀ + b``."""
-    from torchtn.core.contraction.tt_linear_plans import _TrainingSweep
-
-    ref_cores = [c.requires_grad_() for c in random_tt(in_shape, out_shape, rank)]
-    batch = 5
-    x = torch.randn(batch, math.prod(in_shape), dtype=torch.float64, requires_grad=input_grad)
-    bias = torch.randn(math.prod(out_shape), dtype=torch.float64, requires_grad=True)
-    g = torch.randn(batch, math.prod(out_shape), dtype=torch.float64)
-    want = torch.autograd.grad(((x @ tt_to_dense(ref_cores).T + bias) * g).sum(),
-                               [bias, *ref_cores] + ([x] if input_grad else []))
-    ranks = tuple([1] + [c.shape[3] for c in ref_cores])
-    for groups in _spans(len(ref_cores)):
-        ins = tuple(math.prod(in_shape[a:b]) for a, b in groups)
-        outs = tuple(math.prod(out_shape[a:b]) for a, b in groups)
-        plan = ContractionPlan(groups, direction, batch, 0, 0.0, False, 0, ins, outs, ranks, True)
-        cores = [c.detach().requires_grad_() for c in ref_cores]
-        y = _TrainingSweep.apply(plan, x, bias, *cores)
-        assert torch.allclose(y, x @ tt_to_dense(cores).T + bias, atol=1e-10)
-        got = torch.autograd.grad((y * g).sum(), [bias, *cores] + ([x] if input_grad else []))
-        for a, b in zip(got, want):
-            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-10), (groups, direction)
-
-
-def test_merge_cores_grad_equals_autograd():
-    from torchtn.core.tt import merge_cores_grad
-
-    for d in (1, 2, 3, 5):
-        cores = [c.requires_grad_() for c in random_tt((2, 3, 1, 2, 3)[:d], (3, 1, 2, 2, 2)[:d], 3)]
-        levels: list = []
-        merged = merge_cores(cores, levels)
-        g = torch.randn_like(merged)
-        want = torch.autograd.grad((merged * g).sum(), cores)
-        got = merge_cores_grad([[t.detach() for t in level] for level in levels], g)
-        assert len(got) == d and all(torch.allclose(a, b, atol=1e-12) for a, b in zip(got, want))
 
 
 def test_planner_prefers_sweeps_for_big_low_rank_layers_and_dense_for_tiny_cached_ones():

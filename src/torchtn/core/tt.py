@@ -204,42 +204,18 @@ def _merge_pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out.permute(0, 1, 3, 2, 4, 5).reshape(ra, mm * m, nn * n, rb)
 
 
-def _merge_pair_grad(a: torch.Tensor, b: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`_merge_pair`'s two cores given the merged core's gradient ``grad``."""
-    ra, mm, nn, r = a.shape
-    _, m, n, rb = b.shape
-    g = grad.reshape(ra, mm, m, nn, n, rb).permute(0, 1, 3, 2, 4, 5).reshape(ra * mm * nn, m * n * rb)
-    return (g @ b.reshape(r, -1).T).reshape(a.shape), (a.reshape(-1, r).T @ g).reshape(b.shape)
-
-
-def merge_cores(cores: Sequence[torch.Tensor], levels: list[list[torch.Tensor]] | None = None) -> torch.Tensor:
+def merge_cores(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     """Contract neighbouring cores into one core ``(r_first, ∏m, ∏n, r_last)`` (C-order modes). Differentiable.
 
     The one place where cores are multiplied together: :func:`tt_to_dense` is the merge of all cores, and the
     contraction planner's merged groups are merges of spans. Merges pairwise (a balanced tree), so that the big
-    products and permuting copies happen once, at the top, instead of once per absorbed core. ``levels``, if given,
-    receives the tree's levels below the top (the cores first) for :func:`merge_cores_grad`.
+    products and permuting copies happen once, at the top, instead of once per absorbed core.
     """
     level = list(cores)
     while len(level) > 1:
-        if levels is not None:
-            levels.append(level)
         level = [_merge_pair(level[i], level[i + 1]) if i + 1 < len(level) else level[i]
                  for i in range(0, len(level), 2)]
     return level[0]
-
-
-def merge_cores_grad(levels: Sequence[Sequence[torch.Tensor]], grad: torch.Tensor) -> list[torch.Tensor]:
-    """The cores' gradients given the merged core's ``grad``: :func:`merge_cores`'s backward pass by hand, walking
-    the ``levels`` it recorded from the top down (two GEMMs and one permuting copy per merge)."""
-    grads = [grad]
-    for level in reversed(levels):
-        below = []
-        for i in range(0, len(level), 2):
-            g = grads[i // 2]
-            below.extend(_merge_pair_grad(level[i], level[i + 1], g) if i + 1 < len(level) else (g,))
-        grads = below
-    return grads
 
 
 def tt_to_dense(cores: Sequence[torch.Tensor]) -> torch.Tensor:

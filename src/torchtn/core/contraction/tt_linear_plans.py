@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..tt import merge_cores, merge_cores_grad, tt_ranks, tt_shapes
+from ..tt import merge_cores, tt_ranks, tt_shapes
 from .autotune import autotune_enabled, time_call
 from .cost import DEFAULT_COST_MODEL, CostModel
 from .planner import make_plan, register_strategy
@@ -324,31 +324,17 @@ def merge_group(cores: Sequence[torch.Tensor], span: Span) -> torch.Tensor:
     return merge_cores(cores[span[0]:span[1]])
 
 
-def group_cores(cores: Sequence[torch.Tensor], plan: ContractionPlan) -> list[torch.Tensor]:
-    """One core ``(r_a, ∏m, ∏n, r_b)`` per group of the plan (merged where the group spans several). Differentiable."""
-    return [merge_group(cores, span) for span in plan.groups]
-
-
-def _as_step_matrix(g: torch.Tensor, direction: str) -> torch.Tensor:
-    """A group's core ``(ra, m, n, rb)`` as the matrix its step multiplies with: ``(ra·m, n·rb)`` for ``rtl``,
-    ``(m·rb, ra·n)`` for ``ltr`` (a permuted copy)."""
-    ra, m, n, rb = g.shape
-    if direction == "rtl":
-        return g.reshape(ra * m, n * rb)
-    return g.permute(1, 3, 0, 2).reshape(m * rb, ra * n)
-
-
-def _from_step_matrix(mat: torch.Tensor, shape: torch.Size, direction: str) -> torch.Tensor:
-    """The inverse of :func:`_as_step_matrix` (for gradients): a step matrix back to its ``(ra, m, n, rb)`` core."""
-    ra, m, n, rb = shape
-    if direction == "rtl":
-        return mat.reshape(shape)
-    return mat.reshape(m, rb, ra, n).permute(2, 0, 3, 1)
-
-
 def prepare_groups(cores: Sequence[torch.Tensor], plan: ContractionPlan) -> list[torch.Tensor]:
     """The matrices each step multiplies with (merged, reshaped and — for ``ltr`` — permuted cores)."""
-    return [_as_step_matrix(g, plan.direction) for g in group_cores(cores, plan)]
+    mats = []
+    for span in plan.groups:
+        g = merge_group(cores, span)
+        ra, m, n, rb = g.shape
+        if plan.direction == "rtl":
+            mats.append(g.reshape(ra * m, n * rb))
+        else:
+            mats.append(g.permute(1, 3, 0, 2).reshape(m * rb, ra * n))
+    return mats
 
 
 def _bmm(mat: torch.Tensor, t3: torch.Tensor) -> torch.Tensor:
@@ -388,11 +374,10 @@ def release_scratch() -> None:
     _SCRATCH.buffers.clear()
 
 
-def _step(mat: torch.Tensor, t: torch.Tensor, cols: int, slot: int | None = None,
-          out: torch.Tensor | None = None) -> torch.Tensor:
-    """One step ``mat (a, k) @ t (rows, k, cols) -> (rows, a, cols)``; into a scratch ``slot`` or ``out`` if given."""
+def _step(mat: torch.Tensor, t: torch.Tensor, cols: int, slot: int | None = None) -> torch.Tensor:
     a, k = mat.shape
     rows = t.numel() // (k * cols)
+    out = None
     if slot is not None and rows * a * cols >= SCRATCH_MIN_NUMEL:
         out = _scratch(slot, rows * a * cols, t.dtype, t.device)
     if cols == 1:
@@ -412,84 +397,6 @@ def _sweep(x: torch.Tensor, mats: Sequence[torch.Tensor], plan: ContractionPlan,
     for i, (gi, cols) in enumerate(plan.steps):
         t = _step(mats[gi], t, cols, i % 2 if scratch and i < last else None)
     return t.reshape(x.shape[0], -1)
-
-
-def _matrix_grad(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``Σ_{P,c} g[P, a, c] · t[P, k, c] -> (a, k)``: a step matrix's gradient, as one GEMM.
-
-    With few rows ``P`` a batched GEMM then a sum over ``P`` is cheapest; otherwise both operands are laid out as
-    ``(·, P·c)`` matrices (one copy each) for a single GEMM — never a ``(P, a, k)`` intermediate bigger than they are.
-    """
-    rows, a, cols = g.shape
-    k = t.shape[1]
-    if rows * a * k <= g.numel() + t.numel():
-        return torch.bmm(g, t.transpose(1, 2)).sum(0)
-    return torch.mm(g.transpose(0, 1).reshape(a, rows * cols), t.transpose(1, 2).reshape(rows * cols, k))
-
-
-class _TrainingSweep(torch.autograd.Function):
-    """A whole planned call as one autograd node, with a hand-written backward: ``(x, bias, *cores) -> y``.
-
-    Autograd through the individual operations records ~8 nodes per step and per merge (views, permuting copies,
-    expands, products) whose bookkeeping costs more than the products of a small layer, and its backward of a batched
-    product with a shared matrix materializes one ``(a, k)`` gradient per row before summing them. Here the merges
-    (:func:`merge_cores`, levels recorded) and the steps run without autograd; the backward is two GEMMs per step
-    (:func:`_matrix_grad` and the state gradient; none for the first step's state when the input needs no gradient)
-    and two per merge (:func:`merge_cores_grad`). Saves each step's input and the merge levels — what autograd would
-    save. Once differentiable (double backward raises).
-    """
-
-    @staticmethod
-    def forward(ctx, plan: ContractionPlan, x: torch.Tensor, bias: torch.Tensor | None,
-                *cores: torch.Tensor) -> torch.Tensor:
-        levels, shapes, mats = [], [], []
-        for a, b in plan.groups:
-            span_levels: list[list[torch.Tensor]] = []
-            merged = merge_cores(cores[a:b], span_levels)
-            levels.append(span_levels)
-            shapes.append(merged.shape)
-            mats.append(_as_step_matrix(merged, plan.direction))
-        inputs, t = [], x
-        last = len(plan.steps) - 1
-        for i, (gi, cols) in enumerate(plan.steps):
-            inputs.append(t)
-            if i < last:
-                t = _step(mats[gi], t, cols)
-            else:  # the result is a fresh (batch, ∏m) tensor, not a view (callers may add to it in place)
-                y = x.new_empty(x.shape[0], math.prod(plan.out_sizes))
-                _step(mats[gi], t, cols, out=y)
-        if bias is not None:
-            y.add_(bias)
-        ctx.plan, ctx.levels, ctx.shapes, ctx.inputs, ctx.mats = plan, levels, shapes, inputs, mats
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        plan, inputs, mats = ctx.plan, ctx.inputs, ctx.mats
-        want = ctx.needs_input_grad
-        grads: list[torch.Tensor | None] = [None] * (plan.groups[-1][1])
-        g = grad
-        for i in range(len(plan.steps) - 1, -1, -1):
-            gi, cols = plan.steps[i]
-            mat, t = mats[gi], inputs[i]
-            a, k = mat.shape
-            span = plan.groups[gi]
-            need_mat = any(want[3 + c] for c in range(*span))
-            if cols == 1:
-                g2, t2 = g.reshape(-1, a), t.reshape(-1, k)
-                gm = g2.T @ t2 if need_mat else None
-                g = g2 @ mat if i > 0 or want[1] else None
-            else:
-                g3, t3 = g.reshape(-1, a, cols), t.reshape(-1, k, cols)
-                gm = _matrix_grad(g3, t3) if need_mat else None
-                g = _bmm(mat.T, g3) if i > 0 or want[1] else None
-            if gm is not None:
-                gm = _from_step_matrix(gm, ctx.shapes[gi], plan.direction)
-                grads[span[0]:span[1]] = merge_cores_grad(ctx.levels[gi], gm)
-        gx = None if g is None else g.reshape(inputs[0].shape)
-        gb = grad.sum(0) if want[2] else None
-        return None, gx, gb, *grads
 
 
 def tt_linear(x: torch.Tensor, mats: Sequence[torch.Tensor], plan: ContractionPlan, *,
@@ -587,15 +494,11 @@ def tt_linear_apply(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.
             plan = cache.plans[key] = plan_for(cores, batch, dtype=x2.dtype, device=x2.device, needs_grad=needs_grad,
                                                input_grad=input_grad, contraction=contraction,
                                                cache_merged=not needs_grad, cost_model=cost_model, autotune=autotune)
+        mats = cache.get(cores, plan) if plan.cache_merged else prepare_groups(cores, plan)
     else:
         plan = plan_for(cores, batch, dtype=x2.dtype, device=x2.device, needs_grad=needs_grad, input_grad=input_grad,
                         contraction=contraction, cache_merged=False, cost_model=cost_model, autotune=autotune)
-    if (not plan.is_dense and (needs_grad or (torch.is_grad_enabled() and x.requires_grad))
-            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()):
-        # training: one autograd node for the whole call (compiled graphs and torch.func see the plain operations)
-        y = _TrainingSweep.apply(plan, x2, bias, *cores)
-        return y.reshape(*lead, y.shape[-1])
-    mats = cache.get(cores, plan) if cache is not None and plan.cache_merged else prepare_groups(cores, plan)
+        mats = prepare_groups(cores, plan)
     if fast and plan.cache_merged:
         cache.last = (sig, plan, mats)
     return _run(x, mats, plan, bias, scratch=inference)
