@@ -130,25 +130,37 @@ def test_interrupted_job_resumes_to_identical_models(tmp_path, capsys, monkeypat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_compress_a_users_trained_model_file(tmp_path, capsys):
-    """A model trained outside torchtn (a .pt state dict, read weights-only) is compressed to a ratio and healed by
-    distillation; a pickle that would run code is refused with one line."""
+def test_compress_a_users_trained_model_file(tmp_path, capsys, monkeypatch):
+    """A model trained outside torchtn (a .pt state dict, read weights-only, once) is compressed to a ratio and healed
+    by distillation — starting from exactly its weights; a pickle that would run code is refused with one line."""
     from test_data import make_mnist_dir
 
+    import torchtn.experiments.compress as compress_job
+    from torchtn.io import load_model
     from torchtn.models import LeNet5
 
     data = make_mnist_dir(tmp_path / "mnist", n_train=48, n_test=20)
     torch.manual_seed(0)
     user = tmp_path / "lenet.pt"
-    torch.save(LeNet5().state_dict(), user)
+    users_model = LeNet5()
+    torch.save(users_model.state_dict(), user)
     out = tmp_path / "run"
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(a[0]) or real_load(*a, **k))
     assert main(["compress", "--dataset", "mnist", "--data-dir", str(data), "--arch", "lenet5", "--model-file",
                  str(user), "--ratio", "4", "--finetune-epochs", "1", "--distill", "0.5", "--out", str(out),
                  "--no-progress"]) == 0
+    assert [str(p) for p in reads] == [str(user)]  # preflight's read is the run's starting point
+    monkeypatch.setattr(torch, "load", real_load)
     printed = capsys.readouterr().out
     assert "entropy S_k per bond" in printed and "ratio-4" in printed
     row = json.loads((out / "results.json").read_text())["rows"][0]
     assert row["ratio"] >= 4 and 0 <= row["acc_after"] <= 1
+    start = load_model(out / "dense.safetensors", compress_job.dense_model(compress_job.CompressConfig(
+        dataset="mnist", arch="lenet5"), compress_job.load_dataset("mnist", str(data))))
+    for name, value in users_model.state_dict().items():
+        assert torch.equal(start.state_dict()[name], value), name
     # the same with the convolutions as kernel TTs (four small convolutions each)
     fast = tmp_path / "kernel-modes"
     assert main(["compress", "--dataset", "mnist", "--data-dir", str(data), "--arch", "lenet5", "--model-file",

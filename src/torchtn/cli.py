@@ -388,14 +388,19 @@ def _cmd_compress(args: argparse.Namespace) -> int:
                               model_file=None if args.model_file is None else str(args.model_file),
                               distill=args.distill, temperature=args.temperature, conv_modes=args.conv_modes)
 
+    checked: dict = {}  # the --model-file weights as preflight read them (the file is read once)
+
+    def prepare(config, data, out):
+        checked["state"] = preflight(config, out, args.resume, data)
+
     def run(config, data, out):
         results = run_compress(config, out, resume=args.resume, progress=not args.no_progress,
-                               log=lambda s: print(s, flush=True), data=data, device=args.device)
+                               log=lambda s: print(s, flush=True), data=data, device=args.device,
+                               user_state=checked.get("state"))
         return (f"\n{results['table']}\n\nwrote {out}/results.json, {out}/accuracy_vs_compression.png and the "
                 f"models (*.safetensors)")
 
-    return _run_job("compress", args, make_config, lambda config, data, out: preflight(config, out, args.resume, data),
-                    run)
+    return _run_job("compress", args, make_config, prepare, run)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -185,11 +185,13 @@ def load_user_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Modu
     return model
 
 
-def preflight(config: CompressConfig, out: Path, resume: bool, data: Dataset) -> None:
+def preflight(config: CompressConfig, out: Path, resume: bool, data: Dataset) -> dict[str, torch.Tensor] | None:
     """Every check that can be made before anything is written or trained; raises ``ValueError`` with one line.
 
-    The output place is writable; the model fits in memory; a ``ratio`` is reachable for these layer sizes; a resumed
-    run exists in ``out`` and was made with the same settings (named when they differ).
+    The output place is writable; the model fits in memory; the ``model_file`` fits the architecture; a ``ratio`` is
+    reachable for these layer sizes; a resumed run exists in ``out`` and was made with the same settings (named when
+    they differ). Returns the ``model_file``'s weights as checked (``None`` without one), for :func:`run_compress`'s
+    ``user_state``: the file is read once.
     """
     check_writable(out)
     params = data.num_features * config.hidden + config.hidden + config.hidden * data.num_classes + data.num_classes
@@ -208,13 +210,15 @@ def preflight(config: CompressConfig, out: Path, resume: bool, data: Dataset) ->
             tensorize(model, ratio=config.ratio, conv_modes=config.conv_modes)
     if resume:
         check_resume(out, "compress", ["dense.safetensors"], "compress_config", asdict(config), _effective)
+    return None if config.model_file is None else model.state_dict()
 
 
 def run_compress(config: CompressConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
                  log: Callable[[str], None] = print, data: Dataset | None = None,
-                 device: str | torch.device | None = None) -> dict:
+                 device: str | torch.device | None = None, user_state: dict[str, torch.Tensor] | None = None) -> dict:
     """Run the whole job into ``out`` on ``device`` (default: the CPU) and return the results (also written to
-    ``out/results.json``)."""
+    ``out/results.json``). ``user_state``: the ``model_file``'s weights as :func:`preflight` read them (else the file
+    is read here)."""
     out = Path(out)
     data = load_dataset(config.dataset, config.data_dir) if data is None else data
     log(data.describe())
@@ -225,7 +229,10 @@ def run_compress(config: CompressConfig, out: str | Path, *, resume: bool = Fals
     torch.manual_seed(config.seed)
     dense = dense_model(config, data)
     if config.model_file is not None:  # the user's trained model is the starting point: no dense training
-        load_user_weights(dense, config.model_file)
+        if user_state is None:
+            load_user_weights(dense, config.model_file)
+        else:
+            dense.load_state_dict(user_state)
     cfg = TrainConfig(epochs=0 if config.model_file else config.dense_epochs, batch_size=config.batch_size,
                       lr=config.lr, seed=config.seed, progress=progress, desc="dense")
     dense_seconds = train_stage(dense, data, cfg, out, "dense", {**base_meta, "stage": "dense"}, resume=resume,
