@@ -44,6 +44,22 @@ def test_planner_prefers_sweeps_for_big_low_rank_layers_and_dense_for_tiny_cache
     assert forced.is_dense and "dense weight" in str(forced)
 
 
+def test_step_overhead_is_charged_per_inference_step_only():
+    """Each planned step costs ``step_overhead`` on top of its product in inference (a small cached layer at batch 1
+    is then best served by its cached dense weight), and nothing in training."""
+    shapes = ((4, 7, 7, 4), (4, 4, 4, 4), (1, 8, 8, 8, 1), 1)
+    free = CostModel(step_overhead=0.0)
+    for force in ("rtl", "ltr", "dense"):
+        base = plan_tt_linear(*shapes, cache_merged=True, model=free, force=force)
+        charged = plan_tt_linear(*shapes, cache_merged=True, model=CostModel(step_overhead=1e-3), force=force)
+        assert charged.seconds == pytest.approx(base.seconds + 1e-3 * len(base.steps))
+        trained = [plan_tt_linear(*shapes, training=True, model=CostModel(step_overhead=s), force=force).seconds
+                   for s in (0.0, 1e-3)]
+        assert trained[0] == trained[1]
+    assert not plan_tt_linear(*shapes, cache_merged=True, model=free).is_dense
+    assert plan_tt_linear(*shapes, cache_merged=True).is_dense
+
+
 def test_flop_count_matches_gao_formula():
     from torchtn.core import tt_linear_flops
 

@@ -24,7 +24,8 @@ class CostModel:
     candidate (geo-mean pick / best 1.05; the previous hand-fitted constants 1.10). Shapes of the effective rates:
     a GEMM runs at ``peak_flops`` times ``(side / fat) ** gemm_exp`` for each side shorter than ``fat``; a batched
     product (a stride-0 matrix times many slices) at ``batched`` times ``(cols / fat) ** cols_exp`` times
-    ``(min(1, a/fat)·min(1, k/fat)) ** side_exp``; memory traffic at ``bandwidth``; every call costs ``call_overhead``. A fresh tensor of
+    ``(min(1, a/fat)·min(1, k/fat)) ** side_exp``; memory traffic at ``bandwidth``; every call costs ``call_overhead``
+    and every inference step of a plan ``step_overhead`` more. A fresh tensor of
     at least ``fault_threshold`` bytes costs ``bytes / fault_bandwidth`` on top: glibc serves such allocations with a
     new ``mmap`` whose pages fault in on first touch (measured 0.23 ns/byte above 32 MiB, nothing below).
     """
@@ -39,6 +40,11 @@ class CostModel:
     side_exp: float = 0.78  # ... for batched products: the matrix's two sides
     fault_threshold: int = 32 << 20
     fault_bandwidth: float = 4.3e9
+    # Python and dispatch cost of one planned inference step beyond its product (views, the step's own call), as a
+    # layer pays it when called among other work: measured 8–15 µs per extra step for 784×256 at batch 1 in
+    # bench/run.py's randomly ordered rounds (4 µs when the same call repeats, which is what bench/calibrate.py
+    # times). Not charged in training, where it was measured to pick slower plans.
+    step_overhead: float = 1e-5
 
     def matmul_seconds(self, batch: int, a: int, k: int, cols: int, itemsize: int) -> float:
         """Time of ``(a, k) @ (batch, k, cols)`` (``cols == 1``: one GEMM ``(batch, k) @ (k, a)``)."""

@@ -184,6 +184,8 @@ def _price(groups: tuple[Span, ...], direction: str, p: TTLinearProblem, cache_m
         first = step == 0
         products = passes - (1 if p.training and first and not p.input_grad else 0)
         seconds += products * model.matmul_seconds(prefix, a, k, cols, p.itemsize)
+        if not p.training:  # (in training, measured: charging it picks fewer, merged steps that run slower)
+            seconds += model.step_overhead
         flops += products * 2 * prefix * a * k * cols
         # fresh tensors: in training every step's output and its input's gradient; in inference only the result
         # (intermediates go to reused scratch buffers)
