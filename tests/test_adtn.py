@@ -52,11 +52,14 @@ def test_brick_layer_has_q_minus_one_gates_and_the_parameter_formula():
 
 
 @pytest.mark.parametrize("recompute", [False, True])
-def test_gradcheck(recompute):
-    gates = (torch.randn(2, 2, 4, 4, dtype=f64, generator=torch.Generator().manual_seed(1)) / 2).requires_grad_()
+@pytest.mark.parametrize("Q,group", [(3, 2), (4, 1), (5, 1), (6, 2)])
+def test_gradcheck(recompute, Q, group):
+    """Finite differences, odd and even Q (the first half-layer on e_0 is a Kronecker product of the blocks' first
+    columns, with a (1, 0) factor left over when Q is odd)."""
+    gates = (torch.randn(2, Q - 1, 4, 4, dtype=f64, generator=torch.Generator().manual_seed(Q)) / 2).requires_grad_()
     scale = torch.tensor(1.3, dtype=f64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda g, s: adtn_generate(g, activation="tanh", scale=s, group=2, recompute=recompute), (gates, scale))
+        lambda g, s: adtn_generate(g, activation="tanh", scale=s, group=group, recompute=recompute), (gates, scale))
 
 
 def test_initial_weight_has_pytorchs_default_variance_up_to_q_24():

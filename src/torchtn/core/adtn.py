@@ -97,10 +97,46 @@ def _apply_pass(x: torch.Tensor, block: torch.Tensor, first: int, span: int, Q: 
     return res.view(-1)
 
 
-def _brick_layer(x: torch.Tensor, layer_gates: torch.Tensor, Q: int, group: int) -> torch.Tensor:
-    """One brick layer through autograd (every pass's output a fresh tensor)."""
+def _first_half(Q: int, group: int) -> int:
+    """How many of a brick layer's passes (:func:`_passes`) make its first half-layer."""
+    return -(-len(brick_layer_pairs(Q)[0]) // group)
+
+
+def _start_factors(blocks: list[torch.Tensor], Q: int, group: int) -> list[torch.Tensor]:
+    """The first layer's first half acts on ``e_0 = (1, 0)^{⊗Q}``, a product state, with blocks on disjoint qubits:
+    its output is the Kronecker product of each block's first column (and ``(1, 0)`` for the last qubit when ``Q`` is
+    odd). These are the factors, in qubit order."""
+    factors = [blocks[p][:, 0] for p in range(_first_half(Q, group))]
+    if Q % 2:
+        factors.append(torch.tensor([1.0, 0.0], dtype=blocks[0].dtype, device=blocks[0].device))
+    return factors
+
+
+def _factor_grads(grad: torch.Tensor, factors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Gradients of the factors of ``kron(*factors)`` given its gradient: each factor's is ``grad`` contracted with
+    every other factor (about one read of ``grad`` per factor, no products of blocks)."""
+    dims = [f.numel() for f in factors]
+    out = []
+    for k in range(len(factors)):
+        t = grad.view(dims)
+        for j in range(len(dims) - 1, k, -1):  # the factors after k, from the right
+            t = t @ factors[j]
+        t = t.reshape(-1)
+        for j in range(k):  # the factors before k, from the left
+            t = factors[j] @ t.view(dims[j], -1)
+        out.append(t)
+    return out
+
+
+def _brick_layer(x: torch.Tensor | None, layer_gates: torch.Tensor, Q: int, group: int) -> torch.Tensor:
+    """One brick layer through autograd (every pass's output a fresh tensor); ``x=None``: the first layer, on
+    ``e_0`` (its first half is a Kronecker product, :func:`_start_factors`)."""
     passes = _passes(Q, group)
-    for (first, span, _), block in zip(passes, _blocks(layer_gates, passes)):
+    blocks = _blocks(layer_gates, passes)
+    skip = 0
+    if x is None:
+        x, skip = _kron(_start_factors(blocks, Q, group)), _first_half(Q, group)
+    for (first, span, _), block in list(zip(passes, blocks))[skip:]:
         x = _apply_pass(x.contiguous(), block, first, span, Q)
     return x
 
@@ -116,12 +152,16 @@ def _activation_grad(x: torch.Tensor, activation: str) -> torch.Tensor:
     return torch.ones_like(x)
 
 
+_RECOMPUTE_SLOT = 6  # first scratch slot of the backward's recomputed pass inputs (one slot per pass)
+
+
 class _Generate(torch.autograd.Function):
     """All brick layers at once, keeping only each layer's output for the backward pass.
 
     Forward: with ``scratch`` (training), the passes of a layer write into two reused per-thread scratch buffers (a
     fresh ``2^Q`` tensor has its pages faulted in on every pass: ~15 ms at ``2^24``); only each layer's output is a
-    new tensor. Backward, layer by layer from the last: recompute the layer's pass inputs from its saved input, then
+    new tensor. Backward, layer by layer from the last: recompute the layer's pass inputs from its saved input (into
+    reused scratch buffers too, one per pass: the memory a backward needs anyway, kept for the next step), then
     run the passes backwards — the state's gradient through scratch buffers, each block's gradient as one reduction,
     the gates' gradients through the (tiny) Kronecker products by autograd, the activation's by its derivative.
     """
@@ -133,13 +173,17 @@ class _Generate(torch.autograd.Function):
         depth, Q = gates.shape[0], gates.shape[1] + 1
         size = 2 ** Q
         passes = _passes(Q, group)
-        x = torch.zeros(size, dtype=gates.dtype, device=gates.device)
-        x[0] = 1
         outputs = []
+        x = None
         for m in range(depth):
-            u = _activate(x, activation) if m else x
             blocks = _blocks(gates[m], passes)
+            if m:
+                u, skip = _activate(x, activation), 0
+            else:  # on e_0: the first half-layer is a Kronecker product
+                u, skip = _kron(_start_factors(blocks, Q, group)), _first_half(Q, group)
             for p, ((first, span, _), block) in enumerate(zip(passes, blocks)):
+                if p < skip:
+                    continue
                 last = p == len(passes) - 1
                 u = _apply_pass(u, block, first, span, Q, out=None if last or not scratch
                                 else _scratch(p % 2, size, gates.dtype, gates.device))
@@ -160,22 +204,29 @@ class _Generate(torch.autograd.Function):
         size = 2 ** Q
         passes = _passes(Q, group)
         grad_gates = torch.zeros_like(gates)
-        e0 = torch.zeros(size, dtype=gates.dtype, device=gates.device)
-        e0[0] = 1
         g = grad.contiguous()
         turn = 0  # the state's gradient alternates between two scratch buffers, across layers too
         for m in range(depth - 1, -1, -1):
             with torch.enable_grad():
                 layer_gates = gates[m].detach().requires_grad_()
                 blocks = _blocks(layer_gates, passes)
-            # the pass inputs of layer m, recomputed from its saved input
-            u = _activate(inputs[m - 1], activation) if m else e0
-            pass_inputs = [u]
-            for (first, span, _), block in zip(passes[:-1], blocks[:-1]):
-                u = _apply_pass(u, block.detach(), first, span, Q)
+            # the pass inputs of layer m, recomputed from its saved input (the first layer: from the Kronecker
+            # product its first half-layer makes of e_0)
+            skip = 0 if m else _first_half(Q, group)
+            if m:
+                u = _activate(inputs[m - 1], activation)
+            else:
+                factors = [f.detach() for f in _start_factors(blocks, Q, group)]
+                u = _kron(factors)
+            pass_inputs = [None] * skip + [u]
+            for p in range(skip, len(passes) - 1):
+                (first, span, _), block = passes[p], blocks[p]
+                # into reused buffers: a fresh 2^Q tensor has its pages faulted in (~15 ms at 2^24) on every pass
+                u = _apply_pass(u, block.detach(), first, span, Q,
+                                out=_scratch(_RECOMPUTE_SLOT + p, size, gates.dtype, gates.device))
                 pass_inputs.append(u)
             grad_blocks = []
-            for p in range(len(passes) - 1, -1, -1):
+            for p in range(len(passes) - 1, skip - 1, -1):
                 (first, span, _), block, u = passes[p], blocks[p].detach(), pass_inputs[p]
                 a, rest = 2**span, 2 ** (Q - first - span)
                 if rest == 1:
@@ -201,6 +252,11 @@ class _Generate(torch.autograd.Function):
                     g = torch.bmm(block.T.expand(batch, -1, -1), gv, out=slot.view(batch, a, rest)).view(-1)
                 pass_inputs[p] = None  # free as we go
                 turn += 1
+            if skip:  # the first half-layer on e_0: each block's first column gets its factor's gradient
+                for k, dv in reversed(list(enumerate(_factor_grads(g, factors)[:skip]))):
+                    gb = torch.zeros_like(blocks[k])
+                    gb[:, 0] = dv
+                    grad_blocks.append(gb)
             grad_blocks.reverse()
             grad_gates[m] = torch.autograd.grad(blocks, layer_gates, grad_blocks)[0]
             if m:  # through the activation, to the previous layer's output (g is a scratch buffer: in place)
@@ -238,10 +294,9 @@ def adtn_generate(gates: torch.Tensor, *, numel: int | None = None, activation: 
     if recompute is None:
         recompute = needs_grad and size >= 2**16
     if torch.compiler.is_compiling() or (needs_grad and not recompute):
-        x = torch.zeros(size, dtype=gates.dtype, device=gates.device)
-        x[0] = 1
+        x = None
         for m in range(gates.shape[0]):
-            x = _brick_layer(_activate(x, activation) if m else x, gates[m], Q, group)
+            x = _brick_layer(_activate(x, activation) if m else None, gates[m], Q, group)
     else:
         # scratch buffers pay off when generating at every step (training); a generation without gradients (eval,
         # cached by the layers) allocates instead of keeping two 2^Q buffers alive
@@ -276,13 +331,19 @@ class ADTNPlan(MeasuredPlan):
 
 def _price(p: ADTNProblem, group: int, model: CostModel) -> ADTNPlan:
     """Every pass is one (batched) product of a ``4^g × 4^g`` block with the vector viewed as ``(2^first, 4^g,
-    rest)``, priced by the device's cost model like any other product."""
-    seconds, flops = 0.0, 0.0
-    for first, span, _ in _passes(p.Q, group):
+    rest)``, priced by the device's cost model like any other product — except the first layer's first half-layer,
+    one Kronecker product of vectors."""
+    seconds, flops, skip_s, skip_f = 0.0, 0.0, 0.0, 0.0
+    half = _first_half(p.Q, group)
+    for i, (first, span, _) in enumerate(_passes(p.Q, group)):
         block, rest = 2**span, 2 ** (p.Q - first - span)
-        seconds += model.matmul_seconds(2**first, block, block, rest, p.dtype.itemsize)
-        flops += 2.0 * 2**p.Q * block
-    return ADTNPlan(group, p.depth * seconds, p.depth * flops)
+        s, f = model.matmul_seconds(2**first, block, block, rest, p.dtype.itemsize), 2.0 * 2**p.Q * block
+        seconds, flops = seconds + s, flops + f
+        if i < half:
+            skip_s, skip_f = skip_s + s, skip_f + f
+    # the first layer's first half-layer is one Kronecker product of vectors (the start is a product state)
+    start = model.copy_seconds(2**p.Q, p.dtype.itemsize)
+    return ADTNPlan(group, p.depth * seconds - skip_s + start, p.depth * flops - skip_f)
 
 
 @register_strategy(KIND, "auto")
