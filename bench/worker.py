@@ -106,16 +106,18 @@ def rounds(fns: dict, reps: int, warmup: int = 3) -> dict[str, float]:
     return {n: 1e3 * statistics.median(t) for n, t in times.items()}
 
 
-def infer_and_train(layers: dict, x: torch.Tensor, infer_reps: int, train_reps: int) -> dict[str, dict]:
-    """``{name: {"infer_ms", "train_ms", "params"}}``: every layer timed side by side in eval, then in training."""
+def infer_and_train(layers: dict, x: torch.Tensor, infer_reps: int, train_reps: int,
+                    warmup: int = 3) -> dict[str, dict]:
+    """``{name: {"infer_ms", "train_ms", "params"}}``: every layer timed side by side in eval, then in training,
+    after ``warmup`` untimed rounds each."""
     out = {}
     for layer in layers.values():
         layer.eval()
-    for name, ms in rounds({k: infer_call(v, x) for k, v in layers.items()}, infer_reps).items():
+    for name, ms in rounds({k: infer_call(v, x) for k, v in layers.items()}, infer_reps, warmup).items():
         out[name] = {"infer_ms": ms, "params": sum(p.numel() for p in layers[name].parameters())}
     for layer in layers.values():
         layer.train()
-    for name, ms in rounds({k: train_call(v, x) for k, v in layers.items()}, train_reps).items():
+    for name, ms in rounds({k: train_call(v, x) for k, v in layers.items()}, train_reps, warmup).items():
         out[name]["train_ms"] = ms
     return out
 

@@ -122,13 +122,23 @@ def test_data_transform_and_bad_transforms():
         mprod(rand(2, 3, 4), rand(2, 3, 4))
 
 
-@pytest.mark.parametrize("name", TRANSFORMS)
-def test_t_linear_is_the_star_m_product_in_the_paper_layout(name):
+@pytest.mark.parametrize("name,n", [(name, 6) for name in TRANSFORMS] + [("dct", 64)])
+def test_t_linear_is_the_star_m_product_in_the_paper_layout(name, n):
+    """Both ways the layer runs (slice-major for the identity and orthogonal matrices, the paper's layout for the
+    FFT-based DCT, the DFT and non-orthogonal M) give W ⋆M X + B, in training and in eval (cached W in the transform
+    domain), and their gradients pass finite differences."""
     torch.manual_seed(0)
-    layer = TLinear(5, 3, 6, M=M_of(name, 6)).double()
-    x = rand(7, 5, 6, seed=10)  # (batch, features, tubes)
+    layer = TLinear(5, 3, n, M=M_of(name, n)).double()
+    x = rand(7, 5, n, seed=10)  # (batch, features, tubes)
     ref = mprod(layer.weight, x.transpose(0, 1), layer.T) + layer.bias  # W ⋆ X + B on (features, batch, tubes)
     torch.testing.assert_close(layer(x), ref.transpose(0, 1), rtol=0, atol=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.eval()(x), ref.transpose(0, 1), rtol=0, atol=1e-10)
+    layer.train()
+    if n < 64:
+        x = x[:2].clone().requires_grad_()
+        assert torch.autograd.gradcheck(lambda inp, w, b: torch.func.functional_call(
+            layer, {"weight": w, "bias": b}, (inp,)), (x, layer.weight, layer.bias))
 
 
 def test_hamiltonian_t_resnet_is_exactly_reversible():

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .._checks import check_choice, check_positive_int
+from ..core.contraction.tt_linear_plans import _scratch
 from ..core.mprod import TRANSFORMS, Transform, facewise, mtran, t_eye, transform
 from .registry import register_layer
 
@@ -49,27 +50,31 @@ class _TModule(nn.Module):
         if t.name in ("dct", "dft", "identity"):
             self.M = None
         else:
-            self.register_buffer("M", t.matrix.to(dtype=dtype or torch.get_default_dtype(), device=device))
+            self.register_buffer("M", t.matrix.to(dtype=dtype or torch.get_default_dtype(), device=device,
+                                                  memory_format=torch.contiguous_format))
 
     @property
     def T(self) -> Transform:
-        """The transform (built once for named transforms; over the ``M`` buffer otherwise)."""
-        if self.M is None:
-            cached = self.__dict__.get("_named_T")
-            if cached is None:
-                cached = self.__dict__["_named_T"] = transform(self.transform_name, self.tubes)
-            return cached
+        """The transform (named transforms built once per dtype and device; over the ``M`` buffer otherwise)."""
+        if self.M is None:  # built once per dtype and device of the weights (no conversion of M at each call)
+            ref = next(self.parameters(), None)
+            key = (None, None) if ref is None else (ref.dtype, ref.device)
+            cache = self.__dict__.setdefault("_named_T", {})
+            if key not in cache:
+                cache[key] = transform(self.transform_name, self.tubes, **(
+                    {} if ref is None or not ref.is_floating_point() else {"dtype": ref.dtype, "device": ref.device}))
+            return cache[key]
         return Transform(self.transform_name, self.tubes, self.M, self.transform_orthogonal)
 
     def _transformed(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight ×₃ M``: recomputed whenever a gradient may flow, cached in eval until the weight changes."""
         if torch.is_grad_enabled() and weight.requires_grad or torch.compiler.is_compiling():
-            return self.T.forward(weight)
+            return _weight_hat(weight, self.T)
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device,
                None if self.M is None else (self.M.data_ptr(), self.M._version))
         cached = self.__dict__.get("_weight_hat")
         if cached is None or cached[0] != key:
-            cached = self.__dict__["_weight_hat"] = (key, self.T.forward(weight))
+            cached = self.__dict__["_weight_hat"] = (key, _weight_hat(weight, self.T))
         return cached[1]
 
     def _transform_layout(self) -> dict[str, Any]:
@@ -88,13 +93,52 @@ class _TModule(nn.Module):
         return {}
 
 
+def _slice_major(T: Transform) -> bool:
+    """Whether :func:`_t_linear` runs slice-major: for the identity and orthogonal matrix transforms (the DCT below
+    64 tubes, ``orthogonal``, ``data``, an orthogonal user matrix)."""
+    return T.name == "identity" or (T.matrix is not None and T.orthogonal and not T.is_complex)
+
+
+def _weight_hat(weight: torch.Tensor, T: Transform) -> torch.Tensor:
+    """``W (out, in, n)`` in the transform domain, laid out as :func:`_t_linear` takes it: ``(n, out, in)`` when it
+    runs slice-major (one GEMM ``M · W``), else ``(out, in, n)``."""
+    if not _slice_major(T):
+        return T.forward(weight)
+    out, fan_in, n = weight.shape
+    if T.name == "identity":
+        return weight.permute(2, 0, 1)
+    return (T._m(weight) @ weight.reshape(out * fan_in, n).T).view(n, out, fan_in)
+
+
 def _t_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, T: Transform,
               weight_hat: torch.Tensor | None = None) -> torch.Tensor:
     """``(batch, in, n) -> (batch, out, n)``: ``W ⋆M X + B`` in one batched matmul over the transform slices
-    (``weight_hat``: ``W`` already in the transform domain)."""
+    (``weight_hat``: ``W`` already in the transform domain, from :func:`_weight_hat`).
+
+    Slice-major (:func:`_slice_major`): the input goes to the transform domain as ``(n, batch, in)`` in one GEMM
+    (``M · Xᵀ``), the slices multiply in one ``bmm``, and one GEMM (``Ŷᵀ · M``, the inverse of an orthogonal ``M``)
+    returns ``(batch, out, n)`` — no permuting copies. Otherwise (FFT-based DCT, DFT, non-orthogonal ``M``): the
+    transforms along the last dim of the paper's ``(features, batch, n)`` layout.
+    """
+    what = _weight_hat(weight, T) if weight_hat is None else weight_hat
+    if _slice_major(T):
+        batch, fan_in, n = x.shape
+        out = what.shape[1]
+        if T.name == "identity":
+            y = torch.bmm(x.permute(2, 0, 1), what.transpose(1, 2)).permute(1, 2, 0)
+        else:
+            M = T._m(x)
+            # without gradients the two intermediates go into reused scratch buffers (as the MPO planner's do): a
+            # fresh tensor of a few hundred KiB can have its pages faulted in on every call
+            free = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            x_hat = torch.mm(M, x.reshape(batch * fan_in, n).T, out=_scratch(0, n * batch * fan_in, x.dtype, x.device)
+                             .view(n, batch * fan_in) if free else None).view(n, batch, fan_in)
+            y_hat = torch.bmm(x_hat, what.transpose(1, 2), out=_scratch(1, n * batch * out, x.dtype, x.device)
+                              .view(n, batch, out) if free else None)  # (n, batch, out)
+            y = (y_hat.view(n, batch * out).T @ M).view(batch, out, n)
+        return y if bias is None else y.add_(bias.transpose(0, 1))  # y: a fresh product no backward formula needs
     X = T.forward(x.transpose(0, 1))  # (in, batch, n) in the transform domain
-    Y = facewise(T.forward(weight) if weight_hat is None else weight_hat, X)
-    y = T.inverse(Y)
+    y = T.inverse(facewise(what, X))
     if bias is not None:
         y = y + bias
     return y.transpose(0, 1)
