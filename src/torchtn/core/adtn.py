@@ -168,7 +168,7 @@ class _Generate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gates: torch.Tensor, activation: str, group: int, scratch: bool) -> torch.Tensor:
-        from .contraction.tt_linear_plans import _scratch
+        from .contraction.tt_linear_plans import scratch_buffer
 
         depth, Q = gates.shape[0], gates.shape[1] + 1
         size = 2 ** Q
@@ -186,7 +186,7 @@ class _Generate(torch.autograd.Function):
                     continue
                 last = p == len(passes) - 1
                 u = _apply_pass(u, block, first, span, Q, out=None if last or not scratch
-                                else _scratch(p % 2, size, gates.dtype, gates.device))
+                                else scratch_buffer(p % 2, size, gates.dtype, gates.device))
             x = u
             outputs.append(x)
         ctx.save_for_backward(gates, *outputs[:-1])
@@ -196,7 +196,7 @@ class _Generate(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        from .contraction.tt_linear_plans import _scratch
+        from .contraction.tt_linear_plans import scratch_buffer
 
         gates, *inputs = ctx.saved_tensors
         activation, group = ctx.meta
@@ -223,7 +223,7 @@ class _Generate(torch.autograd.Function):
                 (first, span, _), block = passes[p], blocks[p]
                 # into reused buffers: a fresh 2^Q tensor has its pages faulted in (~15 ms at 2^24) on every pass
                 u = _apply_pass(u, block.detach(), first, span, Q,
-                                out=_scratch(_RECOMPUTE_SLOT + p, size, gates.dtype, gates.device))
+                                out=scratch_buffer(_RECOMPUTE_SLOT + p, size, gates.dtype, gates.device))
                 pass_inputs.append(u)
             grad_blocks = []
             for p in range(len(passes) - 1, skip - 1, -1):
@@ -232,7 +232,7 @@ class _Generate(torch.autograd.Function):
                 if rest == 1:
                     gv, uv = g.view(-1, a), u.view(-1, a)
                     grad_blocks.append(gv.T @ uv)
-                    slot = _scratch(2 + turn % 2, size, g.dtype, g.device)
+                    slot = scratch_buffer(2 + turn % 2, size, g.dtype, g.device)
                     g = torch.mm(gv, block, out=slot.view(-1, a)).view(-1)
                 else:
                     batch = 2**first
@@ -240,15 +240,15 @@ class _Generate(torch.autograd.Function):
                     if batch == 1:
                         grad_blocks.append(gv[0] @ uv[0].T)
                     elif batch * a * a <= size:  # per-slice products, summed: no bigger than the state
-                        part = _scratch(4, batch * a * a, g.dtype, g.device).view(batch, a, a)
+                        part = scratch_buffer(4, batch * a * a, g.dtype, g.device).view(batch, a, a)
                         grad_blocks.append(torch.bmm(gv, uv.transpose(1, 2), out=part).sum(0))
                     else:  # few columns per slice: bring the block index first, then one GEMM
-                        gp = _scratch(4, size, g.dtype, g.device).view(a, batch, rest)
-                        up = _scratch(5, size, g.dtype, g.device).view(a, batch, rest)
+                        gp = scratch_buffer(4, size, g.dtype, g.device).view(a, batch, rest)
+                        up = scratch_buffer(5, size, g.dtype, g.device).view(a, batch, rest)
                         gp.copy_(gv.transpose(0, 1))
                         up.copy_(uv.transpose(0, 1))
                         grad_blocks.append(gp.view(a, -1) @ up.view(a, -1).T)
-                    slot = _scratch(2 + turn % 2, size, g.dtype, g.device)
+                    slot = scratch_buffer(2 + turn % 2, size, g.dtype, g.device)
                     g = torch.bmm(block.T.expand(batch, -1, -1), gv, out=slot.view(batch, a, rest)).view(-1)
                 pass_inputs[p] = None  # free as we go
                 turn += 1
@@ -275,8 +275,10 @@ def adtn_generate(gates: torch.Tensor, *, numel: int | None = None, activation: 
     ``group``: gates merged per pass (``None``: the planner's choice; ``1``: gate by gate). ``recompute``: keep only
     each brick layer's output for the backward pass and recompute the passes inside it (default: when the vector is
     large), instead of storing one ``2^Q`` intermediate per pass; in training that path writes the passes into reused
-    per-thread scratch buffers (a few ``2^Q`` vectors, kept for the next step; ``torchtn.core.release_scratch()``
-    frees them).
+    per-thread scratch buffers (one ``2^Q`` vector per pass of a brick layer plus a few — 2^24 weights at 3 gates per
+    pass: about 13 vectors, 0.8 GB in fp32 — kept for the next step; ``torchtn.core.release_scratch()`` frees them).
+    The first layer's first half-layer, acting on the product state ``e_0``, is one Kronecker product of its blocks'
+    first columns.
     """
     if gates.dim() != 4 or gates.shape[-2:] != (4, 4) or gates.shape[1] < 1:
         raise ValueError(f"gates has shape {tuple(gates.shape)}: expected (depth, Q - 1, 4, 4)")

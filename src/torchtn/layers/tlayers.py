@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .._checks import check_choice, check_positive_int
-from ..core.contraction.tt_linear_plans import _scratch
+from ..core.contraction import scratch_buffer
 from ..core.mprod import TRANSFORMS, Transform, facewise, mtran, t_eye, transform
 from .registry import register_layer
 
@@ -131,9 +131,9 @@ def _t_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
             # without gradients the two intermediates go into reused scratch buffers (as the MPO planner's do): a
             # fresh tensor of a few hundred KiB can have its pages faulted in on every call
             free = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            x_hat = torch.mm(M, x.reshape(batch * fan_in, n).T, out=_scratch(0, n * batch * fan_in, x.dtype, x.device)
+            x_hat = torch.mm(M, x.reshape(batch * fan_in, n).T, out=scratch_buffer(0, n * batch * fan_in, x.dtype, x.device)
                              .view(n, batch * fan_in) if free else None).view(n, batch, fan_in)
-            y_hat = torch.bmm(x_hat, what.transpose(1, 2), out=_scratch(1, n * batch * out, x.dtype, x.device)
+            y_hat = torch.bmm(x_hat, what.transpose(1, 2), out=scratch_buffer(1, n * batch * out, x.dtype, x.device)
                               .view(n, batch, out) if free else None)  # (n, batch, out)
             y = (y_hat.view(n, batch * out).T @ M).view(batch, out, n)
         return y if bias is None else y.add_(bias.transpose(0, 1))  # y: a fresh product no backward formula needs

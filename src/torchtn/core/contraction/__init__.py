@@ -15,6 +15,7 @@ from .tt_linear_plans import (
     plan_tt_linear,
     prepare_groups,
     release_scratch,
+    scratch_buffer,
     tt_linear,
     tt_linear_apply,
     tt_linear_flops,
@@ -23,4 +24,5 @@ from .tt_linear_plans import (
 __all__ = ["CostModel", "DEFAULT_COST_MODEL", "get_cost_model", "set_cost_model", "set_autotune", "autotune_enabled",
            "time_call", "register_strategy", "strategy_names", "get_strategy", "make_plan", "clear_plan_cache",
            "plan_cache_info", "ContractionPlan", "TTLinearProblem", "MergedCache", "merge_group",
-           "plan_for", "plan_tt_linear", "prepare_groups", "release_scratch", "tt_linear", "tt_linear_apply", "tt_linear_flops"]
+           "plan_for", "plan_tt_linear", "prepare_groups", "release_scratch", "scratch_buffer", "tt_linear",
+           "tt_linear_apply", "tt_linear_flops"]

@@ -359,8 +359,11 @@ _SCRATCH = _Scratch()
 SCRATCH_MIN_NUMEL = 1 << 18  # intermediates at least this big (1 MiB in fp32) are written into scratch buffers
 
 
-def _scratch(slot: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A flat buffer of at least ``numel`` elements, reused across calls (grown, never shrunk)."""
+def scratch_buffer(slot: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat per-thread buffer of at least ``numel`` elements, reused across calls (grown, never shrunk;
+    :func:`release_scratch` frees them). Only for intermediates that no backward formula keeps. Slots: 0–1 the
+    inference sweeps of ``tt_linear`` and the t-linear layer, and the ADTN forward passes; 2–5 the ADTN backward;
+    6 and up its recomputed pass inputs."""
     key = (slot, dtype, device)
     buf = _SCRATCH.buffers.get(key)
     if buf is None or buf.numel() < numel:
@@ -381,7 +384,7 @@ def _step(mat: torch.Tensor, t: torch.Tensor, cols: int, slot: int | None = None
     rows = t.numel() // (k * cols)
     out = None
     if slot is not None and rows * a * cols >= SCRATCH_MIN_NUMEL:
-        out = _scratch(slot, rows * a * cols, t.dtype, t.device)
+        out = scratch_buffer(slot, rows * a * cols, t.dtype, t.device)
     if cols == 1:
         return torch.mm(t.reshape(-1, k), mat.T, out=None if out is None else out.view(rows, a))
     t3 = t.reshape(-1, k, cols)
