@@ -122,11 +122,12 @@ def test_data_transform_and_bad_transforms():
         mprod(rand(2, 3, 4), rand(2, 3, 4))
 
 
-@pytest.mark.parametrize("name,n", [(name, 6) for name in TRANSFORMS] + [("dct", 64)])
+@pytest.mark.parametrize("name,n", [(name, 6) for name in TRANSFORMS] + [("dct", 64), ("dft", 5)])
 def test_t_linear_is_the_star_m_product_in_the_paper_layout(name, n):
-    """Both ways the layer runs (slice-major for the identity and orthogonal matrices, the paper's layout for the
-    FFT-based DCT, the DFT and non-orthogonal M) give W ⋆M X + B, in training and in eval (cached W in the transform
-    domain), and their gradients pass finite differences."""
+    """Every way the layer runs (slice-major for the identity and orthogonal matrices, the half spectrum for the DFT
+    of real tubes — odd and even n —, the paper's layout for the FFT-based DCT and non-orthogonal M) gives
+    W ⋆M X + B, in training and in eval (cached W in the transform domain), and its gradients pass finite
+    differences."""
     torch.manual_seed(0)
     layer = TLinear(5, 3, n, M=M_of(name, n)).double()
     x = rand(7, 5, n, seed=10)  # (batch, features, tubes)
