@@ -95,7 +95,7 @@ class _TModule(nn.Module):
 
 def _slice_major(T: Transform) -> bool:
     """Whether :func:`_t_linear` runs slice-major: for the identity and orthogonal matrix transforms (the DCT below
-    64 tubes, ``orthogonal``, ``data``, an orthogonal user matrix)."""
+    512 tubes, ``orthogonal``, ``data``, an orthogonal user matrix)."""
     return T.name == "identity" or (T.matrix is not None and T.orthogonal and not T.is_complex)
 
 
