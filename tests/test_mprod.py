@@ -136,6 +136,10 @@ def test_t_linear_is_the_star_m_product_in_the_paper_layout(name, n):
     with torch.no_grad():
         torch.testing.assert_close(layer.eval()(x), ref.transpose(0, 1), rtol=0, atol=1e-10)
     layer.train()
+    # after a cast the named transform is rebuilt at the new dtype (no float64 matrix converted at every call)
+    torch.testing.assert_close(layer.float()(x.float()), ref.transpose(0, 1).float(), rtol=1e-4, atol=1e-4)
+    assert layer.T.matrix is None or layer.T.matrix.dtype == torch.float32
+    layer.double()
     if n < 512:
         x = x[:2].clone().requires_grad_()
         assert torch.autograd.gradcheck(lambda inp, w, b: torch.func.functional_call(

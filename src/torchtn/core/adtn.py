@@ -28,6 +28,7 @@ from torch.autograd.function import once_differentiable
 from .contraction.autotune import time_call
 from .contraction.cost import CostModel
 from .contraction.planner import MeasuredPlan, make_plan, register_strategy
+from .contraction.tt_linear_plans import scratch_buffer
 
 __all__ = ["adtn_generate", "brick_layer_pairs", "adtn_num_params", "ADTNPlan", "plan_adtn", "ACTIVATIONS",
            "num_qubits"]
@@ -112,6 +113,13 @@ def _start_factors(blocks: list[torch.Tensor], Q: int, group: int) -> list[torch
     return factors
 
 
+def _start(blocks: list[torch.Tensor], Q: int, group: int) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """The first layer's state after its first half-layer (one Kronecker product), the factors, and how many
+    passes that skips."""
+    factors = _start_factors(blocks, Q, group)
+    return _kron(factors), factors, _first_half(Q, group)
+
+
 def _factor_grads(grad: torch.Tensor, factors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Gradients of the factors of ``kron(*factors)`` given its gradient: each factor's is ``grad`` contracted with
     every other factor (about one read of ``grad`` per factor, no products of blocks)."""
@@ -135,7 +143,7 @@ def _brick_layer(x: torch.Tensor | None, layer_gates: torch.Tensor, Q: int, grou
     blocks = _blocks(layer_gates, passes)
     skip = 0
     if x is None:
-        x, skip = _kron(_start_factors(blocks, Q, group)), _first_half(Q, group)
+        x, _, skip = _start(blocks, Q, group)
     for (first, span, _), block in list(zip(passes, blocks))[skip:]:
         x = _apply_pass(x.contiguous(), block, first, span, Q)
     return x
@@ -168,8 +176,6 @@ class _Generate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gates: torch.Tensor, activation: str, group: int, scratch: bool) -> torch.Tensor:
-        from .contraction.tt_linear_plans import scratch_buffer
-
         depth, Q = gates.shape[0], gates.shape[1] + 1
         size = 2 ** Q
         passes = _passes(Q, group)
@@ -180,10 +186,9 @@ class _Generate(torch.autograd.Function):
             if m:
                 u, skip = _activate(x, activation), 0
             else:  # on e_0: the first half-layer is a Kronecker product
-                u, skip = _kron(_start_factors(blocks, Q, group)), _first_half(Q, group)
-            for p, ((first, span, _), block) in enumerate(zip(passes, blocks)):
-                if p < skip:
-                    continue
+                u, _, skip = _start(blocks, Q, group)
+            for p in range(skip, len(passes)):
+                (first, span, _), block = passes[p], blocks[p]
                 last = p == len(passes) - 1
                 u = _apply_pass(u, block, first, span, Q, out=None if last or not scratch
                                 else scratch_buffer(p % 2, size, gates.dtype, gates.device))
@@ -196,8 +201,6 @@ class _Generate(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        from .contraction.tt_linear_plans import scratch_buffer
-
         gates, *inputs = ctx.saved_tensors
         activation, group = ctx.meta
         depth, Q = gates.shape[0], gates.shape[1] + 1
@@ -212,12 +215,11 @@ class _Generate(torch.autograd.Function):
                 blocks = _blocks(layer_gates, passes)
             # the pass inputs of layer m, recomputed from its saved input (the first layer: from the Kronecker
             # product its first half-layer makes of e_0)
-            skip = 0 if m else _first_half(Q, group)
             if m:
-                u = _activate(inputs[m - 1], activation)
+                u, skip = _activate(inputs[m - 1], activation), 0
             else:
-                factors = [f.detach() for f in _start_factors(blocks, Q, group)]
-                u = _kron(factors)
+                with torch.no_grad():
+                    u, factors, skip = _start(blocks, Q, group)
             pass_inputs = [None] * skip + [u]
             for p in range(skip, len(passes) - 1):
                 (first, span, _), block = passes[p], blocks[p]

@@ -55,16 +55,20 @@ class _TModule(nn.Module):
 
     @property
     def T(self) -> Transform:
-        """The transform (named transforms built once per dtype and device; over the ``M`` buffer otherwise)."""
-        if self.M is None:  # built once per dtype and device of the weights (no conversion of M at each call)
+        """The transform: named ones built once at the weights' dtype and device (rebuilt after ``.to()`` /
+        ``.double()``, see :meth:`_apply`; no conversion of ``M`` at each call); over the ``M`` buffer otherwise."""
+        if self.M is not None:
+            return Transform(self.transform_name, self.tubes, self.M, self.transform_orthogonal)
+        cached = self.__dict__.get("_named_T")
+        if cached is None:
             ref = next(self.parameters(), None)
-            key = (None, None) if ref is None else (ref.dtype, ref.device)
-            cache = self.__dict__.setdefault("_named_T", {})
-            if key not in cache:
-                cache[key] = transform(self.transform_name, self.tubes, **(
-                    {} if ref is None or not ref.is_floating_point() else {"dtype": ref.dtype, "device": ref.device}))
-            return cache[key]
-        return Transform(self.transform_name, self.tubes, self.M, self.transform_orthogonal)
+            at = {} if ref is None or not ref.is_floating_point() else {"dtype": ref.dtype, "device": ref.device}
+            cached = self.__dict__["_named_T"] = transform(self.transform_name, self.tubes, **at)
+        return cached
+
+    def _apply(self, fn, recurse=True):  # a move or a cast: the named transform is rebuilt at the new dtype/device
+        self.__dict__.pop("_named_T", None)
+        return super()._apply(fn, recurse)
 
     def _transformed(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight ×₃ M``: recomputed whenever a gradient may flow, cached in eval until the weight changes."""
@@ -99,9 +103,10 @@ def _slice_major(T: Transform) -> bool:
     return T.name == "identity" or (T.matrix is not None and T.orthogonal and not T.is_complex)
 
 
-def _half_spectrum(T: Transform, x: torch.Tensor) -> bool:
-    """Whether :func:`_t_linear` runs on the half spectrum: the DFT of real tubes (conjugate-symmetric slices)."""
-    return T.name == "dft" and not x.is_complex()
+def _half_spectrum(T: Transform, weight: torch.Tensor) -> bool:
+    """Whether :func:`_t_linear` runs on the half spectrum: the DFT with a real weight (the layers' inputs are real
+    tubes, whose DFT slices ``k`` and ``n − k`` are conjugates)."""
+    return T.name == "dft" and not weight.is_complex()
 
 
 def _weight_hat(weight: torch.Tensor, T: Transform) -> torch.Tensor:
@@ -130,8 +135,7 @@ def _t_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     transforms along the last dim of the paper's ``(features, batch, n)`` layout.
     """
     what = _weight_hat(weight, T) if weight_hat is None else weight_hat
-    if _half_spectrum(T, x) and _half_spectrum(T, weight):
-        # real tubes: their DFT slices k and n − k are conjugates, so only the n//2 + 1 first are multiplied
+    if _half_spectrum(T, weight):  # only the n//2 + 1 first slices are multiplied
         n = x.shape[-1]
         # (n//2 + 1, batch, in), contiguous: a complex bmm on the permuted view is ~3× slower than copy + bmm
         x_hat = torch.fft.rfft(x, dim=-1).permute(2, 0, 1).contiguous()
