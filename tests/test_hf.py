@@ -97,6 +97,27 @@ def test_compress_save_load_gives_identical_outputs_and_the_dense_export_loads_i
         torch.testing.assert_close(plain(**batch).last_hidden_state, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_calibrated_compression_keeps_more_of_the_model_and_round_trips(tiny, tmp_path):
+    teacher, tokenizer = hf.load_pretrained(tiny)
+    stats = hf.calibrate(teacher, tokenizer, sentences(64, seed=11))
+    assert {"embeddings.word_embeddings", "encoder.layer.0.attention.self.query"} <= set(stats)
+    calibrated, report = hf.compress(teacher, ratio=1.5, calibration=stats, allocation="relative")
+    plain, _ = hf.compress(teacher, ratio=1.5)
+    assert report.compression_ratio >= 1.5
+    assert calibrated.embeddings.word_embeddings.vocab_shape[1:] == (1,)  # two-core: rows on the first core
+    held = sentences(40, seed=12)
+    ours = hf.quality(calibrated, teacher, tokenizer, held)["mean_cosine"]
+    theirs = hf.quality(plain, teacher, tokenizer, held)["mean_cosine"]
+    assert ours > theirs
+    batch = tokenizer(held[:4], padding=True, return_tensors="pt")
+    hf.save(calibrated, tmp_path / "m", tokenizer)
+    with torch.no_grad():
+        assert torch.equal(hf.load(tmp_path / "m")(**batch).last_hidden_state,
+                           calibrated(**batch).last_hidden_state)
+    with pytest.raises(ValueError, match="at least one text"):
+        hf.calibrate(teacher, tokenizer, [])
+
+
 def test_healing_lowers_the_distillation_loss(tiny, tmp_path):
     teacher, tokenizer = hf.load_pretrained(tiny)
     student, _ = hf.compress(teacher, ratio=2.0)
@@ -206,6 +227,14 @@ def test_command_line_compresses_heals_and_refuses_bad_input(tiny, tmp_path, cap
     assert main(["compress", "--hf-model", str(tiny), "--corpus", str(corpus), "--ratio", "500", "--out",
                  str(tmp_path / "y"), "--no-progress"]) == 2
     assert "unreachable" in capsys.readouterr().err
+    assert main(["compress", "--calibrate", "8", "--ratio", "2", "--out", str(tmp_path / "z"), "--no-progress"]) == 2
+    assert "--calibrate is for --hf-model" in capsys.readouterr().err
+    plain = tmp_path / "plain"  # --calibrate 0: the plain TT-SVD of the weights (balanced modes, not two cores)
+    assert main(["compress", "--hf-model", str(tiny), "--corpus", str(corpus), "--ratio", "1.5", "--heal-minutes", "0",
+                 "--calibrate", "0", "--out", str(plain), "--no-progress"]) == 0
+    layers = json.loads((plain / "results.json").read_text())["layers"]
+    assert all(r["output_error"] is None for r in layers) and any(len(r["in_shape"]) > 2 for r in layers)
+    assert all(r["output_error"] is not None for r in results["layers"])
 
 
 def test_command_line_heals_a_task_head(tiny_classifier, tmp_path, capsys):

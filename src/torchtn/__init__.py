@@ -5,7 +5,7 @@ The top level holds the verbs and layers most users need; everything else is one
 ``torchtn.train``, ``torchtn.data``).
 """
 from ._version import __version__
-from .compress import tensorize
+from .compress import calibrate, tensorize
 from .core import TTMatrix, set_autotune, tt_round, tt_svd, tt_to_dense
 from .core.tt import bond_spectra, entanglement_entropy
 from .io import ModelFileError, load_model, save_model
@@ -23,6 +23,6 @@ from .layers import (
 from .models.dtn import DeepTensorNetwork, TensorBlock
 
 __all__ = ["__version__", "TTMatrix", "tt_svd", "tt_to_dense", "tt_round", "bond_spectra", "entanglement_entropy",
-           "MPOLinear", "MPOConv2d", "tensorize", "save_model", "load_model", "ModelFileError",
+           "MPOLinear", "MPOConv2d", "tensorize", "calibrate", "save_model", "load_model", "ModelFileError",
            "set_autotune", "TensorAttention", "LinearAttention", "SoftmaxAttention", "TensorInteraction", "TensorBlock",
            "DeepTensorNetwork", "ADTNLinear", "ADTNConv2d", "MPOEmbedding"]

@@ -133,8 +133,12 @@ def _build_parser() -> argparse.ArgumentParser:
     hfg.add_argument("--hf-head", action="store_true",
                      help="load the task class the model's config names (e.g. ...ForSequenceClassification) with its "
                           "head, heal on its logits (distillation at --temperature) and report top-class agreement")
-    hfg.add_argument("--allocation", choices=("absolute", "relative"), default="absolute",
-                     help="how --ratio's budget is shared: least total error (default) or equal relative errors")
+    hfg.add_argument("--calibrate", type=_int_at_least("--calibrate", 0), default=None, metavar="N",
+                     help="truncate every layer in the norm of its output error on N healing passages (data-aware "
+                          "low-rank; default 256; 0: plain TT-SVD of the weights)")
+    hfg.add_argument("--allocation", choices=("absolute", "relative"), default=None,
+                     help="how --ratio's budget is shared: least total error or equal relative errors (default: "
+                          "relative when calibrated, absolute with --calibrate 0)")
 
     t = sub.add_parser("train", help="train a zoo model, dense or with MPO layers (torchrun: many processes)",
                        description="Train a model of the zoo with the shared trainer and write the model, its "
@@ -345,6 +349,7 @@ def _cmd_compress_hf(args: argparse.Namespace) -> int:
                             parts=tuple(args.parts), heal_minutes=args.heal_minutes, batch_size=args.batch_size,
                             allocation=args.allocation, hidden_states=args.hidden_states,
                             head=args.hf_head, temperature=args.temperature, skip=tuple(args.keep_dense),
+                            calibrate=256 if args.calibrate is None else args.calibrate,
                             lr=1e-4 if args.finetune_lr is None else args.finetune_lr, seed=args.seed)
         device = str(_device(args))
     except ValueError as err:
@@ -375,7 +380,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     if args.hf_model is not None:
         return _cmd_compress_hf(args)
     for flag, given in (("--corpus", args.corpus is not None), ("--hf-head", args.hf_head),
-                        ("--hidden-states", args.hidden_states), ("--keep-dense", bool(args.keep_dense))):
+                        ("--hidden-states", args.hidden_states), ("--keep-dense", bool(args.keep_dense)),
+                        ("--calibrate", args.calibrate is not None)):
         if given:
             return _fail(f"{flag} is for --hf-model")
 

@@ -17,8 +17,10 @@ from torch import nn
 from .._checks import check_choice, check_positive_int, check_positive_real, check_rel_tol
 from .._modules import replace_submodule
 from ..core import TTMatrix, bond_caps, inner_ranks, tt_compression_ratio, tt_num_params
+from ..core.weighting import Weighting, two_core_shapes
 from ..layers.registry import converter_for
 from ..report import format_table
+from .calibration import LayerStats
 
 __all__ = ["tensorize", "TensorizeReport", "LayerReport", "allocate_ranks"]
 
@@ -42,6 +44,7 @@ class LayerReport:
     layer_type: str = "MPOLinear"
     entropies: tuple[float, ...] = ()  # entanglement entropy per inner bond (nats)
     weight_params: int | None = None  # parameters replacing the weight, for layers that are not TT-matrices (ADTN)
+    output_error: float | None = None  # calibrated layers: relative error of the layer's outputs on the calibration data
 
     @property
     def compression_ratio(self) -> float:
@@ -71,15 +74,17 @@ class TensorizeReport:
         return self.params_before / self.params_after
 
     def table(self) -> str:
+        calibrated = any(r.output_error is not None for r in self.layers)
         rows = [
             (r.name, r.layer_type, f"{r.out_features}×{r.in_features}", f"{r.out_shape}←{r.in_shape}", str(r.ranks),
              r.params_before, r.params_after, round(r.compression_ratio, 1), r.rel_error,
+             *([("–" if r.output_error is None else r.output_error)] if calibrated else []),
              " ".join(f"{max(e, 0.0):.2f}" for e in r.entropies))
             for r in self.layers
         ]
         body = format_table(
             ["layer", "type", "shape", "modes (out←in)", "ranks", "params before", "params after", "ratio",
-             "rel. error", "entropy S_k per bond"], rows)
+             "rel. error", *(["output error (calibration)"] if calibrated else []), "entropy S_k per bond"], rows)
         lines = [body, f"whole model: {self.params_before:,} → {self.params_after:,} parameters, "
                        f"compression ratio {self.compression_ratio:.2f}× (dense / tensorized, all parameters counted)"]
         if self.skipped:
@@ -257,6 +262,31 @@ def _fit_budget(before: int, ratio: float, weights: list[torch.Tensor], sizes: l
     return {li: first[li].round(max_rank=r) for li, r in zip(active, chosen)}
 
 
+def _weightings(model: nn.Module, targets: list, calibration: Mapping[str, LayerStats],
+                shapes: Mapping[str, tuple]) -> dict[int, Weighting]:
+    """The data-aware norm of every converted layer that has calibration statistics, by its index in ``targets``."""
+    names = dict(model.named_modules())
+    unknown = sorted(set(calibration) - set(names))
+    if unknown:
+        raise ValueError(f"calibration names modules the model does not have: {unknown[:5]}")
+    out = {}
+    for li, (name, module, _) in enumerate(targets):
+        if name not in calibration:
+            continue
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            raise ValueError(f"calibration for {name!r}: only nn.Linear and nn.Embedding layers are calibrated, "
+                             f"not {type(module).__name__}")
+        if name in shapes:
+            raise ValueError(f"{name!r} has both shapes= and calibration: a calibrated layer is a two-core MPO")
+        weighting = calibration[name].weighting()
+        try:
+            weighting.check(*two_core_shapes(*module.weight.shape))
+        except ValueError as err:
+            raise ValueError(f"calibration for {name!r} does not fit the layer: {err}") from None
+        out[li] = weighting
+    return out
+
+
 def tensorize(
     model: nn.Module,
     rank: int | Sequence[int] | Mapping[str, int | Sequence[int]] | None = None,
@@ -271,6 +301,7 @@ def tensorize(
     fit_steps: int = 500,
     allocation: str = "absolute",
     conv_modes: str = "matrix",
+    calibration: Mapping[str, LayerStats] | None = None,
 ) -> tuple[nn.Module, TensorizeReport]:
     """A copy of ``model`` with its dense layers replaced by registered torchtn layers (TT-SVD of the trained weights).
 
@@ -286,7 +317,11 @@ def tensorize(
     callable ``(name, module) -> bool`` for layers to keep dense; ``shapes``: ``{name: (in_shape, out_shape)}`` to
     override the default balanced 4-mode factorization; ``conv_modes="kernel"``: every ``nn.Conv2d`` not named in
     ``shapes`` gets the modes of its 4-D kernel's TT over ``(C_in, kh, kw, C_out)``, which run as four small
-    convolutions (:func:`~torchtn.layers.mpo_conv.kernel_modes`). A layer whose MPO would hold as many parameters as the dense
+    convolutions (:func:`~torchtn.layers.mpo_conv.kernel_modes`). ``calibration`` (:func:`~torchtn.compress.calibrate`'s
+    statistics, by layer name): those ``nn.Linear`` and ``nn.Embedding`` layers are truncated in the norm of their
+    output error on the calibration data (inputs' Gram matrix; rows' lookup counts) — data-aware low-rank, held as a
+    two-core MPO (:mod:`torchtn.core.weighting`) — with ``rel_tol`` and the ``ratio`` budget's spectra measured in
+    that norm too; the report adds each layer's output error. A layer whose MPO would hold as many parameters as the dense
     layer or more stays dense (the report says so; with ``ratio`` the budget is then shared by the others) unless
     ``allow_larger`` (e.g. for an exact full-rank conversion). Returns ``(new_model, report)``; the input is not
     modified.
@@ -328,7 +363,10 @@ def tensorize(
             if isinstance(module, nn.Conv2d) and name not in shapes:
                 shapes[name] = kernel_modes(module.in_channels // module.groups, module.out_channels,
                                             module.kernel_size)
-    layer_shapes = [cls.tt_shapes_for(module, *shapes.get(name, (None, None))) for name, module, cls in targets]
+    weightings = _weightings(new, targets, calibration or {}, shapes)
+    layer_shapes = [two_core_shapes(*module.weight.shape) if li in weightings
+                    else cls.tt_shapes_for(module, *shapes.get(name, (None, None)))
+                    for li, (name, module, cls) in enumerate(targets)]
     # per-layer bond caps from `rank`, validated here so a bad value is reported under its own name
     if isinstance(rank, Mapping):
         unknown = set(rank) - {n for n, _, _ in targets}
@@ -339,7 +377,10 @@ def tensorize(
         per_layer = [rank] * len(targets)
     rank_caps = [None if r is None else inner_ranks(r, i, o, name="rank") for r, (i, o) in zip(per_layer, layer_shapes)]
     before = sum(p.numel() for p in model.parameters())
-    weights = [cls.dense_matrix(module) for _, module, cls in targets]
+    weights = [cls.dense_matrix(module) if li not in weightings else module.weight.detach()
+               for li, (_, module, cls) in enumerate(targets)]
+    # calibrated layers are truncated (and their budget shared) in the weighted space, and mapped back below
+    fitted = [weightings[li].apply(w) if li in weightings else w for li, w in enumerate(weights)]
     # the parameters the cores replace (an embedding's matrix may be padded to a factorizable size: not counted)
     sizes = [cls.replaced_params(module) if hasattr(cls, "replaced_params") else w.numel()
              for (_, module, cls), w in zip(targets, weights)]
@@ -348,10 +389,12 @@ def tensorize(
     larger: list[str] = []  # layers kept dense because their MPO would not be smaller
     while True:
         if ratio is None:
-            tts = {li: TTMatrix.from_dense(weights[li], *layer_shapes[li], max_rank=rank_caps[li], rel_tol=rel_tol)
+            tts = {li: TTMatrix.from_dense(fitted[li], *layer_shapes[li], max_rank=rank_caps[li], rel_tol=rel_tol)
                    for li in active}
         else:
-            tts = _fit_budget(before, ratio, weights, sizes, layer_shapes, active, allocation)
+            tts = _fit_budget(before, ratio, fitted, sizes, layer_shapes, active, allocation)
+        tts = {li: weightings[li].undo(tt).to(dtype=weights[li].dtype) if li in weightings else tt
+               for li, tt in tts.items()}
         grew = [li for li in active if tts[li].num_params >= sizes[li]]
         if allow_larger or not grew:
             break
@@ -367,8 +410,10 @@ def tensorize(
         replace_submodule(new, name, layer)
         err = float(torch.linalg.vector_norm((tt.to_dense() - w).double()) / torch.linalg.vector_norm(w.double()))
         nb = sum(p.numel() for p in layer.parameters()) - tt.num_params
+        out_err = weightings[li].error(w, tt.to_dense()) if li in weightings else None
         rows.append(LayerReport(name, w.shape[0], w.shape[1], o, i, tt.ranks, sizes[li] + nb, tt.num_params + nb,
-                                err, nb, cls.__name__, tuple(float(e) for e in tt.entanglement_entropy())))
+                                err, nb, cls.__name__, tuple(float(e) for e in tt.entanglement_entropy()),
+                                output_error=out_err))
     after = sum(p.numel() for p in new.parameters())
     kept += [f"{name} (its MPO would not be smaller)" for name in larger]
     return new, TensorizeReport(rows, before, after, kept)

@@ -45,6 +45,7 @@ from .tt import (
     tt_svd,
     tt_to_dense,
 )
+from .weighting import Weighting, two_core_shapes
 
 __all__ = [
     "TTMatrix",
@@ -56,5 +57,6 @@ __all__ = [
     "BondInfo", "bond_caps", "bond_report", "bond_spectra", "check_cores", "entanglement_entropy", "inner_ranks",
     "left_canonical", "merge_cores", "right_canonical", "spectrum_entropy", "tt_compression_ratio", "tt_init_std",
     "tt_num_params", "tt_ranks", "tt_round", "tt_shapes", "tt_svd", "tt_to_dense",
+    "Weighting", "two_core_shapes",
     "Transform", "mprod", "mtran", "t_eye", "t_svd", "t_svd_truncate", "transform",
 ]

@@ -363,9 +363,17 @@ class TTMatrix:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_dense(cls, matrix: torch.Tensor, in_shape: Sequence[int], out_shape: Sequence[int], *,
-                   max_rank: RankSpec = None, rel_tol: float | None = None) -> "TTMatrix":
-        """TT-SVD of ``matrix`` ``(out_features, in_features)``; see :func:`tt_svd` for the truncation rule."""
-        return cls(tt_svd(matrix, in_shape, out_shape, max_rank=max_rank, rel_tol=rel_tol))
+                   max_rank: RankSpec = None, rel_tol: float | None = None, weighting=None) -> "TTMatrix":
+        """TT-SVD of ``matrix`` ``(out_features, in_features)``; see :func:`tt_svd` for the truncation rule.
+
+        ``weighting`` (a :class:`~torchtn.core.weighting.Weighting`): truncate in the data's norm instead (the
+        layer's output error on calibration data; ``rel_tol`` then bounds that relative error); the cores come back
+        in ``matrix``'s dtype."""
+        if weighting is None:
+            return cls(tt_svd(matrix, in_shape, out_shape, max_rank=max_rank, rel_tol=rel_tol))
+        weighting.check(in_shape, out_shape)
+        tt = cls(tt_svd(weighting.apply(matrix), in_shape, out_shape, max_rank=max_rank, rel_tol=rel_tol))
+        return weighting.undo(tt).to(dtype=matrix.dtype)
 
     @classmethod
     def random(cls, in_shape: Sequence[int], out_shape: Sequence[int], rank: RankSpec, *, variance: float,

@@ -43,11 +43,12 @@ class HFCompressJob:
     lr: float = 1e-4
     seed: int = 0
     skip: tuple[str, ...] = field(default_factory=tuple)
-    allocation: str = "absolute"
+    allocation: str | None = None  # None: "relative" when calibrated, else "absolute" (measured best each way)
     steps_per_round: int = 25  # healing batches between checkpoints / time-budget checks
     hidden_states: bool = False  # heal on every token's hidden state too, not only the pooled embedding
     head: bool = False  # load the task class with its head; heal and measure on its logits
     temperature: float = 2.0  # of the logits distillation (with head)
+    calibrate: int = 256  # passages of the healing split whose statistics steer the truncation (0: plain TT-SVD)
 
     def __post_init__(self) -> None:
         if sum(v is not None for v in (self.ratio, self.rank, self.rel_tol)) == 0:
@@ -59,6 +60,8 @@ class HFCompressJob:
         check_positive_int("batch_size", self.batch_size)
         check_positive_int("max_length", self.max_length)
         check_positive_real("temperature", self.temperature)
+        if not (isinstance(self.calibrate, int) and self.calibrate >= 0):
+            raise ValueError(f"--calibrate {self.calibrate!r} is not allowed: expected a number of passages >= 0")
         if self.head and self.hidden_states:
             raise ValueError("--hidden-states heals on hidden states; with --hf-head the head's logits are matched")
 
@@ -87,9 +90,16 @@ def run_hf_compress(job: HFCompressJob, out: Path, *, resume: bool = False, prog
     train_texts, eval_texts = _split(hf.read_corpus(job.corpus), job.eval_lines, job.seed)
     log(f"{job.model}: {type(teacher).__name__}, {sum(p.numel() for p in teacher.parameters()):,} parameters; "
         f"corpus: {len(train_texts):,} passages to heal on, {len(eval_texts):,} held out")
+    calibration = None
+    if job.calibrate:
+        calibration = hf.calibrate(teacher, tokenizer, train_texts[:job.calibrate], batch_size=job.batch_size,
+                                   max_length=job.max_length)
+        log(f"calibrated on {min(job.calibrate, len(train_texts)):,} healing passages: every layer is truncated in "
+            f"the norm of its output error on them")
     torch.manual_seed(job.seed)
     student, report = hf.compress(teacher, ratio=job.ratio, rank=job.rank, rel_tol=job.rel_tol, parts=job.parts,
-                                  skip=job.skip, allocation=job.allocation)
+                                  skip=job.skip, allocation=job.allocation or ("relative" if calibration else "absolute"),
+                                  calibration=calibration)
     log(report.table())
     kw = {"batch_size": job.batch_size, "max_length": job.max_length}
     if job.head:  # the task head's logits: top-class agreement and KL divergence

@@ -54,18 +54,20 @@ def mpo_embedding(ids: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Ten
     modes = [c.shape[1] for c in cores]
     flat = ids.reshape(-1)
     state = None  # (N, ∏_{l≤k} n_l, r_k)
-    for core, digit in zip(cores, _digits(flat, modes)):
-        piece = core[:, digit]  # (r, N, n_k, r')
+    for k, (core, digit) in enumerate(zip(cores, _digits(flat, modes))):
         if state is None:
-            state = piece[0]  # r_0 = 1: (N, n_1, r_1)
+            state = core[0, digit]  # r_0 = 1: (N, n_1, r_1)
+        elif core.shape[1] == 1:  # no vocabulary mode here: one matmul, nothing to gather (e.g. a low-rank table)
+            state = torch.einsum("bpr,rns->bpns", state, core[:, 0]).flatten(1, 2)
         else:
-            state = torch.einsum("bpr,rbns->bpns", state, piece).flatten(1, 2)
+            state = torch.einsum("bpr,rbns->bpns", state, core[:, digit]).flatten(1, 2)  # (r, N, n_k, r') slices
     return state.reshape(*ids.shape, -1)
 
 
 def _gathered_per_id(cores: Sequence[torch.Tensor]) -> int:
-    """Elements of the core slices :func:`mpo_embedding` gathers for one id (``Σ_k r_{k−1}·n_k·r_k``)."""
-    return sum(c.shape[0] * c.shape[2] * c.shape[3] for c in cores)
+    """Elements of the core slices :func:`mpo_embedding` gathers for one id (``Σ_k r_{k−1}·n_k·r_k`` over the first
+    core and those with a vocabulary mode)."""
+    return sum(c.shape[0] * c.shape[2] * c.shape[3] for k, c in enumerate(cores) if k == 0 or c.shape[1] > 1)
 
 
 @register_layer("MPOEmbedding", converts=(nn.Embedding,))
