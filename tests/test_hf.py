@@ -116,6 +116,14 @@ def test_calibrated_compression_keeps_more_of_the_model_and_round_trips(tiny, tm
                            calibrated(**batch).last_hidden_state)
     with pytest.raises(ValueError, match="at least one text"):
         hf.calibrate(teacher, tokenizer, [])
+    # token counts on more text than the model runs on: exactly the tokenizer's ids, every other layer unchanged
+    more = sentences(300, seed=13)
+    counted = hf.calibrate(teacher, tokenizer, sentences(64, seed=11), token_texts=more)
+    ids = [t for row in tokenizer(more)["input_ids"] for t in row]
+    expected = torch.bincount(torch.tensor(ids), minlength=teacher.config.vocab_size).double()
+    assert torch.equal(counted["embeddings.word_embeddings"].row_counts, expected)
+    assert torch.equal(counted["encoder.layer.0.attention.self.query"].input_gram,
+                       stats["encoder.layer.0.attention.self.query"].input_gram)
 
 
 def test_healing_lowers_the_distillation_loss(tiny, tmp_path):
@@ -212,6 +220,7 @@ def test_command_line_compresses_heals_and_refuses_bad_input(tiny, tmp_path, cap
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["ratio"] >= 1.5 and results["heal_history"]
+    assert results["job"]["batch_size"] == 128 and results["throughput_batch_size"] == 32  # the measure
     assert results["quality_after_healing"]["mean_cosine"] >= results["quality_before_healing"]["mean_cosine"]
     assert (out / "model" / "torchtn.safetensors").exists() and (out / "model" / "config.json").exists()
     assert "nearest-neighbour agreement" in capsys.readouterr().out
@@ -245,6 +254,7 @@ def test_command_line_heals_a_task_head(tiny_classifier, tmp_path, capsys):
                  "--heal-minutes", "0.05", "--out", str(out), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["quality_after_healing"]) == {"agreement", "kl"}
+    assert all(r["output_error"] is not None for r in results["layers"])  # calibrated through the task model too
     assert results["quality_after_healing"]["kl"] <= results["quality_before_healing"]["kl"]
     assert "top-class agreement with the original" in capsys.readouterr().out
     assert type(hf.load(out / "model")).__name__ == "BertForSequenceClassification"

@@ -130,14 +130,34 @@ def compress(model: nn.Module, *, ratio: float | None = None, rank: int | None =
                      calibration=calibration)
 
 
-def calibrate(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 32,
-              max_length: int = 128) -> dict[str, LayerStats]:
+def calibrate(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 32, max_length: int = 128,
+              token_texts: Sequence[str] | None = None) -> dict[str, LayerStats]:
     """What every linear map and embedding table of ``model`` sees on ``texts`` (see
     :func:`torchtn.compress.calibrate`): input Gram matrices and token / position counts, for :func:`compress`.
-    Padding positions are included (the model computes them too)."""
+    Padding positions are included (the model computes them too; the texts run in order of length, so there are
+    few). ``token_texts``: count the input embedding's
+    token ids on these instead (tokenizing only, no forward pass: cheap on a whole corpus, and the table's rows
+    are weighted by frequencies measured on far more text than the model can be run on)."""
     if len(texts) == 0:
         raise ValueError("calibrate needs at least one text")
-    return _calibrate(model, lambda: _batched(PooledEncoder(model), model, tokenizer, texts, batch_size, max_length))
+    ordered = sorted(texts, key=len)  # batches of similar lengths: few padding positions in the statistics
+    device = next(model.parameters()).device
+
+    def run() -> None:  # any model class (an encoder, or a task model with its head)
+        for i in range(0, len(ordered), batch_size):
+            x = _encode(tokenizer, ordered[i:i + batch_size], max_length).to(device)
+            model(input_ids=x[:, 0], attention_mask=x[:, 1])
+    stats = _calibrate(model, run)
+    if token_texts is not None:
+        table = model.get_input_embeddings()
+        name = next(n for n, m in model.named_modules() if m is table)
+        counts = torch.zeros(table.num_embeddings, dtype=torch.float64)
+        for i in range(0, len(token_texts), 1024):
+            ids = tokenizer(list(token_texts[i:i + 1024]), truncation=True, max_length=max_length)["input_ids"]
+            counts += torch.bincount(torch.tensor([t for row in ids for t in row], dtype=torch.long),
+                                     minlength=table.num_embeddings).double()
+        stats[name] = LayerStats(row_counts=counts, samples=int(counts.sum()))
+    return stats
 
 
 # ---------------------------------------------------------------------------------------------------------- text
