@@ -349,7 +349,7 @@ def _cmd_compress_hf(args: argparse.Namespace) -> int:
                             parts=tuple(args.parts), heal_minutes=args.heal_minutes, batch_size=args.batch_size,
                             allocation=args.allocation, hidden_states=args.hidden_states,
                             head=args.hf_head, temperature=args.temperature, skip=tuple(args.keep_dense),
-                            calibrate=256 if args.calibrate is None else args.calibrate,
+                            calibrate=HFCompressJob.calibrate if args.calibrate is None else args.calibrate,
                             lr=1e-4 if args.finetune_lr is None else args.finetune_lr, seed=args.seed)
         device = str(_device(args))
     except ValueError as err:

@@ -34,6 +34,7 @@ from ._checks import check_positive_real
 from ._modules import replace_submodule
 from .compress import LayerStats, TensorizeReport, tensorize
 from .compress import calibrate as _calibrate
+from .compress.calibration import row_counts
 from .data import Dataset
 from .io import load_model, read_metadata, save_model
 from .layers.registry import layer_types
@@ -135,9 +136,9 @@ def calibrate(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: 
     """What every linear map and embedding table of ``model`` sees on ``texts`` (see
     :func:`torchtn.compress.calibrate`): input Gram matrices and token / position counts, for :func:`compress`.
     Padding positions are included (the model computes them too; the texts run in order of length, so there are
-    few). ``token_texts``: count the input embedding's
-    token ids on these instead (tokenizing only, no forward pass: cheap on a whole corpus, and the table's rows
-    are weighted by frequencies measured on far more text than the model can be run on)."""
+    few). ``token_texts``: count the input embedding's token ids on these instead (tokenizing only, no forward pass:
+    cheap on a whole corpus, so the table's rows are weighted by frequencies measured on far more text than the
+    model can be run on)."""
     if len(texts) == 0:
         raise ValueError("calibrate needs at least one text")
     ordered = sorted(texts, key=len)  # batches of similar lengths: few padding positions in the statistics
@@ -154,8 +155,8 @@ def calibrate(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: 
         counts = torch.zeros(table.num_embeddings, dtype=torch.float64)
         for i in range(0, len(token_texts), 1024):
             ids = tokenizer(list(token_texts[i:i + 1024]), truncation=True, max_length=max_length)["input_ids"]
-            counts += torch.bincount(torch.tensor([t for row in ids for t in row], dtype=torch.long),
-                                     minlength=table.num_embeddings).double()
+            counts += row_counts(torch.tensor([t for row in ids for t in row], dtype=torch.long),
+                                 table.num_embeddings)
         stats[name] = LayerStats(row_counts=counts, samples=int(counts.sum()))
     return stats
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..core.weighting import Weighting
 
-__all__ = ["LayerStats", "calibrate"]
+__all__ = ["LayerStats", "calibrate", "row_counts"]
 
 
 @dataclass
@@ -31,6 +31,11 @@ class LayerStats:
     def weighting(self) -> Weighting:
         """The norm these statistics define (see :meth:`Weighting.from_stats`)."""
         return Weighting.from_stats(input_gram=self.input_gram, row_counts=self.row_counts)
+
+
+def row_counts(ids: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """How often each of ``num_rows`` rows is looked up by ``ids`` (any shape): ``(num_rows,)`` float64."""
+    return torch.bincount(ids.reshape(-1), minlength=num_rows).double()
 
 
 def _run(model: nn.Module, batch: Any) -> None:
@@ -65,7 +70,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any] | Callable[[], Any]) -> d
             ids = args[0].detach().reshape(-1)
             s = stats.setdefault(name, LayerStats(row_counts=torch.zeros(module.num_embeddings, dtype=torch.float64,
                                                                          device=ids.device)))
-            s.row_counts += torch.bincount(ids, minlength=module.num_embeddings).double()
+            s.row_counts += row_counts(ids, module.num_embeddings)
             s.samples += ids.numel()
         return hook
 

@@ -54,7 +54,7 @@ def mpo_embedding(ids: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Ten
     modes = [c.shape[1] for c in cores]
     flat = ids.reshape(-1)
     state = None  # (N, ∏_{l≤k} n_l, r_k)
-    for k, (core, digit) in enumerate(zip(cores, _digits(flat, modes))):
+    for core, digit in zip(cores, _digits(flat, modes)):
         if state is None:
             state = core[0, digit]  # r_0 = 1: (N, n_1, r_1)
         elif core.shape[1] == 1:  # no vocabulary mode here: one matmul, nothing to gather (e.g. a low-rank table)
