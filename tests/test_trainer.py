@@ -241,3 +241,36 @@ def test_distill_loss_matches_any_teacher_output():
         assert float(mse(student(data.x_val), teacher(data.x_val))) < 0.2 * before  # it learned the teacher's logits
     with pytest.raises(ValueError, match="distill_loss needs a teacher"):
         Trainer(student, TrainConfig(), distill_loss=mse)
+
+
+def test_keep_best_ends_with_the_weights_of_least_validation_loss_and_survives_resume(tmp_path, digits):
+    from torchtn.train import measure
+
+    def build():
+        torch.manual_seed(2)
+        return FC2(64, hidden=32)
+
+    # a good start ruined by a far too high rate: the starting weights are the best, and they come back
+    good = build()
+    Trainer(good, TrainConfig(epochs=8, lr=3e-3, progress=False)).fit(digits)
+    start = {k: v.clone() for k, v in good.state_dict().items()}
+    start_loss = measure(good, digits.x_val, digits.y_val)["loss"]
+    trainer = Trainer(good, TrainConfig(epochs=2, lr=5.0, optimizer="sgd", progress=False, keep_best=True))
+    history = trainer.fit(digits)
+    assert min(h.val_loss for h in history) > start_loss and trainer.best_epoch == 0
+    for k, v in good.state_dict().items():
+        assert torch.equal(v, start[k]), k
+    # from scratch every round improves at first: the kept round is the one of least validation loss
+    cfg = TrainConfig(epochs=4, batch_size=64, lr=1e-2, progress=False, keep_best=True, seed=1)
+    fresh = build()
+    trainer = Trainer(fresh, cfg)
+    history = trainer.fit(digits)
+    best = min(range(len(history)), key=lambda i: history[i].val_loss)
+    assert trainer.best_epoch == best + 1
+    assert measure(fresh, digits.x_val, digits.y_val)["loss"] == pytest.approx(history[best].val_loss, rel=1e-5)
+    # interrupted and resumed, it keeps the same best weights (stored in the checkpoint)
+    straight, resumed, _ = run_interrupted_and_resumed(tmp_path / "b.safetensors", digits, build, cfg, stop_epoch=2)
+    assert_same_weights(straight, resumed)
+    assert_same_weights(straight, fresh)
+    with pytest.raises(ValueError, match="keep_best"):
+        TrainConfig(optimizer="sweep", keep_best=True)

@@ -33,7 +33,7 @@ def test_two_core_truncation_is_the_optimum_of_the_weighted_norm(rank):
     tt = TTMatrix.from_dense(w, i, o, max_rank=rank, weighting=wt)
     assert tt.ranks == (1, rank, 1) and tt.in_shape == (1, 18) and tt.out_shape == (24, 1)
     approx = tt.to_dense()
-    d, lower = (counts + 1).sqrt(), wt.gram_factor
+    d, lower = ((counts + 1) / (counts + 1).sum()).sqrt(), wt.col_factor  # frequencies, add-one smoothed
     reference, s = _best_weighted(w, d, lower, rank)
     torch.testing.assert_close(approx, reference, rtol=1e-8, atol=1e-8)
     # Eckart–Young in the weighted norm: the squared error is exactly the discarded weighted spectrum …
@@ -69,7 +69,7 @@ def test_rel_tol_bounds_the_weighted_error_and_each_factor_alone_works():
 def test_rank_deficient_gram_still_factors_and_bad_stats_are_named():
     x = torch.randn(5, 12, dtype=torch.float64)  # 5 samples for 12 features: a singular Gram
     wt = Weighting.from_stats(input_gram=x.T @ x)
-    lower = wt.gram_factor
+    lower = wt.col_factor
     assert bool(torch.isfinite(lower).all()) and bool((lower.diagonal() > 0).all())
     with pytest.raises(ValueError, match="square"):
         Weighting.from_stats(input_gram=torch.ones(3, 4))
@@ -80,8 +80,41 @@ def test_rank_deficient_gram_still_factors_and_bad_stats_are_named():
         TTMatrix.from_dense(torch.randn(12, 6), (2, 3), (3, 4), weighting=wt2)
     with pytest.raises(ValueError, match="last core"):
         TTMatrix.from_dense(torch.randn(6, 12), (3, 4), (6, 1), weighting=wt)
-    with pytest.raises(ValueError, match="Gram of size 12"):
+    with pytest.raises(ValueError, match="column weights of size 12"):
         TTMatrix.from_dense(torch.randn(6, 10), (1, 10), (6, 1), weighting=wt)
+
+
+def test_output_sensitivity_makes_the_truncation_optimal_for_the_next_layers_output():
+    """y = W2 (W1 x): the error of W1's truncation that reaches y is ‖W2 (W1 − Ŵ1) X‖ = ‖Rᵀ (W1 − Ŵ1) L‖ with
+    R Rᵀ = W2ᵀ W2 — exactly the two-sided norm, whose two-core truncation is then the optimum on y."""
+    w, x, _ = _data(seed=3)
+    g = torch.Generator().manual_seed(4)
+    w2 = torch.randn(6, 24, generator=g, dtype=torch.float64)  # sees only 6 of the 24 directions W1 writes
+    wt = Weighting.from_stats(input_gram=x.T @ x, output_gram=w2.T @ w2, ridge=1e-12)
+    assert wt.row_factor is not None and wt.row_weights is None
+    i, o = two_core_shapes(*w.shape)
+    for rank in (2, 5):
+        approx = TTMatrix.from_dense(w, i, o, max_rank=rank, weighting=wt).to_dense()
+        r, lower = wt.row_factor, wt.col_factor
+        u, s, vh = torch.linalg.svd(r.T @ w @ lower)
+        reference = torch.linalg.inv(r.T) @ (u[:, :rank] * s[:rank]) @ vh[:rank] @ torch.linalg.inv(lower)
+        torch.testing.assert_close(approx, reference, rtol=1e-7, atol=1e-7)
+        final = torch.linalg.vector_norm(w2 @ (w - approx) @ x.T)
+        torch.testing.assert_close(final, s[rank:].square().sum().sqrt(), rtol=1e-6, atol=1e-9)
+        one_sided = TTMatrix.from_dense(w, i, o, max_rank=rank,
+                                        weighting=Weighting.from_stats(input_gram=x.T @ x)).to_dense()
+        assert torch.linalg.vector_norm(w2 @ (w - one_sided) @ x.T) > 1.05 * final
+    # rank 6 reaches everything W2 can see: the error on y vanishes although W1 itself is far from exact
+    exact_on_y = TTMatrix.from_dense(w, i, o, max_rank=6, weighting=wt).to_dense()
+    assert float(torch.linalg.vector_norm(w2 @ (w - exact_on_y) @ x.T) / torch.linalg.vector_norm(w2 @ w @ x.T)) < 1e-5
+    assert float(torch.linalg.vector_norm(w - exact_on_y) / torch.linalg.vector_norm(w)) > 0.3
+    # a table: its outputs are rows, so their sensitivity weighs the columns: ‖diag(√p) (W − Ŵ) R‖
+    counts = torch.arange(24, dtype=torch.float64)
+    table = Weighting.from_stats(row_counts=counts, output_gram=w2[:, :18].T @ w2[:, :18], ridge=1e-12)
+    assert table.row_weights is not None and table.col_factor is not None and table.row_factor is None
+    torch.testing.assert_close(table.col_factor @ table.col_factor.T, w2[:, :18].T @ w2[:, :18], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="not both"):
+        Weighting.from_stats(input_gram=x.T @ x, row_counts=counts, output_gram=w2.T @ w2)
 
 
 class _Net(nn.Module):
@@ -117,6 +150,33 @@ def test_calibrate_records_exact_grams_and_counts_and_restores_the_mode():
         calibrate(nn.Sequential(nn.ReLU()), [torch.zeros(2)])
 
 
+def test_calibrate_output_sensitivity_estimates_the_jacobian_gram_without_touching_gradients():
+    torch.manual_seed(0)
+    net = _Net().double()
+    net.fc1.weight.requires_grad_(False)  # a frozen parameter stays frozen
+    batches = [torch.randint(0, 20, (16, 3)) for _ in range(3)]
+    stats = calibrate(net, batches, output=lambda y, _b: y, probes=600, seed=1)
+    assert all(p.grad is None for p in net.parameters()) and not net.fc1.weight.requires_grad
+    plain = calibrate(net, batches)
+    torch.testing.assert_close(stats["fc1"].input_gram, plain["fc1"].input_gram)  # the inputs are counted once
+    assert stats["fc1"].samples == 48 and stats["emb"].samples == 144
+    # exact E_u[g gᵀ]: fc2's output is the output (J = I); fc1's reaches it through relu and fc2: J = W2 diag(h > 0)
+    ids = torch.cat(batches)
+    h = net.fc1(net.emb(ids).flatten(1)).detach()
+    exact_fc1 = sum((net.fc2.weight * (hs > 0)).T @ (net.fc2.weight * (hs > 0)) for hs in h).detach()
+    for name, exact, n in (("fc2", 48 * torch.eye(5, dtype=torch.float64), 48), ("fc1", exact_fc1, 48)):
+        est = stats[name].output_gram / 600
+        assert stats[name].output_samples == 600 * n
+        assert float(torch.linalg.matrix_norm(est - exact) / torch.linalg.matrix_norm(exact)) < 0.1
+    assert stats["emb"].output_gram.shape == (12, 12) and stats["emb"].output_samples == 600 * 144
+    with pytest.raises(ValueError, match="iterable"):
+        calibrate(net, lambda: None, output=lambda y, _b: y)
+    with pytest.raises(ValueError, match="probes=0"):
+        calibrate(net, batches, output=lambda y, _b: y, probes=0)
+    with pytest.raises(ValueError, match=r"\(batch, k\)"):
+        calibrate(net, batches, output=lambda y, _b: y.sum())
+
+
 def test_tensorize_with_calibration_lowers_every_layers_output_error_at_the_same_ranks():
     torch.manual_seed(0)
     net = _Net().double()
@@ -147,6 +207,31 @@ def test_tensorize_with_calibration_lowers_every_layers_output_error_at_the_same
     # the whole-model budget works on the weighted spectra too
     _, by_ratio = tensorize(net, ratio=2, calibration=stats, skip=["conv"])
     assert by_ratio.compression_ratio >= 2
+
+
+def test_output_sensitive_calibration_lowers_the_models_output_error_and_shares_the_budget_absolutely():
+    torch.manual_seed(0)
+    net = _Net().double()
+    with torch.no_grad():
+        net.fc1.weight[10:] *= 3  # fc1's largest outputs …
+        net.fc2.weight[:, 10:] *= 0.01  # … are those fc2 barely reads: fc1's error there hardly matters
+    batches = [torch.randint(0, 20, (64, 3)) for _ in range(4)]
+    one_sided = calibrate(net, batches)
+    sensitive = calibrate(net, batches, output=lambda y, _b: y, probes=32)
+    ids = torch.cat(batches)
+    errors = {}
+    for label, stats in (("inputs", one_sided), ("outputs", sensitive)):
+        model, _ = tensorize(net, rank=3, calibration=stats, skip=["conv", "fc2", "emb"])
+        with torch.no_grad():
+            errors[label] = float(torch.linalg.vector_norm(model(ids) - net(ids)))
+    assert errors["outputs"] < 0.8 * errors["inputs"]
+    # sensitive statistics put every layer's error in the output's units: the default allocation is absolute
+    _, default = tensorize(net, ratio=2, calibration=sensitive, skip=["conv"])
+    _, absolute = tensorize(net, ratio=2, calibration=sensitive, skip=["conv"], allocation="absolute")
+    _, relative = tensorize(net, ratio=2, calibration=one_sided, skip=["conv"], allocation="relative")
+    _, one_sided_default = tensorize(net, ratio=2, calibration=one_sided, skip=["conv"])
+    assert [r.ranks for r in default.layers] == [r.ranks for r in absolute.layers]
+    assert [r.ranks for r in one_sided_default.layers] == [r.ranks for r in relative.layers]
 
 
 def test_tensorize_calibration_bad_inputs_are_named():

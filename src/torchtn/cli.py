@@ -136,9 +136,14 @@ def _build_parser() -> argparse.ArgumentParser:
     hfg.add_argument("--calibrate", type=_int_at_least("--calibrate", 0), default=None, metavar="N",
                      help="truncate every layer in the norm of its output error on N healing passages (data-aware "
                           "low-rank; default 256; 0: plain TT-SVD of the weights)")
+    hfg.add_argument("--probes", type=_int_at_least("--probes", 0), default=None, metavar="P",
+                     help="with --calibrate: also weigh every layer's outputs by how much they move the sentence "
+                          "embedding (or the head's log-probabilities), from P random projections per batch, so the "
+                          "truncation minimizes the error that reaches the model's output (default 4; 0: the layers' "
+                          "own output errors)")
     hfg.add_argument("--allocation", choices=("absolute", "relative"), default=None,
                      help="how --ratio's budget is shared: least total error or equal relative errors (default: "
-                          "relative when calibrated, absolute with --calibrate 0)")
+                          "relative when calibrated with --probes 0, else absolute)")
 
     t = sub.add_parser("train", help="train a zoo model, dense or with MPO layers (torchrun: many processes)",
                        description="Train a model of the zoo with the shared trainer and write the model, its "
@@ -350,6 +355,7 @@ def _cmd_compress_hf(args: argparse.Namespace) -> int:
                             allocation=args.allocation, hidden_states=args.hidden_states,
                             head=args.hf_head, temperature=args.temperature, skip=tuple(args.keep_dense),
                             calibrate=HFCompressJob.calibrate if args.calibrate is None else args.calibrate,
+                            probes=HFCompressJob.probes if args.probes is None else args.probes,
                             lr=1e-4 if args.finetune_lr is None else args.finetune_lr, seed=args.seed)
         device = str(_device(args))
     except ValueError as err:
@@ -381,7 +387,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         return _cmd_compress_hf(args)
     for flag, given in (("--corpus", args.corpus is not None), ("--hf-head", args.hf_head),
                         ("--hidden-states", args.hidden_states), ("--keep-dense", bool(args.keep_dense)),
-                        ("--calibrate", args.calibrate is not None)):
+                        ("--calibrate", args.calibrate is not None), ("--probes", args.probes is not None)):
         if given:
             return _fail(f"{flag} is for --hf-model")
 

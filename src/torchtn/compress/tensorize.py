@@ -20,7 +20,7 @@ from ..core import TTMatrix, bond_caps, inner_ranks, tt_compression_ratio, tt_nu
 from ..core.weighting import Weighting, two_core_shapes
 from ..layers.registry import converter_for
 from ..report import format_table
-from .calibration import LayerStats
+from .calibration import LayerStats, sensitive
 
 __all__ = ["tensorize", "TensorizeReport", "LayerReport", "allocate_ranks"]
 
@@ -299,7 +299,7 @@ def tensorize(
     method: str = "mpo",
     depth: int = 2,
     fit_steps: int = 500,
-    allocation: str = "absolute",
+    allocation: str | None = None,
     conv_modes: str = "matrix",
     calibration: Mapping[str, LayerStats] | None = None,
 ) -> tuple[nn.Module, TensorizeReport]:
@@ -313,15 +313,18 @@ def tensorize(
     whole-model compression ``dense parameters / tensorized parameters``, reached by sharing one budget across the
     layers by their spectra (:func:`allocate_ranks`) — ``allocation="absolute"`` minimizes the total squared error
     of all weights, ``"relative"`` measures each layer's singular values in units of its own norm, so no layer is
-    sacrificed for a larger-normed one (for pretrained transformers, whose layers differ in scale). ``skip``: module-name glob patterns (``"classifier*"``) or a
+    sacrificed for a larger-normed one (for pretrained transformers, whose layers differ in scale); the default,
+    ``None``, is ``"relative"`` for a calibration without output sensitivity (each layer's weighted error is then in
+    its own units) and ``"absolute"`` otherwise. ``skip``: module-name glob patterns (``"classifier*"``) or a
     callable ``(name, module) -> bool`` for layers to keep dense; ``shapes``: ``{name: (in_shape, out_shape)}`` to
     override the default balanced 4-mode factorization; ``conv_modes="kernel"``: every ``nn.Conv2d`` not named in
     ``shapes`` gets the modes of its 4-D kernel's TT over ``(C_in, kh, kw, C_out)``, which run as four small
     convolutions (:func:`~torchtn.layers.mpo_conv.kernel_modes`). ``calibration`` (:func:`~torchtn.compress.calibrate`'s
     statistics, by layer name): those ``nn.Linear`` and ``nn.Embedding`` layers are truncated in the norm of their
-    output error on the calibration data (inputs' Gram matrix; rows' lookup counts) — data-aware low-rank, held as a
-    two-core MPO (:mod:`torchtn.core.weighting`) — with ``rel_tol`` and the ``ratio`` budget's spectra measured in
-    that norm too; the report adds each layer's output error. A layer whose MPO would hold as many parameters as the dense
+    output error on the calibration data (inputs' Gram matrix; rows' lookup counts; with ``calibrate(output=)`` also
+    the output's sensitivity, so the error is the model output's) — data-aware low-rank, held as a two-core MPO
+    (:mod:`torchtn.core.weighting`) — with ``rel_tol`` and the ``ratio`` budget's spectra measured in that norm too;
+    the report adds each layer's output error (relative, in that norm). A layer whose MPO would hold as many parameters as the dense
     layer or more stays dense (the report says so; with ``ratio`` the budget is then shared by the others) unless
     ``allow_larger`` (e.g. for an exact full-rank conversion). Returns ``(new_model, report)``; the input is not
     modified.
@@ -333,6 +336,8 @@ def tensorize(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_choice("method", method, ("mpo", "adtn"))
+    if allocation is None:
+        allocation = "relative" if calibration and not sensitive(calibration) else "absolute"
     check_choice("allocation", allocation, ("absolute", "relative"))
     check_choice("conv_modes", conv_modes, ("matrix", "kernel"))
     if method == "adtn":

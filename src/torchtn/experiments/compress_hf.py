@@ -26,6 +26,7 @@ from ..report import format_table, machine_description
 __all__ = ["HFCompressJob", "run_hf_compress"]
 
 SPEED_BATCH = 32  # sentences per call when throughput is measured (≤ 128 tokens each)
+VAL_PASSAGES = 128  # healing passages (at most a fifth) set aside to choose the healed weights: best round or start
 
 
 @dataclass
@@ -45,12 +46,13 @@ class HFCompressJob:
     lr: float = 1e-4
     seed: int = 0
     skip: tuple[str, ...] = field(default_factory=tuple)
-    allocation: str | None = None  # None: "relative" when calibrated, else "absolute" (measured best each way)
+    allocation: str | None = None  # None: tensorize's default ("relative" when calibrated without --probes)
     steps_per_round: int = 25  # healing batches between checkpoints / time-budget checks
     hidden_states: bool = False  # heal on every token's hidden state too, not only the pooled embedding
     head: bool = False  # load the task class with its head; heal and measure on its logits
     temperature: float = 2.0  # of the logits distillation (with head)
     calibrate: int = 256  # passages of the healing split whose statistics steer the truncation (0: plain TT-SVD)
+    probes: int = 4  # random output projections per calibration batch: weigh layers by their effect on the output
 
     def __post_init__(self) -> None:
         if sum(v is not None for v in (self.ratio, self.rank, self.rel_tol)) == 0:
@@ -64,6 +66,8 @@ class HFCompressJob:
         check_positive_real("temperature", self.temperature)
         if not (isinstance(self.calibrate, int) and self.calibrate >= 0):
             raise ValueError(f"--calibrate {self.calibrate!r} is not allowed: expected a number of passages >= 0")
+        if not (isinstance(self.probes, int) and self.probes >= 0):
+            raise ValueError(f"--probes {self.probes!r} is not allowed: expected a number of projections >= 0")
         if self.head and self.hidden_states:
             raise ValueError("--hidden-states heals on hidden states; with --hf-head the head's logits are matched")
 
@@ -95,12 +99,15 @@ def run_hf_compress(job: HFCompressJob, out: Path, *, resume: bool = False, prog
     calibration = None
     if job.calibrate:
         calibration = hf.calibrate(teacher, tokenizer, train_texts[:job.calibrate], batch_size=job.batch_size,
-                                   max_length=job.max_length, token_texts=train_texts)
+                                   max_length=job.max_length, token_texts=train_texts, probes=job.probes,
+                                   seed=job.seed)
+        what = ("the model output's error" if job.probes else "its output error") + " on them"
         log(f"calibrated on {min(job.calibrate, len(train_texts)):,} healing passages (token frequencies: all "
-            f"{len(train_texts):,}): every layer is truncated in the norm of its output error on them")
+            f"{len(train_texts):,}{f'; {job.probes} output projections per batch' if job.probes else ''}): every "
+            f"layer is truncated in the norm of {what}")
     torch.manual_seed(job.seed)
     student, report = hf.compress(teacher, ratio=job.ratio, rank=job.rank, rel_tol=job.rel_tol, parts=job.parts,
-                                  skip=job.skip, allocation=job.allocation or ("relative" if calibration else "absolute"),
+                                  skip=job.skip, allocation=job.allocation,
                                   calibration=calibration)
     log(report.table())
     kw = {"batch_size": job.batch_size, "max_length": job.max_length}
@@ -118,19 +125,24 @@ def run_hf_compress(job: HFCompressJob, out: Path, *, resume: bool = False, prog
         names = {"mean_cosine": "mean cosine to the original", "nn_agreement": "nearest-neighbour agreement"}
     before = measure()
     log("before healing: " + ", ".join(f"{names[k]} {v:.4f}" for k, v in before.items()))
-    history = []
+    history, best_round = [], None
     if job.heal_minutes > 0:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        records = hf.heal(student, teacher, tokenizer, train_texts, minutes=job.heal_minutes, epochs=10_000,
-                          lr=job.lr, val_texts=eval_texts[:64], checkpoint=out / "checkpoints" / "heal.safetensors",
+        # validation (which round's weights to keep) on healing passages set aside, never the held-out ones
+        n_val = max(1, min(VAL_PASSAGES, len(train_texts) // 5))
+        val_texts, heal_texts = train_texts[-n_val:], train_texts[:-n_val]
+        records = hf.heal(student, teacher, tokenizer, heal_texts, minutes=job.heal_minutes, epochs=10_000,
+                          lr=job.lr, val_texts=val_texts, checkpoint=out / "checkpoints" / "heal.safetensors",
                           steps_per_round=job.steps_per_round, hidden_states=job.hidden_states, resume=resume,
                           target="logits" if job.head else "embedding", temperature=job.temperature,
                           progress=progress, seed=job.seed,
                           device=device, batch_size=job.batch_size)
         history = [asdict(r) for r in records]
+        best_round = records.best_round
         student.to("cpu")
     after = measure()
-    log(f"after healing ({len(history)} passes): " + ", ".join(f"{names[k]} {v:.4f}" for k, v in after.items()))
+    kept = "" if best_round is None else f", kept round {best_round}" + (" (the start)" if best_round == 0 else "")
+    log(f"after healing ({len(history)} rounds{kept}): " + ", ".join(f"{names[k]} {v:.4f}" for k, v in after.items()))
     speed_texts = eval_texts[:256]
     speed_kw = {"batch_size": SPEED_BATCH, "max_length": 128}  # the measure, whatever --batch-size is
     speed = {"original": hf.throughput(teacher, tokenizer, speed_texts, **speed_kw),
@@ -147,7 +159,7 @@ def run_hf_compress(job: HFCompressJob, out: Path, *, resume: bool = False, prog
         "versions": {"torchtn": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "seconds": seconds, "layers": report.to_dict()["layers"], "kept_dense": report.skipped,
         "parameters": params, "bytes": sizes, "ratio": params["original"] / params["compressed"],
-        "quality_before_healing": before, "quality_after_healing": after, "heal_history": history,
+        "quality_before_healing": before, "quality_after_healing": after, "heal_history": history, "heal_best_round": best_round,
         "throughput_sentences_per_s": speed, "throughput_batch_size": SPEED_BATCH, "eval_passages": len(eval_texts),
     }
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")

@@ -107,6 +107,7 @@ class TrainConfig:
     max_seconds: float | None = None  # time budget: no epoch starts that would end past it (by the mean epoch so far)
     eval_batch_size: int = 1024  # rows per forward pass when validating
     steps_per_epoch: int | None = None  # cap: each epoch takes that many batches of its own seeded shuffle
+    keep_best: bool = False  # end with the weights of the lowest validation loss seen, the starting weights included
 
     def __post_init__(self) -> None:
         check_nonnegative_int("epochs", self.epochs)
@@ -132,6 +133,9 @@ class TrainConfig:
             check_positive_int("steps_per_epoch", self.steps_per_epoch)
         if self.seed >= 2**32:
             raise ValueError(f"seed={self.seed!r} is not allowed: expected an integer in [0, 2**32)")
+        if self.keep_best and self.optimizer == "sweep":
+            raise ValueError("keep_best=True does not combine with optimizer='sweep': sweeps change the layers' "
+                             "shapes, so earlier weights cannot be put back")
 
 
 @dataclass
@@ -221,7 +225,9 @@ class Trainer:
     (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``; default: where the model is) moves the model and the teacher
     there in place; batches follow. With ``checkpoint`` (a ``.safetensors`` path) the model, optimizer, RNG state and
     history are written atomically after every epoch; ``fit(resume=True)`` continues from it and ends with the same
-    weights as an uninterrupted run. An existing checkpoint is never replaced by a fresh run.
+    weights as an uninterrupted run. An existing checkpoint is never replaced by a fresh run. With
+    ``config.keep_best`` the validation loss is also measured before the first step, and training ends with the
+    weights of the lowest one (``best_epoch``: 0 for the starting weights), kept in the checkpoint too.
 
     Under ``torch.distributed`` (e.g. ``torchrun``; the process group initialized by the caller) the model is wrapped
     in ``DistributedDataParallel`` and every global batch of ``batch_size`` rows is split across the processes, with
@@ -261,6 +267,7 @@ class Trainer:
         self.metadata = dict(metadata or {})
         self.on_epoch_end = on_epoch_end
         self.history: list[EpochRecord] = []
+        self.best: tuple[int, float, dict[str, torch.Tensor]] | None = None  # keep_best: (epoch, val loss, weights)
         self.sweeper: Sweeper | None = None
         if self.config.optimizer == "sweep":
             if self.world_size > 1:
@@ -326,6 +333,8 @@ class Trainer:
             return
         tensors, rest = _flatten_optimizer(optimizer.state_dict())
         tensors["__rng/torch"] = torch.get_rng_state()
+        if self.best is not None:
+            tensors.update({f"__best/{k}": v for k, v in self.best[2].items()})
         device = next(self.model.parameters()).device
         if device.type == "cuda":  # dropout and other random layers draw from the GPU's generator
             tensors["__rng/cuda"] = torch.cuda.get_rng_state(device)
@@ -336,6 +345,7 @@ class Trainer:
             "history": [asdict(h) for h in self.history],
             "optimizer": rest,
             "loss": self.loss_name,
+            **({"best": [self.best[0], self.best[1]]} if self.best is not None else {}),
             **({"sweep": self.sweeper.state()} if self.sweeper is not None else {}),
             "architecture": self.model.config() if hasattr(self.model, "config") else type(self.model).__name__,
             **self.metadata,
@@ -374,6 +384,9 @@ class Trainer:
             if device.type == "cuda" and "__rng/cuda" in tensors:
                 torch.cuda.set_rng_state(tensors["__rng/cuda"], device)
             self.history = [_record(h) for h in meta["history"]]
+            if "best" in meta:
+                best = {k[len("__best/"):]: v for k, v in tensors.items() if k.startswith("__best/")}
+                self.best = (int(meta["best"][0]), float(meta["best"][1]), best)
             return optimizer, int(meta["epoch"])
         except (KeyError, ValueError, TypeError, RuntimeError) as err:
             raise ModelFileError(f"{self.checkpoint}: its training state is damaged ({type(err).__name__})") from None
@@ -465,6 +478,9 @@ class Trainer:
         if c.steps_per_epoch is not None:  # an "epoch" of a fixed number of batches: a fresh random subset each time
             steps_per_epoch = min(steps_per_epoch, c.steps_per_epoch)
         total = steps_per_epoch * c.epochs
+        if c.keep_best and self.best is None:  # the starting weights are the first candidate
+            self._consider_best(0, measure(self.model, data.x_val, data.y_val, self.loss_fn, self.metrics,
+                                           c.eval_batch_size)["loss"])
         # one bar per run (not per epoch): readable in a terminal and not flooding a log file
         bar = tqdm(total=total, initial=start * steps_per_epoch, desc=c.desc, leave=False,
                    disable=not c.progress or self.rank != 0,
@@ -485,11 +501,25 @@ class Trainer:
                                 **shown, refresh=False)
                 record = EpochRecord(epoch + 1, train_loss, val_loss, lr, time.perf_counter() - t0, val)
                 self.history.append(record)
+                if c.keep_best:
+                    self._consider_best(epoch + 1, val_loss)
                 self._save(optimizer, epoch + 1)
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(record)
         finally:
             bar.close()
+        if self.best is not None:
+            self.model.load_state_dict(self.best[2])
         return self.history
+
+    @property
+    def best_epoch(self) -> int | None:
+        """With ``keep_best``: the epoch whose weights the model ends with (0: the starting weights)."""
+        return None if self.best is None else self.best[0]
+
+    def _consider_best(self, epoch: int, val_loss: float) -> None:
+        if self.best is None or val_loss < self.best[1]:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            self.best = (epoch, float(val_loss), state)
 
 
