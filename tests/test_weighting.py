@@ -52,6 +52,28 @@ def test_two_core_truncation_is_the_optimum_of_the_weighted_norm(rank):
         assert torch.linalg.vector_norm(d[:, None] * ((w - a2 @ b2) @ x.T)) > out_err
 
 
+def test_weighted_cores_come_back_balanced_and_exact():
+    """Undoing the weights can put orders of magnitude between the two cores (rare rows by 1/√p); the cores come
+    back in the balanced gauge: every column of A has the norm of the matching row of B, the product unchanged."""
+    w, x, counts = _data(seed=5)
+    counts[0] = 1e6  # one very frequent row: the others' weights are tiny, their rows in A huge before balancing
+    wt = Weighting.from_stats(input_gram=x.T @ x / 400, row_counts=counts)
+    i, o = two_core_shapes(*w.shape)
+    tt = TTMatrix.from_dense(w, i, o, max_rank=6, weighting=wt)
+    a, b = tt.cores[0][0, :, 0, :], tt.cores[1][:, 0, :, 0]
+    torch.testing.assert_close(a.norm(dim=0), b.norm(dim=1), rtol=1e-10, atol=0)
+    unbalanced = TTMatrix([tt.cores[0] * 1e3, tt.cores[1] / 1e3])
+    again = unbalanced.balanced()
+    torch.testing.assert_close(again.to_dense(), tt.to_dense(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(again.cores[0], tt.cores[0], rtol=1e-10, atol=1e-12)
+    # more cores: every bond balanced left to right, the matrix unchanged
+    many = TTMatrix.from_dense(torch.randn(16, 27, dtype=torch.float64), (3, 3, 3), (2, 2, 4), max_rank=4)
+    bal = many.balanced()
+    torch.testing.assert_close(bal.to_dense(), many.to_dense(), rtol=1e-10, atol=1e-10)
+    last = bal.cores[-2].reshape(-1, bal.cores[-2].shape[-1]).norm(dim=0)
+    torch.testing.assert_close(last, bal.cores[-1].reshape(bal.cores[-1].shape[0], -1).norm(dim=1), rtol=1e-10, atol=0)
+
+
 def test_rel_tol_bounds_the_weighted_error_and_each_factor_alone_works():
     w, x, counts = _data(seed=2)
     i, o = two_core_shapes(*w.shape)

@@ -26,6 +26,7 @@ from .svd import randomized_svd, truncated_svd
 from .tt import (
     BondInfo,
     TTMatrix,
+    balanced,
     bond_caps,
     bond_report,
     bond_spectra,
@@ -55,7 +56,7 @@ __all__ = [
     "default_num_cores", "factorize", "prime_factors", "resolve_shapes", "suggest_shapes",
     "randomized_svd", "truncated_svd",
     "BondInfo", "bond_caps", "bond_report", "bond_spectra", "check_cores", "entanglement_entropy", "inner_ranks",
-    "left_canonical", "merge_cores", "right_canonical", "spectrum_entropy", "tt_compression_ratio", "tt_init_std",
+    "balanced", "left_canonical", "merge_cores", "right_canonical", "spectrum_entropy", "tt_compression_ratio", "tt_init_std",
     "tt_num_params", "tt_ranks", "tt_round", "tt_shapes", "tt_svd", "tt_to_dense",
     "Weighting", "two_core_shapes",
     "Transform", "mprod", "mtran", "t_eye", "t_svd", "t_svd_truncate", "transform",

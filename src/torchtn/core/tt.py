@@ -21,6 +21,7 @@ __all__ = [
     "tt_round",
     "left_canonical",
     "right_canonical",
+    "balanced",
     "bond_spectra",
     "entanglement_entropy",
     "spectrum_entropy",
@@ -268,6 +269,23 @@ def right_canonical(cores: Sequence[torch.Tensor]) -> Cores:
     return cores
 
 
+def balanced(cores: Sequence[torch.Tensor]) -> Cores:
+    """Same TT-matrix in the gauge where, at every inner bond (left to right), each bond index carries the same norm
+    on both sides: core ``k``'s slice ``[..., j]`` and core ``k+1``'s slice ``[j, ...]`` are scaled by ``c_j`` and
+    ``1/c_j`` (exact: the product is unchanged). For two cores ``A·B`` every column of ``A`` then has the norm of the
+    matching row of ``B``. Canonical or data-weighted forms can put orders of magnitude between the cores; an
+    optimizer that steps every entry by about the same amount (Adam) then moves the small core far too fast."""
+    cores = [c.detach() for c in check_cores(cores)]
+    for k in range(len(cores) - 1):
+        left = torch.linalg.vector_norm(cores[k].reshape(-1, cores[k].shape[-1]), dim=0)
+        right = torch.linalg.vector_norm(cores[k + 1].reshape(cores[k + 1].shape[0], -1), dim=1)
+        ok = (left > 0) & (right > 0)
+        scale = torch.where(ok, (right / torch.where(ok, left, 1)).sqrt(), torch.ones_like(left))
+        cores[k] = cores[k] * scale
+        cores[k + 1] = cores[k + 1] / scale[:, None, None, None]
+    return cores
+
+
 def tt_round(cores: Sequence[torch.Tensor], max_rank: RankSpec = None, rel_tol: float | None = None) -> Cores:
     """Re-truncate a TT-matrix (TT-rounding): right-orthogonalize, then SVD-truncate left to right.
 
@@ -438,6 +456,10 @@ class TTMatrix:
 
     def right_canonical(self) -> "TTMatrix":
         return TTMatrix(right_canonical(self.cores))
+
+    def balanced(self) -> "TTMatrix":
+        """The same matrix with every bond's norm shared equally by its two cores (:func:`balanced`)."""
+        return TTMatrix(balanced(self.cores))
 
     def spectra(self) -> list[torch.Tensor]:
         """Singular values across each inner bond, from a mixed-canonical form (never densifies)."""

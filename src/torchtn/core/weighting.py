@@ -136,7 +136,9 @@ class Weighting:
                      / torch.linalg.vector_norm(self.apply(w)).clamp_min(1e-300))
 
     def undo(self, tt: TTMatrix) -> TTMatrix:
-        """The cores of ``S⁻¹ T L⁻¹`` for a TT-matrix ``T`` of the weighted matrix (same ranks, modes and dtype)."""
+        """The cores of ``S⁻¹ T L⁻¹`` for a TT-matrix ``T`` of the weighted matrix (same ranks, modes and dtype), in
+        the balanced gauge (:meth:`TTMatrix.balanced`): ``S⁻¹`` and ``L⁻¹`` can scale one core by orders of
+        magnitude against the other (rare tokens' rows by ``1/√p``), which made healing by Adam diverge."""
         self.check(tt.in_shape, tt.out_shape)
         cores = list(tt.cores)
         first = cores[0]  # (1, M, n_1, r_1)
@@ -153,4 +155,4 @@ class Weighting:
             flat = last.double().reshape(r * m, n)
             solved = torch.linalg.solve_triangular(self.col_factor.to(last.device), flat, upper=False, left=False)
             cores[-1] = solved.reshape(r, m, n, 1).to(last.dtype)
-        return TTMatrix(cores)
+        return TTMatrix(cores).balanced()
