@@ -126,7 +126,7 @@ def test_calibrated_compression_keeps_more_of_the_model_and_round_trips(tiny, tm
                        stats["encoder.layer.0.attention.self.query"].input_gram)
 
 
-def test_output_sensitive_calibration_keeps_the_sentence_embeddings(tiny):
+def test_output_sensitive_calibration_keeps_the_sentence_embeddings(tiny, tmp_path):
     """With probes, every layer is truncated in the norm of the error that reaches the normalized sentence
     embedding, and the budget is shared in those absolute units: far closer to the original at the same size."""
     teacher, tokenizer = hf.load_pretrained(tiny)
@@ -142,6 +142,14 @@ def test_output_sensitive_calibration_keeps_the_sentence_embeddings(tiny):
         quality[label] = hf.quality(model, teacher, tokenizer, held)
     assert quality["sensitive"]["mean_cosine"] > 0.999 > quality["one-sided"]["mean_cosine"]
     assert quality["sensitive"]["nn_agreement"] > quality["one-sided"]["nn_agreement"]
+    # the frequent tokens' rows exact beside the MPO: saved and loaded with identical outputs
+    hybrid, report = hf.compress(teacher, ratio=3.0, calibration=sensitive, exact_rows=0.5)
+    table = hybrid.embeddings.word_embeddings
+    assert table.exact_rows > 0 and report.compression_ratio >= 3.0
+    hf.save(hybrid, tmp_path / "h", tokenizer)
+    batch = tokenizer(held[:4], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(hf.load(tmp_path / "h")(**batch).last_hidden_state, hybrid(**batch).last_hidden_state)
 
 
 def test_healing_lowers_the_distillation_loss(tiny, tmp_path):
@@ -261,6 +269,14 @@ def test_command_line_compresses_heals_and_refuses_bad_input(tiny, tmp_path, cap
     assert "--calibrate is for --hf-model" in capsys.readouterr().err
     assert main(["compress", "--probes", "2", "--ratio", "2", "--out", str(tmp_path / "z"), "--no-progress"]) == 2
     assert "--probes is for --hf-model" in capsys.readouterr().err
+    assert main(["compress", "--exact-rows", "0.5", "--ratio", "2", "--out", str(tmp_path / "z"), "--no-progress"]) == 2
+    assert "--exact-rows is for --hf-model" in capsys.readouterr().err
+    assert main(["compress", "--hf-model", str(tiny), "--corpus", str(corpus), "--ratio", "1.5", "--calibrate", "0",
+                 "--exact-rows", "0.5", "--out", str(tmp_path / "z"), "--no-progress"]) == 2
+    assert "--exact-rows needs --calibrate" in capsys.readouterr().err
+    assert main(["compress", "--hf-model", str(tiny), "--corpus", str(corpus), "--ratio", "1.5", "--exact-rows", "2.5",
+                 "--out", str(tmp_path / "z"), "--no-progress"]) == 2
+    assert "--exact-rows=2.5 is not allowed" in capsys.readouterr().err
     plain = tmp_path / "plain"  # --calibrate 0: the plain TT-SVD of the weights (balanced modes, not two cores)
     assert main(["compress", "--hf-model", str(tiny), "--corpus", str(corpus), "--ratio", "1.5", "--heal-minutes", "0",
                  "--calibrate", "0", "--out", str(plain), "--no-progress"]) == 0

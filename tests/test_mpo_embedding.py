@@ -93,3 +93,56 @@ def test_training_lookups_rebuild_the_table_for_large_batches_with_the_same_grad
     (mpo_embedding(ids, layer.core_list()) * weights).sum().backward()  # the per-id path
     for a, b in zip(table_grads, layer.cores):
         torch.testing.assert_close(a, b.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_exact_rows_are_kept_exactly_beside_the_mpo_of_the_others(tmp_path):
+    torch.manual_seed(5)
+    dense = nn.Embedding(300, 16, padding_idx=2).double()
+    exact = torch.tensor([17, 3, 250, 2])  # the padding id among them too
+    rest = torch.tensor([i for i in range(300) if i not in exact.tolist()])
+    from torchtn.core import TTMatrix
+    tt = TTMatrix.from_dense(dense.weight.detach()[rest], (1, 16), (296, 1), max_rank=4)
+    layer = MPOEmbedding.from_tt(dense, tt, exact_ids=exact)
+    assert layer.exact_rows == 4 and layer.vocab_shape == (296, 1)
+    assert sum(p.numel() for p in layer.parameters()) == tt.num_params + 4 * 16
+    ids = torch.randint(0, 300, (6, 7))
+    ids[0, :4] = exact
+    # the table: exact rows exactly the dense ones, the others the MPO's rows in increasing id order
+    expected = torch.empty(300, 16, dtype=torch.float64)
+    expected[rest] = tt.to_dense()
+    expected[exact] = dense.weight.detach()[exact]
+    torch.testing.assert_close(layer.weight, expected, rtol=0, atol=0)
+    for grad in (False, True):  # cached-table inference and the differentiable per-id path
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(layer(ids), F.embedding(ids, expected), rtol=1e-12, atol=1e-12)
+    (layer(ids) * torch.randn(6, 7, 16, dtype=torch.float64)).sum().backward()
+    assert layer.exact.grad is not None and bool(layer.exact.grad.abs().sum(1)[:3].gt(0).all())
+    assert all(c.grad is not None for c in layer.cores)
+    torch.testing.assert_close(layer.to_embedding().weight, expected, rtol=0, atol=0)
+    # a model file records the exact rows and where every id lives
+    torchtn.save_model(nn.Sequential(layer), tmp_path / "x.safetensors")
+    again = torchtn.load_model(tmp_path / "x.safetensors", nn.Sequential(nn.Embedding(300, 16, padding_idx=2).double()))
+    torch.testing.assert_close(again[0](ids), layer(ids), rtol=0, atol=0)
+    assert again[0].exact_rows == 4
+    with pytest.raises(ValueError, match="distinct ids"):
+        MPOEmbedding.from_tt(dense, tt, exact_ids=[1, 1, 2, 3])
+    with pytest.raises(ValueError, match="exact_rows=300"):
+        MPOEmbedding(300, 16, exact_rows=300)
+
+
+def test_a_file_whose_slots_do_not_place_every_id_once_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    dense = nn.Embedding(50, 8)
+    tt = torchtn.TTMatrix.from_dense(dense.weight.detach()[2:], (1, 8), (48, 1), max_rank=3)
+    model = nn.Sequential(MPOEmbedding.from_tt(dense, tt, exact_ids=[0, 1]))
+    path = tmp_path / "e.safetensors"
+    torchtn.save_model(model, path)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    tensors["0.slot"][5] = tensors["0.slot"][6]  # two ids in one row, one row never used
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises((ValueError, torchtn.ModelFileError), match="place each of the 50 ids once"):
+        torchtn.load_model(path, nn.Sequential(nn.Embedding(50, 8)))

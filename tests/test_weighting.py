@@ -256,6 +256,33 @@ def test_output_sensitive_calibration_lowers_the_models_output_error_and_shares_
     assert [r.ranks for r in one_sided_default.layers] == [r.ranks for r in relative.layers]
 
 
+def test_tensorize_keeps_the_most_looked_up_rows_exact_and_counts_them_against_the_budget():
+    torch.manual_seed(0)
+    net = _Net().double()
+    batches = [torch.randint(0, 20, (64, 3)) for _ in range(4)] + [torch.full((64, 3), 33), torch.full((40, 3), 7)]
+    stats = calibrate(net, batches)
+    model, report = tensorize(net, ratio=1.5, calibration=stats, skip=["conv"], exact_rows=2)
+    emb = model.emb
+    assert emb.exact_rows == 2 and sorted(torch.nonzero(emb.slot < 0).squeeze(1).tolist()) == [7, 33]
+    torch.testing.assert_close(emb.weight[[7, 33]], net.emb.weight[[7, 33]], rtol=0, atol=0)
+    assert report.params_after == sum(p.numel() for p in model.parameters()) and report.compression_ratio >= 1.5
+    row = next(r for r in report.layers if r.name == "emb")
+    assert row.params_after == emb.tt.num_params + 2 * 12 and row.params_before == 50 * 12
+    # errors are reported over the whole table: the exact rows count with zero error
+    w, approx = net.emb.weight.detach(), emb.weight.detach()
+    assert row.rel_error == pytest.approx(float((approx - w).norm() / w.norm()), rel=1e-9)
+    # a fraction: the fewest most-looked-up rows that cover it
+    counts = stats["emb"].row_counts
+    covered = counts.sort(descending=True).values.cumsum(0) / counts.sum()
+    half, _ = tensorize(net, rank=2, calibration=stats, skip=["conv"], exact_rows=0.5)
+    assert half.emb.exact_rows == int((covered < 0.5).sum()) + 1
+    for bad in (0, 1.5, True, -2):
+        with pytest.raises(ValueError, match="exact_rows="):
+            tensorize(net, rank=2, calibration=stats, skip=["conv"], exact_rows=bad)
+    with pytest.raises(ValueError, match="calibrated nn.Embedding"):
+        tensorize(net, rank=2, skip=["conv"], exact_rows=3)
+
+
 def test_tensorize_calibration_bad_inputs_are_named():
     net = _Net()
     stats = calibrate(net, [torch.randint(0, 50, (4, 3))])

@@ -28,6 +28,20 @@ def _fail(message: str, status: int = 2) -> int:
     return status
 
 
+def _rows_or_fraction(text: str) -> int | float:
+    """``--exact-rows``: a fraction in (0, 1), a number of rows >= 1, or 0 (none)."""
+    try:
+        value = float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--exact-rows={text!r} is not a number") from None
+    if value == 0:
+        return 0
+    if (isinstance(value, float) and not 0 < value < 1) or (isinstance(value, int) and value < 1):
+        raise argparse.ArgumentTypeError(f"--exact-rows={text} is not allowed: expected a fraction of the tokens in "
+                                         f"(0, 1), a number of rows >= 1, or 0 for none")
+    return value
+
+
 def _int_at_least(name: str, minimum: int, maximum: int | None = None):
     def parse(text: str) -> int:
         try:
@@ -141,6 +155,10 @@ def _build_parser() -> argparse.ArgumentParser:
                           "embedding (or the head's log-probabilities), from P random projections per batch, so the "
                           "truncation minimizes the error that reaches the model's output (default 4; 0: the layers' "
                           "own output errors)")
+    hfg.add_argument("--exact-rows", type=_rows_or_fraction, default=None, metavar="X",
+                     help="with --calibrate: the token table keeps the rows of its most frequent tokens exact beside "
+                          "the MPO of the others — as many as cover the fraction X of the corpus's tokens, or X rows "
+                          "(default 0.8; 0: none)")
     hfg.add_argument("--allocation", choices=("absolute", "relative"), default=None,
                      help="how --ratio's budget is shared: least total error or equal relative errors (default: "
                           "relative when calibrated with --probes 0, else absolute)")
@@ -340,6 +358,18 @@ def _run_job(job: str, args: argparse.Namespace, make_config, prepare, run) -> i
     return 0
 
 
+def _exact_rows(args: argparse.Namespace) -> int | float | None:
+    """``--exact-rows`` for the job: the default only when calibrated; 0 means none."""
+    from .experiments.compress_hf import HFCompressJob
+
+    calibrated = args.calibrate is None or args.calibrate > 0
+    if args.exact_rows is None:
+        return HFCompressJob.exact_rows if calibrated else None
+    if args.exact_rows and not calibrated:
+        raise ValueError("--exact-rows needs --calibrate N > 0: the token counts choose the rows")
+    return args.exact_rows or None
+
+
 def _cmd_compress_hf(args: argparse.Namespace) -> int:
     """``torchtn compress --hf-model PATH``: compress, heal and measure a pretrained transformer."""
     from .experiments.compress_hf import HFCompressJob, run_hf_compress
@@ -356,6 +386,7 @@ def _cmd_compress_hf(args: argparse.Namespace) -> int:
                             head=args.hf_head, temperature=args.temperature, skip=tuple(args.keep_dense),
                             calibrate=HFCompressJob.calibrate if args.calibrate is None else args.calibrate,
                             probes=HFCompressJob.probes if args.probes is None else args.probes,
+                            exact_rows=_exact_rows(args),
                             lr=1e-4 if args.finetune_lr is None else args.finetune_lr, seed=args.seed)
         device = str(_device(args))
     except ValueError as err:
@@ -387,7 +418,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         return _cmd_compress_hf(args)
     for flag, given in (("--corpus", args.corpus is not None), ("--hf-head", args.hf_head),
                         ("--hidden-states", args.hidden_states), ("--keep-dense", bool(args.keep_dense)),
-                        ("--calibrate", args.calibrate is not None), ("--probes", args.probes is not None)):
+                        ("--calibrate", args.calibrate is not None), ("--probes", args.probes is not None),
+                        ("--exact-rows", args.exact_rows is not None)):
         if given:
             return _fail(f"{flag} is for --hf-model")
 

@@ -233,8 +233,10 @@ def _build_checked(path: Path, name: str, record: Mapping[str, Any], shapes: Map
             raise ModelFileError(f"{path}: tensor {full!r} has shape {shape} but the layer described by the file's "
                                  f"metadata needs {tuple(param.shape)} (the tensors disagree with their recorded "
                                  f"layout)")
-        if not dtype.startswith(("F", "BF")):  # safetensors dtype names: F16, BF16, F32, F64, I64, …
-            raise ModelFileError(f"{path}: tensor {full!r} has dtype {dtype}; layer tensors must be floating point")
+        floating = dtype.startswith(("F", "BF"))  # safetensors dtype names: F16, BF16, F32, F64, I64, …
+        if floating != param.is_floating_point():
+            kind = "floating point" if param.is_floating_point() else "integer (an index buffer)"
+            raise ModelFileError(f"{path}: tensor {full!r} has dtype {dtype}; the layer needs it {kind}")
     return cls.from_layout(dict(record["spec"]), **(factory_of(like) if like is not None else {}))
 
 

@@ -40,7 +40,7 @@ class LayerReport:
     params_before: int  # weight + bias
     params_after: int
     rel_error: float  # ‖W − W_tt‖_F / ‖W‖_F
-    bias_params: int = 0
+    bias_params: int = 0  # parameters besides the cores: the bias; a table's exact rows
     layer_type: str = "MPOLinear"
     entropies: tuple[float, ...] = ()  # entanglement entropy per inner bond (nats)
     weight_params: int | None = None  # parameters replacing the weight, for layers that are not TT-matrices (ADTN)
@@ -287,6 +287,33 @@ def _weightings(model: nn.Module, targets: list, calibration: Mapping[str, Layer
     return out
 
 
+def _exact_ids(targets: list, calibration: Mapping[str, LayerStats], weightings: Mapping[int, Weighting],
+               exact_rows: int | float | None) -> dict[int, torch.Tensor]:
+    """Per calibrated table (by index in ``targets``), the ids whose rows stay exact: the most looked-up ones —
+    ``exact_rows`` of them (an int), or as many as cover that fraction of the calibration lookups (a float)."""
+    if exact_rows is None:
+        return {}
+    if isinstance(exact_rows, bool) or not ((isinstance(exact_rows, int) and exact_rows >= 1)
+                                            or (isinstance(exact_rows, float) and 0 < exact_rows < 1)):
+        raise ValueError(f"exact_rows={exact_rows!r} is not allowed: expected a number of rows >= 1 or a fraction "
+                         f"of the lookups in (0, 1)")
+    tables = [li for li, (_, m, _) in enumerate(targets) if li in weightings and isinstance(m, nn.Embedding)]
+    if not tables:
+        raise ValueError("exact_rows needs calibrated nn.Embedding layers: their lookup counts choose the rows")
+    out = {}
+    for li in tables:
+        name, module, _ = targets[li]
+        counts = calibration[name].row_counts.detach().double().cpu()
+        order = torch.argsort(counts, descending=True, stable=True)
+        if isinstance(exact_rows, int):
+            k = exact_rows
+        else:
+            covered = counts[order].cumsum(0) / counts.sum().clamp_min(1e-300)
+            k = int((covered < exact_rows).sum()) + 1
+        out[li] = order[:min(k, module.num_embeddings - 1)]
+    return out
+
+
 def tensorize(
     model: nn.Module,
     rank: int | Sequence[int] | Mapping[str, int | Sequence[int]] | None = None,
@@ -302,6 +329,7 @@ def tensorize(
     allocation: str | None = None,
     conv_modes: str = "matrix",
     calibration: Mapping[str, LayerStats] | None = None,
+    exact_rows: int | float | None = None,
 ) -> tuple[nn.Module, TensorizeReport]:
     """A copy of ``model`` with its dense layers replaced by registered torchtn layers (TT-SVD of the trained weights).
 
@@ -324,7 +352,10 @@ def tensorize(
     output error on the calibration data (inputs' Gram matrix; rows' lookup counts; with ``calibrate(output=)`` also
     the output's sensitivity, so the error is the model output's) — data-aware low-rank, held as a two-core MPO
     (:mod:`torchtn.core.weighting`) — with ``rel_tol`` and the ``ratio`` budget's spectra measured in that norm too;
-    the report adds each layer's output error (relative, in that norm). A layer whose MPO would hold as many parameters as the dense
+    the report adds each layer's output error (relative, in that norm). ``exact_rows`` (calibrated tables only):
+    the most looked-up rows stay exact beside the MPO of the others (:class:`~torchtn.layers.MPOEmbedding`'s
+    ``exact_rows``) — that many rows (an int) or as many as cover that fraction of the lookups (a float in (0, 1));
+    they count against ``ratio``'s budget as dense parameters. A layer whose MPO would hold as many parameters as the dense
     layer or more stays dense (the report says so; with ``ratio`` the budget is then shared by the others) unless
     ``allow_larger`` (e.g. for an exact full-rank conversion). Returns ``(new_model, report)``; the input is not
     modified.
@@ -369,8 +400,16 @@ def tensorize(
                 shapes[name] = kernel_modes(module.in_channels // module.groups, module.out_channels,
                                             module.kernel_size)
     weightings = _weightings(new, targets, calibration or {}, shapes)
-    layer_shapes = [two_core_shapes(*module.weight.shape) if li in weightings
-                    else cls.tt_shapes_for(module, *shapes.get(name, (None, None)))
+    exact = _exact_ids(targets, calibration or {}, weightings, exact_rows)
+    whole_weightings = dict(weightings)  # the errors of a table with exact rows are reported over all its rows
+    rest: dict[int, torch.Tensor] = {}  # the rows the MPO of such a table holds
+    for li, ids in exact.items():
+        keep = torch.ones(targets[li][1].num_embeddings, dtype=torch.bool)
+        keep[ids] = False
+        rest[li] = keep.nonzero().squeeze(1)
+        weightings[li] = weightings[li].rows(rest[li])
+    layer_shapes = [two_core_shapes(len(rest[li]) if li in rest else module.weight.shape[0], module.weight.shape[1])
+                    if li in weightings else cls.tt_shapes_for(module, *shapes.get(name, (None, None)))
                     for li, (name, module, cls) in enumerate(targets)]
     # per-layer bond caps from `rank`, validated here so a bad value is reported under its own name
     if isinstance(rank, Mapping):
@@ -382,13 +421,14 @@ def tensorize(
         per_layer = [rank] * len(targets)
     rank_caps = [None if r is None else inner_ranks(r, i, o, name="rank") for r, (i, o) in zip(per_layer, layer_shapes)]
     before = sum(p.numel() for p in model.parameters())
-    weights = [cls.dense_matrix(module) if li not in weightings else module.weight.detach()
+    weights = [cls.dense_matrix(module) if li not in weightings
+               else module.weight.detach()[rest[li].to(module.weight.device)] if li in rest else module.weight.detach()
                for li, (_, module, cls) in enumerate(targets)]
     # calibrated layers are truncated (and their budget shared) in the weighted space, and mapped back below
     fitted = [weightings[li].apply(w) if li in weightings else w for li, w in enumerate(weights)]
     # the parameters the cores replace (an embedding's matrix may be padded to a factorizable size: not counted)
-    sizes = [cls.replaced_params(module) if hasattr(cls, "replaced_params") else w.numel()
-             for (_, module, cls), w in zip(targets, weights)]
+    sizes = [w.numel() if li in rest else cls.replaced_params(module) if hasattr(cls, "replaced_params")
+             else w.numel() for li, ((_, module, cls), w) in enumerate(zip(targets, weights))]
 
     active = list(range(len(targets)))  # layers that become tensor networks
     larger: list[str] = []  # layers kept dense because their MPO would not be smaller
@@ -411,11 +451,14 @@ def tensorize(
     rows = []
     for li in active:
         (name, module, cls), tt, (i, o), w = targets[li], tts[li], layer_shapes[li], weights[li]
-        layer = cls.from_tt(module, tt)
+        layer = cls.from_tt(module, tt, exact_ids=exact[li]) if li in exact else cls.from_tt(module, tt)
         replace_submodule(new, name, layer)
-        err = float(torch.linalg.vector_norm((tt.to_dense() - w).double()) / torch.linalg.vector_norm(w.double()))
-        nb = sum(p.numel() for p in layer.parameters()) - tt.num_params
-        out_err = weightings[li].error(w, tt.to_dense()) if li in weightings else None
+        approx = tt.to_dense()
+        if li in exact:  # measured over the whole table, its exact rows included
+            w, approx = module.weight.detach(), layer.weight.detach()
+        err = float(torch.linalg.vector_norm((approx - w).double()) / torch.linalg.vector_norm(w.double()))
+        nb = sum(p.numel() for p in layer.parameters()) - tt.num_params  # bias, a table's exact rows
+        out_err = whole_weightings[li].error(w, approx) if li in weightings else None
         rows.append(LayerReport(name, w.shape[0], w.shape[1], o, i, tt.ranks, sizes[li] + nb, tt.num_params + nb,
                                 err, nb, cls.__name__, tuple(float(e) for e in tt.entanglement_entropy()),
                                 output_error=out_err))

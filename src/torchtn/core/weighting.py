@@ -100,6 +100,14 @@ class Weighting:
             weights = ((c + smoothing) / (c + smoothing).sum()).sqrt()
         return cls(weights, col, row)
 
+    def rows(self, index: torch.Tensor) -> "Weighting":
+        """The same norm on the sub-matrix of rows ``index`` (diagonal row weights only: a full row factor couples
+        the rows). The weights keep their values, so errors stay in the units of the whole matrix's."""
+        if self.row_factor is not None:
+            raise ValueError("a Weighting with a full row_factor cannot be restricted to some rows")
+        weights = None if self.row_weights is None else self.row_weights[index.to(self.row_weights.device)]
+        return Weighting(weights, self.col_factor, None)
+
     def check(self, in_shape: Sequence[int], out_shape: Sequence[int]) -> None:
         """Raise ``ValueError`` unless the weights fold into cores of these modes (rows on the first core, columns
         on the last; see :func:`two_core_shapes`) and match their sizes."""

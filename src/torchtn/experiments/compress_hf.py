@@ -53,6 +53,8 @@ class HFCompressJob:
     temperature: float = 2.0  # of the logits distillation (with head)
     calibrate: int = 256  # passages of the healing split whose statistics steer the truncation (0: plain TT-SVD)
     probes: int = 4  # random output projections per calibration batch: weigh layers by their effect on the output
+    exact_rows: int | float | None = 0.8  # calibrated token table: exact rows of the tokens covering this fraction (or
+    # this many rows); ignored with calibrate=0
 
     def __post_init__(self) -> None:
         if sum(v is not None for v in (self.ratio, self.rank, self.rel_tol)) == 0:
