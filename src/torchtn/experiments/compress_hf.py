@@ -109,8 +109,8 @@ def run_hf_compress(job: HFCompressJob, out: Path, *, resume: bool = False, prog
             f"layer is truncated in the norm of {what}")
     torch.manual_seed(job.seed)
     student, report = hf.compress(teacher, ratio=job.ratio, rank=job.rank, rel_tol=job.rel_tol, parts=job.parts,
-                                  skip=job.skip, allocation=job.allocation,
-                                  calibration=calibration)
+                                  skip=job.skip, allocation=job.allocation, calibration=calibration,
+                                  exact_rows=job.exact_rows if calibration else None)
     log(report.table())
     kw = {"batch_size": job.batch_size, "max_length": job.max_length}
     if job.head:  # the task head's logits: top-class agreement and KL divergence
