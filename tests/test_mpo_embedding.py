@@ -104,7 +104,8 @@ def test_exact_rows_are_kept_exactly_beside_the_mpo_of_the_others(tmp_path):
     tt = TTMatrix.from_dense(dense.weight.detach()[rest], (1, 16), (296, 1), max_rank=4)
     layer = MPOEmbedding.from_tt(dense, tt, exact_ids=exact)
     assert layer.exact_rows == 4 and layer.vocab_shape == (296, 1)
-    assert sum(p.numel() for p in layer.parameters()) == tt.num_params + 4 * 16
+    assert sum(p.numel() for p in layer.parameters()) == tt.num_params + 4 * 16 == layer.num_weight_params
+    assert layer.compression_ratio == pytest.approx(300 * 16 / (tt.num_params + 4 * 16))
     ids = torch.randint(0, 300, (6, 7))
     ids[0, :4] = exact
     # the table: exact rows exactly the dense ones, the others the MPO's rows in increasing id order

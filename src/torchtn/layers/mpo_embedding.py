@@ -138,6 +138,16 @@ class MPOEmbedding(TTLayer):
         return self.tt.in_shape
 
     @property
+    def num_weight_params(self) -> int:
+        """Entries in the cores and the exact rows."""
+        return self.tt.num_params + (0 if self.exact is None else self.exact.numel())
+
+    @property
+    def compression_ratio(self) -> float:
+        """Table entries / (core entries + exact rows' entries)."""
+        return self.num_embeddings * self.embedding_dim / self.num_weight_params
+
+    @property
     def weight(self) -> torch.Tensor:
         """The ``(num_embeddings, embedding_dim)`` table, reconstructed (cached in eval; costs the whole table)."""
         table = self._cached_dense()[: self.num_embeddings - self.exact_rows]
