@@ -274,3 +274,24 @@ def test_keep_best_ends_with_the_weights_of_least_validation_loss_and_survives_r
     assert_same_weights(straight, fresh)
     with pytest.raises(ValueError, match="keep_best"):
         TrainConfig(optimizer="sweep", keep_best=True)
+
+
+def test_a_checkpoint_written_before_a_setting_existed_resumes_with_its_default(tmp_path, digits):
+    import json as _json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "old.safetensors"
+    cfg = TrainConfig(epochs=2, batch_size=64, progress=False)
+    Trainer(FC2(64), TrainConfig(epochs=1, batch_size=64, progress=False), checkpoint=ckpt).fit(digits)
+    with safe_open(str(ckpt), "pt") as f:
+        info = _json.loads(f.metadata()["torchtn"])
+    del info["metadata"]["train_config"]["keep_best"]  # as a checkpoint of an older torchtn holds it
+    info["metadata"]["train_config"]["epochs"] = 2
+    save_file(load_file(str(ckpt)), str(ckpt), metadata={"torchtn": _json.dumps(info)})
+    history = Trainer(FC2(64), cfg, checkpoint=ckpt).fit(digits, resume=True)
+    assert [h.epoch for h in history] == [1, 2]
+    with pytest.raises(ValueError, match="keep_best"):  # a setting that differs from its recorded default still counts
+        Trainer(FC2(64), TrainConfig(epochs=2, batch_size=64, progress=False, keep_best=True),
+                checkpoint=ckpt).fit(digits, resume=True)

@@ -361,7 +361,9 @@ class Trainer:
         meta = read_metadata(self.checkpoint).get("metadata", {})
         if not isinstance(meta, dict) or "train_config" not in meta or "optimizer" not in meta:
             raise ModelFileError(f"{self.checkpoint} is not a torchtn training checkpoint (no training state)")
-        saved_cfg = {k: v for k, v in meta["train_config"].items() if k not in ("progress", "desc")}
+        # settings added after the checkpoint was written count as their defaults
+        saved_cfg = {k: v for k, v in {**asdict(TrainConfig()), **meta["train_config"]}.items()
+                     if k not in ("progress", "desc")}
         now_cfg = {k: v for k, v in asdict(self.config).items() if k not in ("progress", "desc")}
         if saved_cfg != now_cfg:
             diff = {k: (saved_cfg.get(k), now_cfg.get(k)) for k in now_cfg if saved_cfg.get(k) != now_cfg.get(k)}
