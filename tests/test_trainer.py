@@ -272,6 +272,10 @@ def test_keep_best_ends_with_the_weights_of_least_validation_loss_and_survives_r
     straight, resumed, _ = run_interrupted_and_resumed(tmp_path / "b.safetensors", digits, build, cfg, stop_epoch=2)
     assert_same_weights(straight, resumed)
     assert_same_weights(straight, fresh)
+    trainer.config = TrainConfig(epochs=1, batch_size=64, lr=1e-2, progress=False, keep_best=True, seed=2)
+    trainer.fit(digits)  # a second fit on the same trainer starts its own search from the weights it now has
+    assert best + 1 > 1  # so the first fit's best epoch cannot pass for the second's
+    assert trainer.best_epoch in (0, 1) and trainer.best[1] <= history[best].val_loss + 1e-9
     with pytest.raises(ValueError, match="keep_best"):
         TrainConfig(optimizer="sweep", keep_best=True)
 

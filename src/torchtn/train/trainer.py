@@ -473,6 +473,7 @@ class Trainer:
             optimizer, start = self._restore()
         else:
             torch.manual_seed(c.seed)
+            self.best = None  # a fresh run: a previous fit's best weights are no candidate
             if self.sweeper is not None:
                 self.sweeper.canonicalize()
         self._wrap()
