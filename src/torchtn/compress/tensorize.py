@@ -355,8 +355,8 @@ def tensorize(
     the report adds each layer's output error (relative, in that norm). ``exact_rows`` (calibrated tables only):
     the most looked-up rows stay exact beside the MPO of the others (:class:`~torchtn.layers.MPOEmbedding`'s
     ``exact_rows``) — that many rows (an int) or as many as cover that fraction of the lookups (a float in (0, 1));
-    they count against ``ratio``'s budget as dense parameters. A layer whose MPO would hold as many parameters as the dense
-    layer or more stays dense (the report says so; with ``ratio`` the budget is then shared by the others) unless
+    they count against ``ratio``'s budget as dense parameters. A layer whose MPO would hold as many parameters as
+    the dense layer or more stays dense (the report says so; with ``ratio`` the budget is then shared by the others) unless
     ``allow_larger`` (e.g. for an exact full-rank conversion). Returns ``(new_model, report)``; the input is not
     modified.
 
@@ -421,14 +421,19 @@ def tensorize(
         per_layer = [rank] * len(targets)
     rank_caps = [None if r is None else inner_ranks(r, i, o, name="rank") for r, (i, o) in zip(per_layer, layer_shapes)]
     before = sum(p.numel() for p in model.parameters())
-    weights = [cls.dense_matrix(module) if li not in weightings
-               else module.weight.detach()[rest[li].to(module.weight.device)] if li in rest else module.weight.detach()
-               for li, (_, module, cls) in enumerate(targets)]
+    def matrix(li: int, module: nn.Module, cls: type) -> torch.Tensor:
+        """What layer ``li``'s cores hold: the registry's matrix, or a calibrated layer's weight (a table's MPO rows)."""
+        if li not in weightings:
+            return cls.dense_matrix(module)
+        w = module.weight.detach()
+        return w[rest[li].to(w.device)] if li in rest else w
+
+    weights = [matrix(li, module, cls) for li, (_, module, cls) in enumerate(targets)]
     # calibrated layers are truncated (and their budget shared) in the weighted space, and mapped back below
     fitted = [weightings[li].apply(w) if li in weightings else w for li, w in enumerate(weights)]
     # the parameters the cores replace (an embedding's matrix may be padded to a factorizable size: not counted)
-    sizes = [w.numel() if li in rest else cls.replaced_params(module) if hasattr(cls, "replaced_params")
-             else w.numel() for li, ((_, module, cls), w) in enumerate(zip(targets, weights))]
+    sizes = [cls.replaced_params(module) if hasattr(cls, "replaced_params") and li not in rest else w.numel()
+             for li, ((_, module, cls), w) in enumerate(zip(targets, weights))]
 
     active = list(range(len(targets)))  # layers that become tensor networks
     larger: list[str] = []  # layers kept dense because their MPO would not be smaller

@@ -161,7 +161,8 @@ def run_hf_compress(job: HFCompressJob, out: Path, *, resume: bool = False, prog
         "versions": {"torchtn": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "seconds": seconds, "layers": report.to_dict()["layers"], "kept_dense": report.skipped,
         "parameters": params, "bytes": sizes, "ratio": params["original"] / params["compressed"],
-        "quality_before_healing": before, "quality_after_healing": after, "heal_history": history, "heal_best_round": best_round,
+        "quality_before_healing": before, "quality_after_healing": after, "heal_history": history,
+        "heal_best_round": best_round,
         "throughput_sentences_per_s": speed, "throughput_batch_size": SPEED_BATCH, "eval_passages": len(eval_texts),
     }
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")

@@ -70,6 +70,17 @@ def _gathered_per_id(cores: Sequence[torch.Tensor]) -> int:
     return sum(c.shape[0] * c.shape[2] * c.shape[3] for k, c in enumerate(cores) if k == 0 or c.shape[1] > 1)
 
 
+def _slots(num_embeddings: int, exact_ids: torch.Tensor) -> torch.Tensor:
+    """Where each id's row lives ``(num_embeddings,)``: ``−1 − j`` for ``exact_ids[j]``, else its row in the MPO
+    (the other ids in increasing order)."""
+    exact = torch.zeros(num_embeddings, dtype=torch.bool, device=exact_ids.device)
+    exact[exact_ids] = True
+    slot = torch.empty(num_embeddings, dtype=torch.long, device=exact_ids.device)
+    slot[~exact] = torch.arange(num_embeddings - len(exact_ids), device=exact_ids.device)
+    slot[exact_ids] = -1 - torch.arange(len(exact_ids), device=exact_ids.device)
+    return slot
+
+
 @register_layer("MPOEmbedding", converts=(nn.Embedding,))
 class MPOEmbedding(TTLayer):
     """Drop-in ``nn.Embedding``: ids ``(…)`` (int64) -> ``(…, embedding_dim)``; the table is an MPO of bond ``rank``.
@@ -123,8 +134,7 @@ class MPOEmbedding(TTLayer):
             self.padding_row = None
         if exact_rows:
             self.exact = nn.Parameter(torch.randn(exact_rows, embedding_dim, device=device, dtype=dtype))
-            ids = torch.arange(num_embeddings, device=device)
-            self.register_buffer("slot", torch.where(ids < exact_rows, -1 - ids, ids - exact_rows))
+            self.register_buffer("slot", _slots(num_embeddings, torch.arange(exact_rows, device=device)))
         else:
             self.exact = None
             self.register_buffer("slot", None)
@@ -152,8 +162,7 @@ class MPOEmbedding(TTLayer):
         """The ``(num_embeddings, embedding_dim)`` table, reconstructed (cached in eval; costs the whole table)."""
         table = self._cached_dense()[: self.num_embeddings - self.exact_rows]
         if self.slot is not None:
-            table = torch.where((self.slot < 0)[:, None], self.exact[(-1 - self.slot).clamp_min(0)],
-                                table[self.slot.clamp_min(0)])
+            table = self._with_exact(self.slot, table[self.slot.clamp_min(0)])
         if self.padding_idx is None:
             return table
         return torch.cat([table[:self.padding_idx], self.padding_row[None], table[self.padding_idx + 1:]])
@@ -178,10 +187,14 @@ class MPOEmbedding(TTLayer):
         else:
             out = mpo_embedding(ids.long(), cores)
         if self.slot is not None:
-            out = torch.where((slot < 0).unsqueeze(-1), self.exact[(-1 - slot).clamp_min(0)].to(out.dtype), out)
+            out = self._with_exact(slot, out)
         if self.padding_idx is not None:
             out = torch.where((ids_in == self.padding_idx).unsqueeze(-1), self.padding_row.to(out.dtype), out)
         return out
+
+    def _with_exact(self, slot: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` ``(…, dim)`` looked up in the MPO, with the exact rows put in where ``slot`` ``(…)`` says."""
+        return torch.where((slot < 0).unsqueeze(-1), self.exact[(-1 - slot).clamp_min(0)].to(rows.dtype), rows)
 
     def to_embedding(self) -> nn.Embedding:
         """An ``nn.Embedding`` holding the reconstructed table (and the padding row)."""
@@ -232,12 +245,7 @@ class MPOEmbedding(TTLayer):
                 exact = torch.as_tensor(exact_ids, dtype=torch.long, device=ref.device)
                 if exact.unique().numel() != k or int(exact.min()) < 0 or int(exact.max()) >= layer.num_embeddings:
                     raise ValueError(f"exact_ids must be {k} distinct ids in [0, {layer.num_embeddings})")
-                is_exact = torch.zeros(layer.num_embeddings, dtype=torch.bool, device=ref.device)
-                is_exact[exact] = True
-                slot = torch.empty(layer.num_embeddings, dtype=torch.long, device=ref.device)
-                slot[~is_exact] = torch.arange(layer.num_embeddings - k, device=ref.device)
-                slot[exact] = -1 - torch.arange(k, device=ref.device)
-                layer.slot.copy_(slot)
+                layer.slot.copy_(_slots(layer.num_embeddings, exact))
                 layer.exact.copy_(ref[exact])
             if layer.padding_idx is not None:
                 layer.padding_row.copy_(ref[layer.padding_idx])
@@ -260,7 +268,7 @@ class MPOEmbedding(TTLayer):
             if slot.shape != (self.num_embeddings,) or not torch.equal(slot.sort().values.cpu(), expected):
                 raise ValueError(f"{prefix}slot does not place each of the {self.num_embeddings} ids once (in the "
                                  f"MPO's {self.num_embeddings - self.exact_rows} rows or the {self.exact_rows} exact "
-                                 f"ones)")
+                                 f"ones): the file is damaged or was edited; save the model again")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def layout(self) -> dict[str, Any]:
