@@ -205,8 +205,10 @@ def test_healing_on_a_task_heads_logits(tiny, tiny_classifier, tmp_path):
     s = hf.logits(student, tokenizer, held_out)  # kl is KL(teacher ‖ student), averaged over texts
     kl = (F.softmax(t, -1) * (F.log_softmax(t, -1) - F.log_softmax(s, -1))).sum(-1).mean()
     assert before["kl"] == pytest.approx(float(kl), rel=1e-4)
+    # random batches (bucket=0): with 48 steps of a random tiny head, the top-class agreement at a KL of nats is
+    # noise, and this checks the logits path, not the batching (tested in test_trainer)
     history = hf.heal(student, teacher, tokenizer, texts, epochs=6, batch_size=32, lr=1e-3, val_texts=held_out,
-                      target="logits", temperature=2.0, progress=False)
+                      target="logits", temperature=2.0, progress=False, bucket=0)
     after = hf.head_quality(student, teacher, tokenizer, held_out, teacher_logits=t)
     assert after["kl"] < 0.8 * before["kl"] and after["agreement"] >= before["agreement"]
     # the student ends with the round of least validation loss (keep_best, the default)
@@ -316,3 +318,47 @@ def test_fortune_corpus_reader(tmp_path):
     assert hf.read_corpus(tmp_path / "c.txt") == fortune_passages(tmp_path)
     with pytest.raises(FileNotFoundError, match="apt-get install fortunes"):
         fortune_passages(tmp_path / "nowhere")
+
+
+def test_relational_loss_is_the_kl_of_each_rows_neighbour_distribution():
+    gen = torch.Generator().manual_seed(0)
+    teacher = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    student = teacher + 0.3 * torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    tau = 0.1
+
+    def neighbours(e, i):  # row i's softmax over its cosine to every other row, written out
+        sims = torch.stack([F.cosine_similarity(e[i], e[j], dim=0) for j in range(len(e)) if j != i])
+        return torch.softmax(sims / tau, 0)
+
+    expected = sum(float((neighbours(teacher, i) * (neighbours(teacher, i) / neighbours(student, i)).log()).sum())
+                   for i in range(6)) / 6
+    assert float(hf._relational_loss(student, teacher, tau)) == pytest.approx(expected, rel=1e-10)
+    # what it sees: the geometry between rows, not the rows themselves
+    rotation, _ = torch.linalg.qr(torch.randn(5, 5, generator=gen, dtype=torch.float64))
+    scales = torch.rand(6, 1, generator=gen, dtype=torch.float64) + 0.5
+    moved = teacher @ rotation * scales
+    assert float(hf._relational_loss(moved, teacher, tau)) == pytest.approx(0.0, abs=1e-12)
+    assert float(hf._heal_loss(moved, teacher)) > 0.1  # the embedding loss sees the rotation
+    assert float(hf._heal_loss(moved, teacher, relational=2.0, temperature=tau)) == float(hf._heal_loss(moved, teacher))
+    assert float(hf._heal_loss(student, teacher, relational=2.0, temperature=tau)) == pytest.approx(
+        float(hf._heal_loss(student, teacher)) + 2.0 * expected, rel=1e-10)
+    assert float(hf._relational_loss(student[:2], teacher[:2], tau)) == 0.0  # a pair has nothing to rank
+
+
+def test_healing_with_the_relational_term_lowers_it(tiny):
+    teacher, tokenizer = hf.load_pretrained(tiny)
+    student, _ = hf.compress(teacher, ratio=2.0)
+    texts, held_out = sentences(256, seed=1), sentences(64, seed=2)
+    target = hf.embed(teacher, tokenizer, held_out)
+
+    def relational():
+        return float(hf._relational_loss(hf.embed(student, tokenizer, held_out), target, 0.05))
+
+    before = relational()
+    history = hf.heal(student, teacher, tokenizer, texts, epochs=6, batch_size=32, lr=1e-3, val_texts=held_out,
+                      relational=1.0, progress=False)
+    assert relational() < 0.8 * before and history.best_round >= 1
+    with pytest.raises(ValueError, match="relational=-1"):
+        hf.heal(student, teacher, tokenizer, texts, relational=-1)
+    with pytest.raises(ValueError, match="relational_temperature=0"):
+        hf.heal(student, teacher, tokenizer, texts, relational=1.0, relational_temperature=0)

@@ -299,3 +299,32 @@ def test_a_checkpoint_written_before_a_setting_existed_resumes_with_its_default(
     with pytest.raises(ValueError, match="keep_best"):  # a setting that differs from its recorded default still counts
         Trainer(FC2(64), TrainConfig(epochs=2, batch_size=64, progress=False, keep_best=True),
                 checkpoint=ckpt).fit(digits, resume=True)
+
+
+def test_bucketed_batches_hold_rows_of_similar_size_and_cover_the_same_rows():
+    gen = torch.Generator().manual_seed(0)
+    sizes = torch.randint(1, 65, (1000,), generator=gen)
+    x = torch.stack([sizes, torch.arange(1000)], 1).float()  # column 0: the row's size
+    data = Dataset("sizes", x, torch.zeros(1000), x[:10], torch.zeros(10), x[:10], torch.zeros(10), (2,), 0)
+
+    def batches(bucket, steps=None):
+        cfg = TrainConfig(batch_size=32, bucket=bucket, steps_per_epoch=steps, progress=False, seed=4)
+        trainer = Trainer(torch.nn.Linear(2, 1), cfg, sizes=lambda rows: rows[:, 0])
+        steps = steps or -(-1000 // 32)
+        return trainer._batches(data, 2, steps)
+
+    def padding(bs):  # padded positions when each batch is padded to its longest row
+        return sum(int(sizes[b].max()) * len(b) - int(sizes[b].sum()) for b in bs)
+
+    plain, bucketed = batches(0), batches(8)
+    assert sorted(torch.cat(plain).tolist()) == sorted(torch.cat(bucketed).tolist()) == list(range(1000))
+    assert [len(b) for b in sorted(bucketed, key=len)][1:] == [32] * 31  # one short batch, as without buckets
+    assert padding(bucketed) < 0.2 * padding(plain)  # runs of 8 × 32 rows sorted: about 1/8 of the spread
+    middles = [float(sizes[b].float().median()) for b in bucketed]
+    assert middles != sorted(middles) and middles != sorted(middles, reverse=True)  # short and long batches mixed
+    capped = batches(4, steps=10)  # a capped epoch: the same 320 rows as without buckets
+    assert sorted(torch.cat(capped).tolist()) == sorted(torch.cat(batches(0, steps=10)).tolist())
+    with pytest.raises(ValueError, match="pass sizes"):
+        Trainer(torch.nn.Linear(2, 1), TrainConfig(bucket=4, progress=False))
+    with pytest.raises(ValueError, match="bucket=-1"):
+        TrainConfig(bucket=-1)

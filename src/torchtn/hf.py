@@ -23,7 +23,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -321,10 +321,28 @@ def throughput(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size:
 
 
 # ---------------------------------------------------------------------------------------------------------- healing
-def _heal_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """``MSE / mean(teacher²) + (1 − cos)``: scale-free embedding distance plus the angle the metrics measure."""
+def _heal_loss(student: torch.Tensor, teacher: torch.Tensor, relational: float = 0.0,
+               temperature: float = 0.05) -> torch.Tensor:
+    """``MSE / mean(teacher²) + (1 − cos)``: scale-free embedding distance plus the angle the metrics measure; with
+    ``relational`` > 0, plus that weight times :func:`_relational_loss` (the batch's similarity structure)."""
     mse = F.mse_loss(student, teacher) / teacher.pow(2).mean().clamp_min(1e-12)
-    return mse + (1.0 - F.cosine_similarity(student, teacher, dim=-1).mean())
+    loss = mse + (1.0 - F.cosine_similarity(student, teacher, dim=-1).mean())
+    return loss + relational * _relational_loss(student, teacher, temperature) if relational else loss
+
+
+def _relational_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Embeddings ``(batch, hidden)`` → the mean over rows of ``KL(p_teacher ‖ p_student)``, ``p`` a row's softmax over
+    its cosine similarities to the batch's other rows at ``temperature``: which sentences are near which — what
+    nearest-neighbour agreement measures, and what a small error in every embedding can still reorder."""
+    n = len(student)
+    if n < 3:  # no "other rows" to rank
+        return student.sum() * 0.0
+    off = ~torch.eye(n, dtype=torch.bool, device=student.device)
+
+    def log_p(e: torch.Tensor) -> torch.Tensor:
+        e = F.normalize(e, dim=-1)
+        return F.log_softmax((e @ e.T)[off].view(n, n - 1) / temperature, dim=-1)
+    return F.kl_div(log_p(student), log_p(teacher.to(student.dtype)), log_target=True, reduction="batchmean")
 
 
 def _cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -336,14 +354,24 @@ def _pooled(out: torch.Tensor) -> torch.Tensor:
     return out[:, 0] if out.dim() == 3 else out
 
 
-def _pooled_loss(student: torch.Tensor, teacher_pooled: torch.Tensor) -> torch.Tensor:
-    return _heal_loss(_pooled(student), teacher_pooled)
+def _pooled_loss(student: torch.Tensor, teacher_pooled: torch.Tensor, **kw: float) -> torch.Tensor:
+    return _heal_loss(_pooled(student), teacher_pooled, **kw)
 
 
-def _token_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+def _token_loss(student: torch.Tensor, teacher: torch.Tensor, **kw: float) -> torch.Tensor:
     """Pooled loss plus every token's hidden state: ``MSE / mean(teacher²)`` over the (zero-padded) token states."""
     tokens = F.mse_loss(student[:, 1:], teacher[:, 1:]) / teacher[:, 1:].pow(2).mean().clamp_min(1e-12)
-    return _heal_loss(student[:, 0], teacher[:, 0]) + tokens
+    return _heal_loss(student[:, 0], teacher[:, 0], **kw) + tokens
+
+
+def _named(fn: Callable[..., torch.Tensor], kw: dict) -> Callable[..., torch.Tensor]:
+    """``fn`` with keyword arguments bound, under ``fn``'s name (checkpoints record the loss by name)."""
+    return functools.update_wrapper(functools.partial(fn, **kw), fn)
+
+
+def _lengths(x: torch.Tensor) -> torch.Tensor:
+    """``(n, 2, L)`` encoded passages → their lengths in tokens ``(n,)``."""
+    return x[:, 1].sum(-1)
 
 
 def _agreement(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -353,7 +381,8 @@ def _agreement(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 def heal(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str], *, minutes: float | None = None,
          epochs: int = 1, batch_size: int = 32, max_length: int = 64, lr: float = 1e-4, val_texts: Sequence[str] = (),
          steps_per_round: int | None = None, warmup_steps: int = 50, hidden_states: bool = False,
-         target: str = "embedding", temperature: float = 2.0,
+         target: str = "embedding", temperature: float = 2.0, relational: float = 0.0,
+         relational_temperature: float = 0.05, bucket: int = 25,
          checkpoint: str | os.PathLike | None = None, resume: bool = False, keep_best: bool = True,
          progress: bool = True, seed: int = 0, device: str | torch.device | None = None) -> "HealHistory":
     """Distil ``teacher`` into ``student`` (in place) on ``texts``: their mean-pooled sentence embeddings are matched
@@ -361,7 +390,11 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str]
     collapsed a 1.5× MiniLM in its first steps) for ``epochs`` rounds, or — with ``minutes`` — as many rounds
     as fit in that time (up to ``epochs``). A round is a pass over the texts, or ``steps_per_round`` batches of a
     fresh shuffle (on a 2-core CPU a MiniLM batch of 32 takes seconds: a pass over 10k passages is tens of minutes).
-    Passages are cut at ``max_length`` tokens while healing (64: the cost grows with the longest one in a batch).
+    Passages are cut at ``max_length`` tokens while healing (64: the cost grows with the longest one in a batch),
+    and a batch takes passages of similar length (``bucket``: from runs of that many batches; on fortunes, random
+    batches of 128 are half padding; 0: random batches).
+    ``relational`` > 0 adds that weight times the mismatch of each batch's similarity structure
+    (:func:`_relational_loss`, softmax over cosine similarities at ``relational_temperature``).
     The teacher's embeddings are computed once up front. ``checkpoint`` (a ``.safetensors`` path) is written
     atomically after every round and ``resume`` continues it. ``keep_best``: the student ends with the weights of
     the round with the lowest validation loss, its starting weights included (healing a well-calibrated model can
@@ -381,6 +414,13 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str]
     if target == "logits" and hidden_states:
         raise ValueError("hidden_states=True matches hidden states; it does not combine with target='logits'")
     temperature = check_positive_real("temperature", temperature)
+    if not (isinstance(relational, (int, float)) and relational >= 0):
+        raise ValueError(f"relational={relational!r} is not allowed: expected a weight >= 0")
+    if target == "logits" and relational:
+        raise ValueError("relational > 0 matches the embeddings' similarity structure; it does not combine with "
+                         "target='logits'")
+    match = {"relational": float(relational),
+             "temperature": check_positive_real("relational_temperature", relational_temperature)}
     val_texts = list(val_texts) or list(texts[:64])
     x = _encode(tokenizer, texts, max_length)
     xv = _encode(tokenizer, val_texts, max_length)
@@ -391,18 +431,18 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str]
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=0.0, min_lr_fraction=1.0, seed=seed,
                       warmup_steps=warmup_steps, keep_best=keep_best,
                       progress=progress, desc="heal", eval_batch_size=batch_size, steps_per_epoch=steps_per_round,
-                      max_seconds=None if minutes is None else 60.0 * minutes)
+                      max_seconds=None if minutes is None else 60.0 * minutes, bucket=bucket)
+    common = {"checkpoint": checkpoint, "device": device, "sizes": _lengths}
     if target == "logits":
-        trainer = Trainer(HeadLogits(student), cfg, checkpoint=checkpoint,
-                          loss=functools.partial(distillation_loss, temperature=temperature),
-                          metrics={"agreement": _agreement}, device=device)
+        trainer = Trainer(HeadLogits(student), cfg, loss=functools.partial(distillation_loss, temperature=temperature),
+                          metrics={"agreement": _agreement}, **common)
     elif hidden_states:
-        trainer = Trainer(PooledEncoder(student, tokens=True), cfg, checkpoint=checkpoint, loss=_pooled_loss,
-                          metrics={"cosine": _cosine}, device=device, teacher=PooledEncoder(teacher, tokens=True),
-                          distill=1.0, distill_loss=_token_loss)
+        trainer = Trainer(PooledEncoder(student, tokens=True), cfg, loss=_named(_pooled_loss, match),
+                          metrics={"cosine": _cosine}, teacher=PooledEncoder(teacher, tokens=True),
+                          distill=1.0, distill_loss=_named(_token_loss, match), **common)
     else:
-        trainer = Trainer(PooledEncoder(student), cfg, checkpoint=checkpoint, loss=_heal_loss,
-                          metrics={"cosine": _cosine}, device=device)
+        trainer = Trainer(PooledEncoder(student), cfg, loss=_named(_heal_loss, match), metrics={"cosine": _cosine},
+                          **common)
     history = HealHistory(trainer.fit(data, resume=resume))
     history.best_round = trainer.best_epoch
     student.eval()

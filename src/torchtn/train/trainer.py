@@ -108,6 +108,7 @@ class TrainConfig:
     eval_batch_size: int = 1024  # rows per forward pass when validating
     steps_per_epoch: int | None = None  # cap: each epoch takes that many batches of its own seeded shuffle
     keep_best: bool = False  # end with the weights of the lowest validation loss seen, the starting weights included
+    bucket: int = 0  # > 0: batches of rows of similar size (Trainer's ``sizes``), drawn from runs of this many batches
 
     def __post_init__(self) -> None:
         check_nonnegative_int("epochs", self.epochs)
@@ -133,6 +134,7 @@ class TrainConfig:
             check_positive_int("steps_per_epoch", self.steps_per_epoch)
         if self.seed >= 2**32:
             raise ValueError(f"seed={self.seed!r} is not allowed: expected an integer in [0, 2**32)")
+        check_nonnegative_int("bucket", self.bucket)
         if self.keep_best and self.optimizer == "sweep":
             raise ValueError("keep_best=True does not combine with optimizer='sweep': sweeps change the layers' "
                              "shapes, so earlier weights cannot be put back")
@@ -228,6 +230,9 @@ class Trainer:
     weights as an uninterrupted run. An existing checkpoint is never replaced by a fresh run. With
     ``config.keep_best`` the validation loss is also measured before the first step, and training ends with the
     weights of the lowest one (``best_epoch``: 0 for the starting weights), kept in the checkpoint too.
+    ``sizes(x) -> (N,)`` with ``config.bucket = k``: each epoch's shuffle is cut into runs of ``k`` batches, the rows of
+    a run are sorted by size before they are cut into batches, and the batches are shuffled — rows of similar size
+    share a batch (padded token sequences: about half the padding of random batches), every batch still random.
 
     Under ``torch.distributed`` (e.g. ``torchrun``; the process group initialized by the caller) the model is wrapped
     in ``DistributedDataParallel`` and every global batch of ``batch_size`` rows is split across the processes, with
@@ -240,7 +245,8 @@ class Trainer:
                  loss: str | Loss = "cross_entropy", metrics: dict[str, Metric] | None = None,
                  on_step_end: Callable[["Trainer", int], bool] | None = None, teacher: nn.Module | None = None,
                  distill: float = 0.5, temperature: float = 2.0, device: str | torch.device | None = None,
-                 distill_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
+                 distill_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 sizes: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         if device is not None:  # moved in place, so the caller's model is the trained one
             device = resolve_device(device)
             model.to(device)
@@ -261,6 +267,10 @@ class Trainer:
         self.rank, self.world_size = process_group()
         self._net: nn.Module = model
         self.config = config or TrainConfig()
+        if self.config.bucket and sizes is None:
+            raise ValueError(f"config.bucket={self.config.bucket} groups rows by size: pass sizes=fn(x) -> (N,) row "
+                             f"sizes to the Trainer")
+        self.sizes = sizes
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         if self.checkpoint is not None and self.checkpoint.suffix != ".safetensors":
             raise ValueError(f"checkpoint={str(self.checkpoint)!r} must end in .safetensors")
@@ -398,15 +408,14 @@ class Trainer:
         """One pass over the training split in a seeded order; returns (mean training loss, last learning rate)."""
         c = self.config
         device = next(self.model.parameters()).device
-        n = len(data.y_train)
         self.model.train()
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(c.seed * 100_003 + epoch))
+        batches = self._batches(data, epoch, steps_per_epoch)
         running, seen, lr = 0.0, 0, c.lr
         for i in range(steps_per_epoch):
             lr = self._lr(epoch * steps_per_epoch + i, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            idx = order[i * c.batch_size:(i + 1) * c.batch_size]
+            idx = batches[i]
             mine = idx[self.rank::self.world_size]  # this process's share of the global batch
             xb, yb = data.x_train[mine].to(device), data.y_train[mine].to(device)
             loss = self._batch_loss(xb, yb)
@@ -434,6 +443,21 @@ class Trainer:
             dist.all_reduce(totals)
             running, seen = float(totals[0]), float(totals[1])
         return running / max(seen, 1), lr
+
+    def _batches(self, data: Dataset, epoch: int, steps: int) -> list[torch.Tensor]:
+        """The row indices of each of the epoch's ``steps`` batches: a seeded shuffle, cut in order — or, with
+        ``config.bucket``, runs of ``bucket`` batches sorted by row size, then the batches shuffled."""
+        c = self.config
+        generator = torch.Generator().manual_seed(c.seed * 100_003 + epoch)
+        rows = torch.randperm(len(data.y_train), generator=generator)[:steps * c.batch_size]
+        if not c.bucket:
+            return list(rows.split(c.batch_size))
+        assert self.sizes is not None
+        size = torch.as_tensor(self.sizes(data.x_train[rows])).reshape(-1)
+        batches: list[torch.Tensor] = []
+        for run, run_size in zip(rows.split(c.bucket * c.batch_size), size.split(c.bucket * c.batch_size)):
+            batches.extend(run[torch.argsort(run_size, stable=True)].split(c.batch_size))
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
 
     def _batch_loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         """The training loss of one batch (with distillation from the teacher when there is one)."""
