@@ -225,6 +225,11 @@ def test_learning_rate_warms_up_linearly_then_follows_the_schedule():
     assert [trainer._lr(s, 100) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="warmup_steps=-1"):
         TrainConfig(warmup_steps=-1)
+    # with a time budget the cosine schedule runs by time, or by steps where those are further along
+    timed = Trainer(FC2(64), TrainConfig(lr=1.0, max_seconds=100.0, progress=False))
+    assert timed._lr(0, 10**6, seconds=0.0) == 1.0 and timed._lr(0, 10**6, seconds=100.0) == pytest.approx(0.0)
+    assert timed._lr(0, 10**6, seconds=50.0) == pytest.approx(0.5)  # half the budget: half-way down the cosine
+    assert timed._lr(50, 100, seconds=10.0) == pytest.approx(0.5) and timed._lr(0, 10**6, 250.0) == pytest.approx(0.0)
 
 
 def test_distill_loss_matches_any_teacher_output():

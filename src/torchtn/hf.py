@@ -379,15 +379,17 @@ def _agreement(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 def heal(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str], *, minutes: float | None = None,
-         epochs: int = 1, batch_size: int = 32, max_length: int = 64, lr: float = 1e-4, val_texts: Sequence[str] = (),
+         epochs: int = 1, batch_size: int = 32, max_length: int = 64, lr: float = 1e-4,
+         min_lr_fraction: float = 1.0, val_texts: Sequence[str] = (),
          steps_per_round: int | None = None, warmup_steps: int = 50, hidden_states: bool = False,
          target: str = "embedding", temperature: float = 2.0, relational: float = 0.0,
          relational_temperature: float = 0.05, bucket: int = 25,
          checkpoint: str | os.PathLike | None = None, resume: bool = False, keep_best: bool = True,
          progress: bool = True, seed: int = 0, device: str | torch.device | None = None) -> "HealHistory":
     """Distil ``teacher`` into ``student`` (in place) on ``texts``: their mean-pooled sentence embeddings are matched
-    (:func:`_heal_loss`) by AdamW at a constant ``lr`` after a linear ``warmup_steps`` warm-up (without it, 5e-4
-    collapsed a 1.5× MiniLM in its first steps) for ``epochs`` rounds, or — with ``minutes`` — as many rounds
+    (:func:`_heal_loss`) by AdamW at ``lr`` after a linear ``warmup_steps`` warm-up (without it, 5e-4
+    collapsed a 1.5× MiniLM in its first steps) — constant, or with ``min_lr_fraction`` < 1 down a cosine to
+    ``lr · min_lr_fraction`` at the end of the rounds or of the time budget — for ``epochs`` rounds, or — with ``minutes`` — as many rounds
     as fit in that time (up to ``epochs``). A round is a pass over the texts, or ``steps_per_round`` batches of a
     fresh shuffle (on a 2-core CPU a MiniLM batch of 32 takes seconds: a pass over 10k passages is tens of minutes).
     Passages are cut at ``max_length`` tokens while healing (64: the cost grows with the longest one in a batch),
@@ -428,7 +430,8 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str]
     y = outputs(teacher, tokenizer, texts, batch_size=batch_size, max_length=max_length)
     yv = outputs(teacher, tokenizer, val_texts, batch_size=batch_size, max_length=max_length)
     data = Dataset("corpus", x, y, xv, yv, xv, yv, tuple(x.shape[1:]), 0)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=0.0, min_lr_fraction=1.0, seed=seed,
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=0.0, min_lr_fraction=min_lr_fraction,
+                      seed=seed,
                       warmup_steps=warmup_steps, keep_best=keep_best,
                       progress=progress, desc="heal", eval_batch_size=batch_size, steps_per_epoch=steps_per_round,
                       max_seconds=None if minutes is None else 60.0 * minutes, bucket=bucket)

@@ -104,7 +104,8 @@ class TrainConfig:
     progress: bool = True
     desc: str = "train"
     sweep: SweepConfig | None = None  # options of optimizer="sweep" (default SweepConfig()); its lr follows the schedule
-    max_seconds: float | None = None  # time budget: no epoch starts that would end past it (by the mean epoch so far)
+    max_seconds: float | None = None  # time budget: no epoch starts that would end past it (by the mean epoch so
+    # far); the schedule runs by time too (its progress: the larger of steps/total and seconds/max_seconds)
     eval_batch_size: int = 1024  # rows per forward pass when validating
     steps_per_epoch: int | None = None  # cap: each epoch takes that many batches of its own seeded shuffle
     keep_best: bool = False  # end with the weights of the lowest validation loss seen, the starting weights included
@@ -126,6 +127,9 @@ class TrainConfig:
         if self.sweep is not None and self.optimizer != "sweep":
             raise ValueError(f"sweep options were given with optimizer={self.optimizer!r}: they need "
                              f"optimizer='sweep'")
+        if not (isinstance(self.min_lr_fraction, (int, float)) and 0.0 <= self.min_lr_fraction <= 1.0):
+            raise ValueError(f"min_lr_fraction={self.min_lr_fraction!r} is not allowed: expected a fraction of lr in "
+                             f"[0, 1]")
         check_nonnegative_int("seed", self.seed)
         check_nonnegative_int("warmup_steps", self.warmup_steps)
         check_positive_real("max_seconds", self.max_seconds, allow_none=True)
@@ -329,9 +333,13 @@ class Trainer:
         device = next(self.model.parameters()).device
         self._net = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None)
 
-    def _lr(self, step: int, total: int) -> float:
+    def _lr(self, step: int, total: int, seconds: float = 0.0) -> float:
+        """The learning rate of ``step`` of ``total``, ``seconds`` into training: warm-up, then the cosine schedule,
+        whose progress is the larger of the steps' and — with ``max_seconds`` — the time budget's."""
         c = self.config
         progress = step / max(total, 1)
+        if c.max_seconds is not None:  # a time budget ends the run first when epochs is only a cap
+            progress = min(1.0, max(progress, seconds / c.max_seconds))
         lr = c.lr * (c.min_lr_fraction + (1 - c.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
         return lr * min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else lr
 
@@ -404,15 +412,18 @@ class Trainer:
             raise ModelFileError(f"{self.checkpoint}: its training state is damaged ({type(err).__name__})") from None
 
     def _train_epoch(self, optimizer: torch.optim.Optimizer, data: Dataset, epoch: int, steps_per_epoch: int,
-                     total: int, bar: tqdm) -> tuple[float, float]:
+                     total: int, bar: tqdm, spent: float = 0.0) -> tuple[float, float]:
         """One pass over the training split in a seeded order; returns (mean training loss, last learning rate)."""
         c = self.config
         device = next(self.model.parameters()).device
         self.model.train()
         batches = self._batches(data, epoch, steps_per_epoch)
+        # seconds into training at each step, for a schedule by time: the epochs so far, then this one at their mean
+        # pace — the same on every process (wall clocks differ; learning rates must not)
+        pace = spent / len(self.history) / steps_per_epoch if self.history else 0.0
         running, seen, lr = 0.0, 0, c.lr
         for i in range(steps_per_epoch):
-            lr = self._lr(epoch * steps_per_epoch + i, total)
+            lr = self._lr(epoch * steps_per_epoch + i, total, spent + pace * i)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx = batches[i]
@@ -514,12 +525,11 @@ class Trainer:
                    dynamic_ncols=True, mininterval=0.5, unit="step")
         try:
             for epoch in range(start, c.epochs):
-                if c.max_seconds is not None and self.history:
-                    spent = sum(h.seconds for h in self.history)
-                    if spent + spent / len(self.history) > c.max_seconds:
-                        break  # the next epoch would end past the time budget
+                spent = self._spent() if c.max_seconds is not None else 0.0
+                if c.max_seconds is not None and self.history and spent + spent / len(self.history) > c.max_seconds:
+                    break  # the next epoch would end past the time budget
                 t0 = time.perf_counter()
-                train_loss, lr = self._train_epoch(optimizer, data, epoch, steps_per_epoch, total, bar)
+                train_loss, lr = self._train_epoch(optimizer, data, epoch, steps_per_epoch, total, bar, spent)
                 optimizer = self.optimizer
                 val = measure(self.model, data.x_val, data.y_val, self.loss_fn, self.metrics, c.eval_batch_size)
                 val_loss = val.pop("loss")
@@ -538,6 +548,15 @@ class Trainer:
         if self.best is not None:
             self.model.load_state_dict(self.best[2])
         return self.history
+
+    def _spent(self) -> float:
+        """Seconds the recorded epochs took — the slowest process's, so every process decides alike."""
+        spent = sum(h.seconds for h in self.history)
+        if self.world_size > 1:
+            total = torch.tensor([spent], dtype=torch.float64)
+            dist.all_reduce(total, op=dist.ReduceOp.MAX)
+            spent = float(total[0])
+        return spent
 
     @property
     def best_epoch(self) -> int | None:
