@@ -10,7 +10,8 @@ Optional extra (``pip install torchtn[hf]``); nothing else in torchtn imports ``
 * :func:`heal` — distillation from the original model on the user's text: the student's mean-pooled sentence
   embeddings are pulled to the teacher's (normalized MSE + cosine; optionally every token's hidden state), or — for a
   task model with a sequence-level head — its logits (Hinton et al.'s loss at a temperature), with the shared
-  :class:`~torchtn.train.Trainer` (time or epoch budget, progress, atomic checkpoints, resume);
+  :class:`~torchtn.train.Trainer` (batches of passages of similar length, time or epoch budget, progress, atomic
+  checkpoints, resume, the best round kept);
 * :func:`quality`, :func:`head_quality`, :func:`throughput` — mean cosine to the original's sentence embeddings,
   nearest-neighbour agreement; the head's top-class agreement and KL divergence; sentences per second;
 * :func:`save` / :func:`load` — a directory with ``torchtn.safetensors`` (torchtn layers recorded), the model's own
@@ -387,16 +388,17 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str]
          checkpoint: str | os.PathLike | None = None, resume: bool = False, keep_best: bool = True,
          progress: bool = True, seed: int = 0, device: str | torch.device | None = None) -> "HealHistory":
     """Distil ``teacher`` into ``student`` (in place) on ``texts``: their mean-pooled sentence embeddings are matched
-    (:func:`_heal_loss`) by AdamW at ``lr`` after a linear ``warmup_steps`` warm-up (without it, 5e-4
-    collapsed a 1.5× MiniLM in its first steps) — constant, or with ``min_lr_fraction`` < 1 down a cosine to
-    ``lr · min_lr_fraction`` at the end of the rounds or of the time budget — for ``epochs`` rounds, or — with ``minutes`` — as many rounds
-    as fit in that time (up to ``epochs``). A round is a pass over the texts, or ``steps_per_round`` batches of a
-    fresh shuffle (on a 2-core CPU a MiniLM batch of 32 takes seconds: a pass over 10k passages is tens of minutes).
+    (:func:`_heal_loss`) by AdamW at ``lr`` after a linear ``warmup_steps`` warm-up (without it, 5e-4 collapsed a
+    1.5× MiniLM in its first steps) — constant, or with ``min_lr_fraction`` < 1 down a cosine to
+    ``lr · min_lr_fraction`` at the end of the rounds or of the time budget — for ``epochs`` rounds, or — with
+    ``minutes`` — as many rounds as fit in that time (up to ``epochs``). A round is a pass over the texts, or
+    ``steps_per_round`` batches of a fresh shuffle (on a 2-core CPU a MiniLM batch of 128 takes about 1.5 s).
     Passages are cut at ``max_length`` tokens while healing (64: the cost grows with the longest one in a batch),
-    and a batch takes passages of similar length (``bucket``: from runs of that many batches; on fortunes, random
-    batches of 128 are half padding; 0: random batches).
-    ``relational`` > 0 adds that weight times the mismatch of each batch's similarity structure
-    (:func:`_relational_loss`, softmax over cosine similarities at ``relational_temperature``).
+    and a batch takes passages of similar length (``bucket``: from runs of that many batches; random batches of 128
+    fortunes are half padding, and MiniLM heals twice the steps per minute with the same progress per step; 0: random
+    batches). ``relational`` > 0 adds that weight times the mismatch of each batch's similarity structure
+    (:func:`_relational_loss`, softmax over cosine similarities at ``relational_temperature``; at weight 1 it cost
+    MiniLM 0.02 of cosine in 6 minutes for no measurable gain in neighbour agreement).
     The teacher's embeddings are computed once up front. ``checkpoint`` (a ``.safetensors`` path) is written
     atomically after every round and ``resume`` continues it. ``keep_best``: the student ends with the weights of
     the round with the lowest validation loss, its starting weights included (healing a well-calibrated model can
