@@ -232,6 +232,20 @@ def test_learning_rate_warms_up_linearly_then_follows_the_schedule():
     assert timed._lr(50, 100, seconds=10.0) == pytest.approx(0.5) and timed._lr(0, 10**6, 250.0) == pytest.approx(0.0)
 
 
+def test_a_time_budget_decays_the_rate_by_the_recorded_epochs_seconds(digits):
+    cfg = TrainConfig(epochs=10**6, batch_size=256, lr=1e-2, max_seconds=2.0, progress=False)
+    trainer = Trainer(FC2(64, hidden=16), cfg)
+    history = trainer.fit(digits)
+    steps = -(-len(digits.y_train) // 256)
+    assert 2 <= len(history) < 10**6  # the budget ended the run
+    for k, record in enumerate(history):  # each epoch's last rate: a function of the epochs before it, not the clock
+        spent = sum(h.seconds for h in history[:k])
+        pace = spent / k / steps if k else 0.0
+        last = (k + 1) * steps - 1
+        assert record.lr == pytest.approx(trainer._lr(last, steps * 10**6, spent + pace * (steps - 1)), rel=1e-12)
+    assert history[-1].lr < 0.5 * cfg.lr  # the budget, not the epoch cap, ran the cosine down
+
+
 def test_distill_loss_matches_any_teacher_output():
     data = load_digits()
     torch.manual_seed(0)
