@@ -97,10 +97,18 @@ def test_checkpoint_is_never_overwritten_by_a_fresh_run(tmp_path, digits):
 
 
 @pytest.mark.parametrize("kwargs,match", [(dict(epochs=-1), "epochs=-1"), (dict(lr=0), "lr=0"),
-                                          (dict(optimizer="adam"), "optimizer='adam'"), (dict(batch_size=0), "batch_size=0")])
+                                          (dict(optimizer="adam"), "optimizer='adam'"), (dict(batch_size=0), "batch_size=0"),
+                                          (dict(min_lr_fraction=1.5), r"min_lr_fraction=1.5 .*in \[0, 1\]"),
+                                          (dict(min_lr_fraction=-0.1), "min_lr_fraction=-0.1"),
+                                          (dict(weight_decay=float("nan")), "weight_decay=nan .*>= 0")])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
+
+
+def test_a_distillation_weight_outside_0_1_is_named():
+    with pytest.raises(ValueError, match=r"distill=1.5 .*in \[0, 1\]"):
+        Trainer(torch.nn.Linear(2, 1), TrainConfig(progress=False), teacher=torch.nn.Linear(2, 1), distill=1.5)
 
 
 def test_model_files_are_safetensors_and_reload_into_a_skeleton(tmp_path):

@@ -16,6 +16,7 @@ __all__ = [
     "check_shape",
     "check_choice",
     "check_positive_real",
+    "check_nonnegative_real",
 ]
 
 
@@ -47,6 +48,15 @@ def check_positive_real(name: str, value: object, *, allow_none: bool = False, m
     if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(float(value)) or float(value) <= minimum_exclusive:
         raise ValueError(f"{name}={value!r} is not allowed: expected a finite number > {minimum_exclusive:g}")
     return float(value)
+
+
+def check_nonnegative_real(name: str, value: object, *, maximum: float | None = None) -> float:
+    """Return ``float(value)`` if it is a finite real number ≥ 0 (and ≤ ``maximum`` when given)."""
+    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value)) and float(value) >= 0
+    if not ok or (maximum is not None and float(value) > maximum):  # type: ignore[arg-type]
+        allowed = "a finite number >= 0" if maximum is None else f"a number in [0, {maximum:g}]"
+        raise ValueError(f"{name}={value!r} is not allowed: expected {allowed}")
+    return float(value)  # type: ignore[arg-type]
 
 
 def check_rel_tol(name: str, value: object, *, allow_none: bool = True) -> float | None:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_positive_real
+from ._checks import check_nonnegative_real, check_positive_real
 from ._modules import replace_submodule
 from .compress import LayerStats, TensorizeReport, tensorize
 from .compress import calibrate as _calibrate
@@ -418,12 +418,11 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str]
     if target == "logits" and hidden_states:
         raise ValueError("hidden_states=True matches hidden states; it does not combine with target='logits'")
     temperature = check_positive_real("temperature", temperature)
-    if not (isinstance(relational, (int, float)) and relational >= 0):
-        raise ValueError(f"relational={relational!r} is not allowed: expected a weight >= 0")
+    relational = check_nonnegative_real("relational", relational)
     if target == "logits" and relational:
         raise ValueError("relational > 0 matches the embeddings' similarity structure; it does not combine with "
                          "target='logits'")
-    match = {"relational": float(relational),
+    match = {"relational": relational,
              "temperature": check_positive_real("relational_temperature", relational_temperature)}
     val_texts = list(val_texts) or list(texts[:64])
     x = _encode(tokenizer, texts, max_length)

@@ -35,6 +35,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_nonnegative_real
 from .contraction.autotune import time_call
 from .contraction.cost import CostModel
 from .contraction.planner import MeasuredPlan, make_plan, register_strategy
@@ -107,8 +108,7 @@ def check_attention_options(*, causal: bool = True, decay: float | None = None, 
         raise ValueError(f"decay={decay!r} is not allowed: expected None or a number in (0, 1]")
     if decay is not None and not causal:
         raise ValueError(f"decay={decay!r} needs causal=True (a decay orders the tokens)")
-    if not (isinstance(ridge, (int, float)) and ridge >= 0):
-        raise ValueError(f"ridge={ridge!r} is not allowed: expected a number >= 0")
+    check_nonnegative_real("ridge", ridge)
     if not (isinstance(eps, (int, float)) and eps > 0):
         raise ValueError(f"eps={eps!r} is not allowed: expected a number > 0")
     if form not in FORMS:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_positive_int
+from .._checks import check_choice, check_nonnegative_real, check_positive_int
 from ..core.contraction import scratch_buffer
 from ..core.mprod import TRANSFORMS, Transform, facewise, mtran, t_eye, transform
 from .registry import register_layer
@@ -259,8 +259,7 @@ class TAntisymmetric(_TStep):
 
     def __init__(self, features: int, tubes: int, *, gamma: float = 1e-4, **kwargs) -> None:
         super().__init__(features, tubes, **kwargs)
-        if not (isinstance(gamma, (int, float)) and gamma >= 0):
-            raise ValueError(f"gamma={gamma!r} is not allowed: expected a number >= 0")
+        check_nonnegative_real("gamma", gamma)
         self.gamma = float(gamma)
 
     def operator(self) -> torch.Tensor:

@@ -18,7 +18,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .._checks import check_choice, check_nonnegative_int, check_positive_int, check_positive_real
+from .._checks import (
+    check_choice,
+    check_nonnegative_int,
+    check_nonnegative_real,
+    check_positive_int,
+    check_positive_real,
+)
 from ..data import Dataset
 from ..io import ModelFileError, load_model, read_metadata, read_tensors, save_model
 from .device import resolve_device
@@ -115,8 +121,7 @@ class TrainConfig:
         check_nonnegative_int("epochs", self.epochs)
         check_positive_int("batch_size", self.batch_size)
         check_positive_real("lr", self.lr)
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay={self.weight_decay!r} is not allowed: expected a number >= 0")
+        check_nonnegative_real("weight_decay", self.weight_decay)
         check_choice("optimizer", self.optimizer, _OPTIMIZERS)
         if isinstance(self.sweep, dict):
             self.sweep = SweepConfig(**self.sweep)
@@ -127,9 +132,7 @@ class TrainConfig:
         if self.sweep is not None and self.optimizer != "sweep":
             raise ValueError(f"sweep options were given with optimizer={self.optimizer!r}: they need "
                              f"optimizer='sweep'")
-        if not (isinstance(self.min_lr_fraction, (int, float)) and 0.0 <= self.min_lr_fraction <= 1.0):
-            raise ValueError(f"min_lr_fraction={self.min_lr_fraction!r} is not allowed: expected a fraction of lr in "
-                             f"[0, 1]")
+        check_nonnegative_real("min_lr_fraction", self.min_lr_fraction, maximum=1.0)
         check_nonnegative_int("seed", self.seed)
         check_nonnegative_int("warmup_steps", self.warmup_steps)
         check_positive_real("max_seconds", self.max_seconds, allow_none=True)
@@ -260,8 +263,8 @@ class Trainer:
         self.loss_name, self.loss_fn, self.metrics = _resolve_loss(loss, metrics)
         self.on_step_end = on_step_end
         self.teacher = teacher
-        if teacher is not None and not 0.0 <= distill <= 1.0:
-            raise ValueError(f"distill={distill!r} is not allowed: expected a weight in [0, 1]")
+        if teacher is not None:
+            check_nonnegative_real("distill", distill, maximum=1.0)
         check_positive_real("temperature", temperature)
         self.distill, self.temperature = float(distill), float(temperature)
         if distill_loss is not None and (teacher is None or not callable(distill_loss)):
