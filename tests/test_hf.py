@@ -362,3 +362,56 @@ def test_healing_with_the_relational_term_lowers_it(tiny):
         hf.heal(student, teacher, tokenizer, texts, relational=-1)
     with pytest.raises(ValueError, match="relational_temperature=0"):
         hf.heal(student, teacher, tokenizer, texts, relational=1.0, relational_temperature=0)
+
+
+def test_passage_augment_crops_and_drops_inside_the_special_tokens(tiny):
+    tokenizer = transformers.BertTokenizerFast.from_pretrained(str(tiny))
+    x = hf._encode(tokenizer, sentences(64, seed=3) + ["cat"], 64)
+    aug = hf.PassageAugment.for_tokenizer(tokenizer, min_crop=0.5, drop=0.2)
+    y = aug(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and torch.equal(aug(x, torch.Generator().manual_seed(0)), y)  # seeded
+    assert not torch.equal(aug(x, torch.Generator().manual_seed(1)), y)
+    cls, sep, pad = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+    changed = 0
+    for before, after in zip(x, y):
+        n, k = int(before[1].sum()), int(after[1].sum())
+        assert torch.equal(after[1, :k], torch.ones(k, dtype=after.dtype)) and (after[1, k:] == 0).all()
+        assert (after[0, k:] == pad).all()
+        body, kept = before[0, 1:n - 1].tolist(), after[0, 1:k - 1].tolist()
+        assert after[0, 0] == cls and after[0, k - 1] == sep and 1 <= len(kept) <= len(body)
+        it = iter(body)  # the kept tokens are a subsequence of the passage's, in order
+        assert all(any(t == u for u in it) for t in kept)
+        changed += kept != body
+    assert changed > 32  # most passages change
+    # no crop and no drop: the batch comes back as it was
+    assert torch.equal(hf.PassageAugment.for_tokenizer(tokenizer, min_crop=1.0, drop=0.0)(x, torch.Generator()), x)
+    with pytest.raises(ValueError, match="drop=1.0"):
+        hf.PassageAugment([cls, sep], drop=1.0)
+    with pytest.raises(ValueError, match="min_crop=1.5"):
+        hf.PassageAugment([cls, sep], min_crop=1.5)
+
+
+def test_healing_on_augmented_passages_runs_the_teacher_on_them(tiny, monkeypatch):
+    teacher, tokenizer = hf.load_pretrained(tiny)
+    student, _ = hf.compress(teacher, ratio=2.0)
+    texts, held_out = sentences(256, seed=1), sentences(64, seed=2)
+    target = hf.embed(teacher, tokenizer, held_out)
+    seen = []
+    forward = hf.PooledEncoder.forward
+
+    def recording(self, x):
+        if self.model is teacher:
+            seen.append(x.clone())
+        return forward(self, x)
+    monkeypatch.setattr(hf.PooledEncoder, "forward", recording)
+    before = float(hf._heal_loss(hf.embed(student, tokenizer, held_out), target))
+    history = hf.heal(student, teacher, tokenizer, texts, epochs=6, batch_size=32, lr=1e-3, val_texts=held_out,
+                      augment=True, bucket=0, progress=False)
+    after = float(hf._heal_loss(hf.embed(student, tokenizer, held_out), target))
+    assert after < 0.9 * before and history.best_round >= 1
+    steps = 6 * 256 // 32
+    training = seen[-steps:]  # the teacher's batches while healing (after its up-front targets)
+    assert len(training) == steps
+    full = hf._encode(tokenizer, texts, 64)[:, 1].sum(1)
+    # the teacher saw changed passages: fewer tokens than the corpus's batches hold
+    assert sum(int(b[:, 1].sum()) for b in training) < 0.9 * 6 * int(full.sum())

@@ -39,11 +39,11 @@ class Interrupt(Exception):
     pass
 
 
-def run_interrupted_and_resumed(ckpt, data, build, cfg, stop_epoch, hook_for=None):
+def run_interrupted_and_resumed(ckpt, data, build, cfg, stop_epoch, hook_for=None, **trainer_kwargs):
     """Train ``build()`` straight through; train another, interrupted after ``stop_epoch`` with a checkpoint, then
     resume a third fresh ``build()`` from it. Returns (straight model, resumed model, resumed history)."""
     def hooks(model):
-        return {} if hook_for is None else {"on_step_end": hook_for(model)}
+        return trainer_kwargs if hook_for is None else {"on_step_end": hook_for(model), **trainer_kwargs}
 
     def stop(record):
         if record.epoch == stop_epoch:
@@ -355,3 +355,27 @@ def test_bucketed_batches_hold_rows_of_similar_size_and_cover_the_same_rows():
         Trainer(torch.nn.Linear(2, 1), TrainConfig(bucket=4, progress=False))
     with pytest.raises(ValueError, match="bucket=-1"):
         TrainConfig(bucket=-1)
+
+
+def test_augmented_batches_are_seeded_per_step_resume_identically_and_spare_validation(tmp_path, digits):
+    calls = []
+
+    def jitter(x, generator):  # Gaussian noise on the pixels, drawn from the trainer's generator
+        calls.append(len(x))
+        return x + 0.5 * torch.randn(x.shape, generator=generator)
+
+    def build():
+        torch.manual_seed(1)
+        return FC2(64, hidden=32)
+
+    cfg = TrainConfig(epochs=3, batch_size=64, lr=1e-2, progress=False, seed=3)
+    straight, resumed, history = run_interrupted_and_resumed(tmp_path / "run.safetensors", digits, build, cfg,
+                                                             stop_epoch=1, augment=jitter)
+    assert_same_weights(straight, resumed)  # the resumed epochs drew the same noise
+    steps = -(-len(digits.y_train) // 64)
+    assert sum(calls) == (3 + 3) * len(digits.y_train) and len(calls) == 6 * steps  # training batches only
+    plain = build()
+    Trainer(plain, cfg).fit(digits)
+    assert not torch.equal(plain.fc1.weight, straight.fc1.weight)  # the noise changed the training
+    with pytest.raises(TypeError, match="augment=3"):
+        Trainer(build(), cfg, augment=3)

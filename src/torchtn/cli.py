@@ -144,6 +144,9 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="module-name glob patterns to keep dense, e.g. '*position_embeddings'")
     hfg.add_argument("--hidden-states", action="store_true",
                      help="heal on every token's hidden state too, not only the pooled sentence embedding")
+    hfg.add_argument("--augment", action="store_true",
+                     help="heal on a fresh random crop of each passage with 10%% of its tokens dropped, the teacher "
+                          "run beside the student (steps cost about a third more; against memorizing a small corpus)")
     hfg.add_argument("--hf-head", action="store_true",
                      help="load the task class the model's config names (e.g. ...ForSequenceClassification) with its "
                           "head, heal on its logits (distillation at --temperature) and report top-class agreement")
@@ -383,7 +386,7 @@ def _cmd_compress_hf(args: argparse.Namespace) -> int:
                             rank=None if args.rank is None else args.rank[0], rel_tol=args.rel_tol,
                             parts=tuple(args.parts), heal_minutes=args.heal_minutes, batch_size=args.batch_size,
                             allocation=args.allocation, hidden_states=args.hidden_states,
-                            head=args.hf_head, temperature=args.temperature, skip=tuple(args.keep_dense),
+                            augment=args.augment, head=args.hf_head, temperature=args.temperature, skip=tuple(args.keep_dense),
                             calibrate=HFCompressJob.calibrate if args.calibrate is None else args.calibrate,
                             probes=HFCompressJob.probes if args.probes is None else args.probes,
                             exact_rows=_exact_rows(args),
@@ -417,7 +420,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     if args.hf_model is not None:
         return _cmd_compress_hf(args)
     for flag, given in (("--corpus", args.corpus is not None), ("--hf-head", args.hf_head),
-                        ("--hidden-states", args.hidden_states), ("--keep-dense", bool(args.keep_dense)),
+                        ("--hidden-states", args.hidden_states), ("--augment", args.augment),
+                        ("--keep-dense", bool(args.keep_dense)),
                         ("--calibrate", args.calibrate is not None), ("--probes", args.probes is not None),
                         ("--exact-rows", args.exact_rows is not None)):
         if given:

@@ -42,7 +42,7 @@ from .layers.registry import layer_types
 from .train import TrainConfig, Trainer, distillation_loss
 
 __all__ = ["load_pretrained", "compress", "calibrate", "heal", "embed", "quality", "throughput", "save", "load", "export_dense",
-           "read_corpus", "PARTS", "part_of", "HeadLogits", "logits", "head_quality"]
+           "read_corpus", "PARTS", "part_of", "HeadLogits", "logits", "head_quality", "PassageAugment"]
 
 PARTS = ("attention", "mlp", "embeddings")
 _ATTENTION_WORDS = ("attention", "attn", "query", "key", "value", "q_proj", "k_proj", "v_proj", "o_proj")
@@ -375,6 +375,53 @@ def _lengths(x: torch.Tensor) -> torch.Tensor:
     return x[:, 1].sum(-1)
 
 
+class PassageAugment:
+    """``(batch, 2, L)`` encoded passages [token ids; attention mask] → the same batch with each passage randomly
+    changed, for distillation on more inputs than the corpus has: a contiguous crop keeping a fraction in
+    ``[min_crop, 1]`` of its tokens, then each kept token dropped with probability ``drop`` (at least one stays). The
+    special tokens that open and close a passage (``[CLS]``, ``[SEP]``) stay; passages are re-packed to the left and
+    padded with ``pad_id``, so every passage gets shorter or stays as it was."""
+
+    def __init__(self, special_ids: Sequence[int], pad_id: int = 0, *, min_crop: float = 0.5,
+                 drop: float = 0.1) -> None:
+        self.special = frozenset(int(i) for i in special_ids)
+        self.pad_id = int(pad_id)
+        self.min_crop = check_nonnegative_real("min_crop", min_crop, maximum=1.0)
+        self.drop = check_nonnegative_real("drop", drop, maximum=1.0)
+        if self.drop == 1.0:
+            raise ValueError("drop=1.0 is not allowed: expected a probability below 1 (every token would go)")
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, **kw: float) -> "PassageAugment":
+        pad = getattr(tokenizer, "pad_token_id", None)
+        return cls(getattr(tokenizer, "all_special_ids", ()), 0 if pad is None else pad, **kw)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        ids, mask = x[:, 0], x[:, 1]
+        out = torch.zeros_like(x)
+        out[:, 0] = self.pad_id
+        for r in range(len(x)):
+            n = int(mask[r].sum())
+            row = ids[r, :n]
+            head = int(n > 0 and int(row[0]) in self.special)
+            tail = int(n - head > 0 and int(row[n - 1]) in self.special)
+            body = row[head:n - tail]
+            m = len(body)
+            if m > 1:
+                k = m - int(torch.randint(0, m - math.ceil(self.min_crop * m) + 1, (1,), generator=generator))
+                k = max(k, 1)
+                start = int(torch.randint(0, m - k + 1, (1,), generator=generator))
+                body = body[start:start + k]
+                keep = torch.rand(k, generator=generator) >= self.drop
+                if not bool(keep.any()):
+                    keep[int(torch.randint(0, k, (1,), generator=generator))] = True
+                body = body[keep]
+            new = torch.cat([row[:head], body, row[n - tail:n]])
+            out[r, 0, :len(new)] = new
+            out[r, 1, :len(new)] = 1
+        return out
+
+
 def _agreement(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (student.argmax(-1) == teacher.argmax(-1)).to(student.dtype).mean()
 
@@ -384,7 +431,7 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str]
          min_lr_fraction: float = 1.0, val_texts: Sequence[str] = (),
          steps_per_round: int | None = None, warmup_steps: int = 50, hidden_states: bool = False,
          target: str = "embedding", temperature: float = 2.0, relational: float = 0.0,
-         relational_temperature: float = 0.05, bucket: int = 25,
+         relational_temperature: float = 0.05, bucket: int = 25, augment: bool = False,
          checkpoint: str | os.PathLike | None = None, resume: bool = False, keep_best: bool = True,
          progress: bool = True, seed: int = 0, device: str | torch.device | None = None) -> "HealHistory":
     """Distil ``teacher`` into ``student`` (in place) on ``texts``: their mean-pooled sentence embeddings are matched
@@ -407,6 +454,10 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str]
     ``val_texts`` per round; without ``val_texts``, on 64 of ``texts`` — choose passages that are not measured
     afterwards), with ``best_round`` (0: the starting weights were kept). ``hidden_states``: also
     match every token's last hidden state (the teacher then runs beside the student at every step).
+    ``augment``: every healing batch is a fresh random change of its passages (:class:`PassageAugment`: a contiguous
+    crop keeping at least half of the tokens, then 10% of them dropped), and the teacher runs beside the student on
+    the changed passages (a step costs about a third more) — the student never sees the same input twice, which
+    fights the memorizing of a small corpus (MiniLM's validation loss turns up after ~15 minutes on 13,797 fortunes).
 
     ``target="logits"``: for a task model with a sequence-level head (loaded with ``load_pretrained(head=True)``),
     match the head's logits instead — the distillation loss of Hinton et al. at ``temperature`` against the
@@ -436,17 +487,24 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str]
                       warmup_steps=warmup_steps, keep_best=keep_best,
                       progress=progress, desc="heal", eval_batch_size=batch_size, steps_per_epoch=steps_per_round,
                       max_seconds=None if minutes is None else 60.0 * minutes, bucket=bucket)
-    common = {"checkpoint": checkpoint, "device": device, "sizes": _lengths}
+    common = {"checkpoint": checkpoint, "device": device, "sizes": _lengths,
+              "augment": PassageAugment.for_tokenizer(tokenizer) if augment else None}
+
+    def online(wrap: Callable[[nn.Module], nn.Module], match_fn) -> dict:
+        """With ``augment`` the passages change every batch: the teacher's targets are computed beside the student."""
+        return {"teacher": wrap(teacher), "distill": 1.0, "distill_loss": match_fn} if augment else {}
     if target == "logits":
-        trainer = Trainer(HeadLogits(student), cfg, loss=functools.partial(distillation_loss, temperature=temperature),
-                          metrics={"agreement": _agreement}, **common)
+        match_logits = functools.partial(distillation_loss, temperature=temperature)
+        trainer = Trainer(HeadLogits(student), cfg, loss=match_logits, metrics={"agreement": _agreement},
+                          **online(HeadLogits, match_logits), **common)
     elif hidden_states:
         trainer = Trainer(PooledEncoder(student, tokens=True), cfg, loss=_named(_pooled_loss, match),
                           metrics={"cosine": _cosine}, teacher=PooledEncoder(teacher, tokens=True),
                           distill=1.0, distill_loss=_named(_token_loss, match), **common)
     else:
-        trainer = Trainer(PooledEncoder(student), cfg, loss=_named(_heal_loss, match), metrics={"cosine": _cosine},
-                          **common)
+        match_pooled = _named(_heal_loss, match)
+        trainer = Trainer(PooledEncoder(student), cfg, loss=match_pooled, metrics={"cosine": _cosine},
+                          **online(PooledEncoder, match_pooled), **common)
     history = HealHistory(trainer.fit(data, resume=resume))
     history.best_round = trainer.best_epoch
     student.eval()

@@ -49,6 +49,7 @@ class HFCompressJob:
     allocation: str | None = None  # None: tensorize's default ("relative" when calibrated without --probes)
     steps_per_round: int = 25  # healing batches between checkpoints / time-budget checks
     hidden_states: bool = False  # heal on every token's hidden state too, not only the pooled embedding
+    augment: bool = False  # heal on randomly cropped passages with dropped tokens, the teacher run beside the student
     head: bool = False  # load the task class with its head; heal and measure on its logits
     temperature: float = 2.0  # of the logits distillation (with head)
     calibrate: int = 256  # passages of the healing split whose statistics steer the truncation (0: plain TT-SVD)
@@ -136,6 +137,7 @@ def run_hf_compress(job: HFCompressJob, out: Path, *, resume: bool = False, prog
         records = hf.heal(student, teacher, tokenizer, heal_texts, minutes=job.heal_minutes, epochs=10_000,
                           lr=job.lr, val_texts=val_texts, checkpoint=out / "checkpoints" / "heal.safetensors",
                           steps_per_round=job.steps_per_round, hidden_states=job.hidden_states, resume=resume,
+                          augment=job.augment,
                           target="logits" if job.head else "embedding", temperature=job.temperature,
                           progress=progress, seed=job.seed,
                           device=device, batch_size=job.batch_size)

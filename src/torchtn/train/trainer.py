@@ -240,6 +240,9 @@ class Trainer:
     ``sizes(x) -> (N,)`` with ``config.bucket = k``: each epoch's shuffle is cut into runs of ``k`` batches, the rows of
     a run are sorted by size before they are cut into batches, and the batches are shuffled — rows of similar size
     share a batch (padded token sequences: about half the padding of random batches), every batch still random.
+    ``augment(x, generator) -> x``: a random change of every training batch's inputs (crops of images or passages,
+    dropped tokens, …), drawn from ``generator`` — seeded per seed, epoch, step and process, so a resumed run sees
+    the same batches; validation never is. A teacher sees the changed inputs too (its targets follow them).
 
     Under ``torch.distributed`` (e.g. ``torchrun``; the process group initialized by the caller) the model is wrapped
     in ``DistributedDataParallel`` and every global batch of ``batch_size`` rows is split across the processes, with
@@ -253,7 +256,8 @@ class Trainer:
                  on_step_end: Callable[["Trainer", int], bool] | None = None, teacher: nn.Module | None = None,
                  distill: float = 0.5, temperature: float = 2.0, device: str | torch.device | None = None,
                  distill_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 sizes: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 sizes: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None) -> None:
         if device is not None:  # moved in place, so the caller's model is the trained one
             device = resolve_device(device)
             model.to(device)
@@ -278,6 +282,9 @@ class Trainer:
             raise ValueError(f"config.bucket={self.config.bucket} groups rows by size: pass sizes=fn(x) -> (N,) row "
                              f"sizes to the Trainer")
         self.sizes = sizes
+        if augment is not None and not callable(augment):
+            raise TypeError(f"augment={augment!r} is not allowed: expected a callable (x, generator) -> x")
+        self.augment = augment
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         if self.checkpoint is not None and self.checkpoint.suffix != ".safetensors":
             raise ValueError(f"checkpoint={str(self.checkpoint)!r} must end in .safetensors")
@@ -431,7 +438,11 @@ class Trainer:
                 group["lr"] = lr
             idx = batches[i]
             mine = idx[self.rank::self.world_size]  # this process's share of the global batch
-            xb, yb = data.x_train[mine].to(device), data.y_train[mine].to(device)
+            xb, yb = data.x_train[mine], data.y_train[mine]
+            if self.augment is not None:
+                step_seed = (((c.seed * 1_000_003 + epoch) * 1_000_003 + i) * 1_009 + self.rank) % 2**63
+                xb = self.augment(xb, torch.Generator().manual_seed(step_seed))
+            xb, yb = xb.to(device), yb.to(device)
             loss = self._batch_loss(xb, yb)
             if self.world_size > 1:  # DDP averages gradients over processes: weight each by its share
                 loss = loss * (len(mine) * self.world_size / len(idx))
@@ -515,6 +526,8 @@ class Trainer:
             if self.sweeper is not None:
                 self.sweeper.canonicalize()
         self._wrap()
+        if self.teacher is not None:
+            self.teacher.eval()  # its targets, not a dropout sample of them
         steps_per_epoch = math.ceil(len(data.y_train) / c.batch_size)
         if c.steps_per_epoch is not None:  # an "epoch" of a fixed number of batches: a fresh random subset each time
             steps_per_epoch = min(steps_per_epoch, c.steps_per_epoch)
