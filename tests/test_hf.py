@@ -247,10 +247,12 @@ def test_command_line_compresses_heals_and_refuses_bad_input(tiny, tmp_path, cap
     corpus.write_text("\n".join(sentences(300, seed=3)) + "\n")
     out = tmp_path / "run"
     args = ["compress", "--hf-model", str(tiny), "--corpus", str(corpus), "--ratio", "3", "--heal-minutes", "0.05",
-            "--keep-dense", "*position_embeddings", "--out", str(out), "--no-progress"]
+            "--keep-dense", "*position_embeddings", "--augment", "--min-lr-fraction", "0.5", "--out", str(out),
+            "--no-progress"]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["ratio"] >= 3 and results["heal_history"]
+    assert results["job"]["augment"] is True and results["job"]["min_lr_fraction"] == 0.5
     assert results["job"]["batch_size"] == 128 and results["throughput_batch_size"] == 32  # the issue's measure
     table = hf.load(out / "model").embeddings.word_embeddings  # the frequent tokens' rows exact (the default 0.8)
     assert isinstance(table, MPOEmbedding) and table.exact_rows > 0 and results["job"]["exact_rows"] == 0.8
@@ -275,6 +277,12 @@ def test_command_line_compresses_heals_and_refuses_bad_input(tiny, tmp_path, cap
     assert "--probes is for --hf-model" in capsys.readouterr().err
     assert main(["compress", "--exact-rows", "0.5", "--ratio", "2", "--out", str(tmp_path / "z"), "--no-progress"]) == 2
     assert "--exact-rows is for --hf-model" in capsys.readouterr().err
+    for flag in (["--augment"], ["--min-lr-fraction", "0.5"]):
+        assert main(["compress", *flag, "--ratio", "2", "--out", str(tmp_path / "z"), "--no-progress"]) == 2
+        assert f"{flag[0]} is for --hf-model" in capsys.readouterr().err
+    assert main(["compress", "--hf-model", str(tiny), "--corpus", str(corpus), "--ratio", "1.5", "--min-lr-fraction",
+                 "1.5", "--out", str(tmp_path / "z"), "--no-progress"]) == 2
+    assert "min_lr_fraction=1.5 is not allowed" in capsys.readouterr().err
     assert main(["compress", "--hf-model", str(tiny), "--corpus", str(corpus), "--ratio", "1.5", "--calibrate", "0",
                  "--exact-rows", "0.5", "--out", str(tmp_path / "z"), "--no-progress"]) == 2
     assert "--exact-rows needs --calibrate" in capsys.readouterr().err
@@ -356,7 +364,7 @@ def test_healing_with_the_relational_term_lowers_it(tiny):
 
     before = relational()
     history = hf.heal(student, teacher, tokenizer, texts, epochs=6, batch_size=32, lr=1e-3, val_texts=held_out,
-                      relational=1.0, progress=False)
+                      relational=1.0, min_lr_fraction=1.0, progress=False)
     assert relational() < 0.8 * before and history.best_round >= 1
     with pytest.raises(ValueError, match="relational=-1"):
         hf.heal(student, teacher, tokenizer, texts, relational=-1)

@@ -144,9 +144,12 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="module-name glob patterns to keep dense, e.g. '*position_embeddings'")
     hfg.add_argument("--hidden-states", action="store_true",
                      help="heal on every token's hidden state too, not only the pooled sentence embedding")
+    hfg.add_argument("--min-lr-fraction", type=_float_in("--min-lr-fraction", 0.0, None, open_low=False), default=None, metavar="F",
+                     help="healing rate down a cosine to --finetune-lr × F by the end of the time budget (default 0.1; "
+                          "1: constant)")
     hfg.add_argument("--augment", action="store_true",
                      help="heal on a fresh random crop of each passage with 10%% of its tokens dropped, the teacher "
-                          "run beside the student (steps cost about a third more; against memorizing a small corpus)")
+                          "run beside the student (steps cost about a sixth more; against memorizing a small corpus)")
     hfg.add_argument("--hf-head", action="store_true",
                      help="load the task class the model's config names (e.g. ...ForSequenceClassification) with its "
                           "head, heal on its logits (distillation at --temperature) and report top-class agreement")
@@ -386,7 +389,9 @@ def _cmd_compress_hf(args: argparse.Namespace) -> int:
                             rank=None if args.rank is None else args.rank[0], rel_tol=args.rel_tol,
                             parts=tuple(args.parts), heal_minutes=args.heal_minutes, batch_size=args.batch_size,
                             allocation=args.allocation, hidden_states=args.hidden_states,
-                            augment=args.augment, head=args.hf_head, temperature=args.temperature, skip=tuple(args.keep_dense),
+                            augment=args.augment, head=args.hf_head,
+                            min_lr_fraction=(HFCompressJob.min_lr_fraction if args.min_lr_fraction is None
+                                             else args.min_lr_fraction), temperature=args.temperature, skip=tuple(args.keep_dense),
                             calibrate=HFCompressJob.calibrate if args.calibrate is None else args.calibrate,
                             probes=HFCompressJob.probes if args.probes is None else args.probes,
                             exact_rows=_exact_rows(args),
@@ -421,6 +426,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         return _cmd_compress_hf(args)
     for flag, given in (("--corpus", args.corpus is not None), ("--hf-head", args.hf_head),
                         ("--hidden-states", args.hidden_states), ("--augment", args.augment),
+                        ("--min-lr-fraction", args.min_lr_fraction is not None),
                         ("--keep-dense", bool(args.keep_dense)),
                         ("--calibrate", args.calibrate is not None), ("--probes", args.probes is not None),
                         ("--exact-rows", args.exact_rows is not None)):

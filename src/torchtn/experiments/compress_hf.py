@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .._checks import check_positive_int, check_positive_real
+from .._checks import check_nonnegative_real, check_positive_int, check_positive_real
 from .._version import __version__
 from ..io import atomic_write_text
 from ..report import format_table, machine_description
@@ -44,6 +44,7 @@ class HFCompressJob:
     batch_size: int = 32
     max_length: int = 128
     lr: float = 1e-4
+    min_lr_fraction: float = 0.1  # healing rate down a cosine to lr × this by the end of the budget (1: constant)
     seed: int = 0
     skip: tuple[str, ...] = field(default_factory=tuple)
     allocation: str | None = None  # None: tensorize's default ("relative" when calibrated without --probes)
@@ -67,6 +68,7 @@ class HFCompressJob:
         check_positive_int("batch_size", self.batch_size)
         check_positive_int("max_length", self.max_length)
         check_positive_real("temperature", self.temperature)
+        check_nonnegative_real("min_lr_fraction", self.min_lr_fraction, maximum=1.0)
         if not (isinstance(self.calibrate, int) and self.calibrate >= 0):
             raise ValueError(f"--calibrate {self.calibrate!r} is not allowed: expected a number of passages >= 0")
         if not (isinstance(self.probes, int) and self.probes >= 0):
@@ -137,7 +139,7 @@ def run_hf_compress(job: HFCompressJob, out: Path, *, resume: bool = False, prog
         records = hf.heal(student, teacher, tokenizer, heal_texts, minutes=job.heal_minutes, epochs=10_000,
                           lr=job.lr, val_texts=val_texts, checkpoint=out / "checkpoints" / "heal.safetensors",
                           steps_per_round=job.steps_per_round, hidden_states=job.hidden_states, resume=resume,
-                          augment=job.augment,
+                          augment=job.augment, min_lr_fraction=job.min_lr_fraction,
                           target="logits" if job.head else "embedding", temperature=job.temperature,
                           progress=progress, seed=job.seed,
                           device=device, batch_size=job.batch_size)
