@@ -215,6 +215,11 @@ def test_healing_on_a_task_heads_logits(tiny, tiny_classifier, tmp_path):
     kept = history[history.best_round - 1]
     assert history.best_round >= 1 and kept.val_loss == min(h.val_loss for h in history)
     assert kept.metrics["agreement"] == pytest.approx(after["agreement"], abs=1e-6)
+    # on changed passages the head's teacher runs beside the student: the held-out KL falls too
+    changed, _ = hf.compress(teacher, ratio=2.0)
+    hf.heal(changed, teacher, tokenizer, texts, epochs=6, batch_size=32, lr=1e-3, val_texts=held_out,
+            target="logits", progress=False, bucket=0, augment=True)
+    assert hf.head_quality(changed, teacher, tokenizer, held_out, teacher_logits=t)["kl"] < 0.8 * before["kl"]
     with pytest.raises(ValueError, match="needs a sequence-level head"):
         hf.logits(hf.load_pretrained(tiny)[0], tokenizer, held_out[:2])
     with pytest.raises(ValueError, match="target='sentences' is not allowed"):
