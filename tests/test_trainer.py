@@ -1,5 +1,6 @@
 """Trainer on real data: accuracy, NaN stop, atomic checkpoints and exact resume."""
 import json
+import math
 
 import pytest
 import torch
@@ -379,3 +380,17 @@ def test_augmented_batches_are_seeded_per_step_resume_identically_and_spare_vali
     assert not torch.equal(plain.fc1.weight, straight.fc1.weight)  # the noise changed the training
     with pytest.raises(TypeError, match="augment=3"):
         Trainer(build(), cfg, augment=3)
+
+
+def test_pure_distillation_never_reads_the_targets(digits):
+    """At distill=1 the loss is the teacher match alone: NaN targets (placeholders) leave training finite."""
+    import dataclasses
+    torch.manual_seed(0)
+    teacher = FC2(64, hidden=32)
+    Trainer(teacher, TrainConfig(epochs=2, lr=1e-2, progress=False)).fit(digits)
+    blind = dataclasses.replace(digits, y_train=torch.full((len(digits.y_train),), -1))  # invalid class ids
+    student = FC2(64, hidden=32)
+    history = Trainer(student, TrainConfig(epochs=8, lr=1e-2, progress=False), teacher=teacher, distill=1.0,
+                      temperature=1.0).fit(blind)
+    assert all(math.isfinite(h.train_loss) for h in history)
+    assert evaluate(student, digits.x_test, digits.y_test)[1] > 0.8  # it learned the task from the teacher alone

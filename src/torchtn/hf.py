@@ -481,7 +481,9 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str]
     x = _encode(tokenizer, texts, max_length)
     xv = _encode(tokenizer, val_texts, max_length)
     outputs = logits if target == "logits" else embed
-    y = outputs(teacher, tokenizer, texts, batch_size=batch_size, max_length=max_length)
+    online = augment or hidden_states  # the teacher runs beside the student: no targets up front (never read)
+    y = (torch.zeros(len(x)) if online else
+         outputs(teacher, tokenizer, texts, batch_size=batch_size, max_length=max_length))
     yv = outputs(teacher, tokenizer, val_texts, batch_size=batch_size, max_length=max_length)
     data = Dataset("corpus", x, y, xv, yv, xv, yv, tuple(x.shape[1:]), 0)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=0.0, min_lr_fraction=min_lr_fraction,
@@ -492,13 +494,13 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str]
     common = {"checkpoint": checkpoint, "device": device, "sizes": _lengths,
               "augment": PassageAugment.for_tokenizer(tokenizer) if augment else None}
 
-    def online(wrap: Callable[[nn.Module], nn.Module], match_fn) -> dict:
+    def beside(wrap: Callable[[nn.Module], nn.Module], match_fn) -> dict:
         """With ``augment`` the passages change every batch: the teacher's targets are computed beside the student."""
         return {"teacher": wrap(teacher), "distill": 1.0, "distill_loss": match_fn} if augment else {}
     if target == "logits":
         match_logits = functools.partial(distillation_loss, temperature=temperature)
         trainer = Trainer(HeadLogits(student), cfg, loss=match_logits, metrics={"agreement": _agreement},
-                          **online(HeadLogits, match_logits), **common)
+                          **beside(HeadLogits, match_logits), **common)
     elif hidden_states:
         trainer = Trainer(PooledEncoder(student, tokens=True), cfg, loss=_named(_pooled_loss, match),
                           metrics={"cosine": _cosine}, teacher=PooledEncoder(teacher, tokens=True),
@@ -506,7 +508,7 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str]
     else:
         match_pooled = _named(_heal_loss, match)
         trainer = Trainer(PooledEncoder(student), cfg, loss=match_pooled, metrics={"cosine": _cosine},
-                          **online(PooledEncoder, match_pooled), **common)
+                          **beside(PooledEncoder, match_pooled), **common)
     history = HealHistory(trainer.fit(data, resume=resume))
     history.best_round = trainer.best_epoch
     student.eval()

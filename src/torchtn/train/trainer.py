@@ -230,7 +230,8 @@ class Trainer:
     records ranks, entropies and truncation errors per sweep) and the other parameters by AdamW in the same step.
     ``teacher`` (e.g. the dense model a compressed one is healed from) adds knowledge
     distillation: ``(1 − distill)·loss + distill·T²·KL(softmax(teacher/T) ‖ softmax(model/T))``, or with
-    ``distill_loss(student_out, teacher_out)`` any other match: ``(1 − distill)·loss + distill·distill_loss``. ``device``
+    ``distill_loss(student_out, teacher_out)`` any other match: ``(1 − distill)·loss + distill·distill_loss``
+    (at ``distill=1`` the data's targets are never read: pure distillation). ``device``
     (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``; default: where the model is) moves the model and the teacher
     there in place; batches follow. With ``checkpoint`` (a ``.safetensors`` path) the model, optimizer, RNG state and
     history are written atomically after every epoch; ``fit(resume=True)`` continues from it and ends with the same
@@ -487,16 +488,17 @@ class Trainer:
     def _batch_loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         """The training loss of one batch (with distillation from the teacher when there is one)."""
         out = self._net(xb)
-        loss = self.loss_fn(out, yb)
-        if self.teacher is not None and self.distill_loss is not None:  # any match to the teacher's outputs
-            with torch.no_grad():
-                target = self.teacher(xb)
-            loss = (1 - self.distill) * loss + self.distill * self.distill_loss(out, target)
-        elif self.teacher is not None:  # knowledge distillation (Hinton et al.): match the teacher's softened outputs
-            with torch.no_grad():
-                target = self.teacher(xb)
-            loss = (1 - self.distill) * loss + self.distill * distillation_loss(out, target, self.temperature)
-        return loss
+        if self.teacher is None:
+            return self.loss_fn(out, yb)
+        with torch.no_grad():
+            target = self.teacher(xb)
+        if self.distill_loss is not None:  # any match to the teacher's outputs
+            match = self.distill_loss(out, target)
+        else:  # knowledge distillation (Hinton et al.): match the teacher's softened outputs
+            match = distillation_loss(out, target, self.temperature)
+        if self.distill == 1.0:  # the teacher alone: the targets yb are not read
+            return match
+        return (1 - self.distill) * self.loss_fn(out, yb) + self.distill * match
 
     def fit(self, data: Dataset, resume: bool = False) -> list[EpochRecord]:
         """Train for ``config.epochs`` epochs (continuing a checkpoint when ``resume``); returns the history."""
