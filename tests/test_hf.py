@@ -287,7 +287,7 @@ def test_command_line_compresses_heals_and_refuses_bad_input(tiny, tmp_path, cap
         assert f"{flag[0]} is for --hf-model" in capsys.readouterr().err
     assert main(["compress", "--hf-model", str(tiny), "--corpus", str(corpus), "--ratio", "1.5", "--min-lr-fraction",
                  "1.5", "--out", str(tmp_path / "z"), "--no-progress"]) == 2
-    assert "min_lr_fraction=1.5 is not allowed" in capsys.readouterr().err
+    assert "--min-lr-fraction=1.5 is not allowed: expected a number in [0, 1]" in capsys.readouterr().err
     assert main(["compress", "--hf-model", str(tiny), "--corpus", str(corpus), "--ratio", "1.5", "--calibrate", "0",
                  "--exact-rows", "0.5", "--out", str(tmp_path / "z"), "--no-progress"]) == 2
     assert "--exact-rows needs --calibrate" in capsys.readouterr().err
@@ -418,13 +418,16 @@ def test_healing_on_augmented_passages_runs_the_teacher_on_them(tiny, monkeypatc
         return forward(self, x)
     monkeypatch.setattr(hf.PooledEncoder, "forward", recording)
     before = float(hf._heal_loss(hf.embed(student, tokenizer, held_out), target))
+    seen.clear()
     history = hf.heal(student, teacher, tokenizer, texts, epochs=6, batch_size=32, lr=1e-3, val_texts=held_out,
                       augment=True, bucket=0, progress=False)
     after = float(hf._heal_loss(hf.embed(student, tokenizer, held_out), target))
     assert after < 0.9 * before and history.best_round >= 1
     steps = 6 * 256 // 32
-    training = seen[-steps:]  # the teacher's batches while healing (after its up-front targets)
-    assert len(training) == steps
+    # up front the teacher embeds only the validation passages (the healing ones' targets come per batch)
+    assert sum(len(b) for b in seen) == len(held_out) + 6 * len(texts)
+    training = seen[-steps:]  # the teacher's batches while healing
+    assert len(training) == steps and all(len(b) == 32 for b in training)
     full = hf._encode(tokenizer, texts, 64)[:, 1].sum(1)
     # the teacher saw changed passages: fewer tokens than the corpus's batches hold
     assert sum(int(b[:, 1].sum()) for b in training) < 0.9 * 6 * int(full.sum())

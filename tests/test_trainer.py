@@ -1,4 +1,5 @@
 """Trainer on real data: accuracy, NaN stop, atomic checkpoints and exact resume."""
+import dataclasses
 import json
 import math
 
@@ -383,8 +384,8 @@ def test_augmented_batches_are_seeded_per_step_resume_identically_and_spare_vali
 
 
 def test_pure_distillation_never_reads_the_targets(digits):
-    """At distill=1 the loss is the teacher match alone: NaN targets (placeholders) leave training finite."""
-    import dataclasses
+    """At distill=1 the loss is the teacher match alone: invalid class ids as targets (placeholders) are never read
+    (cross-entropy would raise on them)."""
     torch.manual_seed(0)
     teacher = FC2(64, hidden=32)
     Trainer(teacher, TrainConfig(epochs=2, lr=1e-2, progress=False)).fit(digits)

@@ -55,15 +55,19 @@ def _int_at_least(name: str, minimum: int, maximum: int | None = None):
     return parse
 
 
-def _float_in(name: str, low: float, high: float | None, open_low: bool = True):
+def _float_in(name: str, low: float, high: float | None, open_low: bool = True, open_high: bool = True):
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name}={text!r} is not a number") from None
         too_low = value <= low if open_low else value < low
-        if too_low or (high is not None and value >= high) or not math.isfinite(value):
-            allowed = f"in the open interval ({low:g}, {high:g})" if high is not None else f"> {low:g}"
+        too_high = high is not None and (value >= high if open_high else value > high)
+        if too_low or too_high or not math.isfinite(value):
+            if high is None:
+                allowed = f"> {low:g}" if open_low else f">= {low:g}"
+            else:
+                allowed = f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
             raise argparse.ArgumentTypeError(f"{name}={text} is not allowed: expected a number {allowed}")
         return value
     return parse
@@ -144,7 +148,8 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="module-name glob patterns to keep dense, e.g. '*position_embeddings'")
     hfg.add_argument("--hidden-states", action="store_true",
                      help="heal on every token's hidden state too, not only the pooled sentence embedding")
-    hfg.add_argument("--min-lr-fraction", type=_float_in("--min-lr-fraction", 0.0, None, open_low=False), default=None, metavar="F",
+    fraction = _float_in("--min-lr-fraction", 0.0, 1.0, open_low=False, open_high=False)
+    hfg.add_argument("--min-lr-fraction", type=fraction, default=None, metavar="F",
                      help="healing rate down a cosine to --finetune-lr × F by the end of the time budget (default 0.1; "
                           "1: constant)")
     hfg.add_argument("--augment", action="store_true",
@@ -389,9 +394,9 @@ def _cmd_compress_hf(args: argparse.Namespace) -> int:
                             rank=None if args.rank is None else args.rank[0], rel_tol=args.rel_tol,
                             parts=tuple(args.parts), heal_minutes=args.heal_minutes, batch_size=args.batch_size,
                             allocation=args.allocation, hidden_states=args.hidden_states,
-                            augment=args.augment, head=args.hf_head,
+                            augment=args.augment, head=args.hf_head, temperature=args.temperature,
                             min_lr_fraction=(HFCompressJob.min_lr_fraction if args.min_lr_fraction is None
-                                             else args.min_lr_fraction), temperature=args.temperature, skip=tuple(args.keep_dense),
+                                             else args.min_lr_fraction), skip=tuple(args.keep_dense),
                             calibrate=HFCompressJob.calibrate if args.calibrate is None else args.calibrate,
                             probes=HFCompressJob.probes if args.probes is None else args.probes,
                             exact_rows=_exact_rows(args),

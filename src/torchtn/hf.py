@@ -487,8 +487,7 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str]
     yv = outputs(teacher, tokenizer, val_texts, batch_size=batch_size, max_length=max_length)
     data = Dataset("corpus", x, y, xv, yv, xv, yv, tuple(x.shape[1:]), 0)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=0.0, min_lr_fraction=min_lr_fraction,
-                      seed=seed,
-                      warmup_steps=warmup_steps, keep_best=keep_best,
+                      seed=seed, warmup_steps=warmup_steps, keep_best=keep_best,
                       progress=progress, desc="heal", eval_batch_size=batch_size, steps_per_epoch=steps_per_round,
                       max_seconds=None if minutes is None else 60.0 * minutes, bucket=bucket)
     common = {"checkpoint": checkpoint, "device": device, "sizes": _lengths,

@@ -110,8 +110,8 @@ class TrainConfig:
     progress: bool = True
     desc: str = "train"
     sweep: SweepConfig | None = None  # options of optimizer="sweep" (default SweepConfig()); its lr follows the schedule
-    max_seconds: float | None = None  # time budget: no epoch starts that would end past it (by the mean epoch so
-    # far); the schedule runs by time too (its progress: the larger of steps/total and seconds/max_seconds)
+    max_seconds: float | None = None  # time budget: no epoch starts that would end past it (by the mean epoch
+    # so far); the schedule runs by time too (its progress: the larger of steps/total and seconds/max_seconds)
     eval_batch_size: int = 1024  # rows per forward pass when validating
     steps_per_epoch: int | None = None  # cap: each epoch takes that many batches of its own seeded shuffle
     keep_best: bool = False  # end with the weights of the lowest validation loss seen, the starting weights included
