@@ -39,7 +39,7 @@ class TTLayer(nn.Module):
         override = self.__dict__.get("_core_override")
         if override is not None:
             return list(override)
-        return list(self.cores._parameters.values())
+        return list(self._modules["cores"]._parameters.values())  # not self.cores: nn.Module.__getattr__ costs ~1 µs
 
     @contextmanager
     def cores_override(self, cores: Sequence[torch.Tensor]) -> Iterator[None]:
