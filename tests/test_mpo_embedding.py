@@ -147,3 +147,18 @@ def test_a_file_whose_slots_do_not_place_every_id_once_is_refused(tmp_path):
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises((ValueError, torchtn.ModelFileError), match="place each of the 50 ids once"):
         torchtn.load_model(path, nn.Sequential(nn.Embedding(50, 8)))
+
+
+def test_torch_compile_full_graph_with_a_device_side_id_check():
+    """Under ``torch.compile`` the lookup is one graph (no read-back of the ids to check their range) in training and
+    in eval, equals the eager lookup, and an out-of-range id still raises (the asynchronous assert)."""
+    torch._dynamo.reset()
+    emb = MPOEmbedding.from_dense(nn.Embedding(300, 16), rank=4)
+    compiled = torch.compile(emb, backend="eager", fullgraph=True)  # fullgraph: any graph break is an error
+    ids = torch.randint(0, 300, (3, 5))
+    assert torch.allclose(compiled(ids), emb(ids), atol=1e-6)
+    emb.eval()
+    with torch.no_grad():
+        assert torch.allclose(compiled(ids), emb(ids), atol=1e-6)
+        with pytest.raises(RuntimeError, match=r"ids must be in \[0, 300\)"):
+            compiled(torch.tensor([[1, 300]]))

@@ -170,18 +170,16 @@ class MPOEmbedding(TTLayer):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"ids must be int64 or int32 token ids, got {ids.dtype}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
-            raise ValueError(f"ids must be in [0, {self.num_embeddings}); got values in [{int(ids.min())}, "
-                             f"{int(ids.max())}]")
+        self._check_ids(ids)
         cores = self.core_list()
         ids_in = ids
         if self.slot is not None:  # the MPO's rows, in its own order; exact rows are put in below
             slot = self.slot[ids.long()]
             ids = slot.clamp_min(0)
-        if not (torch.is_grad_enabled() and any(c.requires_grad for c in cores)):
+        if not (torch.is_grad_enabled() and any([c.requires_grad for c in cores])):
             # inference: one gather from the table rebuilt once and cached while the cores do not change
             out = F.embedding(ids.long(), self._cached_dense())
-        elif ids.numel() * _gathered_per_id(cores) > 4 * math.prod(c.shape[1] * c.shape[2] for c in cores):
+        elif ids.numel() * _gathered_per_id(cores) > 4 * math.prod([c.shape[1] * c.shape[2] for c in cores]):
             # many ids: the per-id path would gather more core slices than the table holds; rebuild it (differentiable)
             out = F.embedding(ids.long(), self.tt.to_dense())
         else:
@@ -191,6 +189,20 @@ class MPOEmbedding(TTLayer):
         if self.padding_idx is not None:
             out = torch.where((ids_in == self.padding_idx).unsqueeze(-1), self.padding_row.to(out.dtype), out)
         return out
+
+    def _check_ids(self, ids: torch.Tensor) -> None:
+        """Out-of-range ids raise (a factorized lookup would otherwise read another row). On the CPU a clear error
+        that names the range; on an accelerator or under ``torch.compile`` a device-side assert, as ``nn.Embedding``
+        does, so a forward never waits for the device (nor breaks the graph) to read the ids back."""
+        if not ids.numel():
+            return
+        if ids.device.type != "cpu" or torch.compiler.is_compiling():
+            torch._assert_async(((ids >= 0) & (ids < self.num_embeddings)).all(),
+                                f"MPOEmbedding: ids must be in [0, {self.num_embeddings})")
+            return
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= self.num_embeddings:
+            raise ValueError(f"ids must be in [0, {self.num_embeddings}); got values in [{low}, {high}]")
 
     def _with_exact(self, slot: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``rows`` ``(…, dim)`` looked up in the MPO, with the exact rows put in where ``slot`` ``(…)`` says."""
