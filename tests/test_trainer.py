@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -254,6 +255,19 @@ def test_a_time_budget_decays_the_rate_by_the_recorded_epochs_seconds(digits):
         last = (k + 1) * steps - 1
         assert record.lr == pytest.approx(trainer._lr(last, steps * 10**6, spent + pace * (steps - 1)), rel=1e-12)
     assert history[-1].lr < 0.5 * cfg.lr  # the budget, not the epoch cap, ran the cosine down
+
+
+def test_the_progress_bar_counts_steps_or_seconds_of_a_time_budget(digits, capsys):
+    """A run with epochs shows steps out of all of them; under a time budget (where the epoch count is only a cap and
+    a step bar would promise days) seconds out of the budget, never past it."""
+    steps = -(-len(digits.y_train) // 256)
+    Trainer(FC2(64, hidden=16), TrainConfig(epochs=2, batch_size=256, progress=True)).fit(digits)
+    err = capsys.readouterr().err
+    assert f"/{2 * steps} [" in err and "s of the time budget" not in err
+    Trainer(FC2(64, hidden=16), TrainConfig(epochs=10**6, batch_size=256, max_seconds=1.0, progress=True)).fit(digits)
+    err = capsys.readouterr().err
+    shown = [(int(n), int(t)) for n, t in re.findall(r"(\d+)/(\d+) s of the time budget", err)]
+    assert shown and all(t == 1 and n <= t for n, t in shown) and f"/{10**6 * steps}" not in err
 
 
 def test_distill_loss_matches_any_teacher_output():

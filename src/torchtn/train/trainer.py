@@ -217,6 +217,38 @@ def _record(h: dict) -> EpochRecord:
     return EpochRecord(**h, metrics=metrics)
 
 
+class _Progress:
+    """A run's one progress bar: steps out of the epochs' steps, or — under a time budget (``max_seconds``), where
+    the epoch count is only a cap and a step bar would show an ETA of days — seconds out of the budget."""
+
+    def __init__(self, total_steps: int, done_steps: int, budget: float | None, spent: float, *, desc: str | None,
+                 disable: bool) -> None:
+        self.budget = budget
+        common = dict(desc=desc, leave=False, disable=disable, dynamic_ncols=True, mininterval=0.5)
+        if budget is None:
+            self.bar = tqdm(total=total_steps, initial=done_steps, unit="step", **common)
+        else:
+            self.bar = tqdm(total=budget, initial=min(spent, budget), unit="s", **common,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of the time budget "
+                                       "[{elapsed}{postfix}]")
+        self._last = time.perf_counter()
+
+    def step(self) -> None:
+        """One optimizer step done (under a time budget: the seconds since the last step, validation included)."""
+        if self.budget is None:
+            self.bar.update(1)
+            return
+        now = time.perf_counter()
+        self.bar.update(min(now - self._last, max(0.0, self.budget - self.bar.n)))  # never past the budget
+        self._last = now
+
+    def set_postfix(self, **kwargs) -> None:
+        self.bar.set_postfix(**kwargs)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 class Trainer:
     """Train any model on a :class:`Dataset` (inputs as the dataset holds them, e.g. images ``(N, C, H, W)``).
 
@@ -423,7 +455,7 @@ class Trainer:
             raise ModelFileError(f"{self.checkpoint}: its training state is damaged ({type(err).__name__})") from None
 
     def _train_epoch(self, optimizer: torch.optim.Optimizer, data: Dataset, epoch: int, steps_per_epoch: int,
-                     total: int, bar: tqdm, spent: float = 0.0) -> tuple[float, float]:
+                     total: int, bar: "_Progress", spent: float = 0.0) -> tuple[float, float]:
         """One pass over the training split in a seeded order; returns (mean training loss, last learning rate)."""
         c = self.config
         device = next(self.model.parameters()).device
@@ -462,7 +494,7 @@ class Trainer:
                 optimizer = self.structure_changed()
             running += loss_value * len(idx) / self.world_size
             seen += len(idx) / self.world_size
-            bar.update(1)
+            bar.step()
         self.optimizer = optimizer
         if self.world_size > 1:
             totals = torch.tensor([running, seen], dtype=torch.float64)
@@ -538,9 +570,8 @@ class Trainer:
             self._consider_best(0, measure(self.model, data.x_val, data.y_val, self.loss_fn, self.metrics,
                                            c.eval_batch_size)["loss"])
         # one bar per run (not per epoch): readable in a terminal and not flooding a log file
-        bar = tqdm(total=total, initial=start * steps_per_epoch, desc=c.desc, leave=False,
-                   disable=not c.progress or self.rank != 0,
-                   dynamic_ncols=True, mininterval=0.5, unit="step")
+        bar = _Progress(total, start * steps_per_epoch, c.max_seconds, self._spent() if c.max_seconds else 0.0,
+                        desc=c.desc, disable=not c.progress or self.rank != 0)
         try:
             for epoch in range(start, c.epochs):
                 spent = self._spent() if c.max_seconds is not None else 0.0
@@ -552,8 +583,8 @@ class Trainer:
                 val = measure(self.model, data.x_val, data.y_val, self.loss_fn, self.metrics, c.eval_batch_size)
                 val_loss = val.pop("loss")
                 shown = {k: (f"{100 * v:.2f}%" if k == "accuracy" else f"{v:.4g}") for k, v in val.items()}
-                bar.set_postfix(epoch=f"{epoch + 1}/{c.epochs}", loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4g}",
-                                **shown, refresh=False)
+                bar.set_postfix(epoch=f"{epoch + 1}" if c.max_seconds else f"{epoch + 1}/{c.epochs}",  # a cap: not shown
+                                loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4g}", **shown, refresh=False)
                 record = EpochRecord(epoch + 1, train_loss, val_loss, lr, time.perf_counter() - t0, val)
                 self.history.append(record)
                 if c.keep_best:
