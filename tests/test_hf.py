@@ -431,3 +431,67 @@ def test_healing_on_augmented_passages_runs_the_teacher_on_them(tiny, monkeypatc
     full = hf._encode(tokenizer, texts, 64)[:, 1].sum(1)
     # the teacher saw changed passages: fewer tokens than the corpus's batches hold
     assert sum(int(b[:, 1].sum()) for b in training) < 0.9 * 6 * int(full.sum())
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    """A tiny GPT2Model (its linear maps are transformers' Conv1D, weights (in, out)) with a word-level tokenizer
+    that has no padding token, as GPT-2's has none."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    vocab = ["<unk>", "<|endoftext|>", *WORDS] + [f"w{i}" for i in range(200)]
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>",
+                                                     eos_token="<|endoftext|>")
+    config = transformers.GPT2Config(vocab_size=len(vocab), n_embd=48, n_layer=2, n_head=4, n_positions=64,
+                                     bos_token_id=1, eos_token_id=1)
+    torch.manual_seed(0)
+    transformers.GPT2Model(config).eval().save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def test_a_gpt2_with_conv1d_maps_compresses_heals_saves_and_exports(tiny_gpt2, tmp_path, capsys):
+    """GPT-2's Conv1D maps (y = x W + b, W (in, out)) are compressed like nn.Linear ones — calibrated, healed, saved
+    and loaded with identical outputs — and the dense export writes Conv1D weights the right way round (the square
+    c_proj maps would load transposed without an error otherwise)."""
+    conv1d = transformers.pytorch_utils.Conv1D
+    original = transformers.GPT2Model.from_pretrained(str(tiny_gpt2)).eval()
+    teacher, tokenizer = hf.load_pretrained(tiny_gpt2)
+    assert tokenizer.pad_token == "<|endoftext|>"  # padding needs one; it sits past the attention mask
+    assert not any(isinstance(m, conv1d) for m in teacher.modules())
+    batch = tokenizer(sentences(6, seed=5), padding=True, return_tensors="pt")
+    with torch.no_grad():  # linearize keeps the map
+        torch.testing.assert_close(teacher(**batch).last_hidden_state, original(**batch).last_hidden_state)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(sentences(300, seed=3)) + "\n")
+    out = tmp_path / "run"
+    assert main(["compress", "--hf-model", str(tiny_gpt2), "--corpus", str(corpus), "--ratio", "2", "--heal-minutes",
+                 "0.05", "--out", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["ratio"] >= 2 and results["heal_history"]
+    names = {r["name"] for r in results["layers"]}
+    assert {"h.0.attn.c_attn", "h.0.mlp.c_fc"} <= names  # Conv1D maps, calibrated and converted
+    assert all(r["output_error"] is not None for r in results["layers"])
+    student = hf.load(out / "model")
+    assert type(student) is transformers.GPT2Model and any(isinstance(m, MPOLinear) for m in student.modules())
+    with torch.no_grad():
+        expected = student(**batch).last_hidden_state
+    hf.export_dense(student, tmp_path / "dense", tokenizer)
+    plain = transformers.GPT2Model.from_pretrained(str(tmp_path / "dense"), local_files_only=True).eval()
+    assert isinstance(plain.h[0].attn.c_proj, conv1d) and isinstance(plain.h[1].mlp.c_fc, conv1d)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).last_hidden_state, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_language_models_tied_embedding_stays_dense():
+    """An input table that the output head shares stays dense (an MPO table would leave the head holding it all)."""
+    config = transformers.GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=2, n_positions=32)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    compressed, report = hf.compress(model, ratio=1.2, parts=("attention", "mlp", "embeddings"))
+    assert isinstance(compressed.transformer.wte, torch.nn.Embedding)
+    assert compressed.lm_head.weight is compressed.transformer.wte.weight
+    assert "transformer.wte" in report.skipped and report.compression_ratio >= 1.2

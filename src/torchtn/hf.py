@@ -3,6 +3,8 @@
 Optional extra (``pip install torchtn[hf]``); nothing else in torchtn imports ``transformers``. The pieces:
 
 * :func:`load_pretrained` — a local model folder (``config.json`` + weights + tokenizer) with no network access;
+  GPT-2-style ``Conv1D`` maps become the equivalent ``nn.Linear`` (:func:`linearize`), a tokenizer without a padding
+  token pads with its end-of-text token;
 * :func:`compress` — ``tensorize`` restricted to the chosen parts (attention projections, MLP, embeddings; a name
   filter), by rank, ``rel_tol`` or a whole-model ``ratio`` whose budget is shared by the spectra; with
   :func:`calibrate`'s statistics of the user's text, every layer is truncated in the norm of its output error on that
@@ -41,7 +43,7 @@ from .io import load_model, read_metadata, save_model
 from .layers.registry import layer_types
 from .train import TrainConfig, Trainer, distillation_loss
 
-__all__ = ["load_pretrained", "compress", "calibrate", "heal", "embed", "quality", "throughput", "save", "load", "export_dense",
+__all__ = ["load_pretrained", "linearize", "compress", "calibrate", "heal", "embed", "quality", "throughput", "save", "load", "export_dense",
            "read_corpus", "PARTS", "part_of", "HeadLogits", "logits", "head_quality", "PassageAugment"]
 
 PARTS = ("attention", "mlp", "embeddings")
@@ -55,6 +57,60 @@ def _transformers():
     except ImportError:
         raise ImportError("torchtn.hf needs the transformers package: pip install 'torchtn[hf]'") from None
     return transformers
+
+
+def _conv1d_type() -> type[nn.Module] | None:
+    """``transformers``' ``Conv1D`` (the linear maps of GPT-2 and its kin), or ``None`` where it has none."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def linearize(model: nn.Module) -> nn.Module:
+    """``model`` with every ``transformers`` ``Conv1D`` — GPT-2's linear maps, ``y = x W + b`` with ``W (in, out)``
+    — replaced, in place, by the ``nn.Linear`` computing the same map (``W`` transposed), so calibration,
+    :func:`compress` and the reports see one kind of linear map. :func:`load_pretrained`, :func:`calibrate`,
+    :func:`compress` and :func:`load` call it; :func:`export_dense` writes ``Conv1D`` weights back where the model's
+    class has them. Returns ``model``."""
+    conv1d = _conv1d_type()
+    if conv1d is None:
+        return model
+    for name, module in list(model.named_modules()):
+        if isinstance(module, conv1d):
+            w, b = module.weight, module.bias
+            linear = nn.Linear(w.shape[0], w.shape[1], bias=b is not None, device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(w.T)
+                if b is not None:
+                    linear.bias.copy_(b)
+            linear.requires_grad_(w.requires_grad)
+            replace_submodule(model, name, linear)
+    return model
+
+
+def _conv1d_back(dense: nn.Module) -> None:
+    """Undo :func:`linearize` on a dense copy of a ``transformers`` model, in place: wherever its class builds a
+    ``Conv1D`` (read off an empty skeleton on the meta device), the ``nn.Linear`` there becomes that ``Conv1D``
+    again, so plain ``transformers`` loads the weights the right way round (a square matrix would otherwise load
+    transposed without an error)."""
+    conv1d = _conv1d_type()
+    if conv1d is None:
+        return
+    with torch.device("meta"):
+        skeleton = type(dense)(dense.config)
+    for name, module in skeleton.named_modules():
+        linear = dense.get_submodule(name) if isinstance(module, conv1d) else None
+        if isinstance(linear, nn.Linear):
+            back = conv1d(linear.out_features, linear.in_features).to(linear.weight.device, linear.weight.dtype)
+            with torch.no_grad():
+                back.weight.copy_(linear.weight.T)
+                if linear.bias is not None:
+                    back.bias.copy_(linear.bias)
+                else:
+                    back.bias.zero_()
+            replace_submodule(dense, name, back)
 
 
 def load_pretrained(path: str | os.PathLike, *, head: bool = False) -> tuple[nn.Module, object]:
@@ -87,7 +143,9 @@ def load_pretrained(path: str | os.PathLike, *, head: bool = False) -> tuple[nn.
             os.environ.pop("HF_HUB_OFFLINE", None)
         else:
             os.environ["HF_HUB_OFFLINE"] = old
-    return model.eval(), tokenizer
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2's tokenizers have none; padding sits past the mask anyway
+    return linearize(model).eval(), tokenizer
 
 
 def part_of(name: str, module: nn.Module) -> str:
@@ -109,7 +167,9 @@ def compress(model: nn.Module, *, ratio: float | None = None, rank: int | None =
              parts: Sequence[str] = PARTS, skip: Sequence[str] = (), allocation: str | None = None,
              calibration: dict[str, LayerStats] | None = None,
              exact_rows: int | float | None = None) -> tuple[nn.Module, TensorizeReport]:
-    """A copy of ``model`` whose chosen ``parts`` are MPO layers (TT-SVD of the pretrained weights).
+    """A copy of ``model`` whose chosen ``parts`` are MPO layers (TT-SVD of the pretrained weights). ``model``'s
+    GPT-2-style ``Conv1D`` maps are first made ``nn.Linear`` in place (:func:`linearize`: the same map); an embedding
+    table a head shares (tied input and output embeddings) stays dense.
 
     ``parts`` ⊆ ``("attention", "mlp", "embeddings")`` (see :func:`part_of`; heads always stay dense); ``skip``: more
     module-name glob patterns to keep dense. ``ratio`` is a whole-model compression (all parameters counted) shared
@@ -130,11 +190,24 @@ def compress(model: nn.Module, *, ratio: float | None = None, rank: int | None =
         raise ValueError(f"parts={parts!r} is not allowed: choose from {PARTS}")
     import fnmatch
 
+    linearize(model)
+    tied = _tied_tables(model)
+
     def keep_dense(name: str, module: nn.Module) -> bool:
-        return part_of(name, module) not in parts or any(fnmatch.fnmatchcase(name, p) for p in skip)
+        return (part_of(name, module) not in parts or any(fnmatch.fnmatchcase(name, p) for p in skip)
+                or name in tied)
 
     return tensorize(model, rank=rank, rel_tol=rel_tol, ratio=ratio, skip=keep_dense, allocation=allocation,
                      calibration=calibration, exact_rows=exact_rows)
+
+
+def _tied_tables(model: nn.Module) -> set[str]:
+    """Names of the embedding tables whose weight a head shares (a language model's tied input and output
+    embeddings): they stay dense — an MPO table would leave the head holding the whole table."""
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    shared = getattr(out_emb, "weight", None)
+    return {n for n, m in model.named_modules() if isinstance(m, nn.Embedding) and shared is not None
+            and m.weight is shared}
 
 
 def calibrate(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 32, max_length: int = 128,
@@ -150,6 +223,7 @@ def calibrate(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: 
     that reaches the model's output and one budget compares all layers in absolute terms."""
     if len(texts) == 0:
         raise ValueError("calibrate needs at least one text")
+    linearize(model)  # GPT-2's Conv1D maps are calibrated as the nn.Linear maps compress makes of them
     ordered = sorted(texts, key=len)  # batches of similar lengths: few padding positions in the statistics
     device = next(model.parameters()).device
     batches = []
@@ -555,7 +629,9 @@ def load(directory: str | os.PathLike) -> nn.Module:
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ValueError(f"{path}: unknown transformers class {meta.get('hf_class')!r}")
     config = tf.AutoConfig.from_pretrained(str(directory), local_files_only=True)
-    model = cls(config)  # a dense skeleton; load_model puts the recorded torchtn layers in place, then every weight
+    # a dense skeleton (Conv1D maps as the nn.Linear maps compress saved); load_model puts the recorded torchtn layers
+    # in place, then every weight
+    model = linearize(cls(config))
     load_model(path, model, strict=True)
     return model.eval()
 
@@ -570,6 +646,7 @@ def export_dense(model: nn.Module, directory: str | os.PathLike, tokenizer=None)
     for name, module in list(dense.named_modules()):
         if name and isinstance(module, registered):
             replace_submodule(dense, name, module.to_dense_module())
+    _conv1d_back(dense)
     directory = Path(directory)
     dense.save_pretrained(str(directory), safe_serialization=True)
     if tokenizer is not None:
