@@ -433,18 +433,22 @@ def test_healing_on_augmented_passages_runs_the_teacher_on_them(tiny, monkeypatc
     assert sum(int(b[:, 1].sum()) for b in training) < 0.9 * 6 * int(full.sum())
 
 
+def word_tokenizer(vocab, **special):
+    """A fast word-level tokenizer over ``vocab`` (its first entry the unknown token)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token=vocab[0]))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token=vocab[0], **special)
+
+
 @pytest.fixture(scope="module")
 def tiny_gpt2(tmp_path_factory):
     """A tiny GPT2Model (its linear maps are transformers' Conv1D, weights (in, out)) with a word-level tokenizer
     that has no padding token, as GPT-2's has none."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     folder = tmp_path_factory.mktemp("tiny-gpt2")
     vocab = ["<unk>", "<|endoftext|>", *WORDS] + [f"w{i}" for i in range(200)]
-    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
-    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>",
-                                                     eos_token="<|endoftext|>")
+    tokenizer = word_tokenizer(vocab, eos_token="<|endoftext|>")
     config = transformers.GPT2Config(vocab_size=len(vocab), n_embd=48, n_layer=2, n_head=4, n_positions=64,
                                      bos_token_id=1, eos_token_id=1)
     torch.manual_seed(0)
@@ -495,3 +499,17 @@ def test_a_language_models_tied_embedding_stays_dense():
     assert isinstance(compressed.transformer.wte, torch.nn.Embedding)
     assert compressed.lm_head.weight is compressed.transformer.wte.weight
     assert "transformer.wte" in report.skipped and report.compression_ratio >= 1.2
+
+
+def test_an_encoder_decoder_model_is_refused_with_what_to_do(tmp_path, capsys):
+    vocab = ["<unk>", "<pad>", "</s>", *WORDS]
+    config = transformers.T5Config(vocab_size=len(vocab), d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8,
+                                   decoder_start_token_id=1)
+    transformers.T5Model(config).save_pretrained(str(tmp_path / "t5"))
+    word_tokenizer(vocab, eos_token="</s>", pad_token="<pad>").save_pretrained(str(tmp_path / "t5"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(sentences(40)) + "\n")
+    assert main(["compress", "--hf-model", str(tmp_path / "t5"), "--corpus", str(corpus), "--ratio", "1.5",
+                 "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "is an encoder-decoder model (T5Model)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

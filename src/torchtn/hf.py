@@ -143,6 +143,10 @@ def load_pretrained(path: str | os.PathLike, *, head: bool = False) -> tuple[nn.
             os.environ.pop("HF_HUB_OFFLINE", None)
         else:
             os.environ["HF_HUB_OFFLINE"] = old
+    if getattr(model.config, "is_encoder_decoder", False) and not head:
+        raise ValueError(f"--hf-model {path} is an encoder-decoder model ({type(model).__name__}): healing distils "
+                         f"the sentence embeddings of encoders and decoder-only models; save its encoder alone (e.g. "
+                         f"T5EncoderModel.from_pretrained(PATH).save_pretrained(DIR)) and compress that")
     if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2's tokenizers have none; padding sits past the mask anyway
     return linearize(model).eval(), tokenizer
