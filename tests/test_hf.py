@@ -513,3 +513,20 @@ def test_an_encoder_decoder_model_is_refused_with_what_to_do(tmp_path, capsys):
                  "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     assert "is an encoder-decoder model (T5Model)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_gpt2_sequence_head_reads_each_passages_last_token_when_padded(tmp_path):
+    """GPT-2's tokenizer has no padding token and its sequence head needs one to find each passage's last token: the
+    loader pads with the end-of-text token and tells the config, so a padded batch gives each passage's own logits."""
+    vocab = ["<unk>", "<|endoftext|>", *WORDS]
+    config = transformers.GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=1, n_head=2, n_positions=64,
+                                     num_labels=3, architectures=["GPT2ForSequenceClassification"])
+    torch.manual_seed(0)
+    transformers.GPT2ForSequenceClassification(config).save_pretrained(str(tmp_path))
+    word_tokenizer(vocab, eos_token="<|endoftext|>").save_pretrained(str(tmp_path))
+    model, tokenizer = hf.load_pretrained(tmp_path, head=True)
+    assert model.config.pad_token_id == tokenizer.pad_token_id == 1
+    texts = sentences(5, seed=4)
+    batched = hf.logits(model, tokenizer, texts)
+    alone = torch.cat([hf.logits(model, tokenizer, [t]) for t in texts])
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)

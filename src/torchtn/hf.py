@@ -149,6 +149,8 @@ def load_pretrained(path: str | os.PathLike, *, head: bool = False) -> tuple[nn.
                          f"T5EncoderModel.from_pretrained(PATH).save_pretrained(DIR)) and compress that")
     if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2's tokenizers have none; padding sits past the mask anyway
+        if getattr(model.config, "pad_token_id", None) is None:  # a sequence head finds each passage's last token
+            model.config.pad_token_id = tokenizer.pad_token_id
     return linearize(model).eval(), tokenizer
 
 
