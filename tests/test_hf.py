@@ -69,6 +69,14 @@ def test_parts_of_a_bert():
     assert parts["encoder.layer.0.intermediate.dense"] == "mlp"
     assert parts["encoder.layer.0.output.dense"] == "mlp"
     assert parts["pooler.dense"] == "head"
+    albert = transformers.AlbertModel(transformers.AlbertConfig(vocab_size=100, embedding_size=8, hidden_size=16,
+                                                                num_hidden_layers=1, num_attention_heads=2,
+                                                                intermediate_size=32))
+    parts = {name: hf.part_of(name, m) for name, m in albert.named_modules() if isinstance(m, torch.nn.Linear)}
+    block = "encoder.albert_layer_groups.0.albert_layers.0"  # blocks named albert_layers.N, not layer.N
+    assert parts[f"{block}.attention.query"] == parts[f"{block}.attention.dense"] == "attention"
+    assert parts[f"{block}.ffn"] == parts[f"{block}.ffn_output"] == "mlp"
+    assert parts["encoder.embedding_hidden_mapping_in"] == parts["pooler"] == "head"
 
 
 def test_compress_save_load_gives_identical_outputs_and_the_dense_export_loads_in_plain_transformers(tiny, tmp_path):

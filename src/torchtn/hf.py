@@ -49,6 +49,7 @@ __all__ = ["load_pretrained", "linearize", "compress", "calibrate", "heal", "emb
 PARTS = ("attention", "mlp", "embeddings")
 _ATTENTION_WORDS = ("attention", "attn", "query", "key", "value", "q_proj", "k_proj", "v_proj", "o_proj")
 _BLOCK_WORDS = ("layer", "layers", "block", "blocks", "h")
+_BLOCK_SUFFIXES = ("_layer", "_layers", "_block", "_blocks")  # e.g. ALBERT's albert_layers.0
 
 
 def _transformers():
@@ -161,7 +162,8 @@ def part_of(name: str, module: nn.Module) -> str:
     if isinstance(module, nn.Embedding):
         return "embeddings"
     words = name.lower().split(".")
-    in_block = any(w in _BLOCK_WORDS and i + 1 < len(words) and words[i + 1].isdigit() for i, w in enumerate(words))
+    in_block = any((w in _BLOCK_WORDS or w.endswith(_BLOCK_SUFFIXES)) and i + 1 < len(words) and words[i + 1].isdigit()
+                   for i, w in enumerate(words))
     if not in_block:
         return "head"
     if any(any(a in w for a in _ATTENTION_WORDS) for w in words):
