@@ -101,6 +101,15 @@ def test_inspect_reports_bonds_and_refuses_overwrite(tmp_path, capsys):
         assert error == pytest.approx(s[-1] / np.linalg.norm(s), rel=1e-3)
     assert main(["inspect", str(path), "--plot", str(plot)]) == 2  # never overwrites
     assert main(["inspect", str(tmp_path / "missing.safetensors")]) == 2
+    capsys.readouterr()
+    # a directory holding the model file (train's --out, compress --hf-model's model/): the same report
+    run = tmp_path / "run"
+    save_model(model, run / "model.safetensors")
+    assert main(["inspect", str(run)]) == 0
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("fc1 ")] == \
+        [line for line in printed.splitlines() if line.startswith("fc1 ")]
+    assert main(["inspect", str(tmp_path)]) == 2  # no torchtn.safetensors / model.safetensors: the files it has
+    assert "name one of its files: m.safetensors" in capsys.readouterr().err
 
 
 def test_interrupted_job_resumes_to_identical_models(tmp_path, capsys, monkeypatch):

@@ -220,7 +220,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        description="Print, for every tensor-network layer in a torchtn .safetensors file (any "
                                    "registered type), each bond's rank, entanglement entropy and the relative error "
                                    "the next smaller rank would cause.")
-    i.add_argument("file", type=Path, help="a .safetensors file written by torchtn")
+    i.add_argument("file", type=Path, help="a .safetensors file written by torchtn, or a directory holding one "
+                                           "(compress --hf-model's model/, train's --out)")
     i.add_argument("--plot", type=Path, default=None, help="also write a PNG of entropy per bond (refuses to "
                                                             "overwrite an existing file)")
     return parser
@@ -237,6 +238,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         parent = args.plot.parent if str(args.plot.parent) else Path(".")
         if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
             return _fail(f"--plot {args.plot} cannot be written: {parent} is not a writable directory")
+    if args.file.is_dir():
+        found = [args.file / n for n in ("torchtn.safetensors", "model.safetensors") if (args.file / n).is_file()]
+        if not found:
+            others = sorted(p.name for p in args.file.glob("*.safetensors"))
+            return _fail(f"{args.file} is a directory with no torchtn.safetensors or model.safetensors"
+                         + (f"; name one of its files: {', '.join(others[:8])}" if others else ""))
+        args.file = found[0]
     try:
         meta = read_metadata(args.file)
         layers = load_layers(args.file)  # every layer checked against the file before any number is computed
