@@ -99,8 +99,12 @@ def _conv1d_back(dense: nn.Module) -> None:
     conv1d = _conv1d_type()
     if conv1d is None:
         return
-    with torch.device("meta"):
-        skeleton = type(dense)(dense.config)
+    try:
+        with torch.device("meta"):
+            skeleton = type(dense)(dense.config)
+    except Exception as err:  # without the skeleton a square Conv1D weight could be written transposed: refuse
+        raise ValueError(f"export_dense: {type(dense).__name__} could not be rebuilt from its config to find its "
+                         f"Conv1D maps ({type(err).__name__}: {str(err)[:200]})") from None
     for name, module in skeleton.named_modules():
         linear = dense.get_submodule(name) if isinstance(module, conv1d) else None
         if isinstance(linear, nn.Linear):
