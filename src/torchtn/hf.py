@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -80,15 +81,22 @@ def linearize(model: nn.Module) -> nn.Module:
         return model
     for name, module in list(model.named_modules()):
         if isinstance(module, conv1d):
-            w, b = module.weight, module.bias
-            linear = nn.Linear(w.shape[0], w.shape[1], bias=b is not None, device=w.device, dtype=w.dtype)
-            with torch.no_grad():
-                linear.weight.copy_(w.T)
-                if b is not None:
-                    linear.bias.copy_(b)
-            linear.requires_grad_(w.requires_grad)
-            replace_submodule(model, name, linear)
+            w = module.weight
+            linear = nn.Linear(w.shape[0], w.shape[1], bias=module.bias is not None, device=w.device, dtype=w.dtype)
+            replace_submodule(model, name, _transposed_into(linear, module).requires_grad_(w.requires_grad))
     return model
+
+
+def _transposed_into(target: nn.Module, source: nn.Module) -> nn.Module:
+    """``target`` holding ``source``'s weight transposed and its bias (zero where ``source`` has none): the one copy
+    between an ``nn.Linear`` (``W (out, in)``) and a ``Conv1D`` (``W (in, out)``), both ways."""
+    with torch.no_grad():
+        target.weight.copy_(source.weight.T)
+        if source.bias is not None:
+            target.bias.copy_(source.bias)
+        elif target.bias is not None:
+            target.bias.zero_()
+    return target
 
 
 def _conv1d_back(dense: nn.Module) -> None:
@@ -97,7 +105,9 @@ def _conv1d_back(dense: nn.Module) -> None:
     again, so plain ``transformers`` loads the weights the right way round (a square matrix would otherwise load
     transposed without an error)."""
     conv1d = _conv1d_type()
-    if conv1d is None:
+    # only classes built from modules that use Conv1D (GPT-2's blocks import it; BERT's do not) need the skeleton
+    if conv1d is None or not any(getattr(sys.modules.get(type(m).__module__), "Conv1D", None) is conv1d
+                                 for m in dense.modules()):
         return
     try:
         with torch.device("meta"):
@@ -109,13 +119,7 @@ def _conv1d_back(dense: nn.Module) -> None:
         linear = dense.get_submodule(name) if isinstance(module, conv1d) else None
         if isinstance(linear, nn.Linear):
             back = conv1d(linear.out_features, linear.in_features).to(linear.weight.device, linear.weight.dtype)
-            with torch.no_grad():
-                back.weight.copy_(linear.weight.T)
-                if linear.bias is not None:
-                    back.bias.copy_(linear.bias)
-                else:
-                    back.bias.zero_()
-            replace_submodule(dense, name, back)
+            replace_submodule(dense, name, _transposed_into(back, linear))
 
 
 def load_pretrained(path: str | os.PathLike, *, head: bool = False) -> tuple[nn.Module, object]:

@@ -439,8 +439,8 @@ class MergedCache:
         self.entry: tuple[tuple, list[torch.Tensor]] | None = None  # (key, merged matrices)
         self.plans: dict[tuple, ContractionPlan] = {}
         # the last gradient-free call, so that a repeated inference call skips the planner and the cache lookups
-        # (~10 µs of Python, as much as a small layer's GEMM): (input shape, dtype, (strategy, cost model, autotune,
-        # global autotune), plan, matrices, device, [(storage, _version) per core]), checked cheapest field first
+        # (~10 µs of Python, as much as a small layer's GEMM): (input shape, dtype, device, (strategy, cost model,
+        # autotune, global autotune), [(storage, _version) per core], plan, matrices), checked field by field
         self.last: tuple | None = None
 
     @property
@@ -475,13 +475,13 @@ def tt_linear_apply(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.
     fast = cache is not None and inference
     if fast:  # inference: a call like the last one reuses its plan and matrices outright
         last = cache.last
-        if (last is not None and last[0] == x.shape and last[1] == x.dtype and last[5] == x.device
-                and last[2] == (contraction, cost_model, autotune, autotune_enabled())):
-            for c, (ptr, version) in zip(cores, last[6]):
+        if (last is not None and last[0] == x.shape and last[1] == x.dtype and last[2] == x.device
+                and last[3] == (contraction, cost_model, autotune, autotune_enabled())):
+            for c, (ptr, version) in zip(cores, last[4]):
                 if c._version != version or c.data_ptr() != ptr:
                     break
             else:
-                return _run(x, last[4], last[3], bias, scratch=True)
+                return _run(x, last[6], last[5], bias, scratch=True)
     in_features = 1
     for c in cores:
         in_features *= c.shape[2]
@@ -509,8 +509,8 @@ def tt_linear_apply(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.
                         contraction=contraction, cache_merged=False, cost_model=cost_model, autotune=autotune)
         mats = prepare_groups(cores, plan)
     if fast and plan.cache_merged:
-        cache.last = (x.shape, x.dtype, (contraction, cost_model, autotune, autotune_enabled()),
-                      plan, mats, x.device, [(c.data_ptr(), c._version) for c in cores])
+        cache.last = (x.shape, x.dtype, x.device, (contraction, cost_model, autotune, autotune_enabled()),
+                      [(c.data_ptr(), c._version) for c in cores], plan, mats)
     return _run(x, mats, plan, bias, scratch=inference)
 
 
