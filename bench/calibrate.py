@@ -1,7 +1,8 @@
-"""Fit the CPU cost model to this machine: time every candidate plan of the benchmark grid, then search constants.
+"""Fit a device's cost model to this machine: time every candidate plan of the benchmark grid, then search constants.
 
     python bench/calibrate.py --out runs/calibration.json          # measure (a few minutes), then fit
     python bench/calibrate.py --fit runs/calibration.json          # fit again from saved measurements
+    python bench/calibrate.py --device cuda --out runs/calibration-cuda.json   # the CUDA model, on a GPU
 
 For each cell (shape, rank, batch; inference and training) every candidate contraction plan of the ``"auto"`` strategy
 whose cost-model estimate is within ``--within`` of the best estimate is timed side by side, in randomly ordered
@@ -27,14 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from worker import rounds  # noqa: E402
 
 from torchtn.core.contraction import CostModel, TTLinearProblem  # noqa: E402
-from torchtn.core.contraction.cost import DEFAULT_COST_MODEL  # noqa: E402
+from torchtn.core.contraction.cost import get_cost_model  # noqa: E402
 from torchtn.core.contraction.tt_linear_plans import _auto, plan_call, random_operands  # noqa: E402
 from torchtn.core.tt import bond_caps  # noqa: E402
 
 SHAPES = {"784x256": ((4, 7, 7, 4), (4, 4, 4, 4)), "1024x1024": ((4, 4, 8, 8), (4, 4, 8, 8)),
           "4096x4096": ((8, 8, 8, 8), (8, 8, 8, 8))}  # as in bench/run.py
 RANKS, BATCHES = (4, 8, 16, 32), (1, 64, 256)
-FIELDS = ("peak_flops", "bandwidth", "call_overhead", "fat", "batched", "gemm_exp", "cols_exp", "side_exp")
+FIELDS = ("peak_flops", "bandwidth", "call_overhead", "fat", "batched", "gemm_exp", "cols_exp", "side_exp",
+          "step_overhead")
 
 
 def _ranks(in_shape, out_shape, r):
@@ -46,20 +48,21 @@ def _key(plan) -> str:
 
 
 def measure_cell(p: TTLinearProblem, within: float, reps: int) -> dict[str, float]:
-    """``{plan key: median ms}`` for the candidates of ``p`` within ``within``× of the best estimate."""
-    plans = sorted(_auto(p, DEFAULT_COST_MODEL), key=lambda c: c.seconds)
+    """``{plan key: median ms}`` for the candidates of ``p`` within ``within``× of the best estimate (priced by the
+    cost model in use for ``p``'s device)."""
+    plans = sorted(_auto(p, get_cost_model(p.device)), key=lambda c: c.seconds)
     plans = [c for c in plans if c.seconds <= within * plans[0].seconds or c.is_dense]
     cores, x = random_operands(p)
     return rounds({_key(plan): plan_call(p, plan, cores, x) for plan in plans}, reps, warmup=2)
 
 
-def problems():
+def problems(device: str = "cpu"):
     for name, (in_shape, out_shape) in SHAPES.items():
         for r in RANKS:
             for b in BATCHES:
                 for training in (False, True):
                     yield name, TTLinearProblem(in_shape, out_shape, _ranks(in_shape, out_shape, r), b,
-                                                training=training, input_grad=False, cache_merged=not training)
+                                                training=training, input_grad=False, cache_merged=not training, device=device)
 
 
 def loss(model: CostModel, cells: list[dict]) -> tuple[float, list[float]]:
@@ -82,6 +85,8 @@ def _sample(rng: random.Random, start: CostModel) -> CostModel:
     for field in FIELDS:
         if field in ("batched", "gemm_exp", "cols_exp", "side_exp"):
             values[field] = rng.uniform(0.05, 1.0)
+        elif field == "step_overhead":
+            values[field] = max(start.call_overhead, start.step_overhead) * 4 ** rng.uniform(-2, 1)
         elif field == "fat":
             values[field] = rng.choice([16, 32, 48, 64, 96, 128])
         else:
@@ -89,7 +94,7 @@ def _sample(rng: random.Random, start: CostModel) -> CostModel:
     return dataclasses.replace(start, **values)
 
 
-def fit(cells: list[dict], start: CostModel = DEFAULT_COST_MODEL, rounds_: int = 3, samples: int = 800,
+def fit(cells: list[dict], start: CostModel, rounds_: int = 3, samples: int = 800,
         seed: int = 0) -> CostModel:
     """Random search around ``start`` (``samples`` models), then a coordinate search from the best one (each constant
     scaled by factors of 2^±k/2), keeping any strict improvement."""
@@ -121,13 +126,15 @@ def main(argv=None) -> None:
     ap.add_argument("--fit", type=Path, help="fit from saved measurements instead of measuring")
     ap.add_argument("--within", type=float, default=8.0)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--device", default="cpu", help="the device to measure on and whose cost model to fit (cpu, cuda)")
     args = ap.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
     if args.fit:
-        cells = json.loads(args.fit.read_text())["cells"]
+        saved = json.loads(args.fit.read_text())
+        cells, device = saved["cells"], saved.get("device", "cpu")
     else:
-        cells = []
-        for name, p in problems():
+        cells, device = [], args.device
+        for name, p in problems(device):
             ms = measure_cell(p, args.within, args.reps)
             cells.append({"name": name, "problem": {k: v for k, v in dataclasses.asdict(p).items()
                                                      if k not in ("dtype",)}, "ms": ms})
@@ -135,13 +142,18 @@ def main(argv=None) -> None:
                   f"{len(ms)} candidates, best {min(ms.values()):.3f} ms", flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             tmp = args.out.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"torch": torch.__version__, "cells": cells}, indent=1))
+            tmp.write_text(json.dumps({"torch": torch.__version__, "device": device, "cells": cells}, indent=1))
             tmp.replace(args.out)
-    before, r0 = loss(DEFAULT_COST_MODEL, cells)
-    fitted = fit(cells)
+    start = get_cost_model(device)
+    before, r0 = loss(start, cells)
+    fitted = fit(cells, start)
     after, r1 = loss(fitted, cells)
     print(f"\ngeo-mean pick/best: default {before:.3f} -> fitted {after:.3f}")
     print("fitted:", {f: getattr(fitted, f) for f in FIELDS})
+    if not args.fit:  # the whole fitted model, for bench/run.py --cost-model
+        fitted_path = args.out.with_name(args.out.stem + "-fitted.json")
+        fitted_path.write_text(json.dumps(dataclasses.asdict(fitted), indent=1))
+        print(f"wrote {fitted_path}")
     for cell, a, b in zip(cells, r0, r1):
         if max(a, b) > 1.1:
             p = cell["problem"]

@@ -171,6 +171,10 @@ def optimal_flops(case: dict) -> float:
 def main() -> None:
     case = json.loads(sys.argv[1])
     device = case.get("device", "cpu")
+    if case.get("cost_model"):  # a fitted model for this device type (bench/calibrate.py)
+        from torchtn.core.contraction import CostModel, set_cost_model
+
+        set_cost_model(CostModel(**case["cost_model"]), torch.device(device).type)
     torch.manual_seed(0)
     x = torch.randn(case["batch"], math.prod(case["in_shape"]), device=device)
     layers = {impl: build(impl, case) for impl in case["impls"]}

@@ -205,3 +205,89 @@ def test_sweep_training_on_cuda_equals_cpu_in_float64():
         assert b.device.type == "cuda"
         if not name.startswith("tn.cores"):
             assert torch.allclose(a, b.cpu(), atol=1e-8), name
+
+
+@cuda
+@pytest.mark.parametrize("training", [False, True])
+def test_adtn_linear_on_cuda_equals_cpu_in_float64(training):
+    from torchtn import ADTNLinear
+
+    torch.manual_seed(0)
+    cpu = ADTNLinear(48, 20, depth=3, dtype=torch.float64).train(training)
+    gpu = ADTNLinear(48, 20, depth=3, dtype=torch.float64)
+    gpu.load_state_dict(cpu.state_dict())
+    gpu = gpu.cuda().train(training)
+    x = torch.randn(9, 48, dtype=torch.float64)
+    y, yg = cpu(x), gpu(x.cuda())
+    torch.testing.assert_close(yg.cpu(), y, rtol=0, atol=1e-10)
+    if training:
+        y.square().sum().backward()
+        yg.square().sum().backward()
+        for (name, a), b in zip(cpu.named_parameters(), gpu.parameters()):
+            torch.testing.assert_close(b.grad.cpu(), a.grad, rtol=1e-9, atol=1e-10, msg=name)
+
+
+@cuda
+@pytest.mark.parametrize("training", [False, True])
+def test_mpo_embedding_on_cuda_equals_cpu_in_float64(training):
+    from torchtn import MPOEmbedding
+
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(360, 24, padding_idx=3).double()
+    cpu = MPOEmbedding.from_dense(table, rank=6).train(training)
+    gpu = MPOEmbedding.from_dense(table, rank=6)
+    gpu.load_state_dict(cpu.state_dict())
+    gpu = gpu.cuda().train(training)
+    ids = torch.randint(0, 360, (5, 11))
+    ids[0, :3] = 3
+    y, yg = cpu(ids), gpu(ids.cuda())
+    torch.testing.assert_close(yg.cpu(), y, rtol=0, atol=1e-10)
+    if training:
+        y.square().sum().backward()
+        yg.square().sum().backward()
+        for a, b in zip(cpu.core_list(), gpu.core_list()):
+            torch.testing.assert_close(b.grad.cpu(), a.grad, rtol=0, atol=1e-9)
+
+
+@cuda
+def test_mpo_embedding_refuses_out_of_range_ids_on_cuda_with_a_device_side_assert():
+    # a device-side assert poisons the CUDA context of its process: run it in a fresh one
+    import subprocess
+    import sys
+
+    code = ("import torch; from torchtn import MPOEmbedding\n"
+            "m = MPOEmbedding.from_dense(torch.nn.Embedding(100, 8), rank=4).cuda().eval()\n"
+            "with torch.no_grad():\n    m(torch.tensor([1, 2, 100], device='cuda'))\n"
+            "torch.cuda.synchronize()\nprint('no error')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "no error" not in proc.stdout
+    assert "assert" in proc.stderr.lower(), proc.stderr[-2000:]
+
+
+@cuda
+def test_mpo_linear_compiles_on_cuda_without_graph_breaks():
+    torch.manual_seed(0)
+    layer = MPOLinear(256, 128, 8, in_shape=(4, 8, 8), out_shape=(4, 4, 8)).cuda()
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(32, 256, device="cuda", requires_grad=True)
+    y = compiled(x)
+    torch.testing.assert_close(y, layer(x), rtol=1e-4, atol=1e-5)
+    y.sum().backward()
+    assert all(c.grad is not None and torch.isfinite(c.grad).all() for c in layer.cores)
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-4, atol=1e-5)
+
+
+@cuda
+def test_tensorize_on_cuda_keeps_the_device_and_matches_the_cpu_in_float64():
+    from torchtn import tensorize
+
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 10)).double()
+    on_cpu, report_cpu = tensorize(dense, rank=6)
+    on_gpu, report_gpu = tensorize(dense.cuda(), rank=6)
+    assert all(p.device.type == "cuda" for p in on_gpu.parameters())
+    assert [r.ranks for r in report_cpu.layers] == [r.ranks for r in report_gpu.layers]
+    x = torch.randn(7, 64, dtype=torch.float64)
+    torch.testing.assert_close(on_gpu(x.cuda()).cpu(), on_cpu(x), rtol=0, atol=1e-9)
