@@ -212,7 +212,18 @@ def main() -> None:
     parser.add_argument("--cost-model", type=Path, default=None,
                         help="torchtn plans with this cost model for --device (a JSON of CostModel fields, as "
                              "bench/calibrate.py writes it) instead of the built-in one")
+    parser.add_argument("--only", action="append", default=None, metavar="SHAPE",
+                        help=f"measure only this layer shape (repeatable; one of {', '.join(n for n, *_ in SHAPES)}, "
+                             "'x' for '×' and '→')")
     args = parser.parse_args()
+    shapes = SHAPES
+    if args.only:
+        names = {n.replace("×", "x").replace("→", "x"): n for n, *_ in SHAPES}
+        unknown = [o for o in args.only if o.replace("×", "x").replace("→", "x") not in names]
+        if unknown:
+            parser.error(f"--only {unknown[0]!r} is not a shape of the grid: expected one of {', '.join(names)}")
+        wanted = {names[o.replace("×", "x").replace("→", "x")] for o in args.only}
+        shapes = [s for s in SHAPES if s[0] in wanted]
     cost_model = json.loads(args.cost_model.read_text()) if args.cost_model else None
     batches = BATCHES
     if args.quick:
@@ -239,7 +250,7 @@ def main() -> None:
                                           indent=1))
                 tmp.replace(args.json)
 
-        for name, in_shape, out_shape in SHAPES:
+        for name, in_shape, out_shape in shapes:
             for rank in RANKS:
                 for batch in batches:
                     case = {"name": name, "in_shape": in_shape, "out_shape": out_shape, "rank": rank, "batch": batch,

@@ -103,14 +103,16 @@ def make_plan(kind: str, strategy: str, problem: Hashable, *, cost_model: CostMo
     fn = get_strategy(kind, strategy)
     model = cost_model if cost_model is not None else get_cost_model(device)
     tune = autotune_enabled() if autotune is None else autotune
+    if torch.compiler.is_compiling():
+        # traced: plan from the cost model alone and never read the plan cache — dynamo would guard on the cache's
+        # keys (seen on CUDA with torch 2.11: a guard on "list(_CACHE.keys())[34]…" failed once the cache changed)
+        plan = None
+        for candidate in fn(problem, model):
+            if plan is None or candidate.seconds < plan.seconds:
+                plan = candidate
+        return plan
     key = (kind, strategy, problem, model, tune and measure is not None)
     plan = _CACHE.get(key)
-    if torch.compiler.is_compiling():  # traced: plan from the cost model alone, touch no global state
-        if plan is None:
-            for candidate in fn(problem, model):
-                if plan is None or candidate.seconds < plan.seconds:
-                    plan = candidate
-        return plan
     if plan is not None:
         _stats["hits"] += 1
         _CACHE.move_to_end(key)
