@@ -15,8 +15,8 @@ from torchtn.core import (
     tt_linear,
     tt_to_dense,
 )
-from torchtn.core.contraction import clear_plan_cache, plan_cache_info, strategy_names
-from torchtn.core.contraction.tt_linear_plans import _spans
+from torchtn.core.contraction import TTLinearProblem, clear_plan_cache, plan_cache_info, strategy_names
+from torchtn.core.contraction.tt_linear_plans import _candidates, _spans, fits_dense_memory
 
 
 @pytest.mark.parametrize("in_shape,out_shape,rank", [((4, 7, 7, 4), (4, 4, 4, 4), 3), ((2, 3, 4), (5, 1, 2), 4),
@@ -229,3 +229,55 @@ def test_threads_sharing_one_layer_in_inference_get_their_own_results():
     for t in threads:
         t.join()
     assert errors == []
+
+
+def _saved_bytes(fn, params=()) -> int:
+    """Bytes of the storages autograd keeps for ``fn()``'s backward (each once), not counting ``params``."""
+    saved: dict[int, int] = {}
+    skip = {p.untyped_storage().data_ptr() for p in params}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            saved[ptr] = max(saved.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn().sum().backward()
+    return sum(saved.values())
+
+
+def test_saved_memory_estimate_bounds_what_autograd_keeps_for_every_training_plan():
+    in_shape, out_shape = (4, 7, 7, 4), (4, 4, 4, 4)
+    cores = [c.float().requires_grad_() for c in random_tt(in_shape, out_shape, 8)]
+    ranks = tuple([1] + [c.shape[3] for c in cores])
+    x = torch.randn(64, 784)
+    for groups in _spans(4):
+        for direction in ("rtl", "ltr"):
+            problem = TTLinearProblem(in_shape, out_shape, ranks, 64, training=True, input_grad=False)
+            (plan,) = _candidates(problem, CostModel(), [(groups, direction)])
+            measured = _saved_bytes(lambda: tt_linear(x, prepare_groups(cores, plan), plan), cores)
+            assert measured <= 4 * plan.saved_numel, (groups, direction, measured, plan.saved_numel)
+
+
+def test_training_plans_stay_within_the_dense_layers_memory_on_a_launch_bound_device():
+    # a device where each step costs one launch and arithmetic is nearly free (like the fitted CUDA model) would pick
+    # core-by-core sweeps that keep every intermediate: 6.3x the dense layer's memory, measured on an H100
+    launch_bound = CostModel(peak_flops=1e15, bandwidth=1e13, call_overhead=3e-5, step_overhead=1e-6, fat=8,
+                             fault_threshold=1 << 62)
+    torch.manual_seed(0)
+    layer = MPOLinear(784, 256, 16, in_shape=(4, 7, 7, 4), out_shape=(4, 4, 4, 4), cost_model=launch_bound)
+    dense = torch.nn.Linear(784, 256)
+    x = torch.randn(256, 784)
+    plan = layer.plan(256, needs_grad=True)
+    problem = TTLinearProblem((4, 7, 7, 4), (4, 4, 4, 4), tuple(layer.ranks), 256, training=True, input_grad=False)
+    assert fits_dense_memory(problem, plan)
+    unconstrained = min(_candidates(problem, launch_bound, [(g, d) for g in _spans(4) for d in ("rtl", "ltr")]),
+                        key=lambda p: p.seconds)
+    assert not fits_dense_memory(problem, unconstrained)  # the rule changed the pick here
+
+    def total(module):  # parameters, their gradients, two Adam moments, and what autograd saves besides them
+        params = list(module.parameters())
+        return 4 * sum(p.numel() * 4 for p in params) + _saved_bytes(lambda: module(x), params)
+
+    assert total(layer) <= total(dense)

@@ -127,7 +127,7 @@ def transform(spec: str | torch.Tensor | Transform = "dct", n: int | None = None
             raise ValueError(f"M has shape {tuple(spec.shape)}: expected a square ({n}, {n}) matrix")
         if not bool(torch.isfinite(spec).all()):
             raise ValueError("M holds NaN or infinite values")
-        M = spec.detach().to(dtype=spec.dtype if spec.is_floating_point() else dtype)
+        M = spec.detach().to(dtype=spec.dtype if spec.is_floating_point() else dtype).contiguous()
         if torch.linalg.matrix_rank(M.double()) < M.shape[0]:
             raise ValueError("M is singular: the ⋆M product needs an invertible transform")
         eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
@@ -152,7 +152,7 @@ def transform(spec: str | torch.Tensor | Transform = "dct", n: int | None = None
         return Transform("dct", n, None if n >= _FAST_DCT_MIN else dct_matrix(n, dtype, device))
     gen = torch.Generator().manual_seed(seed)
     Q, R = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
-    return Transform("orthogonal", n, (Q * torch.sign(torch.diagonal(R))).to(dtype).to(device))
+    return Transform("orthogonal", n, (Q * torch.sign(torch.diagonal(R))).to(dtype).to(device).contiguous())
 
 
 def _resolve(M, n: int, like: torch.Tensor) -> Transform:

@@ -29,7 +29,7 @@ class TTLayer(nn.Module):
     sweepable: bool = False
 
     def _init_cores(self, shapes_ranks: TTMatrix) -> None:
-        self.cores = nn.ParameterList(nn.Parameter(c) for c in shapes_ranks.cores)
+        self.cores = nn.ParameterList(nn.Parameter(c.contiguous()) for c in shapes_ranks.cores)
         self._merged = MergedCache()
         self._dense_cache: tuple[tuple, torch.Tensor] | None = None
 
@@ -130,8 +130,10 @@ class TTLayer(nn.Module):
             raise ValueError(f"cores of modes {new.out_shape}←{new.in_shape} cannot replace "
                              f"{self.tt.out_shape}←{self.tt.in_shape}")
         ref = self.cores[0]
-        self.cores = nn.ParameterList(nn.Parameter(c.detach().to(device=ref.device, dtype=ref.dtype).clone(),
-                                                   requires_grad=ref.requires_grad) for c in cores)
+        # contiguous, as a loaded file's are: a layout change alone can change a product's last bits, and a resumed
+        # run must repeat the uninterrupted one exactly
+        self.cores = nn.ParameterList(nn.Parameter(c.detach().to(device=ref.device, dtype=ref.dtype).clone(
+            memory_format=torch.contiguous_format), requires_grad=ref.requires_grad) for c in cores)
         self.clear_caches()
 
     def clear_caches(self) -> None:

@@ -78,6 +78,7 @@ class ContractionPlan:
     measured_seconds: float | None = None  # set when autotuned: this plan's time on the device
     model_pick_seconds: float | None = None  # ... and the cost model's own pick's time in the same measurement
     measurements: tuple[tuple[str, float], ...] = ()  # every timed candidate
+    saved_numel: int = 0  # (training) elements autograd keeps for the backward pass: step inputs, merged groups
 
     steps: tuple[tuple[int, int], ...] = dataclasses.field(init=False, repr=False, compare=False)
     """``(group, cols)`` in execution order: each step is ``mat_g @ state.reshape(-1, k_g, cols)``."""
@@ -155,8 +156,9 @@ def _merge_cost(p: TTLinearProblem, span: Span, model: CostModel) -> tuple[float
 
 
 def _price(groups: tuple[Span, ...], direction: str, p: TTLinearProblem, cache_merged: bool,
-           model: CostModel) -> tuple[float, int, int]:
-    """Estimated seconds, flops and largest intermediate of one candidate plan.
+           model: CostModel) -> tuple[float, int, int, int]:
+    """Estimated seconds, flops, largest intermediate and (in training) elements saved for the backward pass of one
+    candidate plan.
 
     In training a step costs its forward product plus the two products of its backward (state and matrix gradients)
     — except the first step when the input needs no gradient, which saves one product (so it pays to put the
@@ -166,9 +168,10 @@ def _price(groups: tuple[Span, ...], direction: str, p: TTLinearProblem, cache_m
     m = [math.prod(p.out_shape[a:b]) for a, b in groups]
     n = [math.prod(p.in_shape[a:b]) for a, b in groups]
     r = [p.ranks[a] for a, _ in groups] + [1]
-    seconds, flops, biggest = 0.0, 0, 0
+    seconds, flops, biggest, saved = 0.0, 0, 0, 0
     for gi, span in enumerate(groups):
         if _builds_new_tensor(span, direction) and not cache_merged:
+            saved += 2 * r[gi] * m[gi] * n[gi] * r[gi + 1]  # the merged group and, at most as big, its partial merges
             ms, mf = _merge_cost(p, span, model)
             seconds += passes * ms + (2 if p.training else 1) * model.alloc_seconds(
                 r[gi] * m[gi] * n[gi] * r[gi + 1], p.itemsize)  # the merged tensor (and its gradient)
@@ -184,6 +187,7 @@ def _price(groups: tuple[Span, ...], direction: str, p: TTLinearProblem, cache_m
         first = step == 0
         products = passes - (1 if p.training and first and not p.input_grad else 0)
         seconds += products * model.matmul_seconds(prefix, a, k, cols, p.itemsize)
+        saved += prefix * k * cols  # each product keeps its input state (the first: the layer's input)
         if not p.training:  # (in training, measured: charging it picks fewer, merged steps that run slower)
             seconds += model.step_overhead
         flops += products * 2 * prefix * a * k * cols
@@ -197,7 +201,7 @@ def _price(groups: tuple[Span, ...], direction: str, p: TTLinearProblem, cache_m
             seconds += model.alloc_seconds(prefix * a * cols, p.itemsize)
         biggest = max(biggest, prefix * a * cols)
         done *= m[gi]
-    return seconds, flops, biggest
+    return seconds, flops, biggest, saved if p.training else 0
 
 
 def _candidates(p: TTLinearProblem, model: CostModel, options: Sequence[tuple[tuple[Span, ...], str]]):
@@ -206,19 +210,38 @@ def _candidates(p: TTLinearProblem, model: CostModel, options: Sequence[tuple[tu
         merged = sum([p.ranks[a] * math.prod(p.out_shape[a:b]) * math.prod(p.in_shape[a:b]) * p.ranks[b]
                       for a, b in groups if _builds_new_tensor((a, b), direction)])
         can_cache = p.cache_merged and merged <= p.cache_limit
-        seconds, flops, biggest = _price(groups, direction, p, can_cache, model)
+        seconds, flops, biggest, saved = _price(groups, direction, p, can_cache, model)
         plans.append(ContractionPlan(groups, direction, p.batch, flops, seconds, can_cache, biggest,
                                      tuple([math.prod(p.in_shape[a:b]) for a, b in groups]),
-                                     tuple([math.prod(p.out_shape[a:b]) for a, b in groups]), p.ranks, p.training))
+                                     tuple([math.prod(p.out_shape[a:b]) for a, b in groups]), p.ranks, p.training,
+                                     saved_numel=saved))
     return plans
+
+
+def fits_dense_memory(p: TTLinearProblem, plan: ContractionPlan) -> bool:
+    """Whether a training step on ``plan`` holds at most what the dense layer's does: its parameters, their gradients
+    and two Adam moments (4 × the parameters) plus what autograd saves (the dense layer: its input)."""
+    params = sum([p.ranks[k] * m * n * p.ranks[k + 1] for k, (m, n) in enumerate(zip(p.out_shape, p.in_shape))])
+    dense = 4 * math.prod(p.out_shape) * math.prod(p.in_shape) + p.batch * math.prod(p.in_shape)
+    return 4 * params + plan.saved_numel <= dense
+
+
+def _within_dense_memory(p: TTLinearProblem, plans: list[ContractionPlan]) -> list[ContractionPlan]:
+    """In training, only the plans whose step fits in the dense layer's memory (all of them if none does): on a
+    device where every plan costs about one launch per step, time alone would pick core-by-core sweeps that keep
+    every intermediate (measured on an H100: 6.3× the dense layer's memory for 784×256 r16 B256)."""
+    if not p.training:
+        return plans
+    return [c for c in plans if fits_dense_memory(p, c)] or plans
 
 
 @register_strategy(KIND, "auto")
 def _auto(p: TTLinearProblem, model: CostModel):
-    """Every grouping of neighbouring cores, both sweep directions (the dense plan once)."""
+    """Every grouping of neighbouring cores, both sweep directions (the dense plan once); in training only those that
+    fit in the dense layer's memory (:func:`fits_dense_memory`) when any does."""
     d = len(p.in_shape)
-    return _candidates(p, model, [(g, direction) for g in _spans(d) for direction in ("rtl", "ltr")
-                                  if not (len(g) == 1 and direction == "ltr")])
+    return _within_dense_memory(p, _candidates(p, model, [(g, direction) for g in _spans(d) for direction in
+                                                          ("rtl", "ltr") if not (len(g) == 1 and direction == "ltr")]))
 
 
 @register_strategy(KIND, "dense")
