@@ -22,6 +22,7 @@ Optional extra (``pip install torchtn[hf]``); nothing else in torchtn imports ``
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -44,7 +45,7 @@ from .io import load_model, read_metadata, save_model
 from .layers.registry import layer_types
 from .train import TrainConfig, Trainer, distillation_loss
 
-__all__ = ["load_pretrained", "linearize", "compress", "calibrate", "heal", "embed", "quality", "throughput", "save", "load", "export_dense",
+__all__ = ["load_pretrained", "progress_bars", "linearize", "compress", "calibrate", "heal", "embed", "quality", "throughput", "save", "load", "export_dense",
            "read_corpus", "PARTS", "part_of", "HeadLogits", "logits", "head_quality", "PassageAugment"]
 
 PARTS = ("attention", "mlp", "embeddings")
@@ -120,6 +121,19 @@ def _conv1d_back(dense: nn.Module) -> None:
         if isinstance(linear, nn.Linear):
             back = conv1d(linear.out_features, linear.in_features).to(linear.weight.device, linear.weight.dtype)
             replace_submodule(dense, name, _transposed_into(back, linear))
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool):
+    """``transformers``' own progress bars (loading and writing weights) on or off inside the block, restored after —
+    so that ``--no-progress`` keeps a log free of bars."""
+    logging = _transformers().utils.logging
+    was = logging.is_progress_bar_enabled()
+    (logging.enable_progress_bar if enabled else logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (logging.enable_progress_bar if was else logging.disable_progress_bar)()
 
 
 def load_pretrained(path: str | os.PathLike, *, head: bool = False) -> tuple[nn.Module, object]:

@@ -92,7 +92,16 @@ def _weights_bytes(model: torch.nn.Module) -> int:
 
 def run_hf_compress(job: HFCompressJob, out: Path, *, resume: bool = False, progress: bool = True,
                     log: Callable[[str], None] = print, device: str | None = None) -> dict:
-    """Compress, heal, measure and save (see the module docstring); returns the results."""
+    """Compress, heal, measure and save (see the module docstring); returns the results. ``progress=False`` also
+    silences ``transformers``' own bars."""
+    from .. import hf
+
+    with hf.progress_bars(progress):
+        return _run(job, out, resume=resume, progress=progress, log=log, device=device)
+
+
+def _run(job: HFCompressJob, out: Path, *, resume: bool, progress: bool, log: Callable[[str], None],
+         device: str | None) -> dict:
     from .. import hf
 
     started = time.perf_counter()
