@@ -45,8 +45,9 @@ from .io import load_model, read_metadata, save_model
 from .layers.registry import layer_types
 from .train import TrainConfig, Trainer, distillation_loss
 
-__all__ = ["load_pretrained", "progress_bars", "linearize", "compress", "calibrate", "heal", "embed", "quality", "throughput", "save", "load", "export_dense",
-           "read_corpus", "PARTS", "part_of", "HeadLogits", "logits", "head_quality", "PassageAugment"]
+__all__ = ["load_pretrained", "progress_bars", "linearize", "compress", "calibrate", "heal", "embed", "quality",
+           "throughput", "save", "load", "export_dense", "read_corpus", "PARTS", "part_of", "HeadLogits", "logits",
+           "head_quality", "PassageAugment"]
 
 PARTS = ("attention", "mlp", "embeddings")
 _ATTENTION_WORDS = ("attention", "attn", "query", "key", "value", "q_proj", "k_proj", "v_proj", "o_proj")
