@@ -218,11 +218,14 @@ def main() -> None:
     args = parser.parse_args()
     shapes = SHAPES
     if args.only:
-        names = {n.replace("×", "x").replace("→", "x"): n for n, *_ in SHAPES}
-        unknown = [o for o in args.only if o.replace("×", "x").replace("→", "x") not in names]
+        def ascii_name(name: str) -> str:
+            return name.replace("×", "x").replace("→", "x")
+
+        names = {ascii_name(n): n for n, *_ in SHAPES}
+        unknown = [o for o in args.only if ascii_name(o) not in names]
         if unknown:
             parser.error(f"--only {unknown[0]!r} is not a shape of the grid: expected one of {', '.join(names)}")
-        wanted = {names[o.replace("×", "x").replace("→", "x")] for o in args.only}
+        wanted = {names[ascii_name(o)] for o in args.only}
         shapes = [s for s in SHAPES if s[0] in wanted]
     cost_model = json.loads(args.cost_model.read_text()) if args.cost_model else None
     batches = BATCHES

@@ -519,7 +519,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _exit_worker(status: int) -> None:
     """End a distributed worker whose work is saved and whose process group is destroyed, skipping the interpreter's
     teardown: there gloo's transport threads sometimes abort the process (SIGABRT, "terminate called without an active
-    exception"; seen on a 2-core AMD EPYC in about one full test run in three), which torchrun then reports as a failed
+    exception"; seen on a 2-core AMD EPYC in two of six full test runs), which torchrun then reports as a failed
     job although every file was written."""
     sys.stdout.flush()
     sys.stderr.flush()
