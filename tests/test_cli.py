@@ -139,6 +139,84 @@ def test_interrupted_job_resumes_to_identical_models(tmp_path, capsys, monkeypat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+USER_CNN = """
+from torch import nn
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, width=4, num_classes=10):
+        super().__init__()
+        self.conv = nn.Conv2d(1, width, 3, padding=1)
+        self.pool = nn.MaxPool2d(4)
+        self.head = nn.Linear(width * 7 * 7, num_classes)
+
+    def forward(self, x):
+        return self.head(self.pool(self.conv(x).relu()).flatten(1))
+
+
+def small_cnn(**kwargs):
+    return SmallCNN(**kwargs)
+
+
+NOT_A_MODEL = 3
+"""
+
+
+def test_compress_a_model_of_the_users_own_architecture(tmp_path, capsys, monkeypatch):
+    """--arch FILE.py:NAME (or package.module:NAME) with --arch-args compresses a plain nn.Module of the user's that
+    torchtn has never seen, from its weights-only state dict, to a ratio, with the per-layer report; every mistake in
+    naming it is one line and exit 2 before anything is written."""
+    from test_data import make_mnist_dir
+
+    from torchtn.io import load_model
+    from torchtn.models.user import build_user_model
+
+    data = make_mnist_dir(tmp_path / "mnist", n_train=48, n_test=20)
+    source = tmp_path / "user_cnn_arch.py"
+    source.write_text(USER_CNN)
+    torch.manual_seed(0)
+    users_model = build_user_model(f"{source}:SmallCNN", {"width": 4})
+    weights = tmp_path / "cnn.pt"
+    torch.save(users_model.state_dict(), weights)
+    common = ["compress", "--dataset", "mnist", "--data-dir", str(data), "--no-progress"]
+    out = tmp_path / "run"
+    assert main([*common, "--arch", f"{source}:SmallCNN", "--arch-args", '{"width": 4}', "--model-file", str(weights),
+                 "--ratio", "3", "--finetune-epochs", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "entropy S_k per bond" in printed and "head" in printed
+    results = json.loads((out / "results.json").read_text())
+    row = results["rows"][0]
+    assert row["ratio"] >= 3 and 0 <= row["acc_after"] <= 1
+    assert results["config"]["arch"].endswith(":SmallCNN") and results["config"]["arch_args"] == {"width": 4}
+    start = load_model(out / "dense.safetensors", build_user_model(f"{source}:SmallCNN", {"width": 4}))
+    for name, value in users_model.state_dict().items():
+        assert torch.equal(start.state_dict()[name], value), name
+    # the module form, importable from the working directory; a factory function serves as NAME too
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(tmp_path)
+    assert main([*common, "--arch", "user_cnn_arch:small_cnn", "--model-file", str(weights), "--rank", "2",
+                 "--finetune-epochs", "0", "--out", str(tmp_path / "module-form")]) == 0
+    capsys.readouterr()
+    for arch, extra, message in (
+            (f"{tmp_path / 'missing.py'}:SmallCNN", [], "no Python file at"),
+            (f"{source}:Missing", [], "defines no Missing"),
+            (f"{source}:NOT_A_MODEL", [], "NOT_A_MODEL is not callable (int)"),
+            (f"{source}:SmallCNN", ["--arch-args", '{"depth": 2}'], "unexpected keyword argument 'depth'"),
+            (f"{source}:SmallCNN", ["--arch-args", '{"num_classes": 3}'], "expected (2, 10) class scores"),
+            (f"{source}:SmallCNN", ["--model-file", str(weights), "--arch-args", '{"width": 2}'], "does not fit"),
+            ("no_such_module_here:Net", [], "importing no_such_module_here failed (ModuleNotFoundError"),
+            ("lenet5", ["--arch-args", "{}"], "only for an architecture of your own")):
+        no = tmp_path / "refused"
+        assert main([*common, "--arch", arch, *extra, "--rank", "2", "--out", str(no)]) == 2, arch
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not no.exists()
+    # a Hugging Face folder is compressed by --hf-model alone: --arch/--model-file with it are refused, not ignored
+    assert main(["compress", "--hf-model", str(tmp_path), "--corpus", str(source), "--arch", "lenet5",
+                 "--out", str(tmp_path / "refused")]) == 2
+    assert "--hf-model compresses the Hugging Face model" in capsys.readouterr().err
+
+
 def test_compress_a_users_trained_model_file(tmp_path, capsys, monkeypatch):
     """A model trained outside torchtn (a .pt state dict, read weights-only, once) is compressed to a ratio and healed
     by distillation — starting from exactly its weights; a pickle that would run code is refused with one line."""

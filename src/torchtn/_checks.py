@@ -82,3 +82,9 @@ def check_choice(name: str, value: object, choices: Sequence[object]) -> object:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not allowed: expected one of {', '.join(map(repr, choices))}")
     return value
+
+
+def error_line(err: BaseException, limit: int = 200) -> str:
+    """``"TypeName: first line of the message"`` (cut at ``limit`` characters), for one-line error reports."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:limit]}" if text else type(err).__name__

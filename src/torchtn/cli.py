@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -39,6 +40,30 @@ def _rows_or_fraction(text: str) -> int | float:
     if (isinstance(value, float) and not 0 < value < 1) or (isinstance(value, int) and value < 1):
         raise argparse.ArgumentTypeError(f"--exact-rows={text} is not allowed: expected a fraction of the tokens in "
                                          f"(0, 1), a number of rows >= 1, or 0 for none")
+    return value
+
+
+def _arch(text: str) -> str:
+    """``compress --arch``: a zoo name, or the user's own architecture as ``FILE.py:NAME`` / ``package.module:NAME``
+    (imported when the job starts)."""
+    from .models import MODELS
+    from .models.user import is_user_arch
+
+    if text in MODELS or is_user_arch(text):
+        return text
+    raise argparse.ArgumentTypeError(f"--arch={text!r} is not allowed: expected one of {', '.join(sorted(MODELS))}, "
+                                     f"or your own as FILE.py:NAME or package.module:NAME")
+
+
+def _json_kwargs(text: str) -> dict:
+    """``--arch-args``: a JSON object of keyword arguments."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"--arch-args={text!r} is not JSON ({err.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"--arch-args={text!r} is not allowed: expected a JSON object of keyword "
+                                         f"arguments, e.g. '{{\"width\": 32}}'")
     return value
 
 
@@ -106,10 +131,12 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
-    c = sub.add_parser("compress", help="train a dense FC2, tensorize it (TT-SVD), fine-tune, report and plot",
-                       description="Train a dense FC2 (input → hidden → classes), tensorize it at a sweep of ranks "
-                                   "(default 1,2,4,8,16) or at --rank/--rel-tol/--ratio, fine-tune each, print a "
-                                   "table and write models, results.json and a plot into --out.")
+    c = sub.add_parser("compress", help="compress a model into MPO layers (TT-SVD), heal it, report and plot",
+                       description="Compress a model into MPO layers and heal it: a trained model file (--model-file "
+                                   "with a zoo --arch or your own FILE.py:NAME), a Hugging Face folder (--hf-model), "
+                                   "or by default a dense FC2 (input → hidden → classes) trained here. Tensorizes at "
+                                   "a sweep of ranks (default 1,2,4,8,16) or at --rank/--rel-tol/--ratio, fine-tunes "
+                                   "each, prints a table and writes models, results.json and a plot into --out.")
     _add_run_options(c, "compress", "dense training epochs (default: 30 on digits, 15 otherwise)", 2e-3)
     how = c.add_mutually_exclusive_group()
     how.add_argument("--rank", type=_int_at_least("--rank", 1), nargs="+", default=None,
@@ -126,7 +153,12 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model-file", type=Path, default=None,
                    help="compress this trained model instead of training one: a torchtn or plain safetensors file, "
                         "or a .pt/.pth state dict (read with weights_only=True; never an arbitrary pickle)")
-    c.add_argument("--arch", choices=sorted(MODELS), default="fc2", help="zoo architecture of the dense model")
+    c.add_argument("--arch", type=_arch, default="fc2", metavar="NAME",
+                   help=f"architecture of the dense model: one of the zoo ({', '.join(sorted(MODELS))}) or your own "
+                        f"nn.Module as FILE.py:NAME or package.module:NAME (a class or a function returning the "
+                        f"model; its code runs, as `python FILE.py` would: name only code you trust)")
+    c.add_argument("--arch-args", type=_json_kwargs, default=None, metavar="JSON",
+                   help="keyword arguments of your own --arch, as a JSON object, e.g. '{\"width\": 32}'")
     c.add_argument("--distill", type=_float_in("--distill", 0.0, 1.0, open_low=False), default=0.0,
                    help="healing: weight of knowledge distillation from the dense model, in [0, 1) (default 0)")
     c.add_argument("--conv-modes", choices=("matrix", "kernel"), default="matrix",
@@ -393,6 +425,11 @@ def _cmd_compress_hf(args: argparse.Namespace) -> int:
     """``torchtn compress --hf-model PATH``: compress, heal and measure a pretrained transformer."""
     from .experiments.compress_hf import HFCompressJob, run_hf_compress
 
+    for flag, given in (("--model-file", args.model_file is not None), ("--arch", args.arch != "fc2"),
+                        ("--arch-args", args.arch_args is not None)):
+        if given:
+            return _fail(f"{flag} is for compressing a model file of a zoo or your own architecture; --hf-model "
+                         f"compresses the Hugging Face model in its folder")
     if args.corpus is None:
         return _fail("--hf-model needs --corpus FILE (plain text, one passage per line) to heal and measure on")
     if args.rank is not None and len(args.rank) > 1:
@@ -451,7 +488,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
                               hidden=args.hidden, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                               ranks=args.rank, rel_tol=args.rel_tol, ratio=args.ratio, batch_size=args.batch_size,
                               lr=args.lr, finetune_lr=1e-3 if args.finetune_lr is None else args.finetune_lr,
-                              seed=args.seed, arch=args.arch,
+                              seed=args.seed, arch=args.arch, arch_args=args.arch_args,
                               model_file=None if args.model_file is None else str(args.model_file),
                               distill=args.distill, temperature=args.temperature, conv_modes=args.conv_modes)
 

@@ -1,4 +1,5 @@
-"""The main job: train a dense FC2, tensorize it at several settings, fine-tune each, report and plot.
+"""The main job: a dense model (FC2 trained here, or a trained model file of a zoo or the user's own architecture),
+tensorized at several settings, each fine-tuned, reported and plotted.
 
 Layout of the output directory (every file written atomically; a rerun with ``resume=True`` skips finished stages and
 continues an interrupted training from its checkpoint)::
@@ -19,11 +20,19 @@ from pathlib import Path
 
 import torch
 
-from .._checks import check_choice, check_nonnegative_int, check_positive_int, check_positive_real, check_rel_tol
+from .._checks import (
+    check_choice,
+    check_nonnegative_int,
+    check_positive_int,
+    check_positive_real,
+    check_rel_tol,
+    error_line,
+)
 from ..compress import tensorize
 from ..data import Dataset, load_dataset
 from ..io import atomic_write_text, load_model
 from ..models import FC2
+from ..models.user import build_user_model, is_user_arch
 from ..report import format_table
 from ..train import TrainConfig, evaluate
 from .rundir import available_memory, check_resume, check_writable
@@ -51,7 +60,8 @@ class CompressConfig:
     lr: float = 2e-3
     finetune_lr: float = 1e-3
     seed: int = 0
-    arch: str = "fc2"  # the zoo architecture of the dense model
+    arch: str = "fc2"  # the zoo architecture of the dense model, or the user's own: FILE.py:NAME, package.module:NAME
+    arch_args: dict | None = None  # keyword arguments of a user's architecture
     model_file: str | None = None  # start from these trained weights instead of training the dense model
     distill: float = 0.0  # healing: weight of the distillation loss from the dense model (0: plain fine-tuning)
     temperature: float = 2.0  # healing: distillation temperature
@@ -60,7 +70,14 @@ class CompressConfig:
     def __post_init__(self) -> None:
         from ..models import MODELS
 
-        check_choice("arch", self.arch, tuple(MODELS))
+        if not is_user_arch(self.arch):
+            check_choice("arch", self.arch, tuple(MODELS))
+        if self.arch_args is not None:
+            if not is_user_arch(self.arch):
+                raise ValueError(f"arch_args (--arch-args) are only for an architecture of your own (FILE.py:NAME), "
+                                 f"not arch={self.arch!r}")
+            if not (isinstance(self.arch_args, dict) and all(isinstance(k, str) for k in self.arch_args)):
+                raise ValueError(f"arch_args={self.arch_args!r} is not allowed: expected keyword arguments as a dict")
         if not (isinstance(self.distill, (int, float)) and 0.0 <= self.distill < 1.0):
             raise ValueError(f"distill={self.distill!r} is not allowed: expected a number in [0, 1)")
         check_positive_real("temperature", self.temperature)
@@ -136,7 +153,10 @@ def _effective(config: dict) -> dict:
 
 
 def dense_model(config: CompressConfig, data: Dataset) -> torch.nn.Module:
-    """The dense model of the job: FC2 (input → ``hidden`` → classes) or another zoo architecture for this data."""
+    """The dense model of the job: FC2 (input → ``hidden`` → classes), another zoo architecture for this data, or the
+    user's own (``FILE.py:NAME`` called with ``arch_args``)."""
+    if is_user_arch(config.arch):
+        return build_user_model(config.arch, config.arch_args)
     if config.arch == "fc2":
         return FC2(data.num_features, config.hidden, data.num_classes)
     from ..models import build_model
@@ -170,7 +190,7 @@ def load_user_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Modu
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # pickle refusals, truncation, …
             raise ValueError(f"--model-file {path} cannot be read as a weights-only state dict "
-                             f"({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
+                             f"({error_line(err, 160)})") from None
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
     else:
@@ -183,6 +203,25 @@ def load_user_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Modu
         raise ValueError(f"--model-file {path} does not fit --arch {type(model).__name__}: "
                          f"{str(err).strip().splitlines()[-1].strip()[:200]}") from None
     return model
+
+
+def check_outputs(model: torch.nn.Module, arch: str, data: Dataset) -> None:
+    """``model`` maps two of ``data``'s training inputs to ``(2, num_classes)`` scores, or a one-line error."""
+    x = data.x_train[:2]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            y = model(x)
+    except Exception as err:
+        raise ValueError(f"--arch {arch} cannot run on a {tuple(x.shape)} batch of {data.name} ({error_line(err)})"
+                         ) from None
+    finally:
+        model.train(was)
+    if not isinstance(y, torch.Tensor) or tuple(y.shape) != (2, data.num_classes):
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"--arch {arch} maps a {tuple(x.shape)} batch of {data.name} to {got}; expected "
+                         f"(2, {data.num_classes}) class scores")
 
 
 def preflight(config: CompressConfig, out: Path, resume: bool, data: Dataset) -> dict[str, torch.Tensor] | None:
@@ -206,8 +245,9 @@ def preflight(config: CompressConfig, out: Path, resume: bool, data: Dataset) ->
         model = dense_model(config, data)
         if config.model_file is not None:
             load_user_weights(model, config.model_file)
-        if config.ratio is not None:  # reachability depends only on the layer sizes
-            tensorize(model, ratio=config.ratio, conv_modes=config.conv_modes)
+        check_outputs(model, config.arch, data)
+        if config.ratio is not None or is_user_arch(config.arch):  # an unreachable ratio, nothing to convert
+            tensorize(model, conv_modes=config.conv_modes, **config.settings()[0][1])
     if resume:
         check_resume(out, "compress", ["dense.safetensors"], "compress_config", asdict(config), _effective)
     return None if config.model_file is None else model.state_dict()
@@ -256,8 +296,9 @@ def run_compress(config: CompressConfig, out: str | Path, *, resume: bool = Fals
         log(str(report))
         val_after = evaluate(model, data.x_val, data.y_val)[1]
         _, acc_after = evaluate(model, data.x_test, data.y_test)
-        fc1 = report.layers[0]
-        rows.append(CompressRow(name, fc1.ranks, fc1.weight_ratio, report.params_after, report.compression_ratio,
+        first = report.layers[0] if report.layers else None  # none when every layer stayed dense at this setting
+        rows.append(CompressRow(name, first.ranks if first else (), first.weight_ratio if first else 1.0,
+                                report.params_after, report.compression_ratio,
                                 acc_before, acc_after, val_after, seconds, report.to_dict()["layers"]))
         log(f"{name}: {report.params_after:,} parameters ({report.compression_ratio:.1f}×), test accuracy "
             f"{100 * acc_before:.2f}% after TT-SVD → {100 * acc_after:.2f}% fine-tuned ({seconds:.1f} s)")

@@ -1,0 +1,79 @@
+"""A user's own architecture, named as ``FILE.py:NAME`` or ``package.module:NAME`` (``torchtn compress --arch``).
+
+``NAME`` is an ``nn.Module`` class or a function that returns one, called with keyword arguments the user gives. This
+imports and runs the user's named code, by design (as ``python FILE.py`` would); model *files* are still never
+unpickled (weights come from safetensors or a weights-only state dict).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .._checks import error_line
+
+__all__ = ["is_user_arch", "build_user_model"]
+
+
+def is_user_arch(spec: object) -> bool:
+    """Whether ``spec`` names code of the user's (``WHERE:NAME``) rather than a zoo model."""
+    return isinstance(spec, str) and ":" in spec
+
+
+def _split(spec: str, flag: str) -> tuple[str, str]:
+    where, _, name = spec.rpartition(":")
+    if not where or not name.isidentifier():
+        raise ValueError(f"{flag} {spec!r} is not allowed: expected a zoo name, FILE.py:NAME or package.module:NAME "
+                         f"(NAME a class or function in it)")
+    return where, name
+
+
+def _import(where: str, spec: str, flag: str) -> Any:
+    """The module ``where`` names: a Python file (``*.py`` or a path) or an importable module (from the working
+    directory too, as ``python -m`` would)."""
+    try:
+        if where.endswith(".py") or os.sep in where or "/" in where:
+            path = Path(where).expanduser()
+            if not path.is_file():
+                raise ValueError(f"{flag} {spec!r}: no Python file at {path}")
+            name = f"torchtn_user_arch_{path.stem}"
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            if module_spec is None or module_spec.loader is None:
+                raise ValueError(f"{flag} {spec!r}: {path} cannot be imported as a Python module")
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module  # classes defined there (dataclasses, pickling) look themselves up here
+            module_spec.loader.exec_module(module)
+            return module
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        return importlib.import_module(where)
+    except ValueError:
+        raise
+    except Exception as err:  # the user's code failed to import: say where, not a traceback from deep inside
+        raise ValueError(f"{flag} {spec!r}: importing {where} failed ({error_line(err)})") from None
+
+
+def build_user_model(spec: str, kwargs: Mapping[str, Any] | None = None, *, flag: str = "--arch") -> nn.Module:
+    """``NAME(**kwargs)`` from ``FILE.py:NAME`` or ``package.module:NAME``; every failure is one ``ValueError`` that
+    names ``flag``, the spec and what went wrong."""
+    where, name = _split(spec, flag)
+    module = _import(where, spec, flag)
+    factory = getattr(module, name, None)
+    if factory is None:
+        raise ValueError(f"{flag} {spec!r}: {where} defines no {name}")
+    if not callable(factory):
+        raise ValueError(f"{flag} {spec!r}: {name} is not callable ({type(factory).__name__}): expected an "
+                         f"nn.Module class or a function returning one")
+    try:
+        model = factory(**dict(kwargs or {}))
+    except Exception as err:
+        raise ValueError(f"{flag} {spec!r}: {name}(**{dict(kwargs or {})!r}) failed ({error_line(err)})") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{flag} {spec!r}: {name}(...) returned a {type(model).__name__}, expected an nn.Module")
+    return model
