@@ -165,3 +165,46 @@ def test_sweep_training_from_the_command_line(tmp_path, capsys):
     assert main(["train", "--arch", "fc2", "--optimizer", "sweep", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
     assert "--optimizer sweep trains MPO layers" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+USER_NET = """
+from torch import nn
+
+
+class DigitNet(nn.Module):
+    def __init__(self, hidden=32):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+    def forward(self, x):
+        return self.body(x)
+"""
+
+
+def test_train_a_model_of_the_users_own_architecture(tmp_path, capsys):
+    """--arch FILE.py:NAME trains a plain nn.Module of the user's; with --layers mpo its linear maps become MPOs at
+    --rank, started at PyTorch's variance as the zoo's MPO layers are — and both learn the digits."""
+    from torchtn.data import load_dataset
+    from torchtn.experiments.train import TrainJob, job_model
+    from torchtn.io import read_metadata
+
+    source = tmp_path / "digit_net.py"
+    source.write_text(USER_NET)
+    arch = [*BASE, "--arch", f"{source}:DigitNet", "--arch-args", '{"hidden": 256}', "--lr", "3e-3"]
+    assert main([*arch, "--out", str(tmp_path / "dense")]) == 0
+    assert main([*arch, "--layers", "mpo", "--rank", "4", "--out", str(tmp_path / "mpo")]) == 0
+    dense = json.loads((tmp_path / "dense" / "results.json").read_text())["rows"][0]
+    mpo = json.loads((tmp_path / "mpo" / "results.json").read_text())["rows"][0]
+    assert dense["model"] == mpo["model"] == f"{source}:DigitNet" and mpo["layers"] == "mpo"
+    assert dense["params"] == 64 * 256 + 256 + 256 * 10 + 10 and mpo["params"] < dense["params"] / 3
+    assert dense["test_accuracy"] > 0.8 and mpo["test_accuracy"] > 0.3  # ten classes: chance is 0.1 (seeds 0-2: 0.51-0.74)
+    types = {e["type"] for e in read_metadata(tmp_path / "mpo" / "model.safetensors")["layers"].values()}
+    assert "MPOLinear" in types
+    torch.manual_seed(0)
+    model = job_model(TrainJob(arch=f"{source}:DigitNet", arch_args={"hidden": 256}, layers="mpo", rank=4),
+                      load_dataset("digits"))
+    first = model.body[1]
+    assert type(first).__name__ == "MPOLinear"
+    assert 0.5 < first.weight.var().item() * 3 * 64 < 2.0  # nn.Linear's Var(W) = 1 / (3 · fan_in)
+    assert main([*BASE, "--arch", f"{source}:DigitNet", "--layers", "adtn", "--out", str(tmp_path / "no")]) == 2
+    assert "--layers adtn is wired for" in capsys.readouterr().err

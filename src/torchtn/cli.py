@@ -44,7 +44,7 @@ def _rows_or_fraction(text: str) -> int | float:
 
 
 def _arch(text: str) -> str:
-    """``compress --arch``: a zoo name, or the user's own architecture as ``FILE.py:NAME`` / ``package.module:NAME``
+    """``--arch``: a zoo name, or the user's own architecture as ``FILE.py:NAME`` / ``package.module:NAME``
     (imported when the job starts)."""
     from .models import MODELS
     from .models.user import is_user_arch
@@ -211,7 +211,12 @@ def _build_parser() -> argparse.ArgumentParser:
                                    "checkpoint and results.json into --out. Runs data-parallel unchanged under "
                                    "torchrun (e.g. torchrun --nproc_per_node 2 -m torchtn train ...).")
     _add_run_options(t, "train", "training epochs (default 10)", 1e-3)
-    t.add_argument("--arch", choices=sorted(MODELS), default="fc2", help="zoo architecture (default fc2)")
+    t.add_argument("--arch", type=_arch, default="fc2", metavar="NAME",
+                   help=f"zoo architecture ({', '.join(sorted(MODELS))}; default fc2) or your own nn.Module as "
+                        f"FILE.py:NAME or package.module:NAME (its code runs: name only code you trust; with --layers "
+                        f"mpo/adtn its Linear, Conv2d and Embedding layers become MPOs at --rank / ADTNs of --depth)")
+    t.add_argument("--arch-args", type=_json_kwargs, default=None, metavar="JSON",
+                   help="keyword arguments of your own --arch, as a JSON object, e.g. '{\"width\": 32}'")
     t.add_argument("--layers", choices=("dense", "mpo", "adtn"), default="dense",
                    help="dense layers, the architecture's MPO layers, or ADTN layers (alexnet, vgg16, zfnet: the "
                         "two big fully connected maps) (default dense)")
@@ -519,7 +524,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     log = (lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None)
 
     def make_config():
-        return TrainJob(arch=args.arch, layers=args.layers, rank=args.rank, dataset=args.dataset,
+        return TrainJob(arch=args.arch, arch_args=args.arch_args, layers=args.layers, rank=args.rank, dataset=args.dataset,
                         data_dir=None if args.data_dir is None else str(args.data_dir),
                         epochs=10 if args.epochs is None else args.epochs, batch_size=args.batch_size, lr=args.lr,
                         optimizer=args.optimizer, seed=args.seed, max_rank=args.max_rank, cutoff=args.cutoff,

@@ -32,10 +32,10 @@ from ..compress import tensorize
 from ..data import Dataset, load_dataset
 from ..io import atomic_write_text, load_model
 from ..models import FC2
-from ..models.user import build_user_model, is_user_arch
+from ..models.user import build_user_model, check_arch, is_user_arch
 from ..report import format_table
 from ..train import TrainConfig, evaluate
-from .rundir import available_memory, check_resume, check_writable
+from .rundir import available_memory, check_model_fits_data, check_resume, check_writable
 from .stage import train_stage
 
 __all__ = ["CompressConfig", "CompressRow", "run_compress", "preflight", "DEFAULT_RANKS", "results_table"]
@@ -70,14 +70,7 @@ class CompressConfig:
     def __post_init__(self) -> None:
         from ..models import MODELS
 
-        if not is_user_arch(self.arch):
-            check_choice("arch", self.arch, tuple(MODELS))
-        if self.arch_args is not None:
-            if not is_user_arch(self.arch):
-                raise ValueError(f"arch_args (--arch-args) are only for an architecture of your own (FILE.py:NAME), "
-                                 f"not arch={self.arch!r}")
-            if not (isinstance(self.arch_args, dict) and all(isinstance(k, str) for k in self.arch_args)):
-                raise ValueError(f"arch_args={self.arch_args!r} is not allowed: expected keyword arguments as a dict")
+        check_arch(self.arch, self.arch_args, MODELS)
         if not (isinstance(self.distill, (int, float)) and 0.0 <= self.distill < 1.0):
             raise ValueError(f"distill={self.distill!r} is not allowed: expected a number in [0, 1)")
         check_positive_real("temperature", self.temperature)
@@ -205,25 +198,6 @@ def load_user_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Modu
     return model
 
 
-def check_outputs(model: torch.nn.Module, arch: str, data: Dataset) -> None:
-    """``model`` maps two of ``data``'s training inputs to ``(2, num_classes)`` scores, or a one-line error."""
-    x = data.x_train[:2]
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            y = model(x)
-    except Exception as err:
-        raise ValueError(f"--arch {arch} cannot run on a {tuple(x.shape)} batch of {data.name} ({error_line(err)})"
-                         ) from None
-    finally:
-        model.train(was)
-    if not isinstance(y, torch.Tensor) or tuple(y.shape) != (2, data.num_classes):
-        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise ValueError(f"--arch {arch} maps a {tuple(x.shape)} batch of {data.name} to {got}; expected "
-                         f"(2, {data.num_classes}) class scores")
-
-
 def preflight(config: CompressConfig, out: Path, resume: bool, data: Dataset) -> dict[str, torch.Tensor] | None:
     """Every check that can be made before anything is written or trained; raises ``ValueError`` with one line.
 
@@ -245,7 +219,7 @@ def preflight(config: CompressConfig, out: Path, resume: bool, data: Dataset) ->
         model = dense_model(config, data)
         if config.model_file is not None:
             load_user_weights(model, config.model_file)
-        check_outputs(model, config.arch, data)
+        check_model_fits_data(model, config.arch, data)
         if config.ratio is not None or is_user_arch(config.arch):  # an unreachable ratio, nothing to convert
             tensorize(model, conv_modes=config.conv_modes, **config.settings()[0][1])
     if resume:

@@ -5,6 +5,10 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
+
+from .._checks import error_line
+from ..data import Dataset
 from ..io import ModelFileError, read_metadata, read_tensors
 
 __all__ = ["check_writable", "check_resume", "recorded_settings", "available_memory"]
@@ -75,3 +79,23 @@ def check_resume(out: Path, job: str, first_files: Sequence[str], key: str, now:
     if diff:
         raise ValueError(f"--resume: the run in {out} was made with other settings ({'; '.join(diff)}); repeat its "
                          f"options or start a new run with another --out")
+
+
+def check_model_fits_data(model: torch.nn.Module, arch: str, data: Dataset) -> None:
+    """``model`` maps two of ``data``'s training inputs to ``(2, num_classes)`` class scores, or a one-line error
+    naming ``arch`` (the model's mode is left as it was)."""
+    x = data.x_train[:2]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            y = model(x)
+    except Exception as err:
+        raise ValueError(f"--arch {arch} cannot take {data.name} images of shape {data.image_shape} "
+                         f"({error_line(err, 160)})") from None
+    finally:
+        model.train(was)
+    if not isinstance(y, torch.Tensor) or tuple(y.shape) != (len(x), data.num_classes):
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"--arch {arch} maps a {tuple(x.shape)} batch of {data.name} to {got}; expected "
+                         f"({len(x)}, {data.num_classes}) class scores")

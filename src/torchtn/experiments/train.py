@@ -1,4 +1,5 @@
-"""``torchtn train``: train a zoo model (dense or with MPO layers) with the shared trainer, on one process or many.
+"""``torchtn train``: train a zoo model or the user's own (dense, with MPO or ADTN layers) with the shared trainer, on
+one process or many.
 
 Output directory (every file atomic; ``--resume`` continues from the checkpoint)::
 
@@ -21,15 +22,19 @@ from pathlib import Path
 import torch
 
 from .._checks import check_choice, check_positive_int, check_positive_real
+from ..compress import tensorize
 from ..data import Dataset
 from ..io import atomic_write_text, read_metadata, save_model
+from ..layers import TTLayer
 from ..models import MODELS, build_model
 from ..models.blocks import LAYER_KINDS
+from ..models.user import build_user_model, check_arch, is_user_arch
 from ..train import TrainConfig, Trainer, evaluate
 from ..train.sweep import SweepConfig, Sweeper
 from ..train.trainer import process_group
+from .rundir import check_model_fits_data
 
-__all__ = ["TrainJob", "run_train", "model_config", "check_train_job", "ADTN_ARCHS"]
+__all__ = ["TrainJob", "run_train", "model_config", "job_model", "check_train_job", "ADTN_ARCHS"]
 
 ADTN_ARCHS = ("alexnet", "vgg16", "zfnet")  # zoo networks whose big fully connected maps can be ADTNs
 
@@ -38,7 +43,8 @@ ADTN_ARCHS = ("alexnet", "vgg16", "zfnet")  # zoo networks whose big fully conne
 class TrainJob:
     """Settings of one ``torchtn train`` run."""
 
-    arch: str = "fc2"
+    arch: str = "fc2"  # a zoo name, or the user's own: FILE.py:NAME, package.module:NAME
+    arch_args: dict | None = None  # keyword arguments of a user's architecture
     layers: str = "dense"
     rank: int = 4
     dataset: str = "digits"
@@ -55,7 +61,7 @@ class TrainJob:
     depth: int = 2  # brick layers of each ADTN, with layers="adtn"
 
     def __post_init__(self) -> None:
-        check_choice("arch", self.arch, tuple(MODELS))
+        check_arch(self.arch, self.arch_args, MODELS)
         check_choice("layers", self.layers, LAYER_KINDS)
         if self.layers == "adtn" and self.arch not in ADTN_ARCHS:
             raise ValueError(f"--layers adtn is wired for --arch {', '.join(ADTN_ARCHS)} (the ADTN paper's CIFAR "
@@ -91,16 +97,27 @@ def model_config(job: TrainJob, data: Dataset) -> dict:
     return config
 
 
+def job_model(job: TrainJob, data: Dataset) -> torch.nn.Module:
+    """The model to train: the zoo's, built for this data; or the user's own, built from ``arch_args``, whose
+    ``nn.Linear``/``nn.Conv2d``/``nn.Embedding`` layers become MPOs with every bond at ``rank`` when ``layers="mpo"``
+    (through :func:`tensorize`, so a layer whose MPO would not be smaller stays dense), their cores then drawn afresh
+    as the zoo's MPO layers are (PyTorch's variance for the layer's fan-in)."""
+    if not is_user_arch(job.arch):
+        return build_model(model_config(job, data))
+    model = build_user_model(job.arch, job.arch_args)
+    if job.layers == "mpo":
+        model, _ = tensorize(model, rank=job.rank)
+        for module in model.modules():
+            if isinstance(module, TTLayer) and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    return model
+
+
 def check_train_job(job: TrainJob, data: Dataset) -> None:
-    """Before anything is written: the architecture accepts this data's images (one forward of one example)."""
+    """Before anything is written: the architecture builds and maps this data's images to one score per class."""
     with torch.random.fork_rng():
-        model = build_model(model_config(job, data)).eval()
-    try:
-        with torch.no_grad():
-            model(data.x_train[:1])
-    except (RuntimeError, ValueError) as err:
-        raise ValueError(f"--arch {job.arch} cannot take {data.name} images of shape {data.image_shape} "
-                         f"({str(err).splitlines()[0][:160]})") from None
+        model = job_model(job, data)
+    check_model_fits_data(model, job.arch, data)
     if job.optimizer == "sweep":
         try:
             Sweeper(model, job.train_config(False).sweep)
@@ -118,7 +135,7 @@ def run_train(job: TrainJob, data: Dataset, out: Path, *, resume: bool = False, 
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     torch.manual_seed(job.seed)
-    model = build_model(model_config(job, data))
+    model = job_model(job, data)
     meta = {"train_job": asdict(job), "dataset": data.name}
     trainer = Trainer(model, job.train_config(progress), checkpoint=out / "checkpoints" / "model.safetensors",
                       metadata=meta, device=device)
@@ -144,7 +161,8 @@ def run_train(job: TrainJob, data: Dataset, out: Path, *, resume: bool = False, 
         row["bond_dims"] = {r["layer"]: r["ranks"] for r in sweep["history"]}  # each layer's last sweep
     if rank == 0:
         if not final.exists():
-            save_model(model, final, {**meta, "seconds": seconds, "config": model.config(),
+            config = {"config": model.config()} if hasattr(model, "config") and not is_user_arch(job.arch) else {}
+            save_model(model, final, {**meta, "seconds": seconds, **config,
                                       **({"sweep": sweep} if sweep is not None else {})})
         if sweep is not None and sweep["history"]:
             from ..plotting import plot_sweep_history

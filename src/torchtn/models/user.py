@@ -18,7 +18,7 @@ from torch import nn
 
 from .._checks import error_line
 
-__all__ = ["is_user_arch", "build_user_model"]
+__all__ = ["is_user_arch", "build_user_model", "check_arch"]
 
 
 def is_user_arch(spec: object) -> bool:
@@ -77,3 +77,17 @@ def build_user_model(spec: str, kwargs: Mapping[str, Any] | None = None, *, flag
     if not isinstance(model, nn.Module):
         raise ValueError(f"{flag} {spec!r}: {name}(...) returned a {type(model).__name__}, expected an nn.Module")
     return model
+
+
+def check_arch(arch: object, arch_args: object, zoo: Mapping[str, Any]) -> None:
+    """``arch`` is a zoo name or names the user's code (``WHERE:NAME``, imported only when the model is built);
+    ``arch_args`` (keyword arguments, a ``dict`` with string keys) only go with the latter."""
+    if not is_user_arch(arch) and arch not in zoo:
+        raise ValueError(f"arch={arch!r} is not allowed: expected one of {', '.join(sorted(zoo))}, or your own as "
+                         f"FILE.py:NAME or package.module:NAME")
+    if arch_args is not None:
+        if not is_user_arch(arch):
+            raise ValueError(f"arch_args (--arch-args) are only for an architecture of your own (FILE.py:NAME), "
+                             f"not arch={arch!r}")
+        if not (isinstance(arch_args, dict) and all(isinstance(k, str) for k in arch_args)):
+            raise ValueError(f"arch_args={arch_args!r} is not allowed: expected keyword arguments as a dict")
