@@ -4,10 +4,12 @@ import json
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from torchtn import ADTNConv2d, ADTNLinear, MPOConv2d, MPOEmbedding, MPOLinear, load_model, save_model, tensorize
 from torchtn.cli import main
-from torchtn.layers import TAntisymmetric, THamiltonian, TLinear, TResidual, TTLayer, layer_types, register_layer
+from torchtn.layers import (TAntisymmetric, THamiltonian, TLinear, TResidual, TTLayer, adtn_parametrize, layer_types,
+                            mpo_parametrize, register_layer)
 from torchtn.layers import registry as registry_module
 
 # One example per registered type: adding a layer type without adding it here fails test_every_type_has_an_example.
@@ -26,7 +28,16 @@ EXAMPLES = {
     "ADTNConv2d": lambda: nn.Sequential(nn.Unflatten(1, (3, 4, 4)), ADTNConv2d(3, 5, 3, padding=1, depth=2,
                                                                                  dtype=torch.float64),
                                         nn.Flatten(), nn.Linear(80, 20, dtype=torch.float64)),
+    # parametrizations of a plain module's tensor: the skeleton below holds the dense nn.Linear
+    "ADTNParametrization": lambda: _parametrized(lambda m: adtn_parametrize(m, "weight", depth=2)),
+    "MPOParametrization": lambda: _parametrized(lambda m: mpo_parametrize(m, "weight", rank=3)),
 }
+
+
+def _parametrized(how) -> nn.Module:
+    linear = nn.Linear(48, 20, dtype=torch.float64)
+    how(linear)
+    return linear
 
 
 class _Ids(nn.Module):
@@ -58,6 +69,8 @@ def test_round_trip_save_load_same_outputs(tmp_path, name):
                 setattr(m, child_name, nn.Linear(child.in_features, child.out_features, dtype=torch.float64))
             elif isinstance(child, MPOConv2d):
                 setattr(m, child_name, child.to_conv())
+            elif parametrize.is_parametrized(child):
+                setattr(m, child_name, nn.Linear(child.in_features, child.out_features, dtype=torch.float64))
     load_model(path, skeleton)
     assert {type(m).__name__ for m in skeleton.modules()} == {type(m).__name__ for m in model.modules()}
     x = torch.randn(5, 48, dtype=torch.float64)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ._modules import parent_and_attr
 from ._version import __version__
@@ -265,6 +267,26 @@ def load_layers(path: str | os.PathLike) -> dict[str, nn.Module]:
     return out
 
 
+_PARAMETRIZATION = re.compile(r"^(?:(.+)\.)?parametrizations\.([A-Za-z_][A-Za-z0-9_]*)\.0$")
+
+
+def _parametrization_site(model: nn.Module, name: str) -> tuple[nn.Module, str, str] | None:
+    """For a layer recorded as the parametrization of a tensor (``<owner>.parametrizations.<tensor>.0``, e.g. by
+    ``adtn_parametrize``) whose owner in ``model`` holds that tensor plain: ``(owner, tensor name, owner's key
+    prefix)``, so loading parametrizes it as the file's model was. ``None`` for any other layer."""
+    match = _PARAMETRIZATION.match(name)
+    if match is None:
+        return None
+    owner_name, tensor = match.group(1) or "", match.group(2)
+    try:
+        owner = model.get_submodule(owner_name)
+    except AttributeError:
+        return None
+    if parametrize.is_parametrized(owner, tensor) or not isinstance(getattr(owner, tensor, None), torch.Tensor):
+        return None
+    return owner, tensor, f"{owner_name}." if owner_name else ""
+
+
 def load_model(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> nn.Module:
     """Load a file written by :func:`save_model` into ``model`` (a freshly built dense skeleton is fine).
 
@@ -276,8 +298,14 @@ def load_model(path: str | os.PathLike, model: nn.Module, *, strict: bool = True
     path = Path(path)
     records = _validated_records(path, read_metadata(path))
     shapes = _tensor_shapes(path)
-    new_layers = {}
+    new_layers, new_parametrizations = {}, {}
     for name, record in records.items():
+        site = _parametrization_site(model, name)
+        if site is not None:
+            owner, tensor, prefix = site
+            new_parametrizations[name] = (owner, tensor, prefix, _build_checked(path, name, record, shapes,
+                                                                                like=owner))
+            continue
         try:
             parent, child = parent_and_attr(model, name)
         except AttributeError:
@@ -294,6 +322,12 @@ def load_model(path: str | os.PathLike, model: nn.Module, *, strict: bool = True
                 if not any(k.startswith(f"{name}.") for name in new_layers)}
     for name, (_, _, layer) in new_layers.items():
         expected.update({f"{name}.{k}": tuple(v.shape) for k, v in layer.state_dict().items()})
+    for name, (owner, tensor, prefix, layer) in new_parametrizations.items():  # `tensor` becomes `original` + layer
+        value = getattr(owner, tensor)
+        original = layer.right_inverse(value) if hasattr(layer, "right_inverse") else value
+        expected.pop(f"{prefix}{tensor}", None)
+        expected[f"{prefix}parametrizations.{tensor}.original"] = tuple(original.shape)
+        expected.update({f"{name}.{k}": tuple(v.shape) for k, v in layer.state_dict().items()})
     for key, tensor in state.items():
         if key in expected and expected[key] != tuple(tensor.shape):
             raise ModelFileError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)} but the model described "
@@ -305,6 +339,8 @@ def load_model(path: str | os.PathLike, model: nn.Module, *, strict: bool = True
                                  f"{unexpected[:5]})")
     for parent, child, layer in new_layers.values():
         setattr(parent, child, layer)
+    for owner, tensor, _, layer in new_parametrizations.values():
+        parametrize.register_parametrization(owner, tensor, layer, unsafe=True)
     try:
         model.load_state_dict(state, strict=strict)
     except RuntimeError as err:

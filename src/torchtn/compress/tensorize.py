@@ -18,6 +18,7 @@ from .._checks import check_choice, check_positive_int, check_positive_real, che
 from .._modules import replace_submodule
 from ..core import TTMatrix, bond_caps, inner_ranks, tt_compression_ratio, tt_num_params
 from ..core.weighting import Weighting, two_core_shapes
+from ..layers.mpo_parametrize import MPOParametrization, TensorSite, attention_sites
 from ..layers.registry import converter_for
 from ..report import format_table
 from .calibration import LayerStats, sensitive
@@ -149,16 +150,24 @@ def _inside_mha(model: nn.Module) -> set[str]:
             for c, _ in m.named_children()}
 
 
-def _targets(model: nn.Module, skip: Skip) -> tuple[list[tuple[str, nn.Module, type]], list[str]]:
-    """``(name, dense module, layer class)`` to convert (by the registry's rules), and the names of those kept dense."""
+def _targets(model: nn.Module, skip: Skip) -> tuple[list[tuple[str, nn.Module | TensorSite, type]], list[str]]:
+    """``(name, dense module, layer class)`` to convert (by the registry's rules), and the names of those kept dense.
+    An ``nn.MultiheadAttention`` reads its projection matrices directly (never through a submodule's ``forward``),
+    so each comes as a :class:`~torchtn.layers.mpo_parametrize.TensorSite`, held by an ``MPOParametrization``."""
     skip_fn = _skipper(skip)
     inside_mha = _inside_mha(model)
     chosen, kept = [], []
     for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            for site_name, site in attention_sites(name, module):
+                if skip_fn(site_name, module):
+                    kept.append(site_name)
+                else:
+                    chosen.append((site_name, site, MPOParametrization))
+            continue
         cls = converter_for(module)
-        if cls is not None:
-            # nn.MultiheadAttention reads out_proj.weight directly, so its linear layers must stay dense.
-            if name in inside_mha or skip_fn(name, module):
+        if cls is not None and name not in inside_mha:  # out_proj: its weight is one of the attention's sites
+            if skip_fn(name, module):
                 kept.append(name)
             else:
                 chosen.append((name, module, cls))
@@ -334,7 +343,8 @@ def tensorize(
     """A copy of ``model`` with its dense layers replaced by registered torchtn layers (TT-SVD of the trained weights).
 
     The rules come from the layer registry: ``nn.Linear`` → ``MPOLinear``, ``nn.Conv2d`` → ``MPOConv2d``,
-    ``nn.Embedding`` → ``MPOEmbedding``.
+    ``nn.Embedding`` → ``MPOEmbedding``; the projection matrices of an ``nn.MultiheadAttention`` (which reads them
+    directly) are parametrized in place by ``MPOParametrization`` (:func:`~torchtn.layers.mpo_parametrize`).
 
     Give ``rank`` (cap on every bond; or ``{layer name: cap}`` per layer, layers not named then keep their full
     rank) and/or ``rel_tol`` (per-layer relative Frobenius error bound), or ``ratio``: a
@@ -457,7 +467,8 @@ def tensorize(
     for li in active:
         (name, module, cls), tt, (i, o), w = targets[li], tts[li], layer_shapes[li], weights[li]
         layer = cls.from_tt(module, tt, exact_ids=exact[li]) if li in exact else cls.from_tt(module, tt)
-        replace_submodule(new, name, layer)
+        if not isinstance(module, TensorSite):  # a site is parametrized in place by from_tt
+            replace_submodule(new, name, layer)
         approx = tt.to_dense()
         if li in exact:  # measured over the whole table, its exact rows included
             w, approx = module.weight.detach(), layer.weight.detach()

@@ -1,9 +1,10 @@
 """Layers: thin ``nn.Module``s over the math core, and the registry that makes them files, tensorize rules and reports."""
-from .adtn import ADTNConv2d, ADTNGenerator, ADTNLinear, adtn_parametrize
+from .adtn import ADTNConv2d, ADTNGenerator, ADTNLinear, ADTNParametrization, adtn_parametrize
 from .attention import LinearAttention, SoftmaxAttention, TensorAttention
 from .mpo_conv import MPOConv2d
 from .mpo_embedding import MPOEmbedding
 from .mpo_linear import MPOLinear
+from .mpo_parametrize import MPOParametrization, mpo_parametrize
 from .registry import converter_for, layer_type, layer_types, register_layer, type_name
 from .tensor_interaction import TensorInteraction
 from .tlayers import TAntisymmetric, THamiltonian, TLinear, TResidual
@@ -12,4 +13,5 @@ from .tt_layer import TTLayer
 __all__ = ["MPOLinear", "MPOConv2d", "TTLayer", "register_layer", "layer_types", "layer_type", "type_name", "converter_for",
            "TensorAttention", "LinearAttention", "SoftmaxAttention", "TensorInteraction", "TLinear", "TResidual",
            "TAntisymmetric", "THamiltonian", "ADTNLinear",
-           "ADTNConv2d", "ADTNGenerator", "adtn_parametrize", "MPOEmbedding"]
+           "ADTNConv2d", "ADTNGenerator", "ADTNParametrization", "adtn_parametrize", "MPOEmbedding",
+           "MPOParametrization", "mpo_parametrize"]

@@ -22,7 +22,7 @@ from ..core.adtn import ACTIVATIONS, adtn_generate, adtn_num_params, num_qubits
 from ._conv import set_conv_geometry
 from .registry import register_layer
 
-__all__ = ["ADTNGenerator", "ADTNLinear", "ADTNConv2d", "adtn_parametrize"]
+__all__ = ["ADTNGenerator", "ADTNLinear", "ADTNConv2d", "ADTNParametrization", "adtn_parametrize"]
 
 
 class ADTNGenerator(nn.Module):
@@ -240,9 +240,11 @@ class ADTNConv2d(_ADTNLayer):
                 f"bias={self.bias is not None}")
 
 
-class _Generated(nn.Module):
+@register_layer("ADTNParametrization")
+class ADTNParametrization(nn.Module):
     """A ``torch.nn.utils.parametrize`` parametrization: ignores the (empty) original and returns the generator's
-    tensor; ``right_inverse`` stores nothing (an empty original), so the dense parameter's memory is freed."""
+    tensor; ``right_inverse`` stores nothing (an empty original), so the dense parameter's memory is freed.
+    Registered, so a model holding one is saved, loaded into a dense skeleton and inspected like any torchtn layer."""
 
     def __init__(self, generator: ADTNGenerator) -> None:
         super().__init__()
@@ -253,6 +255,18 @@ class _Generated(nn.Module):
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
         return value.new_empty(0)
+
+    def layout(self) -> dict[str, Any]:
+        g = self.generator
+        return {"shape": list(g.shape), "depth": g.depth, "activation": g.activation, "Q": g.Q}
+
+    @classmethod
+    def from_layout(cls, spec: dict[str, Any], *, device=None, dtype=None) -> "ADTNParametrization":
+        return cls(ADTNGenerator(spec["shape"], spec["depth"], activation=spec["activation"], device=device,
+                                 dtype=dtype))
+
+    def tt_matrices(self) -> dict:
+        return {}
 
 
 def adtn_parametrize(module: nn.Module, name: str = "weight", depth: int = 2, *, activation: str = "relu",
@@ -266,5 +280,5 @@ def adtn_parametrize(module: nn.Module, name: str = "weight", depth: int = 2, *,
         raise ValueError(f"name={name!r} is not allowed: {type(module).__name__} has no tensor called {name!r}")
     generator = ADTNGenerator(tuple(tensor.shape), depth, fan_in=fan_in, activation=activation,
                               device=tensor.device, dtype=tensor.dtype)
-    parametrize.register_parametrization(module, name, _Generated(generator), unsafe=True)
+    parametrize.register_parametrization(module, name, ADTNParametrization(generator), unsafe=True)
     return generator
