@@ -8,8 +8,17 @@ from torch.nn.utils import parametrize
 
 from torchtn import ADTNConv2d, ADTNLinear, MPOConv2d, MPOEmbedding, MPOLinear, load_model, save_model, tensorize
 from torchtn.cli import main
-from torchtn.layers import (TAntisymmetric, THamiltonian, TLinear, TResidual, TTLayer, adtn_parametrize, layer_types,
-                            mpo_parametrize, register_layer)
+from torchtn.layers import (
+    TAntisymmetric,
+    THamiltonian,
+    TLinear,
+    TResidual,
+    TTLayer,
+    adtn_parametrize,
+    layer_types,
+    mpo_parametrize,
+    register_layer,
+)
 from torchtn.layers import registry as registry_module
 
 # One example per registered type: adding a layer type without adding it here fails test_every_type_has_an_example.
