@@ -70,15 +70,21 @@ def test_allocate_ranks_respects_budget():
         allocate_ranks(spectra, shapes, budget=10)
 
 
-def test_skip_patterns_and_multihead_attention_kept_dense():
+def test_skip_patterns_and_multihead_attention_parametrized_in_place():
+    from torch.nn.utils import parametrize
+
     model = mlp()
     new, report = tensorize(model, rank=2, skip=["4"])
     assert isinstance(new[4], nn.Linear) and report.skipped == ["4"]
     attn = nn.Sequential(nn.MultiheadAttention(16, 2, batch_first=True))
     block = nn.ModuleDict({"attn": attn, "head": nn.Linear(16, 4)})
     new_block, rep = tensorize(block, rank=2)
-    assert isinstance(new_block["attn"][0].out_proj, nn.Linear) and isinstance(new_block["head"], MPOLinear)
-    assert "attn.0.out_proj" in rep.skipped
+    # the attention reads out_proj.weight directly: out_proj stays an nn.Linear whose weight is an MPO
+    out_proj = new_block["attn"][0].out_proj
+    assert type(out_proj).__name__ == "ParametrizedNonDynamicallyQuantizableLinear"
+    assert parametrize.is_parametrized(out_proj, "weight") and isinstance(new_block["head"], MPOLinear)
+    assert {r.name for r in rep.layers} == {"attn.0.in_proj_weight", "attn.0.out_proj.weight", "head"}
+    assert not rep.skipped
 
 
 def test_custom_shapes():
