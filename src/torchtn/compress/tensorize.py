@@ -103,7 +103,7 @@ class TensorizeReport:
 
 def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip) -> tuple[nn.Module, TensorizeReport]:
     """The ``method="adtn"`` branch of :func:`tensorize`."""
-    from ..layers.adtn import ADTNConv2d, ADTNLinear
+    from ..layers.adtn import ADTNConv2d, ADTNLinear, adtn_parametrize
 
     check_positive_int("depth", depth)
     check_positive_int("fit_steps", fit_steps)
@@ -113,11 +113,20 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip) ->
     targets = [(n, m) for n, m in new.named_modules()
                if type(m) in (nn.Linear, nn.Conv2d) and n not in inside_mha and not skip_fn(n, m)
                and not (isinstance(m, nn.Conv2d) and m.padding_mode != "zeros")]
-    if not targets:
+    sites = [(n, site) for name, m in new.named_modules() if isinstance(m, nn.MultiheadAttention)
+             for n, site in attention_sites(name, m) if not skip_fn(n, m)]
+    if not targets and not sites:
         raise ValueError("the model has no layer that tensorize(method='adtn') can convert (nn.Linear, nn.Conv2d with "
-                         "zero padding; after skip)")
+                         "zero padding, nn.MultiheadAttention; after skip)")
     before = sum(p.numel() for p in model.parameters())
     rows = []
+    for name, site in sites:  # read directly by the attention: generated in place (a parametrization)
+        dense = site.value.detach().clone()
+        generator = adtn_parametrize(site.owner, site.tensor, depth, fan_in=dense[0].numel())
+        err = generator.fit(dense, fit_steps)
+        rows.append(LayerReport(name, dense.shape[0], dense[0].numel(), (), (), (), dense.numel(),
+                                generator.num_params, err, 0, "ADTNParametrization",
+                                weight_params=generator.num_params))
     for name, module in targets:
         cls = ADTNLinear if isinstance(module, nn.Linear) else ADTNConv2d
         layer, err = cls.from_dense(module, depth, steps=fit_steps)
@@ -371,8 +380,9 @@ def tensorize(
     modified.
 
     ``method="adtn"``: every ``nn.Linear`` and ``nn.Conv2d`` (after ``skip``) becomes an ``ADTNLinear`` /
-    ``ADTNConv2d`` of ``depth`` brick layers, its generator first fitted to the trained weight (``fit_steps`` Adam
-    steps); the report's ``rel. error`` is that fit's. Heal the model by fine-tuning afterwards.
+    ``ADTNConv2d`` of ``depth`` brick layers (an ``nn.MultiheadAttention``'s projections: ``adtn_parametrize``),
+    its generator first fitted to the trained weight (``fit_steps`` Adam steps); the report's ``rel. error`` is that
+    fit's. Heal the model by fine-tuning afterwards.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
