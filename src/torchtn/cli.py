@@ -124,8 +124,20 @@ def _add_device_option(p: argparse.ArgumentParser) -> None:
                         "'cuda' is each process's own GPU (LOCAL_RANK) and the processes talk over NCCL")
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _add_arch_options(p: argparse.ArgumentParser, what: str, own: str) -> None:
+    """``--arch`` (a zoo name or the user's own ``FILE.py:NAME``) and ``--arch-args``; ``own``: what else the job
+    does with the user's architecture."""
     from .models import MODELS
+
+    p.add_argument("--arch", type=_arch, default="fc2", metavar="NAME",
+                   help=f"{what}: one of the zoo ({', '.join(sorted(MODELS))}; default fc2) or your own nn.Module as "
+                        f"FILE.py:NAME or package.module:NAME (a class or a function returning it; its code runs, as "
+                        f"`python FILE.py` would: name only code you trust{own})")
+    p.add_argument("--arch-args", type=_json_kwargs, default=None, metavar="JSON",
+                   help="keyword arguments of your own --arch, as a JSON object, e.g. '{\"width\": 32}'")
+
+
+def _build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="torchtn", description="Tensor networks inside deep neural networks.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -153,12 +165,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model-file", type=Path, default=None,
                    help="compress this trained model instead of training one: a torchtn or plain safetensors file, "
                         "or a .pt/.pth state dict (read with weights_only=True; never an arbitrary pickle)")
-    c.add_argument("--arch", type=_arch, default="fc2", metavar="NAME",
-                   help=f"architecture of the dense model: one of the zoo ({', '.join(sorted(MODELS))}) or your own "
-                        f"nn.Module as FILE.py:NAME or package.module:NAME (a class or a function returning the "
-                        f"model; its code runs, as `python FILE.py` would: name only code you trust)")
-    c.add_argument("--arch-args", type=_json_kwargs, default=None, metavar="JSON",
-                   help="keyword arguments of your own --arch, as a JSON object, e.g. '{\"width\": 32}'")
+    _add_arch_options(c, "architecture of the dense model", "")
     c.add_argument("--distill", type=_float_in("--distill", 0.0, 1.0, open_low=False), default=0.0,
                    help="healing: weight of knowledge distillation from the dense model, in [0, 1) (default 0)")
     c.add_argument("--conv-modes", choices=("matrix", "kernel"), default="matrix",
@@ -206,17 +213,14 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="how --ratio's budget is shared: least total error or equal relative errors (default: "
                           "relative when calibrated with --probes 0, else absolute)")
 
-    t = sub.add_parser("train", help="train a zoo model, dense or with MPO layers (torchrun: many processes)",
-                       description="Train a model of the zoo with the shared trainer and write the model, its "
-                                   "checkpoint and results.json into --out. Runs data-parallel unchanged under "
+    t = sub.add_parser("train", help="train a zoo model or your own, dense or with MPO layers (torchrun: many "
+                                     "processes)",
+                       description="Train a model of the zoo or your own with the shared trainer and write the model, "
+                                   "its checkpoint and results.json into --out. Runs data-parallel unchanged under "
                                    "torchrun (e.g. torchrun --nproc_per_node 2 -m torchtn train ...).")
     _add_run_options(t, "train", "training epochs (default 10)", 1e-3)
-    t.add_argument("--arch", type=_arch, default="fc2", metavar="NAME",
-                   help=f"zoo architecture ({', '.join(sorted(MODELS))}; default fc2) or your own nn.Module as "
-                        f"FILE.py:NAME or package.module:NAME (its code runs: name only code you trust; with --layers "
-                        f"mpo/adtn its Linear, Conv2d and Embedding layers become MPOs at --rank / ADTNs of --depth)")
-    t.add_argument("--arch-args", type=_json_kwargs, default=None, metavar="JSON",
-                   help="keyword arguments of your own --arch, as a JSON object, e.g. '{\"width\": 32}'")
+    _add_arch_options(t, "the model", "; with --layers mpo its Linear, Conv2d and Embedding layers become MPOs at "
+                                      "--rank")
     t.add_argument("--layers", choices=("dense", "mpo", "adtn"), default="dense",
                    help="dense layers, the architecture's MPO layers, or ADTN layers (alexnet, vgg16, zfnet: the "
                         "two big fully connected maps) (default dense)")
