@@ -42,13 +42,20 @@ def _import(where: str, spec: str, flag: str) -> Any:
             path = Path(where).expanduser()
             if not path.is_file():
                 raise ValueError(f"{flag} {spec!r}: no Python file at {path}")
-            name = f"torchtn_user_arch_{path.stem}"
+            resolved = path.resolve()
+            name = f"torchtn_user_arch_{path.stem}_{abs(hash((str(resolved), resolved.stat().st_mtime_ns))):x}"
+            if name in sys.modules:  # imported once per process (and again when the file changes)
+                return sys.modules[name]
             module_spec = importlib.util.spec_from_file_location(name, path)
             if module_spec is None or module_spec.loader is None:
                 raise ValueError(f"{flag} {spec!r}: {path} cannot be imported as a Python module")
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[name] = module  # classes defined there (dataclasses, pickling) look themselves up here
-            module_spec.loader.exec_module(module)
+            try:
+                module_spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]  # a failed import is not cached
+                raise
             return module
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
