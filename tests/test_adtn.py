@@ -227,3 +227,36 @@ def test_recomputing_backward_equals_autograd_through_every_pass(Q, group, activ
     assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-9, atol=1e-11), branches
     if (Q, group) == (12, 2):  # this case reaches every branch
         assert branches == {"gemm", "one", "bmm", "perm"}
+
+
+def test_unitary_gates_are_orthogonal_and_keep_the_norm(tmp_path):
+    """unitary=True: every gate is the orthogonal polar factor of its latent, so without activations the generated
+    2^Q vector is e_0 rotated — its norm is exactly |scale|; gradients reach the latents; files keep the option."""
+    from torchtn.core.adtn import orthogonal_gates
+    from torchtn.layers import ADTNGenerator
+
+    torch.manual_seed(0)
+    g = ADTNGenerator((2 ** 7,), depth=3, activation="none", unitary=True, dtype=torch.float64)
+    gates = g.effective_gates
+    eye = torch.eye(4, dtype=torch.float64).expand_as(gates)
+    torch.testing.assert_close(gates @ gates.mT, eye, rtol=0, atol=1e-12)
+    # the polar factor is the orthogonal matrix nearest the latent: no random orthogonal matrix is nearer
+    latent = g.gates.detach()[0, 0]
+    best = torch.linalg.matrix_norm(latent - gates[0, 0].detach())
+    for _ in range(50):
+        q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))
+        assert torch.linalg.matrix_norm(latent - q) >= best - 1e-12
+    assert g().norm().item() == pytest.approx(abs(g.scale.item()), rel=1e-12)
+    assert torch.autograd.gradcheck(lambda lat: orthogonal_gates(lat), (torch.randn(2, 4, 4, dtype=torch.float64,
+                                                                                   requires_grad=True),))
+
+    layer = torchtn.ADTNLinear(20, 12, depth=2, unitary=True, dtype=torch.float64)
+    with torch.no_grad():
+        assert layer.weight.var().item() == pytest.approx(1 / (3 * 20), rel=1e-6)  # PyTorch's variance at step 0
+    x = torch.randn(3, 20, dtype=torch.float64)
+    layer(x).square().sum().backward()
+    assert layer.generator.gates.grad.abs().sum() > 0
+    assert layer.layout()["unitary"] is True and "unitary=True" in repr(layer.generator)
+    path = torchtn.save_model(torch.nn.Sequential(layer), tmp_path / "u.safetensors")
+    back = torchtn.load_model(path, torch.nn.Sequential(torch.nn.Linear(20, 12, dtype=torch.float64)))
+    assert back[0].generator.unitary and torch.equal(back(x), layer(x))

@@ -31,7 +31,7 @@ from .contraction.planner import MeasuredPlan, make_plan, register_strategy
 from .contraction.tt_linear_plans import scratch_buffer
 
 __all__ = ["adtn_generate", "brick_layer_pairs", "adtn_num_params", "ADTNPlan", "plan_adtn", "ACTIVATIONS",
-           "num_qubits"]
+           "num_qubits", "orthogonal_gates"]
 
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "none")
 KIND = "adtn"
@@ -48,6 +48,14 @@ def num_qubits(numel: int) -> int:
 def brick_layer_pairs(Q: int) -> list[list[int]]:
     """The first qubit of each gate, per half-layer: ``[[0, 2, 4, …], [1, 3, 5, …]]`` (``Q − 1`` gates in all)."""
     return [list(range(0, Q - 1, 2)), list(range(1, Q - 1, 2))]
+
+
+def orthogonal_gates(latent: torch.Tensor) -> torch.Tensor:
+    """``(..., 4, 4) -> (..., 4, 4)``: the orthogonal polar factor ``U Vᵀ`` of each latent matrix ``U S Vᵀ`` — the
+    orthogonal matrix nearest to it in Frobenius norm, the spec's latent-to-unitary map (real gates: orthogonal).
+    Differentiable wherever the latent's singular values are distinct (almost surely for trained latents)."""
+    u, _, vh = torch.linalg.svd(latent)
+    return u @ vh
 
 
 def adtn_num_params(Q: int, depth: int, *, scale: bool = True) -> int:
