@@ -282,7 +282,8 @@ def _parametrization_site(model: nn.Module, name: str) -> tuple[nn.Module, str, 
         owner = model.get_submodule(owner_name)
     except AttributeError:
         return None
-    if parametrize.is_parametrized(owner, tensor) or not isinstance(getattr(owner, tensor, None), torch.Tensor):
+    plain = owner._parameters.get(tensor, owner._buffers.get(tensor))  # a parameter or buffer, not a property
+    if parametrize.is_parametrized(owner, tensor) or not isinstance(plain, torch.Tensor):
         return None
     return owner, tensor, f"{owner_name}." if owner_name else ""
 
