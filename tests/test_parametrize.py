@@ -120,3 +120,14 @@ def test_adtn_tensorize_generates_attention_projections_in_place(tmp_path):
     new.eval(), fresh.eval()
     with torch.no_grad():
         assert torch.equal(fresh(x), new(x))
+
+
+def test_a_parametrization_loads_into_a_plain_tensor_only(tmp_path):
+    model = nn.Sequential(nn.Linear(16, 16))
+    mpo_parametrize(model[0], "weight", rank=2)
+    path = torchtn.save_model(model, tmp_path / "p.safetensors")
+    x = torch.randn(2, 16)
+    assert torch.equal(torchtn.load_model(path, nn.Sequential(nn.Linear(16, 16)))(x), model(x))
+    with pytest.raises(torchtn.ModelFileError, match="MPOParametrization layer at '0.parametrizations.weight.0', but "
+                                                     "the model has no module there"):
+        torchtn.load_model(path, nn.Sequential(torchtn.MPOLinear(16, 16, 2)))  # its weight is a property
