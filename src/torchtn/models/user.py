@@ -35,8 +35,8 @@ def _split(spec: str, flag: str) -> tuple[str, str]:
 
 
 def _import(where: str, spec: str, flag: str) -> Any:
-    """The module ``where`` names: a Python file (``*.py`` or a path) or an importable module (from the working
-    directory too, as ``python -m`` would)."""
+    """The module ``where`` names: a Python file (``*.py`` or a path; imported once per process and file version)
+    or an importable module (the working directory is put on ``sys.path`` for it, as ``python -m`` does)."""
     try:
         if where.endswith(".py") or os.sep in where or "/" in where:
             path = Path(where).expanduser()
