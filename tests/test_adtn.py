@@ -260,3 +260,25 @@ def test_unitary_gates_are_orthogonal_and_keep_the_norm(tmp_path):
     path = torchtn.save_model(torch.nn.Sequential(layer), tmp_path / "u.safetensors")
     back = torchtn.load_model(path, torch.nn.Sequential(torch.nn.Linear(20, 12, dtype=torch.float64)))
     assert back[0].generator.unitary and torch.equal(back(x), layer(x))
+
+
+def test_fresh_adtns_by_tensorize_and_the_callers_rng_left_alone():
+    """fit_steps=0: every layer becomes a fresh ADTN at PyTorch's variance (to train from scratch), with the unitary
+    option passed through; fitting seeds its own RNG and leaves the caller's untouched; reset_parameters redraws."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.ReLU(), torch.nn.Linear(30, 5))
+    state = torch.get_rng_state()
+    new, report = torchtn.tensorize(model, method="adtn", depth=2, fit_steps=0, unitary=True)
+    assert torch.equal(torch.get_rng_state(), state)  # from_dense drew from its own seeded RNG
+    layer = new[0]
+    assert type(layer).__name__ == "ADTNLinear" and layer.generator.unitary
+    with torch.no_grad():
+        assert layer.weight.var().item() == pytest.approx(1 / (3 * 40), rel=1e-4)
+        before = layer.weight.clone()
+    assert report.layers[0].rel_error > 0.5  # unfitted: far from the dense weight
+    layer.generator.reset_parameters()
+    with torch.no_grad():
+        assert not torch.equal(layer.weight, before)
+        assert layer.weight.var().item() == pytest.approx(1 / (3 * 40), rel=1e-4)
+    with pytest.raises(ValueError, match="unitary=True is for method='adtn'"):
+        torchtn.tensorize(model, rank=2, unitary=True)

@@ -131,3 +131,12 @@ def test_a_parametrization_loads_into_a_plain_tensor_only(tmp_path):
     with pytest.raises(torchtn.ModelFileError, match="MPOParametrization layer at '0.parametrizations.weight.0', but "
                                                      "the model has no module there"):
         torchtn.load_model(path, nn.Sequential(torchtn.MPOLinear(16, 16, 2)))  # its weight is a property
+
+
+def test_reset_parameters_draws_cores_at_pytorchs_variance():
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(64, 4, dtype=torch.float64)
+    layer = mpo_parametrize(attn, "in_proj_weight", rank=4)
+    layer.reset_parameters()
+    with torch.no_grad():
+        assert 0.5 < attn.in_proj_weight.var().item() * 3 * 64 < 2.0  # nn.Linear's Var(W) = 1 / (3 · fan_in)

@@ -206,5 +206,11 @@ def test_train_a_model_of_the_users_own_architecture(tmp_path, capsys):
     first = model.body[1]
     assert type(first).__name__ == "MPOLinear"
     assert 0.5 < first.weight.var().item() * 3 * 64 < 2.0  # nn.Linear's Var(W) = 1 / (3 · fan_in)
-    assert main([*BASE, "--arch", f"{source}:DigitNet", "--layers", "adtn", "--out", str(tmp_path / "no")]) == 2
-    assert "--layers adtn is wired for" in capsys.readouterr().err
+    # --layers adtn: fresh ADTNs of --depth, their gates drawn from the job's seed
+    for seed in (0, 1):
+        assert main([*arch, "--layers", "adtn", "--depth", "2", "--epochs", "1", "--seed", str(seed),
+                     "--out", str(tmp_path / f"adtn-{seed}")]) == 0
+    adtn = json.loads((tmp_path / "adtn-0" / "results.json").read_text())["rows"][0]
+    assert adtn["layers"] == "adtn" and adtn["params"] < dense["params"] / 10 and 0 <= adtn["test_accuracy"] <= 1
+    gates = [weights(tmp_path / f"adtn-{seed}")["body.1.generator.gates"] for seed in (0, 1)]
+    assert not torch.equal(*gates)

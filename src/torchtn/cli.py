@@ -220,7 +220,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                    "torchrun (e.g. torchrun --nproc_per_node 2 -m torchtn train ...).")
     _add_run_options(t, "train", "training epochs (default 10)", 1e-3)
     _add_arch_options(t, "the model", "; with --layers mpo its Linear, Conv2d and Embedding layers become MPOs at "
-                                      "--rank")
+                                      "--rank, with --layers adtn its Linear and Conv2d layers fresh ADTNs of --depth")
     t.add_argument("--layers", choices=("dense", "mpo", "adtn"), default="dense",
                    help="dense layers, the architecture's MPO layers, or ADTN layers (alexnet, vgg16, zfnet: the "
                         "two big fully connected maps) (default dense)")

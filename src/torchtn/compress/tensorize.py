@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_positive_int, check_positive_real, check_rel_tol
+from .._checks import check_choice, check_nonnegative_int, check_positive_int, check_positive_real, check_rel_tol
 from .._modules import replace_submodule
 from ..core import TTMatrix, bond_caps, inner_ranks, tt_compression_ratio, tt_num_params
 from ..core.weighting import Weighting, two_core_shapes
@@ -101,12 +101,13 @@ class TensorizeReport:
                 "compression_ratio": self.compression_ratio, "skipped": list(self.skipped)}
 
 
-def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip) -> tuple[nn.Module, TensorizeReport]:
+def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip,
+                    unitary: bool) -> tuple[nn.Module, TensorizeReport]:
     """The ``method="adtn"`` branch of :func:`tensorize`."""
     from ..layers.adtn import ADTNConv2d, ADTNLinear, adtn_parametrize
 
     check_positive_int("depth", depth)
-    check_positive_int("fit_steps", fit_steps)
+    check_nonnegative_int("fit_steps", fit_steps)
     new = copy.deepcopy(model)
     skip_fn = _skipper(skip)
     inside_mha = _inside_mha(new)
@@ -122,14 +123,14 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip) ->
     rows = []
     for name, site in sites:  # read directly by the attention: generated in place (a parametrization)
         dense = site.value.detach().clone()
-        generator = adtn_parametrize(site.owner, site.tensor, depth, fan_in=dense[0].numel())
+        generator = adtn_parametrize(site.owner, site.tensor, depth, fan_in=dense[0].numel(), unitary=unitary)
         err = generator.fit(dense, fit_steps)
         rows.append(LayerReport(name, dense.shape[0], dense[0].numel(), (), (), (), dense.numel(),
                                 generator.num_params, err, 0, "ADTNParametrization",
                                 weight_params=generator.num_params))
     for name, module in targets:
         cls = ADTNLinear if isinstance(module, nn.Linear) else ADTNConv2d
-        layer, err = cls.from_dense(module, depth, steps=fit_steps)
+        layer, err = cls.from_dense(module, depth, steps=fit_steps, unitary=unitary)
         replace_submodule(new, name, layer)
         w = module.weight
         bias = 0 if module.bias is None else module.bias.numel()
@@ -344,6 +345,7 @@ def tensorize(
     method: str = "mpo",
     depth: int = 2,
     fit_steps: int = 500,
+    unitary: bool = False,
     allocation: str | None = None,
     conv_modes: str = "matrix",
     calibration: Mapping[str, LayerStats] | None = None,
@@ -381,8 +383,9 @@ def tensorize(
 
     ``method="adtn"``: every ``nn.Linear`` and ``nn.Conv2d`` (after ``skip``) becomes an ``ADTNLinear`` /
     ``ADTNConv2d`` of ``depth`` brick layers (an ``nn.MultiheadAttention``'s projections: ``adtn_parametrize``),
-    its generator first fitted to the trained weight (``fit_steps`` Adam steps); the report's ``rel. error`` is that
-    fit's. Heal the model by fine-tuning afterwards.
+    its generator first fitted to the trained weight (``fit_steps`` Adam steps; ``0``: no fit, the generators start
+    fresh at PyTorch's variance, to train from scratch); the report's ``rel. error`` is that fit's; ``unitary``:
+    orthogonal gates (:class:`~torchtn.layers.ADTNGenerator`). Heal the model by fine-tuning afterwards.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -394,7 +397,9 @@ def tensorize(
     if method == "adtn":
         if rank is not None or rel_tol is not None or ratio is not None or shapes:
             raise ValueError("method='adtn' takes depth= and fit_steps=, not rank=, rel_tol=, ratio= or shapes=")
-        return _tensorize_adtn(model, depth, fit_steps, skip)
+        return _tensorize_adtn(model, depth, fit_steps, skip, check_choice("unitary", unitary, (False, True)))
+    if unitary:
+        raise ValueError("unitary=True is for method='adtn' (orthogonal gates), not for MPO layers")
     rel_tol = check_rel_tol("rel_tol", rel_tol)
     ratio = check_positive_real("ratio", ratio, allow_none=True)
     if ratio is not None and (rank is not None or rel_tol is not None):

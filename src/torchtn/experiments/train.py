@@ -25,7 +25,7 @@ from .._checks import check_choice, check_positive_int, check_positive_real
 from ..compress import tensorize
 from ..data import Dataset
 from ..io import atomic_write_text, read_metadata, save_model
-from ..layers import TTLayer
+from ..layers import ADTNGenerator, TTLayer
 from ..models import MODELS, build_model
 from ..models.blocks import LAYER_KINDS
 from ..models.user import build_user_model, check_arch, is_user_arch
@@ -63,7 +63,7 @@ class TrainJob:
     def __post_init__(self) -> None:
         check_arch(self.arch, self.arch_args, MODELS)
         check_choice("layers", self.layers, LAYER_KINDS)
-        if self.layers == "adtn" and self.arch not in ADTN_ARCHS:
+        if self.layers == "adtn" and self.arch not in ADTN_ARCHS and not is_user_arch(self.arch):
             raise ValueError(f"--layers adtn is wired for --arch {', '.join(ADTN_ARCHS)} (the ADTN paper's CIFAR "
                              f"networks), not {self.arch}; FC2 and LeNet-5 with ADTN layers: torchtn reproduce adtn")
         check_positive_int("rank", self.rank)
@@ -101,7 +101,8 @@ def job_model(job: TrainJob, data: Dataset) -> torch.nn.Module:
     """The model to train: the zoo's, built for this data; or the user's own, built from ``arch_args``, whose
     ``nn.Linear``/``nn.Conv2d``/``nn.Embedding`` layers become MPOs with every bond at ``rank`` when ``layers="mpo"``
     (through :func:`tensorize`, so a layer whose MPO would not be smaller stays dense), their cores then drawn afresh
-    as the zoo's MPO layers are (PyTorch's variance for the layer's fan-in)."""
+    as the zoo's MPO layers are (PyTorch's variance for the layer's fan-in) — or, with ``layers="adtn"``, whose
+    ``nn.Linear``/``nn.Conv2d`` layers (and attention projections) become fresh ADTNs of ``depth`` brick layers."""
     if not is_user_arch(job.arch):
         return build_model(model_config(job, data))
     model = build_user_model(job.arch, job.arch_args)
@@ -109,6 +110,11 @@ def job_model(job: TrainJob, data: Dataset) -> torch.nn.Module:
         model, _ = tensorize(model, rank=job.rank)
         for module in model.modules():
             if isinstance(module, TTLayer) and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    elif job.layers == "adtn":
+        model, _ = tensorize(model, method="adtn", depth=job.depth, fit_steps=0)
+        for module in model.modules():  # gates drawn from this job's seed
+            if isinstance(module, ADTNGenerator):
                 module.reset_parameters()
     return model
 

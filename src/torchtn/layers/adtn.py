@@ -9,7 +9,8 @@ apart (``param_report``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .._checks import check_choice, check_positive_int
+from .._checks import check_choice, check_nonnegative_int, check_positive_int
 from ..core.adtn import ACTIVATIONS, adtn_generate, adtn_num_params, num_qubits, orthogonal_gates
 from ._conv import set_conv_geometry
 from .registry import register_layer
@@ -48,13 +49,27 @@ class ADTNGenerator(nn.Module):
         self.numel = math.prod(self.shape)
         self.Q = num_qubits(self.numel)
         kw = {"device": device, "dtype": dtype}
+        self.gate_std = float(gate_std)
+        self.fan_in = fan_in if fan_in is not None else (math.prod(self.shape[1:]) if len(self.shape) > 1 else 1)
         self.gates = nn.Parameter(torch.randn(depth, self.Q - 1, 4, 4, **kw) * gate_std)
         self.scale = nn.Parameter(torch.ones((), **kw))
         self._cache: tuple | None = None
-        fan_in = fan_in if fan_in is not None else (math.prod(self.shape[1:]) if len(self.shape) > 1 else 1)
+        self._set_scale()
+
+    def reset_parameters(self) -> None:
+        """Fresh Gaussian gates (standard deviation ``gate_std``, from the global RNG) and the scale that gives the
+        generated tensor PyTorch's variance ``1 / (3 · fan_in)``."""
         with torch.no_grad():
+            self.gates.copy_(torch.randn(self.gates.shape, dtype=self.gates.dtype, device=self.gates.device)
+                             * self.gate_std)
+        self._set_scale()
+
+    def _set_scale(self) -> None:
+        with torch.no_grad():
+            self.scale.fill_(1.0)
             w = self._generate()
-            self.scale.mul_(math.sqrt(1 / (3 * fan_in)) / w.std().clamp_min(1e-30))
+            self.scale.mul_(math.sqrt(1 / (3 * self.fan_in)) / w.std().clamp_min(1e-30))
+        self._cache = None
 
     @property
     def effective_gates(self) -> torch.Tensor:
@@ -78,8 +93,9 @@ class ADTNGenerator(nn.Module):
         return self._cache[1]
 
     def fit(self, target: torch.Tensor, steps: int = 500, lr: float = 0.02) -> float:
-        """Fit the gates and the scale to ``target`` (Adam on ``‖T − target‖²``); returns ``‖T − target‖ / ‖target‖``."""
-        check_positive_int("steps", steps)
+        """Fit the gates and the scale to ``target`` (Adam on ``‖T − target‖²``; ``steps=0``: no fit); returns
+        ``‖T − target‖ / ‖target‖``."""
+        check_nonnegative_int("steps", steps)
         target = target.detach().reshape(self.shape)
         opt = torch.optim.Adam([self.gates, self.scale], lr=lr)
         for _ in range(steps):
@@ -102,6 +118,14 @@ class ADTNGenerator(nn.Module):
     def extra_repr(self) -> str:
         unitary = ", unitary=True" if self.unitary else ""
         return f"shape={self.shape}, depth={self.depth}, Q={self.Q}, activation={self.activation!r}{unitary}"
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Draw from the RNG seeded with ``seed`` inside the block, leaving the caller's RNG state as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 class _ADTNLayer(nn.Module):
@@ -181,10 +205,10 @@ class ADTNLinear(_ADTNLayer):
         Returns the layer and the relative Frobenius error ``‖W_adtn − W‖ / ‖W‖`` of the fit."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        torch.manual_seed(seed)
         w = linear.weight
-        layer = cls(linear.in_features, linear.out_features, depth, linear.bias is not None, activation=activation,
-                    unitary=unitary, device=w.device, dtype=w.dtype)
+        with _seeded(seed, w.device):
+            layer = cls(linear.in_features, linear.out_features, depth, linear.bias is not None,
+                        activation=activation, unitary=unitary, device=w.device, dtype=w.dtype)
         return layer, layer._fit_from(linear, steps, lr)
 
     def layout(self) -> dict[str, Any]:
@@ -228,10 +252,10 @@ class ADTNConv2d(_ADTNLayer):
         error."""
         if not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros":
             raise TypeError("conv must be an nn.Conv2d with padding_mode='zeros'")
-        torch.manual_seed(seed)
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                    conv.groups, conv.bias is not None, depth=depth, activation=activation, unitary=unitary,
-                    device=conv.weight.device, dtype=conv.weight.dtype)
+        with _seeded(seed, conv.weight.device):
+            layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                        conv.dilation, conv.groups, conv.bias is not None, depth=depth, activation=activation,
+                        unitary=unitary, device=conv.weight.device, dtype=conv.weight.dtype)
         return layer, layer._fit_from(conv, steps, lr)
 
     def layout(self) -> dict[str, Any]:

@@ -56,6 +56,10 @@ class MPOParametrization(TTLayer):
         self._init_cores(TTMatrix.random(self.in_shape, self.out_shape, rank, variance=1.0 / (3.0 * cols),
                                          device=device, dtype=dtype))  # nn.Linear's variance for this fan-in
 
+    def reset_parameters(self) -> None:
+        """Gaussian cores with ``nn.Linear``'s variance ``1 / (3 · fan_in)``, ``fan_in = ∏shape[1:]``."""
+        self._reset(math.prod(self.shape[1:]), None)
+
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         return self._cached_dense().reshape(self.shape)
 
