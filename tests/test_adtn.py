@@ -270,6 +270,10 @@ def test_fresh_adtns_by_tensorize_and_the_callers_rng_left_alone():
     state = torch.get_rng_state()
     new, report = torchtn.tensorize(model, method="adtn", depth=2, fit_steps=0, unitary=True)
     assert torch.equal(torch.get_rng_state(), state)  # from_dense drew from its own seeded RNG
+    attention = torch.nn.Sequential(torch.nn.MultiheadAttention(16, 2))
+    state = torch.get_rng_state()
+    torchtn.tensorize(attention, method="adtn", depth=1, fit_steps=0)
+    assert torch.equal(torch.get_rng_state(), state)  # so did the attention's parametrizations
     layer = new[0]
     assert type(layer).__name__ == "ADTNLinear" and layer.generator.unitary
     with torch.no_grad():

@@ -123,7 +123,8 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip,
     rows = []
     for name, site in sites:  # read directly by the attention: generated in place (a parametrization)
         dense = site.value.detach().clone()
-        generator = adtn_parametrize(site.owner, site.tensor, depth, fan_in=dense[0].numel(), unitary=unitary)
+        generator = adtn_parametrize(site.owner, site.tensor, depth, fan_in=dense[0].numel(), unitary=unitary,
+                                     seed=0)  # as from_dense's: the caller's RNG is left alone
         err = generator.fit(dense, fit_steps)
         rows.append(LayerReport(name, dense.shape[0], dense[0].numel(), (), (), (), dense.numel(),
                                 generator.num_params, err, 0, "ADTNParametrization",
