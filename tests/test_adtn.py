@@ -286,3 +286,16 @@ def test_fresh_adtns_by_tensorize_and_the_callers_rng_left_alone():
         assert layer.weight.var().item() == pytest.approx(1 / (3 * 40), rel=1e-4)
     with pytest.raises(ValueError, match="unitary=True is for method='adtn'"):
         torchtn.tensorize(model, rank=2, unitary=True)
+
+
+def test_inspect_states_what_an_adtn_counts(tmp_path, capsys):
+    from torchtn.cli import main
+    from torchtn.layers import adtn_parametrize
+
+    model = torch.nn.Sequential(torchtn.ADTNLinear(784, 256, 2), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    adtn_parametrize(model[2], "weight", depth=1)
+    path = torchtn.save_model(model, tmp_path / "adtn.safetensors")
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "544 gates + 1 scale + 256 bias (for 200,704 dense weights)" in out  # 16·2·17 gates, Q = 18
+    assert "176 gates + 1 scale (for 2,560 dense weights)" in out  # 16·1·11, Q = 12

@@ -298,9 +298,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print("no tensor-network layers")
         return 0
     plain = [(name, type_name(layer), ", ".join(f"{k}={v}" for k, v in layer.layout().items()),
-              sum(p.numel() for p in layer.parameters())) for name, layer in layers.items() if not networks[name]]
-    if plain:  # registered layers without tensor-train bonds (t-product layers, …): what they are
-        print(format_table(["layer", "type", "layout", "parameters"], plain))
+              sum(p.numel() for p in layer.parameters()), _counted(layer))
+             for name, layer in layers.items() if not networks[name]]
+    if plain:  # registered layers without tensor-train bonds (t-product layers, ADTNs, …): what they are
+        counted = any(row[-1] for row in plain)
+        print(format_table(["layer", "type", "layout", "parameters", *(["what is counted"] if counted else [])],
+                           [row if counted else row[:-1] for row in plain]))
         if len(plain) == len(layers):
             return 0
     rows, entropies = [], {}
@@ -332,6 +335,16 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             plot_sweep_history(sweep["history"], history_plot, title=f"sweep training of {args.file.name}")
             print(f"wrote {history_plot}")
     return 0
+
+
+def _counted(layer) -> str:
+    """A layer's parameter accounting, for layers that state it (ADTNs: gates + scale + bias, against the dense
+    entries they replace); empty otherwise."""
+    report = getattr(layer, "param_report", None)
+    if not report:
+        return ""
+    parts = [f"{report[k]:,} {k}" for k in ("gates", "scale", "bias") if report.get(k)]
+    return f"{' + '.join(parts)} (for {report['dense_weight']:,} dense weights)"
 
 
 def _print_sweep_history(history: list[dict]) -> None:

@@ -296,6 +296,12 @@ class ADTNParametrization(nn.Module):
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
         return value.new_empty(0)
 
+    @property
+    def param_report(self) -> dict[str, int]:
+        """What is counted: gate entries and the scale, and the dense entries of the tensor they replace."""
+        g = self.generator
+        return {"gates": g.gates.numel(), "scale": 1, "bias": 0, "generator": g.num_params, "dense_weight": g.numel}
+
     def layout(self) -> dict[str, Any]:
         g = self.generator
         return {"shape": list(g.shape), "depth": g.depth, "activation": g.activation, "Q": g.Q, "unitary": g.unitary}
