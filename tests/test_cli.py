@@ -133,10 +133,17 @@ def test_interrupted_job_resumes_to_identical_models(tmp_path, capsys, monkeypat
     out = tmp_path / "cut"
     assert main([*args, "--out", str(out)]) == 130
     assert "--resume" in capsys.readouterr().err and not (out / "rank-2.safetensors").exists()
-    assert main([*args, "--out", str(out), "--resume"]) == 0
+    # --resume alone: the options left out are the run's own (its epochs and rank here, not the defaults)
+    assert main(["compress", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert "the run's own settings for the options not given: epochs=3, finetune_epochs=3" in capsys.readouterr().out
     a = load_file(tmp_path / "straight" / "rank-2.safetensors")
     b = load_file(out / "rank-2.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # an option given with another value than the run's is still refused, by name — a default value too
+    assert main(["compress", "--out", str(out), "--resume", "--epochs", "30"]) == 2
+    assert "epochs: 3 → 30" in capsys.readouterr().err
+    assert main(["compress", "--out", str(out), "--resume", "--ratio", "2"]) == 2  # one of rank/rel-tol/ratio
+    assert "ranks: [2] → None" in capsys.readouterr().err
 
 
 USER_CNN = """

@@ -41,6 +41,11 @@ def test_quick_run_on_mnist_files_writes_the_shared_results_format(tmp_path, cap
     again = json.loads((out / "results.json").read_text())["rows"]
     assert [r["test_accuracy"] for r in again] == [r["test_accuracy"] for r in rows]
     capsys.readouterr()
+    assert main(["reproduce", "gao2020", "--out", str(out), "--resume", "--no-progress"]) == 0  # its own options
+    taken = capsys.readouterr().out
+    assert all(f"{k}={v}" in taken for k, v in (("quick", True), ("dataset", "mnist"), ("seeds", 1)))
+    again = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["test_accuracy"] for r in again] == [r["test_accuracy"] for r in rows]
     assert main([*args[:-3], "--seeds", "2", "--out", str(out), "--resume"]) == 2
     assert "other settings (seeds" in capsys.readouterr().err
 

@@ -106,6 +106,8 @@ def test_train_refuses_bad_requests(tmp_path, capsys):
     assert main([*BASE, "--out", str(tmp_path / "r")]) == 0
     assert main([*BASE, "--out", str(tmp_path / "r"), "--resume", "--lr", "0.5"]) == 2
     assert "other settings (lr" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "r"), "--resume", "--no-progress"]) == 0  # the run's own options
+    assert "epochs=3" in capsys.readouterr().out
 
 
 def test_cifar_architectures_smoke_run_on_a_tiny_subset(tmp_path):

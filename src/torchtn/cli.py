@@ -265,6 +265,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                            "(compress --hf-model's model/, train's --out)")
     i.add_argument("--plot", type=Path, default=None, help="also write a PNG of entropy per bond (refuses to "
                                                             "overwrite an existing file)")
+    parser.commands = dict(sub.choices)  # each command's parser (which options a command line gave: _given)
     return parser
 
 
@@ -388,6 +389,10 @@ def _run_job(job: str, args: argparse.Namespace, make_config, prepare, run) -> i
     from .io import ModelFileError
     from .train import TrainingDiverged
 
+    if args.resume and args.out is not None:
+        taken = _adopt_recorded(job, args)
+        if taken and os.environ.get("RANK", "0") == "0":  # under torchrun: said once
+            print(f"--resume: the run's own settings for the options not given: {', '.join(taken)}", flush=True)
     try:
         args.device = str(_device(args))
         config = make_config()
@@ -620,12 +625,74 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     return _run_job(f"reproduce-{rep.name}", args, make_config, prepare, run)
 
 
+def _given(command: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The destinations of the options ``argv`` spells out (as argparse matches them: exactly, or by a unique
+    prefix), so that ``--resume`` can tell an option left out from one given with its default value."""
+    options = {o: a.dest for a in command._actions for o in a.option_strings}
+    given = set()
+    for token in argv:
+        if not token.startswith("--"):
+            continue
+        name = token.split("=", 1)[0]
+        matches = [name] if name in options else [o for o in options if o.startswith(name)]
+        if len(matches) == 1:
+            given.add(options[matches[0]])
+    return given
+
+
+# --resume takes the options the run was made with, except those given: the file and the metadata key that record
+# them, and the config fields whose command-line option has another name
+_RECORDED = {"compress": ("dense.safetensors", "compress_config", {"ranks": "rank"}),
+             "train": ("model.safetensors", "train_job", {}),
+             "reproduce": (None, "reproduce_config", {})}  # None: any stage's model file
+_ONE_OF = ({"rank", "rel_tol", "ratio"},)  # given one of these, the recorded others are not taken either
+
+
+def _adopt_recorded(job: str, args: argparse.Namespace) -> list[str]:
+    """With ``--resume --out DIR``: every option of ``job`` left out of the command line takes the value the run in
+    DIR recorded (so ``torchtn compress --out DIR --resume`` continues it as it was started); returns ``name=value``
+    for those that differ from the defaults. A run that cannot be read is left to the resume checks to report."""
+    from .experiments.rundir import recorded_settings
+    from .io import ModelFileError
+
+    kind = job.split("-")[0]  # "reproduce-gao2020" → "reproduce"
+    if kind not in _RECORDED or not args.out.is_dir():
+        return []
+    first, key, renamed = _RECORDED[kind]
+    files = [first] if first else [p.name for p in sorted(args.out.glob("*.safetensors"))[:1]]
+    try:
+        recorded = recorded_settings(args.out, files, key, kind)
+    except (ModelFileError, OSError):
+        return []
+    if not isinstance(recorded, dict):
+        return []
+    given, actions = getattr(args, "given", set()), getattr(args, "actions", {})
+    for group in _ONE_OF:
+        if given & group:
+            given = given | group
+    taken = []
+    for field, value in recorded.items():
+        dest = renamed.get(field, field)
+        if dest in given or dest not in actions or not actions[dest].option_strings:  # positionals are always given
+            continue
+        if value is not None and actions[dest].type is Path:
+            value = Path(value)
+        if value != getattr(args, dest):
+            taken.append(f"{dest}={value}")
+        setattr(args, dest, value)
+    return taken
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    command = parser.commands.get(args.command)
+    if command is not None:
+        args.given, args.actions = _given(command, argv), {a.dest: a for a in command._actions}
     if args.version:
         from . import __version__
 

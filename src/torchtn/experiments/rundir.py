@@ -77,8 +77,8 @@ def check_resume(out: Path, job: str, first_files: Sequence[str], key: str, now:
     after = normalize(now)
     diff = [f"{k}: {before.get(k)!r} → {after.get(k)!r}" for k in sorted(after) if before.get(k) != after.get(k)]
     if diff:
-        raise ValueError(f"--resume: the run in {out} was made with other settings ({'; '.join(diff)}); repeat its "
-                         f"options or start a new run with another --out")
+        raise ValueError(f"--resume: the run in {out} was made with other settings ({'; '.join(diff)}); leave "
+                         f"those options out (the run's own are taken) or start a new run with another --out")
 
 
 def check_model_fits_data(model: torch.nn.Module, arch: str, data: Dataset) -> None:
