@@ -277,6 +277,14 @@ def test_command_line_compresses_heals_and_refuses_bad_input(tiny, tmp_path, cap
     again = hf.load(out / "model")
     assert any(isinstance(m, MPOLinear) for m in again.modules())
     assert isinstance(again.embeddings.position_embeddings, torch.nn.Embedding)  # --keep-dense
+    # --resume alone continues the run with the settings it recorded first (hf_job.json), and names a changed one
+    assert json.loads((out / "hf_job.json").read_text())["ratio"] == 3
+    assert main(["compress", "--out", str(out), "--resume", "--no-progress"]) == 0
+    taken = capsys.readouterr().out
+    assert f"hf_model={tiny}" in taken and "augment=True" in taken and "keep_dense=['*position_embeddings']" in taken
+    assert json.loads((out / "results.json").read_text())["job"] == results["job"]
+    assert main(["compress", "--out", str(out), "--resume", "--ratio", "2"]) == 2
+    assert "ratio: 3.0 → 2.0" in capsys.readouterr().err
     for bad, message in [(["--hf-model", str(tmp_path)], "is not a Hugging Face model folder"),
                          (["--hf-model", str(tiny), "--corpus", str(tmp_path / "none.txt")], "cannot be read"),
                          (["--hf-model", str(tiny)], "needs --corpus")]:

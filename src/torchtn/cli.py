@@ -428,8 +428,8 @@ def _run_job(job: str, args: argparse.Namespace, make_config, prepare, run) -> i
     except MemoryError:
         return _fail("out of memory while training; choose a smaller model or --batch-size")
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with: torchtn {job} --resume --out {out} (and the same options)",
-              file=sys.stderr)
+        command = job.replace("-", " ", 1) if job.startswith("reproduce-") else job  # "reproduce gao2020"
+        print(f"\ninterrupted; continue with: torchtn {command} --resume --out {out}", file=sys.stderr)
         return 130
     if message:
         print(message)
@@ -457,6 +457,13 @@ def _cmd_compress_hf(args: argparse.Namespace) -> int:
         if given:
             return _fail(f"{flag} is for compressing a model file of a zoo or your own architecture; --hf-model "
                          f"compresses the Hugging Face model in its folder")
+    if args.resume:
+        try:
+            taken = _adopt_recorded_hf(args)
+        except ValueError as err:
+            return _fail(str(err))
+        if taken:
+            print(f"--resume: the run's own settings for the options not given: {', '.join(taken)}", flush=True)
     if args.corpus is None:
         return _fail("--hf-model needs --corpus FILE (plain text, one passage per line) to heal and measure on")
     if args.rank is not None and len(args.rank) > 1:
@@ -489,8 +496,7 @@ def _cmd_compress_hf(args: argparse.Namespace) -> int:
     except ValueError as err:
         return _fail(str(err))
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with: torchtn compress --hf-model {args.hf_model} --resume --out {out} "
-              f"(and the same options)", file=sys.stderr)
+        print(f"\ninterrupted; continue with: torchtn compress --resume --out {out}", file=sys.stderr)
         return 130
     print(f"\n{results['table']}\n\nwrote {out}/model (torchtn.hf.load) and {out}/results.json")
     return 0
@@ -499,8 +505,8 @@ def _cmd_compress_hf(args: argparse.Namespace) -> int:
 def _cmd_compress(args: argparse.Namespace) -> int:
     from .experiments.compress import CompressConfig, preflight, run_compress
 
-    if args.hf_model is not None:
-        return _cmd_compress_hf(args)
+    if args.hf_model is not None or (args.resume and args.out is not None and (args.out / "hf_job.json").is_file()):
+        return _cmd_compress_hf(args)  # --resume of an --hf-model run needs no --hf-model: the run recorded it
     for flag, given in (("--corpus", args.corpus is not None), ("--hf-head", args.hf_head),
                         ("--hidden-states", args.hidden_states), ("--augment", args.augment),
                         ("--min-lr-fraction", args.min_lr_fraction is not None),
@@ -664,8 +670,14 @@ def _adopt_recorded(job: str, args: argparse.Namespace) -> list[str]:
         recorded = recorded_settings(args.out, files, key, kind)
     except (ModelFileError, OSError):
         return []
-    if not isinstance(recorded, dict):
-        return []
+    return _take_recorded(args, recorded, renamed) if isinstance(recorded, dict) else []
+
+
+def _take_recorded(args: argparse.Namespace, recorded: dict, renamed: dict[str, str],
+                   convert: dict | None = None) -> list[str]:
+    """Set every option left out of the command line to its ``recorded`` value (``renamed``: recorded field →
+    option destination; ``convert``: destination → function of the recorded value); returns ``name=value`` for
+    those that changed."""
     given, actions = getattr(args, "given", set()), getattr(args, "actions", {})
     for group in _ONE_OF:
         if given & group:
@@ -675,12 +687,29 @@ def _adopt_recorded(job: str, args: argparse.Namespace) -> list[str]:
         dest = renamed.get(field, field)
         if dest in given or dest not in actions or not actions[dest].option_strings:  # positionals are always given
             continue
-        if value is not None and actions[dest].type is Path:
+        if dest in (convert or {}):
+            value = convert[dest](value)
+        elif value is not None and actions[dest].type is Path:
             value = Path(value)
         if value != getattr(args, dest):
             taken.append(f"{dest}={value}")
         setattr(args, dest, value)
     return taken
+
+
+def _adopt_recorded_hf(args: argparse.Namespace) -> list[str]:
+    """``--hf-model`` runs: the options left out take the values in ``DIR/hf_job.json``."""
+    from .experiments.compress_hf import recorded_hf_job
+
+    recorded = recorded_hf_job(args.out) if args.out is not None and args.out.is_dir() else None
+    if recorded is None:
+        return []
+    renamed = {"model": "hf_model", "lr": "finetune_lr", "skip": "keep_dense", "head": "hf_head"}
+    calibrated = bool(recorded.get("calibrate"))
+    convert = {"hf_model": lambda v: Path(v), "corpus": lambda v: Path(v),
+               "rank": lambda v: None if v is None else [v],
+               "exact_rows": lambda v: (0 if calibrated else None) if v is None else v}
+    return _take_recorded(args, recorded, renamed, convert)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,6 +3,7 @@ corpus, and measure what was kept.
 
 Output directory (``--resume`` continues the healing from its checkpoint)::
 
+    out/hf_job.json                the run's settings (written first; --resume takes and checks them)
     out/model/                     the compressed model (torchtn.hf.save: torchtn.safetensors, config, tokenizer)
     out/checkpoints/heal.safetensors  the healing checkpoint (every pass over the corpus)
     out/results.json               per-layer report; parameters, file sizes, quality and throughput before/after
@@ -90,11 +91,49 @@ def _weights_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
+JOB_FILE = "hf_job.json"  # the run's settings, written when it starts: what --resume continues and checks against
+
+
+def recorded_hf_job(out: Path) -> dict | None:
+    """The settings an ``--hf-model`` run in ``out`` was started with (``None`` if it recorded none: not such a run,
+    or one from before they were recorded)."""
+    path = Path(out) / JOB_FILE
+    if not path.is_file():
+        return None
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--resume: {path} cannot be read ({type(err).__name__}); start a new run with another "
+                         f"--out") from None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def _check_recorded(job: HFCompressJob, out: Path) -> None:
+    """A resumed run must have the settings it recorded (the differing ones are named); checked before any work."""
+    recorded = recorded_hf_job(out)
+    now = json.loads(json.dumps(asdict(job)))  # tuples as JSON lists, as recorded
+    diff = [f"{k}: {recorded.get(k)!r} → {v!r}" for k, v in now.items() if recorded.get(k) != v] if recorded else []
+    if diff:
+        raise ValueError(f"--resume: the run in {out} was made with other settings ({'; '.join(diff)}); leave those "
+                         f"options out (the run's own are taken) or start a new run with another --out")
+
+
+def _record(job: HFCompressJob, out: Path) -> None:
+    """The run's settings, the first file it writes — once the model, the corpus and the compression have been
+    checked, so a refused run leaves ``out`` as it was."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / JOB_FILE).exists():
+        atomic_write_text(out / JOB_FILE, json.dumps(asdict(job), indent=2) + "\n")
+
+
 def run_hf_compress(job: HFCompressJob, out: Path, *, resume: bool = False, progress: bool = True,
                     log: Callable[[str], None] = print, device: str | None = None) -> dict:
     """Compress, heal, measure and save (see the module docstring); returns the results. ``progress=False`` also
     silences ``transformers``' own bars."""
     from .. import hf
+
+    if resume:
+        _check_recorded(job, Path(out))
 
     with hf.progress_bars(progress):
         return _run(job, out, resume=resume, progress=progress, log=log, device=device)
@@ -124,6 +163,7 @@ def _run(job: HFCompressJob, out: Path, *, resume: bool, progress: bool, log: Ca
                                   skip=job.skip, allocation=job.allocation, calibration=calibration,
                                   exact_rows=job.exact_rows if calibration else None)
     log(report.table())
+    _record(job, out)
     kw = {"batch_size": job.batch_size, "max_length": job.max_length}
     if job.head:  # the task head's logits: top-class agreement and KL divergence
         reference = hf.logits(teacher, tokenizer, eval_texts, **kw)
