@@ -101,8 +101,8 @@ def test_train_refuses_bad_requests(tmp_path, capsys):
     assert "cannot take digits images" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     assert main(["train", "--arch", "googlenet"]) == 2
-    assert main(["train", "--arch", "fc2", "--layers", "adtn", "--out", str(tmp_path / "a")]) == 2
-    assert "--layers adtn is wired for --arch alexnet, vgg16, zfnet" in capsys.readouterr().err
+    assert main(["train", "--arch", "hybrid", "--layers", "adtn", "--out", str(tmp_path / "a")]) == 2
+    assert "--layers adtn is wired for --arch alexnet, fc2, lenet5, vgg16, zfnet" in capsys.readouterr().err
     assert main([*BASE, "--out", str(tmp_path / "r")]) == 0
     assert main([*BASE, "--out", str(tmp_path / "r"), "--resume", "--lr", "0.5"]) == 2
     assert "other settings (lr" in capsys.readouterr().err
@@ -216,3 +216,24 @@ def test_train_a_model_of_the_users_own_architecture(tmp_path, capsys):
     assert adtn["layers"] == "adtn" and adtn["params"] < dense["params"] / 10 and 0 <= adtn["test_accuracy"] <= 1
     gates = [weights(tmp_path / f"adtn-{seed}")["body.1.generator.gates"] for seed in (0, 1)]
     assert not torch.equal(*gates)
+
+
+def test_zoo_fc2_and_lenet5_with_adtn_layers(tmp_path):
+    """--layers adtn on the zoo's FC2 and LeNet-5: the big maps are ADTNs of --depth (the reproduction's counts: 545
+    and 898 generator parameters at depth 2), the classifier dense; the file rebuilds through its recorded config."""
+    from torchtn import ADTNLinear
+    from torchtn.io import load_model, read_metadata
+    from torchtn.models import FC2, LeNet5, build_model
+
+    fc2, lenet = FC2(784, 256, 10, layers="adtn", adtn_depth=2), LeNet5(layers="adtn", adtn_depth=2)
+    assert isinstance(fc2.fc1, ADTNLinear) and isinstance(fc2.fc2, torch.nn.Linear)
+    assert fc2.fc1.param_report["generator"] == 545
+    assert sum(m.param_report["generator"] for m in (lenet.fc1, lenet.fc2)) == 898
+    assert type(lenet.fc3) is torch.nn.Linear and lenet.config()["adtn_depth"] == 2
+    assert "adtn_depth" not in LeNet5().config()  # dense and MPO files keep the config they had
+    out = tmp_path / "fc2-adtn"
+    assert main([*BASE, "--arch", "fc2", "--layers", "adtn", "--depth", "1", "--epochs", "1", "--out", str(out)]) == 0
+    config = read_metadata(out / "model.safetensors")["metadata"]["config"]
+    assert config["layers"] == "adtn" and config["adtn_depth"] == 1
+    model = load_model(out / "model.safetensors", build_model(config))
+    assert isinstance(model.fc1, ADTNLinear) and model.fc1.depth == 1

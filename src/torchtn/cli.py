@@ -222,8 +222,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_arch_options(t, "the model", "; with --layers mpo its Linear, Conv2d and Embedding layers become MPOs at "
                                       "--rank, with --layers adtn its Linear and Conv2d layers fresh ADTNs of --depth")
     t.add_argument("--layers", choices=("dense", "mpo", "adtn"), default="dense",
-                   help="dense layers, the architecture's MPO layers, or ADTN layers (alexnet, vgg16, zfnet: the "
-                        "two big fully connected maps) (default dense)")
+                   help="dense layers, the architecture's MPO layers, or ADTN layers (fc2, lenet5, alexnet, vgg16, "
+                        "zfnet: the big fully connected maps; your own architecture: every Linear and Conv2d) "
+                        "(default dense)")
     t.add_argument("--rank", type=_int_at_least("--rank", 1), default=4, help="MPO bond dimension (default 4)")
     t.add_argument("--depth", type=_int_at_least("--depth", 1), default=2,
                    help="brick layers of each ADTN, with --layers adtn (default 2)")

@@ -36,7 +36,7 @@ from .rundir import check_model_fits_data
 
 __all__ = ["TrainJob", "run_train", "model_config", "job_model", "check_train_job", "ADTN_ARCHS"]
 
-ADTN_ARCHS = ("alexnet", "vgg16", "zfnet")  # zoo networks whose big fully connected maps can be ADTNs
+ADTN_ARCHS = ("alexnet", "fc2", "lenet5", "vgg16", "zfnet")  # zoo networks whose big fully connected maps can be ADTNs
 
 
 @dataclass
@@ -64,8 +64,8 @@ class TrainJob:
         check_arch(self.arch, self.arch_args, MODELS)
         check_choice("layers", self.layers, LAYER_KINDS)
         if self.layers == "adtn" and self.arch not in ADTN_ARCHS and not is_user_arch(self.arch):
-            raise ValueError(f"--layers adtn is wired for --arch {', '.join(ADTN_ARCHS)} (the ADTN paper's CIFAR "
-                             f"networks), not {self.arch}; FC2 and LeNet-5 with ADTN layers: torchtn reproduce adtn")
+            raise ValueError(f"--layers adtn is wired for --arch {', '.join(ADTN_ARCHS)} (the ADTN paper's "
+                             f"networks) and your own architectures, not {self.arch}")
         check_positive_int("rank", self.rank)
         check_positive_int("depth", self.depth)
         check_positive_int("batch_size", self.batch_size)
@@ -81,20 +81,18 @@ class TrainJob:
 def model_config(job: TrainJob, data: Dataset) -> dict:
     """The zoo config for this job and data (input size and classes come from the data)."""
     channels = data.image_shape[0] if len(data.image_shape) == 3 else 1
+    adtn = {"adtn_depth": job.depth} if job.layers == "adtn" else {}
     if job.arch == "fc2":
         return {"name": "fc2", "in_features": data.num_features, "num_classes": data.num_classes,
-                "layers": job.layers, "rank": job.rank}
+                "layers": job.layers, "rank": job.rank, **adtn}
     if job.arch == "lenet5":
         ranks = [job.rank, job.rank, max(1, job.rank // 2)]  # Gao's (4, 4, 2) at --rank 4
         return {"name": "lenet5", "in_channels": channels, "num_classes": data.num_classes, "layers": job.layers,
-                "ranks": ranks}
+                "ranks": ranks, **adtn}
     if job.arch == "hybrid":
         return {"name": "hybrid", "in_features": data.num_features, "out_features": data.num_classes,
                 "layers": job.layers, "rank": job.rank}
-    config = {"name": job.arch, "num_classes": data.num_classes, "layers": job.layers, "rank": job.rank}
-    if job.layers == "adtn":
-        config["adtn_depth"] = job.depth
-    return config
+    return {"name": job.arch, "num_classes": data.num_classes, "layers": job.layers, "rank": job.rank, **adtn}
 
 
 def job_model(job: TrainJob, data: Dataset) -> torch.nn.Module:

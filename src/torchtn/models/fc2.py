@@ -17,26 +17,31 @@ class FC2(nn.Module):
     """``(batch, *image) -> (batch, num_classes)`` logits through ``fc1 → ReLU → fc2`` (inputs are flattened).
 
     ``layers="mpo"`` builds both layers as ``MPOLinear`` with every inner bond at ``rank`` (Gao et al.'s modes for
-    784 → 256 → 10, balanced factorizations otherwise); ``"dense"`` builds ``nn.Linear``. ``tensorize`` also turns a
-    dense FC2 into an MPO one; :meth:`config` rebuilds the same skeleton for loading.
+    784 → 256 → 10, balanced factorizations otherwise); ``"dense"`` builds ``nn.Linear``; ``"adtn"``: the big first
+    map an ``ADTNLinear`` of ``adtn_depth`` brick layers (Qing et al.'s FC2), the classifier dense. ``tensorize``
+    also turns a dense FC2 into an MPO one; :meth:`config` rebuilds the same skeleton for loading.
     """
 
     def __init__(self, in_features: int, hidden: int = 256, num_classes: int = 10, bias: bool = True,
-                 layers: str = "dense", rank: int = 4) -> None:
+                 layers: str = "dense", rank: int = 4, adtn_depth: int = 2) -> None:
         super().__init__()
         self.in_features = check_positive_int("in_features", in_features)
         self.hidden = check_positive_int("hidden", hidden)
         self.num_classes = check_positive_int("num_classes", num_classes)
         gao = (in_features, hidden, num_classes) == (784, 256, 10)
         s1, s2 = GAO_FC2_SHAPES if gao else ((None, None), (None, None))
-        self.fc1 = linear(self.in_features, self.hidden, layers, rank, in_shape=s1[0], out_shape=s1[1], bias=bias)
+        self.fc1 = linear(self.in_features, self.hidden, layers, rank, in_shape=s1[0], out_shape=s1[1], bias=bias,
+                          depth=adtn_depth)
         self.act = nn.ReLU()
-        self.fc2 = linear(self.hidden, self.num_classes, layers, rank, in_shape=s2[0], out_shape=s2[1], bias=bias)
-        self._bias, self._layers, self._rank = bias, layers, rank
+        self.fc2 = linear(self.hidden, self.num_classes, "dense" if layers == "adtn" else layers, rank,
+                          in_shape=s2[0], out_shape=s2[1], bias=bias)
+        self._bias, self._layers, self._rank, self._adtn_depth = bias, layers, rank, adtn_depth
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x.flatten(1))))
 
     def config(self) -> dict:
+        adtn = {"adtn_depth": self._adtn_depth} if self._layers == "adtn" else {}  # older files keep their config
         return {"name": "fc2", "in_features": self.in_features, "hidden": self.hidden,
-                "num_classes": self.num_classes, "bias": self._bias, "layers": self._layers, "rank": self._rank}
+                "num_classes": self.num_classes, "bias": self._bias, "layers": self._layers, "rank": self._rank,
+                **adtn}

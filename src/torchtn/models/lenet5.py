@@ -23,11 +23,12 @@ class LeNet5(nn.Module):
     conv 5×5×6 (``padding=2``, i.e. SAME) → ReLU → max-pool 2 → conv 5×5×16 (VALID) → ReLU → max-pool 2 → flatten
     400 → fc 400→120 → ReLU → fc 120→84 → ReLU → fc 84→10. ``layers="mpo"`` makes the three fully connected maps
     MPOs with Gao et al.'s modes and bonds ``ranks`` (default ``(4, 4, 2)``: 2,860 MPO weights against 58,920 dense
-    ones); the convolutions stay dense, as in the paper's code.
+    ones); the convolutions stay dense, as in the paper's code. ``layers="adtn"``: the two big maps (400→120,
+    120→84) ADTNs of ``adtn_depth`` brick layers (Qing et al.'s LeNet-5), the classifier dense.
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, layers: str = "dense",
-                 ranks: Sequence[int] = (4, 4, 2)) -> None:
+                 ranks: Sequence[int] = (4, 4, 2), adtn_depth: int = 2) -> None:
         super().__init__()
         self.in_channels = check_positive_int("in_channels", in_channels)
         self.num_classes = check_positive_int("num_classes", num_classes)
@@ -39,10 +40,11 @@ class LeNet5(nn.Module):
         maps = list(GAO_LENET5_MPO)
         if num_classes != 10:
             maps[2] = (84, num_classes, None, None, ranks[2])
-        self.fc1, self.fc2, self.fc3 = [linear(i, o, layers, r, in_shape=si, out_shape=so)
-                                        for (i, o, si, so, _), r in zip(maps, ranks)]
+        kinds = [layers, layers, "dense" if layers == "adtn" else layers]
+        self.fc1, self.fc2, self.fc3 = [linear(i, o, kind, r, in_shape=si, out_shape=so, depth=adtn_depth)
+                                        for (i, o, si, so, _), r, kind in zip(maps, ranks, kinds)]
         self.act = nn.ReLU()
-        self._layers, self._ranks = layers, tuple(int(r) for r in ranks)
+        self._layers, self._ranks, self._adtn_depth = layers, tuple(int(r) for r in ranks), adtn_depth
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (28, 28):
@@ -51,5 +53,6 @@ class LeNet5(nn.Module):
         return self.fc3(self.act(self.fc2(self.act(self.fc1(h)))))
 
     def config(self) -> dict:
+        adtn = {"adtn_depth": self._adtn_depth} if self._layers == "adtn" else {}  # older files keep their config
         return {"name": "lenet5", "in_channels": self.in_channels, "num_classes": self.num_classes,
-                "layers": self._layers, "ranks": list(self._ranks)}
+                "layers": self._layers, "ranks": list(self._ranks), **adtn}
