@@ -138,7 +138,6 @@ def _add_arch_options(p: argparse.ArgumentParser, what: str, own: str) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-
     parser = _Parser(prog="torchtn", description="Tensor networks inside deep neural networks.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
@@ -553,8 +552,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     log = (lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None)
 
     def make_config():
-        return TrainJob(arch=args.arch, arch_args=args.arch_args, layers=args.layers, rank=args.rank, dataset=args.dataset,
-                        data_dir=None if args.data_dir is None else str(args.data_dir),
+        return TrainJob(arch=args.arch, arch_args=args.arch_args, layers=args.layers, rank=args.rank,
+                        dataset=args.dataset, data_dir=None if args.data_dir is None else str(args.data_dir),
                         epochs=10 if args.epochs is None else args.epochs, batch_size=args.batch_size, lr=args.lr,
                         optimizer=args.optimizer, seed=args.seed, max_rank=args.max_rank, cutoff=args.cutoff,
                         sweep_lr=args.sweep_lr, sweep_schedule=args.sweep_schedule, depth=args.depth)
