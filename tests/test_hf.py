@@ -255,11 +255,12 @@ def test_bad_inputs_are_named(tiny, tmp_path):
         hf.compress(teacher, ratio=2, parts=("heads",))
 
 
-def test_command_line_compresses_heals_and_refuses_bad_input(tiny, tmp_path, capsys):
+def test_command_line_compresses_heals_and_refuses_bad_input(tiny, tmp_path, capsys, monkeypatch):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(sentences(300, seed=3)) + "\n")
     out = tmp_path / "run"
-    args = ["compress", "--hf-model", str(tiny), "--corpus", str(corpus), "--ratio", "3", "--heal-minutes", "0.05",
+    monkeypatch.chdir(tmp_path)  # the corpus given relative to here
+    args = ["compress", "--hf-model", str(tiny), "--corpus", "corpus.txt", "--ratio", "3", "--heal-minutes", "0.05",
             "--keep-dense", "*position_embeddings", "--augment", "--min-lr-fraction", "0.5", "--out", str(out),
             "--no-progress"]
     assert main(args) == 0
@@ -278,7 +279,10 @@ def test_command_line_compresses_heals_and_refuses_bad_input(tiny, tmp_path, cap
     assert any(isinstance(m, MPOLinear) for m in again.modules())
     assert isinstance(again.embeddings.position_embeddings, torch.nn.Embedding)  # --keep-dense
     # --resume alone continues the run with the settings it recorded first (hf_job.json), and names a changed one
-    assert json.loads((out / "hf_job.json").read_text())["ratio"] == 3
+    recorded = json.loads((out / "hf_job.json").read_text())
+    assert recorded["ratio"] == 3 and recorded["corpus"] == str(corpus.resolve())  # absolute: resumable anywhere
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     assert main(["compress", "--out", str(out), "--resume", "--no-progress"]) == 0
     taken = capsys.readouterr().out
     assert f"hf_model={tiny}" in taken and "augment=True" in taken and "keep_dense=['*position_embeddings']" in taken

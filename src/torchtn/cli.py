@@ -469,7 +469,8 @@ def _cmd_compress_hf(args: argparse.Namespace) -> int:
     if args.rank is not None and len(args.rank) > 1:
         return _fail("--hf-model takes one --rank value")
     try:
-        job = HFCompressJob(model=str(args.hf_model), corpus=str(args.corpus), ratio=args.ratio,
+        # absolute paths: the run records them (hf_job.json), and --resume may come from another directory
+        job = HFCompressJob(model=str(args.hf_model.resolve()), corpus=str(args.corpus.resolve()), ratio=args.ratio,
                             rank=None if args.rank is None else args.rank[0], rel_tol=args.rel_tol,
                             parts=tuple(args.parts), heal_minutes=args.heal_minutes, batch_size=args.batch_size,
                             allocation=args.allocation, hidden_states=args.hidden_states,
