@@ -390,9 +390,7 @@ def _run_job(job: str, args: argparse.Namespace, make_config, prepare, run) -> i
     from .train import TrainingDiverged
 
     if args.resume and args.out is not None:
-        taken = _adopt_recorded(job, args)
-        if taken and os.environ.get("RANK", "0") == "0":  # under torchrun: said once
-            print(f"--resume: the run's own settings for the options not given: {', '.join(taken)}", flush=True)
+        _adopt_recorded(job, args)
     try:
         args.device = str(_device(args))
         config = make_config()
@@ -459,11 +457,9 @@ def _cmd_compress_hf(args: argparse.Namespace) -> int:
                          f"compresses the Hugging Face model in its folder")
     if args.resume:
         try:
-            taken = _adopt_recorded_hf(args)
+            _adopt_recorded_hf(args)
         except ValueError as err:
             return _fail(str(err))
-        if taken:
-            print(f"--resume: the run's own settings for the options not given: {', '.join(taken)}", flush=True)
     if args.corpus is None:
         return _fail("--hf-model needs --corpus FILE (plain text, one passage per line) to heal and measure on")
     if args.rank is not None and len(args.rank) > 1:
@@ -655,30 +651,31 @@ _RECORDED = {"compress": ("dense.safetensors", "compress_config", {"ranks": "ran
 _ONE_OF = ({"rank", "rel_tol", "ratio"},)  # given one of these, the recorded others are not taken either
 
 
-def _adopt_recorded(job: str, args: argparse.Namespace) -> list[str]:
+def _adopt_recorded(job: str, args: argparse.Namespace) -> None:
     """With ``--resume --out DIR``: every option of ``job`` left out of the command line takes the value the run in
-    DIR recorded (so ``torchtn compress --out DIR --resume`` continues it as it was started); returns ``name=value``
-    for those that differ from the defaults. A run that cannot be read is left to the resume checks to report."""
+    DIR recorded (so ``torchtn compress --out DIR --resume`` continues it as it was started). A run that cannot be
+    read is left to the resume checks to report."""
     from .experiments.rundir import recorded_settings
     from .io import ModelFileError
 
     kind = job.split("-")[0]  # "reproduce-gao2020" → "reproduce"
     if kind not in _RECORDED or not args.out.is_dir():
-        return []
+        return
     first, key, renamed = _RECORDED[kind]
     files = [first] if first else [p.name for p in sorted(args.out.glob("*.safetensors"))[:1]]
     try:
         recorded = recorded_settings(args.out, files, key, kind)
     except (ModelFileError, OSError):
-        return []
-    return _take_recorded(args, recorded, renamed) if isinstance(recorded, dict) else []
+        return
+    if isinstance(recorded, dict):
+        _take_recorded(args, recorded, renamed)
 
 
 def _take_recorded(args: argparse.Namespace, recorded: dict, renamed: dict[str, str],
-                   convert: dict | None = None) -> list[str]:
+                   convert: dict | None = None) -> None:
     """Set every option left out of the command line to its ``recorded`` value (``renamed``: recorded field →
-    option destination; ``convert``: destination → function of the recorded value); returns ``name=value`` for
-    those that changed."""
+    option destination; ``convert``: destination → function of the recorded value; values of ``Path`` options
+    become paths) and say which changed (once under torchrun)."""
     given, actions = getattr(args, "given", set()), getattr(args, "actions", {})
     for group in _ONE_OF:
         if given & group:
@@ -695,22 +692,22 @@ def _take_recorded(args: argparse.Namespace, recorded: dict, renamed: dict[str, 
         if value != getattr(args, dest):
             taken.append(f"{dest}={value}")
         setattr(args, dest, value)
-    return taken
+    if taken and os.environ.get("RANK", "0") == "0":
+        print(f"--resume: the run's own settings for the options not given: {', '.join(taken)}", flush=True)
 
 
-def _adopt_recorded_hf(args: argparse.Namespace) -> list[str]:
+def _adopt_recorded_hf(args: argparse.Namespace) -> None:
     """``--hf-model`` runs: the options left out take the values in ``DIR/hf_job.json``."""
     from .experiments.compress_hf import recorded_hf_job
 
     recorded = recorded_hf_job(args.out) if args.out is not None and args.out.is_dir() else None
     if recorded is None:
-        return []
+        return
     renamed = {"model": "hf_model", "lr": "finetune_lr", "skip": "keep_dense", "head": "hf_head"}
     calibrated = bool(recorded.get("calibrate"))
-    convert = {"hf_model": lambda v: Path(v), "corpus": lambda v: Path(v),
-               "rank": lambda v: None if v is None else [v],
-               "exact_rows": lambda v: (0 if calibrated else None) if v is None else v}
-    return _take_recorded(args, recorded, renamed, convert)
+    convert = {"rank": lambda v: None if v is None else [v],  # one value, as the job keeps it
+               "exact_rows": lambda v: (0 if calibrated else None) if v is None else v}  # None: "no exact rows"
+    _take_recorded(args, recorded, renamed, convert)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

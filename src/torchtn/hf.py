@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_nonnegative_real, check_positive_real
+from ._checks import check_nonnegative_real, check_positive_real, error_line
 from ._modules import replace_submodule
 from .compress import LayerStats, TensorizeReport, tensorize
 from .compress import calibrate as _calibrate
@@ -161,7 +161,7 @@ def load_pretrained(path: str | os.PathLike, *, head: bool = False) -> tuple[nn.
         model = cls.from_pretrained(str(path), local_files_only=True)
         tokenizer = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as err:
-        raise ValueError(f"--hf-model {path} could not be loaded: {str(err).splitlines()[0][:200]}") from None
+        raise ValueError(f"--hf-model {path} could not be loaded: {error_line(err)}") from None
     finally:
         if old is None:
             os.environ.pop("HF_HUB_OFFLINE", None)

@@ -21,6 +21,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ._checks import error_line
 from ._modules import parent_and_attr
 from ._version import __version__
 from .layers.registry import factory_of, layer_type, type_name
@@ -125,8 +126,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
     except Exception as err:  # safetensors raises its own error type for damaged files; OSError for unreadable ones
-        raise ModelFileError(f"{path} is not a readable safetensors file ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0][:200] if str(err) else 'no detail'})") from None
+        raise ModelFileError(f"{path} is not a readable safetensors file ({error_line(err)})") from None
     if "torchtn" not in meta:
         raise ModelFileError(f"{path} is a safetensors file but was not written by torchtn.save_model "
                              f"(no 'torchtn' metadata)")
@@ -345,5 +345,5 @@ def load_model(path: str | os.PathLike, model: nn.Module, *, strict: bool = True
     try:
         model.load_state_dict(state, strict=strict)
     except RuntimeError as err:
-        raise ModelFileError(f"{path}: its tensors do not fit the model ({str(err).splitlines()[0][:300]})") from None
+        raise ModelFileError(f"{path}: its tensors do not fit the model ({error_line(err, 300)})") from None
     return model

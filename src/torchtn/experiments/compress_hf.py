@@ -23,6 +23,7 @@ from .._checks import check_nonnegative_real, check_positive_int, check_positive
 from .._version import __version__
 from ..io import atomic_write_text
 from ..report import format_table, machine_description
+from .rundir import check_same_settings
 
 __all__ = ["HFCompressJob", "run_hf_compress"]
 
@@ -111,11 +112,8 @@ def recorded_hf_job(out: Path) -> dict | None:
 def _check_recorded(job: HFCompressJob, out: Path) -> None:
     """A resumed run must have the settings it recorded (the differing ones are named); checked before any work."""
     recorded = recorded_hf_job(out)
-    now = json.loads(json.dumps(asdict(job)))  # tuples as JSON lists, as recorded
-    diff = [f"{k}: {recorded.get(k)!r} → {v!r}" for k, v in now.items() if recorded.get(k) != v] if recorded else []
-    if diff:
-        raise ValueError(f"--resume: the run in {out} was made with other settings ({'; '.join(diff)}); leave those "
-                         f"options out (the run's own are taken) or start a new run with another --out")
+    if recorded is not None:  # a run from before settings were recorded: nothing to compare
+        check_same_settings(out, recorded, json.loads(json.dumps(asdict(job))))  # tuples as JSON lists, as recorded
 
 
 def _record(job: HFCompressJob, out: Path) -> None:

@@ -74,8 +74,12 @@ def check_resume(out: Path, job: str, first_files: Sequence[str], key: str, now:
         before = normalize(recorded)
     except (TypeError, ValueError) as err:
         raise ValueError(f"--resume: the settings recorded in {out} are invalid ({err})") from None
-    after = normalize(now)
-    diff = [f"{k}: {before.get(k)!r} → {after.get(k)!r}" for k in sorted(after) if before.get(k) != after.get(k)]
+    check_same_settings(out, before, normalize(now))
+
+
+def check_same_settings(out: Path, recorded: dict, now: dict) -> None:
+    """``--resume``: the settings given now equal those the run in ``out`` recorded (the differing ones named)."""
+    diff = [f"{k}: {recorded.get(k)!r} → {now.get(k)!r}" for k in sorted(now) if recorded.get(k) != now.get(k)]
     if diff:
         raise ValueError(f"--resume: the run in {out} was made with other settings ({'; '.join(diff)}); leave "
                          f"those options out (the run's own are taken) or start a new run with another --out")

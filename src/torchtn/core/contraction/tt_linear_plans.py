@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..tt import merge_cores, tt_ranks, tt_shapes
+from ..tt import merge_cores, tt_num_params, tt_ranks, tt_shapes
 from .autotune import autotune_enabled, time_call
 from .cost import DEFAULT_COST_MODEL, CostModel
 from .planner import make_plan, register_strategy
@@ -221,7 +221,7 @@ def _candidates(p: TTLinearProblem, model: CostModel, options: Sequence[tuple[tu
 def fits_dense_memory(p: TTLinearProblem, plan: ContractionPlan) -> bool:
     """Whether a training step on ``plan`` holds at most what the dense layer's does: its parameters, their gradients
     and two Adam moments (4 × the parameters) plus what autograd saves (the dense layer: its input)."""
-    params = sum([p.ranks[k] * m * n * p.ranks[k + 1] for k, (m, n) in enumerate(zip(p.out_shape, p.in_shape))])
+    params = tt_num_params(p.in_shape, p.out_shape, p.ranks)
     dense = 4 * math.prod(p.out_shape) * math.prod(p.in_shape) + p.batch * math.prod(p.in_shape)
     return 4 * params + plan.saved_numel <= dense
 
