@@ -147,6 +147,11 @@ def test_from_dense_fits_a_trained_layer_and_reports_the_error():
     assert error < 0.5 * untrained and error == pytest.approx(
         float((layer.weight - linear.weight).norm().detach() / linear.weight.norm().detach()), rel=1e-5)
     torch.testing.assert_close(layer.bias, linear.bias)
+    # the fit's own gradients stay behind: a loop that zeroes gradients after its step would take them as the first
+    assert all(p.grad is None for p in layer.parameters())
+    layer.generator.gates.grad = torch.ones_like(layer.generator.gates)
+    layer.generator.fit(linear.weight, steps=2)
+    assert torch.equal(layer.generator.gates.grad, torch.ones_like(layer.generator.gates))
 
 
 def test_conv2d_is_f_conv2d_with_the_generated_kernel_and_has_conv_init_variance():
@@ -196,6 +201,7 @@ def test_tensorize_with_adtn_fits_every_layer_and_reports_the_fit_error():
         assert rows[name].weight_ratio == pytest.approx(dense.weight.numel() / layer.generator.num_params)
         torch.testing.assert_close(layer.bias, dense.bias)
     assert report.params_after == sum(p.numel() for p in new.parameters()) < report.params_before
+    assert all(p.grad is None for p in new.parameters())
     assert "ADTNConv2d" in str(report)
     with pytest.raises(ValueError, match="method='adtn' takes depth"):
         torchtn.tensorize(model, method="adtn", rank=4)

@@ -209,12 +209,13 @@ def test_sweep_training_on_cuda_equals_cpu_in_float64():
 
 @cuda
 @pytest.mark.parametrize("training", [False, True])
-def test_adtn_linear_on_cuda_equals_cpu_in_float64(training):
+@pytest.mark.parametrize("unitary", [False, True])
+def test_adtn_linear_on_cuda_equals_cpu_in_float64(training, unitary):
     from torchtn import ADTNLinear
 
     torch.manual_seed(0)
-    cpu = ADTNLinear(48, 20, depth=3, dtype=torch.float64).train(training)
-    gpu = ADTNLinear(48, 20, depth=3, dtype=torch.float64)
+    cpu = ADTNLinear(48, 20, depth=3, unitary=unitary, dtype=torch.float64).train(training)
+    gpu = ADTNLinear(48, 20, depth=3, unitary=unitary, dtype=torch.float64)
     gpu.load_state_dict(cpu.state_dict())
     gpu = gpu.cuda().train(training)
     x = torch.randn(9, 48, dtype=torch.float64)
@@ -291,3 +292,57 @@ def test_tensorize_on_cuda_keeps_the_device_and_matches_the_cpu_in_float64():
     assert [r.ranks for r in report_cpu.layers] == [r.ranks for r in report_gpu.layers]
     x = torch.randn(7, 64, dtype=torch.float64)
     torch.testing.assert_close(on_gpu(x.cuda()).cpu(), on_cpu(x), rtol=0, atol=1e-9)
+
+
+def _encoder() -> torch.nn.Module:
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, dtype=torch.float64)
+    return torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+
+@cuda
+@pytest.mark.parametrize("method", ["mpo", "adtn"])
+def test_parametrized_attention_on_cuda_equals_cpu_and_its_file_loads_on_the_cpu(tmp_path, method):
+    """tensorize holds nn.MultiheadAttention's projections as parametrizations: on the GPU they give the CPU's
+    outputs and gradients (train and eval, where PyTorch may take its fused attention path), and a file saved from
+    the GPU loads into a fresh dense encoder on the CPU."""
+    import copy
+
+    from torchtn import tensorize
+
+    torch.manual_seed(0)
+    kwargs = {"ratio": 3} if method == "mpo" else {"method": "adtn", "depth": 2, "fit_steps": 20}
+    cpu, _ = tensorize(_encoder(), **kwargs)
+    gpu = copy.deepcopy(cpu).cuda()
+    x = torch.randn(3, 7, 32, dtype=torch.float64)
+    y, yg = cpu(x), gpu(x.cuda())
+    torch.testing.assert_close(yg.cpu(), y, rtol=0, atol=1e-9)
+    y.square().sum().backward()
+    yg.square().sum().backward()
+    for (name, a), b in zip(cpu.named_parameters(), gpu.parameters()):
+        assert b.device.type == "cuda"
+        if a.numel():  # (a parametrization's emptied dense original gets no gradient)
+            torch.testing.assert_close(b.grad.cpu(), a.grad, rtol=1e-8, atol=1e-9, msg=name)
+    cpu.eval(), gpu.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x), rtol=0, atol=1e-9)
+        path = save_model(gpu, tmp_path / "encoder.safetensors")
+        fresh = load_model(path, _encoder()).eval()
+        torch.testing.assert_close(fresh(x), cpu(x), rtol=0, atol=1e-9)
+
+
+@cuda
+def test_cli_trains_a_users_own_architecture_as_mpos_on_the_gpu(tmp_path):
+    from torchtn.cli import main
+    from torchtn.io import read_metadata
+
+    source = tmp_path / "digit_net.py"
+    source.write_text("from torch import nn\n\n\nclass DigitNet(nn.Sequential):\n"
+                      "    def __init__(self, hidden=32):\n"
+                      "        super().__init__(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))\n")
+    out = tmp_path / "run"
+    assert main(["train", "--arch", f"{source}:DigitNet", "--arch-args", '{"hidden": 256}', "--layers", "mpo",
+                 "--rank", "4", "--epochs", "6", "--lr", "3e-3", "--device", "cuda", "--no-progress",
+                 "--out", str(out)]) == 0
+    row = json.loads((out / "results.json").read_text())["rows"][0]
+    assert row["test_accuracy"] > 0.5
+    assert "MPOLinear" in {e["type"] for e in read_metadata(out / "model.safetensors")["layers"].values()}

@@ -95,14 +95,19 @@ class ADTNGenerator(nn.Module):
 
     def fit(self, target: torch.Tensor, steps: int = 500, lr: float = 0.02) -> float:
         """Fit the gates and the scale to ``target`` (Adam on ``‖T − target‖²``; ``steps=0``: no fit); returns
-        ``‖T − target‖ / ‖target‖``."""
+        ``‖T − target‖ / ‖target‖``. The gradients the parameters held before are left as they were (the fit's own
+        would otherwise reach the first step of a training loop that zeroes gradients after its step)."""
         check_nonnegative_int("steps", steps)
         target = target.detach().reshape(self.shape)
-        opt = torch.optim.Adam([self.gates, self.scale], lr=lr)
+        params = [self.gates, self.scale]
+        held = [p.grad for p in params]
+        opt = torch.optim.Adam(params, lr=lr)
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
             (self._generate() - target).square().sum().backward()
             opt.step()
+        for p, grad in zip(params, held):
+            p.grad = grad
         self._cache = None
         with torch.no_grad():
             return float((self._generate() - target).norm() / target.norm().clamp_min(1e-30))
