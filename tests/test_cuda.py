@@ -31,6 +31,22 @@ def test_device_names_are_checked():
             resolve_device(f"cuda:{torch.cuda.device_count()}")
 
 
+def test_more_processes_per_node_than_gpus(monkeypatch):
+    """Under torchrun with more processes on a node than GPUs, "auto" trains on the CPU (gloo) and "cuda" names the
+    process that has no GPU of its own (a machine with one GPU is simulated where there is none)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=1\) needs GPU 1 and this machine has 1 CUDA GPU.*"
+                                         r"at most 1 process\(es\) per node"):
+        resolve_device("cuda", name="--device")
+
+
 @cuda
 @pytest.mark.parametrize("training", [False, True])
 def test_mpo_linear_on_cuda_equals_cpu_in_float64(training):

@@ -34,7 +34,10 @@ def _run_limited(args, limit_bytes, cwd, timeout=60):
             "from torchtn.cli import main\n"
             f"sys.exit(main({list(map(str, args))!r}))\n")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    # no GPU: under this address-space limit, CUDA's own initialization fails with a warning of PyTorch's
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                          env=env)
     return proc, time.perf_counter() - start
 
 

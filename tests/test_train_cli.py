@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from torchtn.cli import main
 
-BASE = ["train", "--epochs", "3", "--batch-size", "64", "--no-progress"]
+# the CPU and gloo, on machines with a GPU too (training on CUDA is tested in test_cuda.py)
+BASE = ["train", "--epochs", "3", "--batch-size", "64", "--no-progress", "--device", "cpu"]
 
 
 def torchrun(args, nproc=2, extra=()):
@@ -63,7 +64,7 @@ def test_a_killed_job_resumes_from_the_last_checkpoint(tmp_path, monkeypatch):
     with the weights of an uninterrupted run. (torchrun's own --max-restarts path relaunches the same command; a
     relaunched worker resumes by itself — tested below without torchrun, as gloo's reconnection after a restart is
     timing-dependent on a loaded 2-core machine.)"""
-    args = ["train", "--epochs", "40", "--batch-size", "64", "--no-progress", "--seed", "2"]
+    args = ["train", "--epochs", "40", "--batch-size", "64", "--no-progress", "--device", "cpu", "--seed", "2"]
     assert main([*args, "--out", str(tmp_path / "straight")]) == 0
     out = tmp_path / "killed"
     run = subprocess.Popen(torchrun([*args, "--out", str(out)]), stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -120,8 +120,9 @@ def _add_run_options(p: argparse.ArgumentParser, job: str, epochs_help: str, lr:
 
 def _add_device_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
-                   help="auto (a CUDA GPU when PyTorch sees one, else the CPU), cpu, cuda or cuda:N; under torchrun "
-                        "'cuda' is each process's own GPU (LOCAL_RANK) and the processes talk over NCCL")
+                   help="auto (a CUDA GPU when PyTorch sees one for each process on the node, else the CPU), cpu, "
+                        "cuda or cuda:N; under torchrun 'cuda' is each process's own GPU (LOCAL_RANK) and the "
+                        "processes talk over NCCL")
 
 
 def _add_arch_options(p: argparse.ArgumentParser, what: str, own: str) -> None:

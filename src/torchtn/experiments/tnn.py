@@ -138,8 +138,10 @@ def _autoencoders(ctx: Context, s: dict) -> list[dict]:
 
 
 def _grad_norm(model: nn.Module, data: Dataset) -> float:
+    """The t-CE gradient's norm over all parameters on the first 256 training examples (on the model's device)."""
+    device = next(model.parameters()).device
     model.zero_grad(set_to_none=True)
-    t_cross_entropy(model(data.x_train[:256]), data.y_train[:256]).backward()
+    t_cross_entropy(model(data.x_train[:256].to(device)), data.y_train[:256].to(device)).backward()
     norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
     model.zero_grad(set_to_none=True)
     return float(norm)

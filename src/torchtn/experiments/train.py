@@ -158,7 +158,7 @@ def run_train(job: TrainJob, data: Dataset, out: Path, *, resume: bool = False, 
     params = sum(p.numel() for p in model.parameters())
     row = {"model": job.arch, "dataset": data.name, "seed": job.seed, "params": params, "test_accuracy": acc,
            "seconds": seconds, "layers": job.layers, "rank": job.rank if job.layers == "mpo" else None,
-           "world_size": world, "optimizer": job.optimizer}
+           "world_size": world, "optimizer": job.optimizer, "device": next(model.parameters()).device.type}
     sweep = read_metadata(final)["metadata"].get("sweep") if final.exists() else (
         trainer.sweeper.state() if trainer.sweeper is not None else None)
     if sweep is not None and sweep["history"]:
@@ -176,5 +176,5 @@ def run_train(job: TrainJob, data: Dataset, out: Path, *, resume: bool = False, 
                    "versions": {"torch": torch.__version__}, "seconds": seconds, "rows": [row]}
         atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
         log(f"{job.arch} ({job.layers}) on {data.name}: {params:,} parameters, test accuracy {100 * acc:.2f}% "
-            f"({seconds:.1f} s, {world} process{'es' if world > 1 else ''})")
+            f"({seconds:.1f} s, {world} process{'es' if world > 1 else ''} on {row['device'].upper()})")
     return row
