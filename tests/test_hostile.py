@@ -26,6 +26,11 @@ from torchtn.io import ModelFileError
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMORY_HEADROOM = 400 << 20  # bytes of address space allowed beyond a plain `torchtn --version` run
+# The same address space on any machine: no GPU (under the limit CUDA's own initialization fails, with a warning of
+# PyTorch's; the NVML check reads CUDA_VISIBLE_DEVICES without initializing CUDA) and two BLAS/OpenMP threads
+# (OpenBLAS reserves a buffer per thread: 16 threads overrun the headroom).
+LIMITED_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTORCH_NVML_BASED_CUDA_CHECK": "1",
+               "OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
 
 
 def _run_limited(args, limit_bytes, cwd, timeout=60):
@@ -34,10 +39,8 @@ def _run_limited(args, limit_bytes, cwd, timeout=60):
             "from torchtn.cli import main\n"
             f"sys.exit(main({list(map(str, args))!r}))\n")
     start = time.perf_counter()
-    # no GPU: under this address-space limit, CUDA's own initialization fails with a warning of PyTorch's
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=timeout,
-                          env=env)
+                          env=LIMITED_ENV)
     return proc, time.perf_counter() - start
 
 
@@ -46,7 +49,8 @@ def memory_limit(tmp_path_factory):
     """Peak address space of importing torchtn and running `--version`, plus the allowed headroom."""
     code = ("import resource, sys\nfrom torchtn.cli import main\nmain(['--version'])\n"
             "print([l for l in open('/proc/self/status') if l.startswith('VmPeak')][0].split()[1])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=LIMITED_ENV).stdout
     return int(out.strip().splitlines()[-1]) * 1024 + MEMORY_HEADROOM
 
 

@@ -87,6 +87,23 @@ def test_round_trip_save_load_same_outputs(tmp_path, name):
     assert main(["inspect", str(path)]) == 0
 
 
+def test_checking_a_file_builds_its_layers_without_making_values(tmp_path):
+    """Files' layers are first built on the meta device to check their shapes; initializing them there (PyTorch's
+    meta randn, a product with a scalar) imports sympy and the compiler stack, ~1 s of every cold load or inspect.
+    Read every type's file in a fresh process and check that none of that was imported."""
+    import subprocess
+    import sys
+
+    paths = [str(save_model(nn.Sequential(nn.Linear(48, 48), EXAMPLES[name]()), tmp_path / f"{name}.safetensors"))
+             for name in sorted(EXAMPLES)]
+    code = ("import sys, torchtn\n"
+            f"for path in {paths!r}:\n    torchtn.io.load_layers(path)\n"
+            "print(sorted(m for m in ('sympy', 'torch._dynamo') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_unknown_layer_type_and_disagreeing_tensors_give_clear_errors(tmp_path, capsys):
     from safetensors.torch import save_file
 

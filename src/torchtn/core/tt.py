@@ -116,6 +116,17 @@ def tt_init_std(in_shape: Sequence[int], ranks: Sequence[int], variance: float) 
     return (variance / math.prod(ranks[1:-1])) ** (0.5 / len(in_shape))
 
 
+def gaussian(shape: Sequence[int], std: float, *, dtype: torch.dtype | None = None,
+             device: torch.device | str | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """I.i.d. ``N(0, std²)`` entries of ``shape``; on the ``meta`` device (where a model file's layers are built
+    first, to check their shapes) an empty tensor: PyTorch's meta ``randn`` imports sympy, ~0.4 s in a fresh process,
+    to make values that do not exist."""
+    if device is not None and torch.device(device).type == "meta":
+        return torch.empty(tuple(shape), dtype=dtype, device=device)
+    kw = {"generator": generator} if generator is not None else {}
+    return torch.randn(tuple(shape), dtype=dtype, device=device, **kw).mul_(std)
+
+
 def _interleave(matrix: torch.Tensor, in_shape: Sequence[int], out_shape: Sequence[int]) -> torch.Tensor:
     """``(M, N)`` → tensor with modes ``(m_1 n_1, …, m_d n_d)``."""
     d = len(in_shape)
@@ -401,7 +412,7 @@ class TTMatrix:
         in_shape, out_shape = check_shape("in_shape", in_shape), check_shape("out_shape", out_shape)
         ranks = (1, *inner_ranks(rank, in_shape, out_shape, name="rank"), 1)
         std = tt_init_std(in_shape, ranks, variance)
-        return cls([torch.randn(ranks[k], m, n, ranks[k + 1], dtype=dtype, device=device, generator=generator) * std
+        return cls([gaussian((ranks[k], m, n, ranks[k + 1]), std, dtype=dtype, device=device, generator=generator)
                     for k, (m, n) in enumerate(zip(out_shape, in_shape))])
 
     # ------------------------------------------------------------------ shapes and counts

@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 
 from .._checks import check_choice, check_nonnegative_int, check_positive_int
 from ..core.adtn import ACTIVATIONS, adtn_generate, adtn_num_params, num_qubits, orthogonal_gates
+from ..core.tt import gaussian
 from ._conv import set_conv_geometry
 from .registry import register_layer
 
@@ -52,7 +53,7 @@ class ADTNGenerator(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.gate_std = float(gate_std)
         self.fan_in = fan_in if fan_in is not None else (math.prod(self.shape[1:]) if len(self.shape) > 1 else 1)
-        self.gates = nn.Parameter(torch.randn(depth, self.Q - 1, 4, 4, **kw) * gate_std)
+        self.gates = nn.Parameter(gaussian((depth, self.Q - 1, 4, 4), gate_std, **kw))
         self.scale = nn.Parameter(torch.ones((), **kw))
         self._cache: tuple | None = None
         self._set_scale()
@@ -66,6 +67,8 @@ class ADTNGenerator(nn.Module):
         self._set_scale()
 
     def _set_scale(self) -> None:
+        if self.gates.is_meta:  # no values to measure (a file's layers are built there first)
+            return
         with torch.no_grad():
             self.scale.fill_(1.0)
             w = self._generate()
