@@ -219,7 +219,7 @@ def test_train_a_model_of_the_users_own_architecture(tmp_path, capsys):
     assert not torch.equal(*gates)
 
 
-def test_zoo_fc2_and_lenet5_with_adtn_layers(tmp_path):
+def test_zoo_fc2_and_lenet5_with_adtn_layers(tmp_path, capsys):
     """--layers adtn on the zoo's FC2 and LeNet-5: the big maps are ADTNs of --depth (the reproduction's counts: 545
     and 898 generator parameters at depth 2), the classifier dense; the file rebuilds through its recorded config."""
     from torchtn import ADTNLinear
@@ -238,3 +238,14 @@ def test_zoo_fc2_and_lenet5_with_adtn_layers(tmp_path):
     assert config["layers"] == "adtn" and config["adtn_depth"] == 1
     model = load_model(out / "model.safetensors", build_model(config))
     assert isinstance(model.fc1, ADTNLinear) and model.fc1.depth == 1
+    # --unitary: orthogonal gates, kept by the file (each gate the polar factor of its latent matrix)
+    out = tmp_path / "fc2-unitary"
+    assert main([*BASE, "--arch", "fc2", "--layers", "adtn", "--depth", "1", "--unitary", "--epochs", "1",
+                 "--out", str(out)]) == 0
+    config = read_metadata(out / "model.safetensors")["metadata"]["config"]
+    model = load_model(out / "model.safetensors", build_model(config))
+    gates = model.fc1.generator.effective_gates.detach().reshape(-1, 4, 4)
+    assert model.fc1.generator.unitary
+    torch.testing.assert_close(gates @ gates.transpose(1, 2), torch.eye(4).expand_as(gates), rtol=0, atol=1e-5)
+    assert main([*BASE, "--arch", "fc2", "--unitary", "--out", str(tmp_path / "never")]) == 2
+    assert "--unitary is for --layers adtn" in capsys.readouterr().err

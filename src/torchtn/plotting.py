@@ -33,15 +33,17 @@ def _save(fig, path: str | os.PathLike) -> Path:
 
 def plot_accuracy_vs_compression(ratios: Sequence[float], acc_before: Sequence[float], acc_after: Sequence[float],
                                  dense_accuracy: float, path: str | os.PathLike, title: str = "",
-                                 labels: Sequence[str] | None = None) -> Path:
-    """Test accuracy (%) against compression ratio (dense/tensorized, log axis), before and after fine-tuning."""
+                                 labels: Sequence[str] | None = None, before: str = "MPO, TT-SVD only",
+                                 after: str = "MPO, fine-tuned") -> Path:
+    """Test accuracy (%) against compression ratio (dense/tensorized, log axis), before and after fine-tuning
+    (``before`` / ``after``: the two curves' legend entries)."""
     plt = _pyplot()
     order = sorted(range(len(ratios)), key=lambda i: ratios[i])
     xs = [ratios[i] for i in order]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     ax.axhline(100 * dense_accuracy, color="0.3", ls="--", lw=1, label=f"dense ({100 * dense_accuracy:.2f}%)")
-    ax.plot(xs, [100 * acc_before[i] for i in order], "o-", color="tab:orange", label="MPO, TT-SVD only")
-    ax.plot(xs, [100 * acc_after[i] for i in order], "s-", color="tab:blue", label="MPO, fine-tuned")
+    ax.plot(xs, [100 * acc_before[i] for i in order], "o-", color="tab:orange", label=before)
+    ax.plot(xs, [100 * acc_after[i] for i in order], "s-", color="tab:blue", label=after)
     if labels is not None:
         for i in order:
             ax.annotate(labels[i], (ratios[i], 100 * acc_after[i]), textcoords="offset points", xytext=(4, 5),

@@ -46,6 +46,7 @@ class LayerReport:
     entropies: tuple[float, ...] = ()  # entanglement entropy per inner bond (nats)
     weight_params: int | None = None  # parameters replacing the weight, for layers that are not TT-matrices (ADTN)
     output_error: float | None = None  # calibrated layers: relative error of the layer's outputs on the calibration data
+    depth: int | None = None  # ADTN layers: brick layers of the generator
 
     @property
     def compression_ratio(self) -> float:
@@ -77,7 +78,8 @@ class TensorizeReport:
     def table(self) -> str:
         calibrated = any(r.output_error is not None for r in self.layers)
         rows = [
-            (r.name, r.layer_type, f"{r.out_features}×{r.in_features}", f"{r.out_shape}←{r.in_shape}", str(r.ranks),
+            (r.name, r.layer_type, f"{r.out_features}×{r.in_features}", f"{r.out_shape}←{r.in_shape}" if r.out_shape
+             else "–", str(r.ranks) if r.depth is None else f"depth {r.depth}",
              r.params_before, r.params_after, round(r.compression_ratio, 1), r.rel_error,
              *([("–" if r.output_error is None else r.output_error)] if calibrated else []),
              " ".join(f"{max(e, 0.0):.2f}" for e in r.entropies))
@@ -88,6 +90,9 @@ class TensorizeReport:
              "rel. error", *(["output error (calibration)"] if calibrated else []), "entropy S_k per bond"], rows)
         lines = [body, f"whole model: {self.params_before:,} → {self.params_after:,} parameters, "
                        f"compression ratio {self.compression_ratio:.2f}× (dense / tensorized, all parameters counted)"]
+        if any(r.depth is not None for r in self.layers):
+            lines.append("ADTN layers: params after = gates 16·depth·(Q−1) + 1 scale (+ the bias, as the dense layer's), "
+                         "Q = ⌈log2(weight entries)⌉; rel. error is the fit's ‖W_adtn − W‖/‖W‖")
         if self.skipped:
             lines.append("kept dense: " + ", ".join(self.skipped))
         return "\n".join(lines)
@@ -128,7 +133,7 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip,
         err = generator.fit(dense, fit_steps)
         rows.append(LayerReport(name, dense.shape[0], dense[0].numel(), (), (), (), dense.numel(),
                                 generator.num_params, err, 0, "ADTNParametrization",
-                                weight_params=generator.num_params))
+                                weight_params=generator.num_params, depth=depth))
     for name, module in targets:
         cls = ADTNLinear if isinstance(module, nn.Linear) else ADTNConv2d
         layer, err = cls.from_dense(module, depth, steps=fit_steps, unitary=unitary)
@@ -137,7 +142,7 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip,
         bias = 0 if module.bias is None else module.bias.numel()
         rows.append(LayerReport(name, w.shape[0], w[0].numel(), (), (), (), w.numel() + bias,
                                 layer.generator.num_params + bias, err, bias, cls.__name__,
-                                weight_params=layer.generator.num_params))
+                                weight_params=layer.generator.num_params, depth=depth))
     after = sum(p.numel() for p in new.parameters())
     return new, TensorizeReport(rows, before, after, [])
 

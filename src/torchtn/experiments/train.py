@@ -59,6 +59,7 @@ class TrainJob:
     sweep_lr: float = 0.05
     sweep_schedule: str = "batch"
     depth: int = 2  # brick layers of each ADTN, with layers="adtn"
+    unitary: bool = False  # orthogonal ADTN gates, with layers="adtn"
 
     def __post_init__(self) -> None:
         check_arch(self.arch, self.arch_args, MODELS)
@@ -68,6 +69,9 @@ class TrainJob:
                              f"networks) and your own architectures, not {self.arch}")
         check_positive_int("rank", self.rank)
         check_positive_int("depth", self.depth)
+        check_choice("unitary", self.unitary, (False, True))
+        if self.unitary and self.layers != "adtn":
+            raise ValueError("--unitary is for --layers adtn (orthogonal ADTN gates)")
         check_positive_int("batch_size", self.batch_size)
         check_positive_real("lr", self.lr)
 
@@ -102,7 +106,10 @@ def job_model(job: TrainJob, data: Dataset) -> torch.nn.Module:
     as the zoo's MPO layers are (PyTorch's variance for the layer's fan-in) — or, with ``layers="adtn"``, whose
     ``nn.Linear``/``nn.Conv2d`` layers (and attention projections) become fresh ADTNs of ``depth`` brick layers."""
     if not is_user_arch(job.arch):
-        return build_model(model_config(job, data))
+        model = build_model(model_config(job, data))
+        if job.unitary:  # (the zoo's ADTNs are built with plain gates)
+            _fresh_adtn_gates(model, unitary=True)
+        return model
     model = build_user_model(job.arch, job.arch_args)
     if job.layers == "mpo":
         model, _ = tensorize(model, rank=job.rank)
@@ -111,10 +118,16 @@ def job_model(job: TrainJob, data: Dataset) -> torch.nn.Module:
                 module.reset_parameters()
     elif job.layers == "adtn":
         model, _ = tensorize(model, method="adtn", depth=job.depth, fit_steps=0)
-        for module in model.modules():  # gates drawn from this job's seed
-            if isinstance(module, ADTNGenerator):
-                module.reset_parameters()
+        _fresh_adtn_gates(model, job.unitary)
     return model
+
+
+def _fresh_adtn_gates(model: torch.nn.Module, unitary: bool) -> None:
+    """Every ADTN generator of ``model`` with gates drawn afresh from the job's seed, orthogonal if ``unitary``."""
+    for module in model.modules():
+        if isinstance(module, ADTNGenerator):
+            module.unitary = unitary
+            module.reset_parameters()
 
 
 def check_train_job(job: TrainJob, data: Dataset) -> None:
