@@ -87,6 +87,29 @@ def test_round_trip_save_load_same_outputs(tmp_path, name):
     assert main(["inspect", str(path)]) == 0
 
 
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_every_layer_type_compiles_as_one_graph(name):
+    """torch.compile with fullgraph=True (any graph break is an error) gives the eager outputs and gradients, in
+    training and in eval (where layers cache what they rebuild)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 48, dtype=torch.float64), EXAMPLES[name]())
+    x = torch.randn(5, 48, dtype=torch.float64)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    y = compiled(x)
+    torch.testing.assert_close(y, model(x), rtol=0, atol=1e-12)
+    y.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    model(x).square().sum().backward()
+    assert len(grads) > 1
+    for g, p in zip(grads, (p for p in model.parameters() if p.grad is not None)):
+        torch.testing.assert_close(g, p.grad, rtol=0, atol=1e-12)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=1e-12)
+
+
 def test_checking_a_file_builds_its_layers_without_making_values(tmp_path):
     """Files' layers are first built on the meta device to check their shapes; initializing them there (PyTorch's
     meta randn, a product with a scalar) imports sympy and the compiler stack, ~1 s of every cold load or inspect.
