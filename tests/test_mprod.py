@@ -139,6 +139,12 @@ def test_t_linear_is_the_star_m_product_in_the_paper_layout(name, n):
     # after a cast the named transform is rebuilt at the new dtype (no float64 matrix converted at every call)
     torch.testing.assert_close(layer.float()(x.float()), ref.transpose(0, 1).float(), rtol=1e-4, atol=1e-4)
     assert layer.T.matrix is None or layer.T.matrix.dtype == torch.float32
+    # half precision: PyTorch's FFTs have no bfloat16 kernels, so the FFT-based transforms run in float32 and cast back
+    for half in (torch.bfloat16, torch.float16):
+        y = layer.to(half)(x.to(half))
+        assert y.dtype == half
+        torch.testing.assert_close(y.double(), ref.transpose(0, 1), rtol=0.05, atol=0.05 * ref.abs().max().item())
+        assert mprod(layer.weight, x.to(half).transpose(0, 1), layer.T).dtype == half
     layer.double()
     if n < 512:
         x = x[:2].clone().requires_grad_()

@@ -110,6 +110,29 @@ def test_every_layer_type_compiles_as_one_graph(name):
         torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_every_layer_type_runs_in_bfloat16_and_under_autocast(name):
+    """A bfloat16 model (``.to(torch.bfloat16)``) and a float32 one under CPU autocast give outputs close to float64
+    and bfloat16 gradients for every parameter."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 48, dtype=torch.float64), EXAMPLES[name]())
+    x = torch.randn(5, 48, dtype=torch.float64)
+    ref = model(x).detach()
+    half = model.to(torch.bfloat16)
+    y = half(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert all(p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all() for p in half.parameters()
+               if p.grad is not None)
+    single = model.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = single(x.float())
+    for out in (y, z):
+        err = (out.double() - ref).norm() / ref.norm()
+        # (the embedding example draws its token ids from the first layer's bfloat16 outputs: other ids, other rows)
+        assert name == "MPOEmbedding" or err < 0.05, err
+
+
 def test_checking_a_file_builds_its_layers_without_making_values(tmp_path):
     """Files' layers are first built on the meta device to check their shapes; initializing them there (PyTorch's
     meta randn, a product with a scalar) imports sympy and the compiler stack, ~1 s of every cold load or inspect.

@@ -37,8 +37,15 @@ def dct_matrix(n: int, dtype: torch.dtype = torch.float64, device=None) -> torch
     return C.to(dtype)
 
 
+def half_to_float(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in a dtype PyTorch's FFTs and solves take: float16 and bfloat16 go up to float32 (no bfloat16 FFT or LU
+    kernels; float16 FFTs only for power-of-two lengths on CUDA); the callers cast the results back."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _dct_fft(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal DCT-II along the last dim in ``O(n log n)`` (Makhoul's reordering + one FFT)."""
+    dtype, x = x.dtype, half_to_float(x)
     n = x.shape[-1]
     v = torch.cat([x[..., ::2], x[..., 1::2].flip(-1)], dim=-1)
     V = torch.fft.fft(v, dim=-1)
@@ -46,11 +53,12 @@ def _dct_fft(x: torch.Tensor) -> torch.Tensor:
     w = torch.exp(-1j * math.pi * k / (2 * n))
     out = (V * w).real * math.sqrt(2.0 / n)
     out[..., 0] = out[..., 0] / math.sqrt(2.0)
-    return out
+    return out.to(dtype)
 
 
 def _idct_fft(y: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`_dct_fft` (the orthonormal DCT-III)."""
+    dtype, y = y.dtype, half_to_float(y)
     n = y.shape[-1]
     k = torch.arange(n, dtype=y.dtype, device=y.device)
     scale = torch.full((n,), math.sqrt(2.0 / n), dtype=y.dtype, device=y.device)
@@ -61,7 +69,7 @@ def _idct_fft(y: torch.Tensor) -> torch.Tensor:
     half = (n + 1) // 2
     x[..., ::2] = v[..., :half]
     x[..., 1::2] = v[..., half:].flip(-1)
-    return x
+    return x.to(dtype)
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,7 +94,7 @@ class Transform:
         if self.name == "identity":
             return x
         if self.name == "dft":
-            return torch.fft.fft(x, dim=-1)
+            return torch.fft.fft(half_to_float(x), dim=-1)
         if self.name == "dct" and self.matrix is None:
             return _dct_fft(x)
         return x @ self._m(x).T
@@ -103,7 +111,8 @@ class Transform:
         if self.orthogonal:
             return y @ M
         # x Mᵀ = y  ⇔  M xᵀ = yᵀ: a solve, never an explicit inverse
-        return torch.linalg.solve(M, y.reshape(-1, self.n).T).T.reshape(y.shape)
+        x = torch.linalg.solve(half_to_float(M), half_to_float(y).reshape(-1, self.n).T).T.reshape(y.shape)
+        return x.to(y.dtype)
 
     def _m(self, like: torch.Tensor) -> torch.Tensor:
         M = self.matrix
@@ -173,7 +182,9 @@ def mprod(A: torch.Tensor, B: torch.Tensor, M: str | torch.Tensor | Transform = 
     if A.shape[-1] != B.shape[-1] or A.shape[-2] != B.shape[-3]:
         raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} do not chain: need A (p, s, n), B (s, q, n)")
     T = _resolve(M, A.shape[-1], A)
-    return T.inverse(facewise(T.forward(A), T.forward(B)))
+    out = T.inverse(facewise(T.forward(A), T.forward(B)))
+    like = torch.promote_types(A.dtype, B.dtype)
+    return out if out.dtype == like or like.is_complex else out.to(like)  # (half precision: the FFTs ran in float32)
 
 
 def mtran(A: torch.Tensor, M: str | torch.Tensor | Transform = "dct") -> torch.Tensor:

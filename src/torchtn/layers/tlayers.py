@@ -17,7 +17,7 @@ from torch import nn
 
 from .._checks import check_choice, check_nonnegative_real, check_positive_int
 from ..core.contraction import scratch_buffer
-from ..core.mprod import TRANSFORMS, Transform, facewise, mtran, t_eye, transform
+from ..core.mprod import TRANSFORMS, Transform, facewise, half_to_float, mtran, t_eye, transform
 from .registry import register_layer
 
 __all__ = ["TLinear", "TResidual", "TAntisymmetric", "THamiltonian", "as_tubes", "ACTIVATIONS"]
@@ -114,7 +114,7 @@ def _weight_hat(weight: torch.Tensor, T: Transform) -> torch.Tensor:
     runs slice-major (one GEMM ``M · W``), ``(n//2 + 1, out, in)`` complex for the DFT of real tubes (``rfft``),
     else ``(out, in, n)``."""
     if _half_spectrum(T, weight):
-        return torch.fft.rfft(weight, dim=-1).permute(2, 0, 1).contiguous()
+        return torch.fft.rfft(half_to_float(weight), dim=-1).permute(2, 0, 1).contiguous()
     if not _slice_major(T):
         return T.forward(weight)
     out, fan_in, n = weight.shape
@@ -138,9 +138,10 @@ def _t_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     if _half_spectrum(T, weight):  # only the n//2 + 1 first slices are multiplied
         n = x.shape[-1]
         # (n//2 + 1, batch, in), contiguous: a complex bmm on the permuted view is ~3× slower than copy + bmm
-        x_hat = torch.fft.rfft(x, dim=-1).permute(2, 0, 1).contiguous()
+        x_hat = torch.fft.rfft(half_to_float(x), dim=-1).permute(2, 0, 1).contiguous()
         y = torch.fft.irfft(torch.bmm(x_hat, what.transpose(1, 2)).permute(1, 2, 0), n=n, dim=-1)
-        return y if bias is None else y.add_(bias.transpose(0, 1))
+        y = y if bias is None else y.add_(bias.transpose(0, 1))
+        return y.to(x.dtype)  # (half precision: the FFTs ran in float32)
     if _slice_major(T):
         batch, fan_in, n = x.shape
         out = what.shape[1]
