@@ -231,7 +231,7 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="how --ratio's budget is shared: least total error or equal relative errors (default: "
                           "relative when calibrated with --probes 0, else absolute)")
 
-    t = sub.add_parser("train", help="train a zoo model or your own, dense or with MPO layers (torchrun: many "
+    t = sub.add_parser("train", help="train a zoo model or your own, dense or with MPO or ADTN layers (torchrun: many "
                                      "processes)",
                        description="Train a model of the zoo or your own with the shared trainer and write the model, "
                                    "its checkpoint and results.json into --out. Runs data-parallel unchanged under "
