@@ -106,9 +106,10 @@ class TensorizeReport:
                 "compression_ratio": self.compression_ratio, "skipped": list(self.skipped)}
 
 
-def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip,
-                    unitary: bool) -> tuple[nn.Module, TensorizeReport]:
+def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip, unitary: bool,
+                    allow_larger: bool) -> tuple[nn.Module, TensorizeReport]:
     """The ``method="adtn"`` branch of :func:`tensorize`."""
+    from ..core.adtn import adtn_num_params, num_qubits
     from ..layers.adtn import ADTNConv2d, ADTNLinear, adtn_parametrize
 
     check_positive_int("depth", depth)
@@ -116,14 +117,24 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip,
     new = copy.deepcopy(model)
     skip_fn = _skipper(skip)
     inside_mha = _inside_mha(new)
-    targets = [(n, m) for n, m in new.named_modules()
-               if type(m) in (nn.Linear, nn.Conv2d) and n not in inside_mha and not skip_fn(n, m)
-               and not (isinstance(m, nn.Conv2d) and m.padding_mode != "zeros")]
-    sites = [(n, site) for name, m in new.named_modules() if isinstance(m, nn.MultiheadAttention)
-             for n, site in attention_sites(name, m) if not skip_fn(n, m)]
+    convertible = [(n, m) for n, m in new.named_modules()
+                   if type(m) in (nn.Linear, nn.Conv2d) and n not in inside_mha
+                   and not (isinstance(m, nn.Conv2d) and m.padding_mode != "zeros")]
+    all_sites = [(n, site, m) for name, m in new.named_modules() if isinstance(m, nn.MultiheadAttention)
+                 for n, site in attention_sites(name, m)]
+    targets = [(n, m) for n, m in convertible if not skip_fn(n, m)]
+    sites = [(n, site) for n, site, m in all_sites if not skip_fn(n, m)]
+    skipped = [n for n, m in convertible if skip_fn(n, m)] + [n for n, _, m in all_sites if skip_fn(n, m)]
     if not targets and not sites:
         raise ValueError("the model has no layer that tensorize(method='adtn') can convert (nn.Linear, nn.Conv2d with "
                          "zero padding, nn.MultiheadAttention; after skip)")
+
+    def larger(weight: torch.Tensor) -> bool:  # a generator with as many parameters as the weight: kept dense
+        return not allow_larger and adtn_num_params(num_qubits(weight.numel()), depth) >= weight.numel()
+
+    kept = [n for n, m in targets if larger(m.weight)] + [n for n, site in sites if larger(site.value)]
+    targets = [(n, m) for n, m in targets if n not in kept]
+    sites = [(n, site) for n, site in sites if n not in kept]
     before = sum(p.numel() for p in model.parameters())
     rows = []
     for name, site in sites:  # read directly by the attention: generated in place (a parametrization)
@@ -144,7 +155,7 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip,
                                 layer.generator.num_params + bias, err, bias, cls.__name__,
                                 weight_params=layer.generator.num_params, depth=depth))
     after = sum(p.numel() for p in new.parameters())
-    return new, TensorizeReport(rows, before, after, [])
+    return new, TensorizeReport(rows, before, after, skipped + kept)
 
 
 def _skipper(skip: Skip) -> Callable[[str, nn.Module], bool]:
@@ -391,7 +402,9 @@ def tensorize(
     ``ADTNConv2d`` of ``depth`` brick layers (an ``nn.MultiheadAttention``'s projections: ``adtn_parametrize``),
     its generator first fitted to the trained weight (``fit_steps`` Adam steps; ``0``: no fit, the generators start
     fresh at PyTorch's variance, to train from scratch); the report's ``rel. error`` is that fit's; ``unitary``:
-    orthogonal gates (:class:`~torchtn.layers.ADTNGenerator`). Heal the model by fine-tuning afterwards.
+    orthogonal gates (:class:`~torchtn.layers.ADTNGenerator`). A layer whose generator would hold as many
+    parameters as its weight or more stays dense (listed in the report), unless ``allow_larger``. Heal the model by
+    fine-tuning afterwards.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -403,7 +416,8 @@ def tensorize(
     if method == "adtn":
         if rank is not None or rel_tol is not None or ratio is not None or shapes:
             raise ValueError("method='adtn' takes depth= and fit_steps=, not rank=, rel_tol=, ratio= or shapes=")
-        return _tensorize_adtn(model, depth, fit_steps, skip, check_choice("unitary", unitary, (False, True)))
+        return _tensorize_adtn(model, depth, fit_steps, skip, check_choice("unitary", unitary, (False, True)),
+                               allow_larger)
     if unitary:
         raise ValueError("unitary=True is for method='adtn' (orthogonal gates), not for MPO layers")
     rel_tol = check_rel_tol("rel_tol", rel_tol)
