@@ -67,6 +67,9 @@ def test_compress_into_adtns_fits_each_weight_then_heals(tmp_path, capsys):
     assert [r["acc_after"] for r in json.loads((out / "results.json").read_text())["rows"]] == \
         [r["acc_after"] for r in results["rows"]]
     capsys.readouterr()
+    # another method on resume: the run's depths are not taken, and the check names the method that differs
+    assert main(["compress", "--method", "mpo", "--out", str(out), "--resume", "--no-progress"]) == 2
+    assert "method: 'adtn' → 'mpo'" in capsys.readouterr().err
     for bad, words in ((["--method", "adtn", "--rank", "4"], "method='adtn' sweeps depths"),
                        (["--depth", "2"], "depths and unitary are for method='adtn'"),
                        (["--unitary"], "depths and unitary are for method='adtn'"),

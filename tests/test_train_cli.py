@@ -249,3 +249,6 @@ def test_zoo_fc2_and_lenet5_with_adtn_layers(tmp_path, capsys):
     torch.testing.assert_close(gates @ gates.transpose(1, 2), torch.eye(4).expand_as(gates), rtol=0, atol=1e-5)
     assert main([*BASE, "--arch", "fc2", "--unitary", "--out", str(tmp_path / "never")]) == 2
     assert "--unitary is for --layers adtn" in capsys.readouterr().err
+    # resuming with other --layers takes none of the run's ADTN settings: the check names the layers that differ
+    assert main(["train", "--layers", "mpo", "--resume", "--out", str(out), "--no-progress"]) == 2
+    assert "layers: 'adtn' → 'mpo'" in capsys.readouterr().err

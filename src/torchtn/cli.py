@@ -674,7 +674,12 @@ def _given(command: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
 _RECORDED = {"compress": ("dense.safetensors", "compress_config", {"ranks": "rank", "depths": "depth"}),
              "train": ("model.safetensors", "train_job", {}),
              "reproduce": (None, "reproduce_config", {})}  # None: any stage's model file
-_ONE_OF = ({"rank", "rel_tol", "ratio"},)  # given one of these, the recorded others are not taken either
+# given an option, the recorded values of these are not taken either: one of rank/rel_tol/ratio excludes the others,
+# and a --method (compress) or --layers (train) takes none of the other kind's settings (the resume check then names
+# the method or layers that differ)
+_NOT_TAKEN_WITH = {"rank": {"rel_tol", "ratio"}, "rel_tol": {"rank", "ratio"}, "ratio": {"rank", "rel_tol"},
+                   "method": {"rank", "rel_tol", "ratio", "conv_modes", "depth", "fit_steps", "unitary"},
+                   "layers": {"rank", "depth", "unitary"}}
 
 
 def _adopt_recorded(job: str, args: argparse.Namespace) -> None:
@@ -703,9 +708,7 @@ def _take_recorded(args: argparse.Namespace, recorded: dict, renamed: dict[str, 
     option destination; ``convert``: destination → function of the recorded value; values of ``Path`` options
     become paths) and say which changed (once under torchrun)."""
     given, actions = getattr(args, "given", set()), getattr(args, "actions", {})
-    for group in _ONE_OF:
-        if given & group:
-            given = given | group
+    given = given.union(*[_NOT_TAKEN_WITH.get(dest, set()) for dest in given])
     taken = []
     for field, value in recorded.items():
         dest = renamed.get(field, field)
