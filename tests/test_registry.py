@@ -111,6 +111,21 @@ def test_every_layer_type_compiles_as_one_graph(name):
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_every_layer_type_takes_an_empty_batch(name):
+    """A batch of zero rows gives zero rows, as PyTorch's layers do (the planner priced an empty batch as a division
+    by zero, the embedding's and the patch convolution's reshapes could not infer a size from zero elements)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 48, dtype=torch.float64), EXAMPLES[name]())
+    empty = torch.randn(0, 48, dtype=torch.float64)
+    y = model(empty)
+    assert y.shape == (0, 20)
+    y.sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    with torch.no_grad():
+        assert model.eval()(empty).shape == (0, 20)
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_every_layer_type_runs_in_bfloat16_and_under_autocast(name):
     """A bfloat16 model (``.to(torch.bfloat16)``) and a float32 one under CPU autocast give outputs close to float64
     and bfloat16 gradients for every parameter."""

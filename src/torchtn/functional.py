@@ -93,7 +93,7 @@ def mpo_conv2d(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tenso
         wo = _out_size(w, kernel_size[1], stride[1], padding[1], dilation[1])
         cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)  # (B, fan_in, L)
         y = tt_linear_apply(cols.transpose(1, 2), cores, bias, cost_model=cost_model, cache=cache)  # (B, L, C_out)
-        y = y.transpose(1, 2).reshape(batch, -1, ho, wo)
+        y = y.transpose(1, 2).reshape(batch, y.shape[-1], ho, wo)  # (no -1: the batch may be empty)
     elif way == "sequential":
         y = _sequential_conv(x, cores, bias, stride, padding, dilation)
     else:

@@ -61,7 +61,7 @@ def mpo_embedding(ids: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Ten
             state = torch.einsum("bpr,rns->bpns", state, core[:, 0]).flatten(1, 2)
         else:
             state = torch.einsum("bpr,rbns->bpns", state, core[:, digit]).flatten(1, 2)  # (r, N, n_k, r') slices
-    return state.reshape(*ids.shape, -1)
+    return state.reshape(*ids.shape, math.prod([c.shape[2] for c in cores]))  # (no -1: ids may be empty)
 
 
 def _gathered_per_id(cores: Sequence[torch.Tensor]) -> int:

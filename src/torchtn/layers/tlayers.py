@@ -134,6 +134,9 @@ def _t_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     of the half spectrum (``rfft``/``irfft``). Otherwise (FFT-based DCT, complex tubes, non-orthogonal ``M``): the
     transforms along the last dim of the paper's ``(features, batch, n)`` layout.
     """
+    if x.shape[0] == 0:  # an empty batch (PyTorch's CPU FFTs fail on empty tensors), still tied to the parameters
+        y = x.new_zeros(0, weight.shape[0], x.shape[-1]) + (x.sum() + weight.sum()) * 0
+        return y if bias is None else y + bias.transpose(0, 1)
     what = _weight_hat(weight, T) if weight_hat is None else weight_hat
     if _half_spectrum(T, weight):  # only the n//2 + 1 first slices are multiplied
         n = x.shape[-1]

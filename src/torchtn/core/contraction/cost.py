@@ -49,6 +49,8 @@ class CostModel:
     def matmul_seconds(self, batch: int, a: int, k: int, cols: int, itemsize: int) -> float:
         """Time of ``(a, k) @ (batch, k, cols)`` (``cols == 1``: one GEMM ``(batch, k) @ (k, a)``)."""
         flops = 2.0 * batch * a * k * cols
+        if flops == 0:  # an empty batch: nothing but the call
+            return self.call_overhead
         if cols == 1:  # a plain GEMM with `batch` rows
             eff = math.prod([min(1.0, s / self.fat) ** self.gemm_exp for s in (batch, a, k)])
         else:

@@ -515,9 +515,11 @@ def tt_linear_apply(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.
     batch = x2.shape[0]
     needs_grad = torch.is_grad_enabled() and any([c.requires_grad for c in cores])
     input_grad = needs_grad and x.requires_grad
-    if batch == 0:
-        out_features = math.prod([int(c.shape[1]) for c in cores])
-        return x.new_zeros(*lead, out_features)
+    if batch == 0:  # nothing to contract; the empty output still depends on the input and parameters, as F.linear's
+        y = x.new_zeros(*lead, math.prod([int(c.shape[1]) for c in cores]))
+        if torch.is_grad_enabled():
+            y = y + sum([c.sum() for c in cores], x.sum()) * 0
+        return y if bias is None else y + bias
     if cache is not None and not torch.compiler.is_compiling():
         key = (batch, x2.dtype, x2.device, needs_grad, input_grad, contraction, cost_model, autotune,
                autotune_enabled(), tuple([c.shape for c in cores]))
