@@ -111,6 +111,22 @@ def test_every_layer_type_compiles_as_one_graph(name):
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_every_layer_type_exports_and_tracing_leaves_its_caches_alone(name):
+    """torch.export of the eval model (no gradients: where layers cache what they rebuild) gives the eager outputs,
+    and the eager model still runs afterwards (a cache filled while tracing would hold fake tensors: the DCT matrix
+    of a t-layer did, and ADTN's cache key read a fake tensor's data pointer)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 48, dtype=torch.float64), EXAMPLES[name]()).eval()
+    x = torch.randn(5, 48, dtype=torch.float64)
+    with torch.no_grad():
+        fresh = nn.Sequential(nn.Linear(48, 48, dtype=torch.float64), EXAMPLES[name]()).eval()
+        fresh.load_state_dict(model.state_dict())
+        exported = torch.export.export(fresh, (x,)).module()
+        torch.testing.assert_close(exported(x), model(x), rtol=0, atol=1e-12)
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_every_layer_type_takes_an_empty_batch(name):
     """A batch of zero rows gives zero rows, as PyTorch's layers do (the planner priced an empty batch as a division
     by zero, the embedding's and the patch convolution's reshapes could not infer a size from zero elements)."""

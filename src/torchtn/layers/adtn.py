@@ -86,8 +86,8 @@ class ADTNGenerator(nn.Module):
                              scale=self.scale).reshape(self.shape)
 
     def forward(self) -> torch.Tensor:
-        if self.training or torch.is_grad_enabled() and self.gates.requires_grad:
-            self._cache = None
+        if self.training or torch.is_grad_enabled() and self.gates.requires_grad or torch.compiler.is_compiling():
+            self._cache = None  # (traced by torch.compile or torch.export: no cache, whose key reads data pointers)
             return self._generate()
         key = (self.gates.data_ptr(), self.gates._version, self.scale.data_ptr(), self.scale._version,
                self.gates.dtype, self.gates.device)

@@ -63,7 +63,9 @@ class _TModule(nn.Module):
         if cached is None:
             ref = next(self.parameters(), None)
             at = {} if ref is None or not ref.is_floating_point() else {"dtype": ref.dtype, "device": ref.device}
-            cached = self.__dict__["_named_T"] = transform(self.transform_name, self.tubes, **at)
+            cached = transform(self.transform_name, self.tubes, **at)
+            if not torch.compiler.is_compiling():  # a traced call's matrix is a fake tensor: never kept
+                self.__dict__["_named_T"] = cached
         return cached
 
     def _apply(self, fn, recurse=True):  # a move or a cast: the named transform is rebuilt at the new dtype/device
