@@ -324,3 +324,29 @@ def test_compress_a_users_trained_model_file(tmp_path, capsys, monkeypatch):
     assert main(["compress", "--dataset", "mnist", "--data-dir", str(data), "--arch", "fc2", "--model-file",
                  str(user), "--rank", "2", "--out", str(tmp_path / "no")]) == 2
     assert "does not fit --arch" in capsys.readouterr().err
+
+
+def test_compress_a_torchtn_model_file_further(tmp_path, capsys):
+    """A model file torchtn wrote with MPO layers (here from `torchtn train --layers mpo`) is compressed further by
+    `compress --model-file`: its MPO layers, at their own modes, to smaller ranks, starting from exactly its weights
+    (the run had failed: the architecture's dense layers could not take the file's cores)."""
+    from torchtn.io import load_model, read_metadata
+    from torchtn.models import build_model
+
+    trained = tmp_path / "mpo8"
+    assert main(["train", "--arch", "fc2", "--layers", "mpo", "--rank", "8", "--epochs", "2", "--no-progress",
+                 "--out", str(trained)]) == 0
+    file = trained / "model.safetensors"
+    out = tmp_path / "further"
+    assert main(["compress", "--model-file", str(file), "--arch", "fc2", "--rank", "4", "--finetune-epochs", "1",
+                 "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "given" in printed  # the table's first row is the model as given, not a dense one
+    results = json.loads((out / "results.json").read_text())
+    mpo8 = load_model(file, build_model(read_metadata(file)["metadata"]["config"]))
+    assert results["dense"]["params"] == sum(p.numel() for p in mpo8.parameters())
+    row = results["rows"][0]
+    assert row["params"] < results["dense"]["params"]
+    fc1 = next(layer for layer in row["layers"] if layer["name"] == "fc1")
+    assert fc1["in_shape"] == list(mpo8.fc1.in_shape) and max(fc1["ranks"]) == 4
+    assert fc1["params_before"] == sum(p.numel() for p in mpo8.fc1.parameters())

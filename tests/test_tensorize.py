@@ -138,3 +138,48 @@ def test_a_layer_whose_mpo_would_be_larger_stays_dense():
     assert all(r.params_after < r.params_before for r in report.layers)
     squeezed, rep2 = tensorize(model, ratio=20)  # the budget then goes to the layers that do compress
     assert rep2.compression_ratio >= 20 and all(r.params_after < r.params_before for r in rep2.layers)
+
+
+def test_a_models_torchtn_layers_are_compressed_anew():
+    """A model that holds torchtn layers already is compressed further from the maps they compute: an MPOLinear at
+    its own modes (a smaller rank is the TT-SVD of its own matrix there), never into something bigger than it was
+    (then it stays as it was), within a whole-model ratio counted from what the model holds now; ADTN layers and
+    attention projections held as MPOs are converted too."""
+    from torchtn import ADTNLinear, TTMatrix
+
+    torch.manual_seed(0)
+    first = MPOLinear.from_dense(nn.Linear(64, 48, dtype=torch.float64), rank=8, in_shape=(4, 4, 4),
+                                 out_shape=(3, 4, 4))
+    model = nn.Sequential(first, nn.ReLU(), nn.Linear(48, 10, dtype=torch.float64))
+    W = first.weight.detach()
+    smaller, report = tensorize(model, rank=4, skip=["2"])
+    assert smaller[0].in_shape == (4, 4, 4) and smaller[0].out_shape == (3, 4, 4)
+    own = TTMatrix.from_dense(W, (4, 4, 4), (3, 4, 4), max_rank=4)
+    torch.testing.assert_close(smaller[0].weight, own.to_dense(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(smaller[0].bias, first.bias, rtol=0, atol=0)
+    row = report.layers[0]
+    assert row.params_before == sum(p.numel() for p in first.parameters()) > row.params_after
+    assert row.rel_error == pytest.approx(float(torch.linalg.matrix_norm(own.to_dense() - W) /
+                                                torch.linalg.matrix_norm(W)))
+    assert isinstance(model[0], MPOLinear) and model[0].ranks == (1, 8, 8, 1)  # the input is left alone
+
+    same, report = tensorize(model, rank=16, skip=["2"])  # no smaller MPO: the layer stays as it was
+    assert isinstance(same[0], MPOLinear) and torch.equal(same[0].weight, first.weight)
+    assert "0 (as it was: its new MPO would not be smaller)" in report.skipped
+
+    before = sum(p.numel() for p in model.parameters())
+    halved, report = tensorize(model, ratio=2)
+    assert report.params_before == before and sum(p.numel() for p in halved.parameters()) <= before / 2
+
+    adtn = nn.Sequential(ADTNLinear(64, 48, depth=2, dtype=torch.float64))
+    as_mpo, report = tensorize(adtn, rel_tol=1e-12, allow_larger=True)
+    x = torch.randn(3, 64, dtype=torch.float64)
+    assert isinstance(as_mpo[0], MPOLinear)
+    torch.testing.assert_close(as_mpo(x), adtn(x), rtol=0, atol=1e-10)
+
+    attention = nn.Sequential(nn.MultiheadAttention(16, 2, batch_first=True, dtype=torch.float64))
+    once, _ = tensorize(attention, rank=4)
+    twice, report = tensorize(once, rank=2)
+    assert sorted(r.name for r in report.layers) == ["0.in_proj_weight", "0.out_proj.weight"]
+    assert all(r.ranks and max(r.ranks) <= 2 for r in report.layers)
+    assert max(once[0].parametrizations.in_proj_weight[0].ranks) == 4  # the input is left alone

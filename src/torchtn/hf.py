@@ -42,7 +42,7 @@ from .compress import calibrate as _calibrate
 from .compress.calibration import row_counts
 from .data import Dataset
 from .io import load_model, read_metadata, save_model
-from .layers.registry import layer_types
+from .layers.registry import densify
 from .train import TrainConfig, Trainer, distillation_loss
 
 __all__ = ["load_pretrained", "progress_bars", "linearize", "compress", "calibrate", "heal", "embed", "quality",
@@ -673,10 +673,7 @@ def export_dense(model: nn.Module, directory: str | os.PathLike, tokenizer=None)
     import copy
 
     dense = copy.deepcopy(model)
-    registered = tuple(layer_types().values())
-    for name, module in list(dense.named_modules()):
-        if name and isinstance(module, registered):
-            replace_submodule(dense, name, module.to_dense_module())
+    densify(dense)
     _conv1d_back(dense)
     directory = Path(directory)
     dense.save_pretrained(str(directory), safe_serialization=True)

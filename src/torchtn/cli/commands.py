@@ -107,12 +107,12 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     checked: dict = {}  # the --model-file weights as preflight read them (the file is read once)
 
     def prepare(config, data, out):
-        checked["state"] = preflight(config, out, args.resume, data)
+        checked["model"] = preflight(config, out, args.resume, data)
 
     def run(config, data, out):
         results = run_compress(config, out, resume=args.resume, progress=not args.no_progress,
                                log=lambda s: print(s, flush=True), data=data, device=args.device,
-                               user_state=checked.get("state"))
+                               user_model=checked.get("model"))
         return (f"\n{results['table']}\n\nwrote {out}/results.json, {out}/accuracy_vs_compression.png and the "
                 f"models (*.safetensors)")
 

@@ -18,8 +18,9 @@ from .._checks import check_choice, check_nonnegative_int, check_positive_int, c
 from .._modules import replace_submodule
 from ..core import TTMatrix, bond_caps, inner_ranks, tt_compression_ratio, tt_num_params
 from ..core.weighting import Weighting, two_core_shapes
+from ..layers.mpo_linear import MPOLinear
 from ..layers.mpo_parametrize import MPOParametrization, TensorSite, attention_sites
-from ..layers.registry import converter_for
+from ..layers.registry import converter_for, densify, put_back
 from ..report import format_table
 from .calibration import LayerStats, sensitive
 
@@ -94,7 +95,7 @@ class TensorizeReport:
             lines.append("ADTN layers: params after = gates 16·depth·(Q−1) + 1 scale (+ the bias, as the dense layer's), "
                          "Q = ⌈log2(weight entries)⌉; rel. error is the fit's ‖W_adtn − W‖/‖W‖")
         if self.skipped:
-            lines.append("kept dense: " + ", ".join(self.skipped))
+            lines.append("not converted: " + ", ".join(self.skipped))
         return "\n".join(lines)
 
     __str__ = table
@@ -116,6 +117,7 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip, un
     check_nonnegative_int("fit_steps", fit_steps)
     new = copy.deepcopy(model)
     skip_fn = _skipper(skip)
+    previous = densify(new, skip_fn)  # torchtn layers the model holds already: compressed anew, from their map
     inside_mha = _inside_mha(new)
     convertible = [(n, m) for n, m in new.named_modules()
                    if type(m) in (nn.Linear, nn.Conv2d) and n not in inside_mha
@@ -129,12 +131,18 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip, un
         raise ValueError("the model has no layer that tensorize(method='adtn') can convert (nn.Linear, nn.Conv2d with "
                          "zero padding, nn.MultiheadAttention; after skip)")
 
-    def larger(weight: torch.Tensor) -> bool:  # a generator with as many parameters as the weight: kept dense
-        return not allow_larger and adtn_num_params(num_qubits(weight.numel()), depth) >= weight.numel()
+    def held(name: str, weight: torch.Tensor) -> int:  # the parameters a generator replaces
+        return _weight_params(previous[name]) if name in previous else weight.numel()
 
-    kept = [n for n, m in targets if larger(m.weight)] + [n for n, site in sites if larger(site.value)]
+    def larger(name: str, weight: torch.Tensor) -> bool:  # a generator as big as what it replaces: not converted
+        return not allow_larger and adtn_num_params(num_qubits(weight.numel()), depth) >= held(name, weight)
+
+    kept = [n for n, m in targets if larger(n, m.weight)] + [n for n, site in sites if larger(n, site.value)]
     targets = [(n, m) for n, m in targets if n not in kept]
     sites = [(n, site) for n, site in sites if n not in kept]
+    for name in kept:  # a torchtn layer stays as it was
+        if name in previous:
+            put_back(new, name, previous[name])
     before = sum(p.numel() for p in model.parameters())
     rows = []
     for name, site in sites:  # read directly by the attention: generated in place (a parametrization)
@@ -142,7 +150,7 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip, un
         generator = adtn_parametrize(site.owner, site.tensor, depth, fan_in=dense[0].numel(), unitary=unitary,
                                      seed=0)  # as from_dense's: the caller's RNG is left alone
         err = generator.fit(dense, fit_steps)
-        rows.append(LayerReport(name, dense.shape[0], dense[0].numel(), (), (), (), dense.numel(),
+        rows.append(LayerReport(name, dense.shape[0], dense[0].numel(), (), (), (), held(name, dense),
                                 generator.num_params, err, 0, "ADTNParametrization",
                                 weight_params=generator.num_params, depth=depth))
     for name, module in targets:
@@ -151,7 +159,7 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip, un
         replace_submodule(new, name, layer)
         w = module.weight
         bias = 0 if module.bias is None else module.bias.numel()
-        rows.append(LayerReport(name, w.shape[0], w[0].numel(), (), (), (), w.numel() + bias,
+        rows.append(LayerReport(name, w.shape[0], w[0].numel(), (), (), (), held(name, w) + bias,
                                 layer.generator.num_params + bias, err, bias, cls.__name__,
                                 weight_params=layer.generator.num_params, depth=depth))
     after = sum(p.numel() for p in new.parameters())
@@ -427,6 +435,9 @@ def tensorize(
     if ratio is None and rank is None and rel_tol is None:
         raise ValueError("tensorize needs rank=, rel_tol= or ratio= to know how much to compress")
     new = copy.deepcopy(model)
+    # torchtn layers the model holds already are compressed anew, from the map they compute; an MPOLinear keeps its
+    # modes (so a smaller rank is the TT-SVD of its own matrix at the same modes, as rounding would give)
+    previous = densify(new, _skipper(skip))
     targets, kept = _targets(new, skip)
     if not targets:
         from ..layers.registry import convertible_types
@@ -437,6 +448,9 @@ def tensorize(
     unknown = set(shapes) - {n for n, _, _ in targets}
     if unknown:
         raise ValueError(f"shapes names layers that are not converted: {sorted(unknown)}")
+    for name, layer in previous.items():
+        if isinstance(layer, MPOLinear):
+            shapes.setdefault(name, (layer.in_shape, layer.out_shape))
     if conv_modes == "kernel":
         from ..layers.mpo_conv import kernel_modes
 
@@ -479,6 +493,9 @@ def tensorize(
     # the parameters the cores replace (an embedding's matrix may be padded to a factorizable size: not counted)
     sizes = [cls.replaced_params(module) if hasattr(cls, "replaced_params") and li not in rest else w.numel()
              for li, ((_, module, cls), w) in enumerate(zip(targets, weights))]
+    # a layer compressed anew replaces what it held (never more than that, and so counted in the ratio's budget)
+    sizes = [_weight_params(previous[name]) if name in previous else size
+             for (name, _, _), size in zip(targets, sizes)]
 
     active = list(range(len(targets)))  # layers that become tensor networks
     larger: list[str] = []  # layers kept dense because their MPO would not be smaller
@@ -513,6 +530,16 @@ def tensorize(
         rows.append(LayerReport(name, w.shape[0], w.shape[1], o, i, tt.ranks, sizes[li] + nb, tt.num_params + nb,
                                 err, nb, cls.__name__, tuple(float(e) for e in tt.entanglement_entropy()),
                                 output_error=out_err))
+    for name in larger:  # a torchtn layer whose new MPO would not be smaller stays as it was
+        if name in previous:
+            put_back(new, name, previous[name])
     after = sum(p.numel() for p in new.parameters())
-    kept += [f"{name} (its MPO would not be smaller)" for name in larger]
+    kept += [f"{name} (as it was: its new MPO would not be smaller)" if name in previous
+             else f"{name} (its MPO would not be smaller)" for name in larger]
     return new, TensorizeReport(rows, before, after, kept)
+
+
+def _weight_params(layer: nn.Module) -> int:
+    """Parameters of a torchtn layer besides its bias: what holds its weight (cores, gates and scale, exact rows)."""
+    bias = getattr(layer, "bias", None)
+    return sum(p.numel() for p in layer.parameters()) - (bias.numel() if isinstance(bias, torch.Tensor) else 0)

@@ -32,6 +32,7 @@ from .._checks import (
 from ..compress import tensorize
 from ..data import Dataset, load_dataset
 from ..io import atomic_write_text, load_model
+from ..layers import type_name
 from ..models import FC2
 from ..models.user import build_user_model, check_arch, is_user_arch
 from ..report import format_table
@@ -153,12 +154,14 @@ class CompressRow:
     depth: int | None = None  # ADTN settings: brick layers of the generators
 
 
-def results_table(dense_params: int, dense_acc: float, dense_seconds: float, rows: Sequence[CompressRow]) -> str:
+def results_table(dense_params: int, dense_acc: float, dense_seconds: float, rows: Sequence[CompressRow],
+                  start: str = "dense") -> str:
+    """The job's table: the starting model (``start``: its label) and one row per setting."""
     first = rows[0].layers[0]["name"] if rows and rows[0].layers else "fc1"  # the first tensorized layer
     adtn = any(r.depth is not None for r in rows)
     headers = ["model", f"{first} depth" if adtn else f"{first} ranks", f"{first} ratio", "params", "ratio",
                "test acc fitted %" if adtn else "test acc TT-SVD %", "test acc tuned %", "time s"]
-    body = [("dense", "-", 1.0, dense_params, 1.0, "-", round(100 * dense_acc, 2), round(dense_seconds, 1))]
+    body = [(start, "-", 1.0, dense_params, 1.0, "-", round(100 * dense_acc, 2), round(dense_seconds, 1))]
     body += [(r.setting, r.depth if adtn else str(r.fc1_ranks), round(r.fc1_ratio, 1), r.params, round(r.ratio, 1),
               round(100 * r.acc_before, 2), round(100 * r.acc_after, 2), round(r.seconds, 1)) for r in rows]
     note = (f"ratio = dense parameters / tensorized parameters (higher is smaller); {first} ratio counts its weight "
@@ -229,13 +232,13 @@ def load_user_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Modu
     return model
 
 
-def preflight(config: CompressConfig, out: Path, resume: bool, data: Dataset) -> dict[str, torch.Tensor] | None:
+def preflight(config: CompressConfig, out: Path, resume: bool, data: Dataset) -> torch.nn.Module | None:
     """Every check that can be made before anything is written or trained; raises ``ValueError`` with one line.
 
     The output place is writable; the model fits in memory; the ``model_file`` fits the architecture; a ``ratio`` is
     reachable for these layer sizes; a resumed run exists in ``out`` and was made with the same settings (named when
-    they differ). Returns the ``model_file``'s weights as checked (``None`` without one), for :func:`run_compress`'s
-    ``user_state``: the file is read once.
+    they differ). Returns the model the ``model_file`` holds, as checked (``None`` without one), for
+    :func:`run_compress`'s ``user_model``: the file is read once.
     """
     check_writable(out)
     params = data.num_features * config.hidden + config.hidden + config.hidden * data.num_classes + data.num_classes
@@ -256,15 +259,16 @@ def preflight(config: CompressConfig, out: Path, resume: bool, data: Dataset) ->
             tensorize(model, **(kwargs if config.method == "mpo" else {**kwargs, "fit_steps": 0}))
     if resume:
         check_resume(out, "compress", ["dense.safetensors"], "compress_config", asdict(config), _effective)
-    return None if config.model_file is None else model.state_dict()
+    return None if config.model_file is None else model
 
 
 def run_compress(config: CompressConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
                  log: Callable[[str], None] = print, data: Dataset | None = None,
-                 device: str | torch.device | None = None, user_state: dict[str, torch.Tensor] | None = None) -> dict:
+                 device: str | torch.device | None = None, user_model: torch.nn.Module | None = None) -> dict:
     """Run the whole job into ``out`` on ``device`` (default: the CPU) and return the results (also written to
-    ``out/results.json``). ``user_state``: the ``model_file``'s weights as :func:`preflight` read them (else the file
-    is read here)."""
+    ``out/results.json``). ``user_model``: the ``model_file``'s model as :func:`preflight` read it (else the file is
+    read here) — a torchtn file may hold torchtn layers where the architecture has dense ones: they are compressed
+    anew."""
     out = Path(out)
     data = load_dataset(config.dataset, config.data_dir) if data is None else data
     log(data.describe())
@@ -275,10 +279,10 @@ def run_compress(config: CompressConfig, out: str | Path, *, resume: bool = Fals
     torch.manual_seed(config.seed)
     dense = dense_model(config, data)
     if config.model_file is not None:  # the user's trained model is the starting point: no dense training
-        if user_state is None:
+        if user_model is None:
             load_user_weights(dense, config.model_file)
         else:
-            dense.load_state_dict(user_state)
+            dense = user_model
     cfg = TrainConfig(epochs=0 if config.model_file else config.dense_epochs, batch_size=config.batch_size,
                       lr=config.lr, seed=config.seed, progress=progress, desc="dense")
     dense_seconds = train_stage(dense, data, cfg, out, "dense", {**base_meta, "stage": "dense"}, resume=resume,
@@ -286,7 +290,8 @@ def run_compress(config: CompressConfig, out: str | Path, *, resume: bool = Fals
     _, dense_acc = evaluate(dense, data.x_test, data.y_test)
     dense_params = sum(p.numel() for p in dense.parameters())
     source = f"from {config.model_file}" if config.model_file else f"trained ({dense_seconds:.1f} s)"
-    log(f"dense {config.arch}: {dense_params:,} parameters, test accuracy {100 * dense_acc:.2f}%, {source}")
+    start = "given" if any(type_name(m) is not None for m in dense.modules()) else "dense"  # a torchtn file's layers
+    log(f"{start} {config.arch}: {dense_params:,} parameters, test accuracy {100 * dense_acc:.2f}%, {source}")
     dense.eval()
     heal = {"teacher": dense, "distill": config.distill, "temperature": config.temperature} if config.distill else {}
 
@@ -311,7 +316,7 @@ def run_compress(config: CompressConfig, out: str | Path, *, resume: bool = Fals
         log(f"{name}: {report.params_after:,} parameters ({report.compression_ratio:.1f}×), test accuracy "
             f"{100 * acc_before:.2f}% {how} → {100 * acc_after:.2f}% fine-tuned ({seconds:.1f} s)")
 
-    table = results_table(dense_params, dense_acc, dense_seconds, rows)
+    table = results_table(dense_params, dense_acc, dense_seconds, rows, start)
     results = {"dataset": data.name, "config": asdict(config), "dense": {"params": dense_params, "test_accuracy": dense_acc,
                "seconds": dense_seconds}, "rows": [asdict(r) for r in rows], "table": table}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")

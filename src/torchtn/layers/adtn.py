@@ -171,6 +171,16 @@ class _ADTNLayer(nn.Module):
     def tt_matrices(self) -> dict:
         return {}
 
+    def to_dense_module(self) -> nn.Module:
+        """The plain PyTorch module computing the same map (``nn.Linear`` / ``nn.Conv2d``) with the generated weight."""
+        ref = self.generator.gates
+        dense = self._dense_like(device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.generator())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
     def _fit_from(self, dense: nn.Module, steps: int, lr: float) -> float:
         """Fit the generator to ``dense.weight`` and copy its bias; returns the fit error."""
         if dense.bias is not None:
@@ -206,6 +216,9 @@ class ADTNLinear(_ADTNLayer):
             raise ValueError(f"input has {x.shape[-1]} features in its last dimension, expected "
                              f"in_features={self.in_features}")
         return F.linear(x, self.weight, self.bias)
+
+    def _dense_like(self, **kw) -> nn.Linear:
+        return nn.Linear(self.in_features, self.out_features, self.bias is not None, **kw)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, depth: int = 2, *, steps: int = 500, lr: float = 0.02,
@@ -253,6 +266,10 @@ class ADTNConv2d(_ADTNLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _dense_like(self, **kw) -> nn.Conv2d:
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, self.bias is not None, **kw)
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, depth: int = 2, *, steps: int = 500, lr: float = 0.02,

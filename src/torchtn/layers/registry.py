@@ -8,7 +8,7 @@ read that module's weight as a matrix and build itself from a TT-matrix (``dense
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -16,7 +16,8 @@ from torch import nn
 
 from ..core.tt import TTMatrix
 
-__all__ = ["register_layer", "convertible_types", "layer_types", "layer_type", "type_name", "converter_for", "RegisteredLayer"]
+__all__ = ["register_layer", "convertible_types", "layer_types", "layer_type", "type_name", "converter_for",
+           "densify", "put_back", "RegisteredLayer"]
 
 
 class RegisteredLayer(Protocol):
@@ -92,3 +93,44 @@ def factory_of(module: nn.Module) -> dict[str, torch.device | torch.dtype | None
     """``device``/``dtype`` of a module's first parameter (``None`` each when it has none)."""
     p = next(iter(module.parameters()), None)
     return {"device": None if p is None else p.device, "dtype": None if p is None else p.dtype}
+
+
+def densify(model: nn.Module, skip: Callable[[str, nn.Module], bool] | None = None) -> dict[str, nn.Module]:
+    """Merge the registered layers of ``model`` back into PyTorch's own, in place: every layer with a dense counterpart
+    (``to_dense_module``: ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``) is replaced by it, and every tensor held by
+    a registered parametrization alone becomes a plain parameter with the value it reads. Layers with no dense
+    counterpart (t-product layers) stay; ``skip(name, module)`` keeps others. Returns ``{name: the layer replaced}``
+    (a parametrized tensor's name is ``<owner>.<tensor>``)."""
+    from torch.nn.utils import parametrize
+
+    done: dict[str, nn.Module] = {}
+    for name, module in list(model.named_modules()):
+        if skip is not None and skip(name, module):
+            continue
+        if name and type_name(module) is not None and hasattr(module, "to_dense_module"):
+            try:
+                dense = module.to_dense_module()
+            except NotImplementedError:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
+            done[name] = module
+        for tensor, chain in list(getattr(module, "parametrizations", {}).items()):
+            if parametrize.is_parametrized(module, tensor) and len(chain) == 1 and type_name(chain[0]) is not None:
+                layer = chain[0]
+                parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)
+                done[f"{name}.{tensor}" if name else tensor] = layer
+    return done
+
+
+def put_back(model: nn.Module, name: str, layer: nn.Module) -> None:
+    """Undo :func:`densify` for one entry of what it returned: ``layer`` back in place of the dense module ``name``,
+    or back as the parametrization of the tensor ``name``."""
+    from torch.nn.utils import parametrize
+
+    owner_name, _, tensor = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    if isinstance(getattr(owner, tensor, None), nn.Module):
+        setattr(owner, tensor, layer)
+    else:
+        parametrize.register_parametrization(owner, tensor, layer, unsafe=True)
