@@ -406,6 +406,11 @@ def tensorize(
     ``allow_larger`` (e.g. for an exact full-rank conversion). Returns ``(new_model, report)``; the input is not
     modified.
 
+    torchtn layers the model holds already (not ``skip``-ped) are compressed anew from the map they compute
+    (:func:`~torchtn.layers.registry.densify`): an ``MPOLinear`` keeps its modes, so a smaller rank is the TT-SVD of
+    its own matrix at them; a layer whose new form would not be smaller than it is now stays as it was; ``ratio``
+    counts from the parameters the model holds now. Layers with no dense counterpart (t-product layers) stay.
+
     ``method="adtn"``: every ``nn.Linear`` and ``nn.Conv2d`` (after ``skip``) becomes an ``ADTNLinear`` /
     ``ADTNConv2d`` of ``depth`` brick layers (an ``nn.MultiheadAttention``'s projections: ``adtn_parametrize``),
     its generator first fitted to the trained weight (``fit_steps`` Adam steps; ``0``: no fit, the generators start
