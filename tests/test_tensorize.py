@@ -182,4 +182,9 @@ def test_a_models_torchtn_layers_are_compressed_anew():
     twice, report = tensorize(once, rank=2)
     assert sorted(r.name for r in report.layers) == ["0.in_proj_weight", "0.out_proj.weight"]
     assert all(r.ranks and max(r.ranks) <= 2 for r in report.layers)
-    assert max(once[0].parametrizations.in_proj_weight[0].ranks) == 4  # the input is left alone
+    assert max(once[0].parametrizations.in_proj_weight[0].ranks) == 4  # the input is left alone, and still runs
+    q = torch.randn(2, 3, 16, dtype=torch.float64)  # (a deep copy shares the class PyTorch made for a parametrized
+    assert once[0](q, q, q)[0].shape == (2, 3, 16)  # module: removing one from the copy had broken the original)
+    kept, report = tensorize(once, rank=2, skip=["0.in_proj_weight"])  # a skipped tensor stays as it was
+    assert [r.name for r in report.layers] == ["0.out_proj.weight"]
+    assert max(kept[0].parametrizations.in_proj_weight[0].ranks) == 4

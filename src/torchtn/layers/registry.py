@@ -111,15 +111,21 @@ def densify(model: nn.Module, skip: Callable[[str, nn.Module], bool] | None = No
             try:
                 dense = module.to_dense_module()
             except NotImplementedError:
-                continue
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
-            done[name] = module
+                dense = None
+            if dense is not None:
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
+                done[name] = module
         for tensor, chain in list(getattr(module, "parametrizations", {}).items()):
-            if parametrize.is_parametrized(module, tensor) and len(chain) == 1 and type_name(chain[0]) is not None:
-                layer = chain[0]
+            full = f"{name}.{tensor}" if name else tensor
+            if (len(chain) == 1 and type_name(chain[0]) is not None
+                    and not (skip is not None and skip(full, module))):
+                # a class of its own first: a deep copy shares the class PyTorch made for the module it copies, and
+                # removing a parametrization deletes the tensor's property from that class (the original broke)
+                cls = type(module)
+                module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
                 parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)
-                done[f"{name}.{tensor}" if name else tensor] = layer
+                done[full] = chain[0]
     return done
 
 
