@@ -104,7 +104,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
                               distill=args.distill, temperature=args.temperature, conv_modes=args.conv_modes,
                               method=args.method, depths=args.depth, fit_steps=args.fit_steps, unitary=args.unitary)
 
-    checked: dict = {}  # the --model-file weights as preflight read them (the file is read once)
+    checked: dict = {}  # the --model-file model as preflight read it (the file is read once)
 
     def prepare(config, data, out):
         checked["model"] = preflight(config, out, args.resume, data)
