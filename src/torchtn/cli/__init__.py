@@ -4,16 +4,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from .commands import _cmd_compress, _cmd_reproduce, _cmd_train
-from .inspect_file import _cmd_inspect
-from .options import _build_parser
-from .resume import _given
+from .commands import cmd_compress, cmd_reproduce, cmd_train
+from .inspect_file import cmd_inspect
+from .options import build_parser
+from .resume import given_options
 
 __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _build_parser()
+    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
@@ -21,19 +21,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     command = parser.commands.get(args.command)
     if command is not None:
-        args.given, args.actions = _given(command, argv), {a.dest: a for a in command._actions}
+        args.given, args.actions = given_options(command, argv), {a.dest: a for a in command._actions}
     if args.version:
         from .. import __version__
 
         print(f"torchtn {__version__}")
         return 0
     if args.command == "compress":
-        return _cmd_compress(args)
+        return cmd_compress(args)
     if args.command == "train":
-        return _cmd_train(args)
+        return cmd_train(args)
     if args.command == "reproduce":
-        return _cmd_reproduce(args)
+        return cmd_reproduce(args)
     if args.command == "inspect":
-        return _cmd_inspect(args)
+        return cmd_inspect(args)
     parser.print_usage(sys.stderr)
     return 2

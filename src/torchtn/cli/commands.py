@@ -7,8 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from .flow import _device, _exit_worker, _fail, _run_job
-from .resume import _adopt_recorded_hf
+from .flow import exit_worker, fail, job_device, run_job
+from .resume import adopt_recorded_hf
 
 
 def _exact_rows(args: argparse.Namespace) -> int | float | None:
@@ -23,28 +23,28 @@ def _exact_rows(args: argparse.Namespace) -> int | float | None:
     return args.exact_rows or None
 
 
-def _cmd_compress_hf(args: argparse.Namespace) -> int:
+def cmd_compress_hf(args: argparse.Namespace) -> int:
     """``torchtn compress --hf-model PATH``: compress, heal and measure a pretrained transformer."""
     from ..experiments.compress_hf import HFCompressJob, run_hf_compress
 
     for flag, given in (("--model-file", args.model_file is not None), ("--arch", args.arch != "fc2"),
                         ("--arch-args", args.arch_args is not None)):
         if given:
-            return _fail(f"{flag} is for compressing a model file of a zoo or your own architecture; --hf-model "
+            return fail(f"{flag} is for compressing a model file of a zoo or your own architecture; --hf-model "
                          f"compresses the Hugging Face model in its folder")
     for flag, given in (("--method adtn", args.method != "mpo"), ("--depth", args.depth is not None),
                         ("--unitary", args.unitary), ("--fit-steps", args.fit_steps != 500)):
         if given:
-            return _fail(f"{flag} is not available with --hf-model, which compresses into MPO layers")
+            return fail(f"{flag} is not available with --hf-model, which compresses into MPO layers")
     if args.resume:
         try:
-            _adopt_recorded_hf(args)
+            adopt_recorded_hf(args)
         except ValueError as err:
-            return _fail(str(err))
+            return fail(str(err))
     if args.corpus is None:
-        return _fail("--hf-model needs --corpus FILE (plain text, one passage per line) to heal and measure on")
+        return fail("--hf-model needs --corpus FILE (plain text, one passage per line) to heal and measure on")
     if args.rank is not None and len(args.rank) > 1:
-        return _fail("--hf-model takes one --rank value")
+        return fail("--hf-model takes one --rank value")
     try:
         # absolute paths: the run records them (hf_job.json), and --resume may come from another directory
         job = HFCompressJob(model=str(args.hf_model.resolve()), corpus=str(args.corpus.resolve()), ratio=args.ratio,
@@ -58,21 +58,21 @@ def _cmd_compress_hf(args: argparse.Namespace) -> int:
                             probes=HFCompressJob.probes if args.probes is None else args.probes,
                             exact_rows=_exact_rows(args),
                             lr=1e-4 if args.finetune_lr is None else args.finetune_lr, seed=args.seed)
-        device = str(_device(args))
+        device = str(job_device(args))
     except ValueError as err:
-        return _fail(str(err))
+        return fail(str(err))
     out = args.out if args.out is not None else Path("runs") / f"compress-hf-{time.strftime('%Y%m%d-%H%M%S')}"
     if out.exists() and not out.is_dir():
-        return _fail(f"--out {out} exists and is not a directory")
+        return fail(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not args.resume:
-        return _fail(f"--out {out} already holds files: pass --resume to continue that run, or choose another --out")
+        return fail(f"--out {out} already holds files: pass --resume to continue that run, or choose another --out")
     try:
         results = run_hf_compress(job, out, resume=args.resume, progress=not args.no_progress,
                                   log=lambda s: print(s, flush=True), device=device)
     except ImportError as err:
-        return _fail(str(err))
+        return fail(str(err))
     except ValueError as err:
-        return _fail(str(err))
+        return fail(str(err))
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with: torchtn compress --resume --out {out}", file=sys.stderr)
         return 130
@@ -80,11 +80,11 @@ def _cmd_compress_hf(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_compress(args: argparse.Namespace) -> int:
+def cmd_compress(args: argparse.Namespace) -> int:
     from ..experiments.compress import CompressConfig, preflight, run_compress
 
     if args.hf_model is not None or (args.resume and args.out is not None and (args.out / "hf_job.json").is_file()):
-        return _cmd_compress_hf(args)  # --resume of an --hf-model run needs no --hf-model: the run recorded it
+        return cmd_compress_hf(args)  # --resume of an --hf-model run needs no --hf-model: the run recorded it
     for flag, given in (("--corpus", args.corpus is not None), ("--hf-head", args.hf_head),
                         ("--hidden-states", args.hidden_states), ("--augment", args.augment),
                         ("--min-lr-fraction", args.min_lr_fraction is not None),
@@ -92,7 +92,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
                         ("--calibrate", args.calibrate is not None), ("--probes", args.probes is not None),
                         ("--exact-rows", args.exact_rows is not None)):
         if given:
-            return _fail(f"{flag} is for --hf-model")
+            return fail(f"{flag} is for --hf-model")
 
     def make_config():
         return CompressConfig(dataset=args.dataset, data_dir=None if args.data_dir is None else str(args.data_dir),
@@ -116,18 +116,18 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         return (f"\n{results['table']}\n\nwrote {out}/results.json, {out}/accuracy_vs_compression.png and the "
                 f"models (*.safetensors)")
 
-    return _run_job("compress", args, make_config, prepare, run)
+    return run_job("compress", args, make_config, prepare, run)
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
     from ..experiments.rundir import check_resume, check_writable
     from ..experiments.train import TrainJob, check_train_job, run_train
     from ..train.trainer import process_group
 
     try:
-        rank, world = process_group(init=True, device=_device(args))
+        rank, world = process_group(init=True, device=job_device(args))
     except ValueError as err:
-        return _fail(str(err))
+        return fail(str(err))
     log = (lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None)
 
     def make_config():
@@ -156,17 +156,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         run_train(job, data, out, resume=args.resume, progress=not args.no_progress, log=log, device=args.device)
         return f"wrote {out}/model.safetensors and {out}/results.json" if rank == 0 else ""
 
-    status = _run_job("train", args, make_config, prepare, run)
+    status = run_job("train", args, make_config, prepare, run)
     if status == 0 and world > 1:  # a clean shutdown: nobody closes its connections while a peer still uses them
         import torch.distributed as dist
 
         dist.barrier()
         dist.destroy_process_group()
-        _exit_worker(status)
+        exit_worker(status)
     return status
 
 
-def _cmd_reproduce(args: argparse.Namespace) -> int:
+def cmd_reproduce(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from ..experiments.registry import get_reproduction
@@ -176,10 +176,10 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     try:
         rep = get_reproduction(args.name)
     except ValueError as err:
-        return _fail(str(err))
+        return fail(str(err))
     args.dataset = args.dataset or rep.default_dataset
     if args.dataset not in rep.datasets:
-        return _fail(f"--dataset {args.dataset!r} is not allowed for {rep.name}: expected one of "
+        return fail(f"--dataset {args.dataset!r} is not allowed for {rep.name}: expected one of "
                      f"{', '.join(rep.datasets)}")
 
     def make_config():
@@ -198,4 +198,4 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
                                    log=lambda s: print(s, flush=True), device=args.device)
         return f"wrote {out}/results.json and {out}/report.md ({results['seconds'] / 60:.1f} min)"
 
-    return _run_job(f"reproduce-{rep.name}", args, make_config, prepare, run)
+    return run_job(f"reproduce-{rep.name}", args, make_config, prepare, run)

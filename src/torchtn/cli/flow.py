@@ -8,15 +8,15 @@ import sys
 import time
 from pathlib import Path
 
-from .resume import _adopt_recorded
+from .resume import adopt_recorded
 
 
-def _fail(message: str, status: int = 2) -> int:
+def fail(message: str, status: int = 2) -> int:
     print(f"torchtn: error: {message}", file=sys.stderr)
     return status
 
 
-def _device(args: argparse.Namespace):
+def job_device(args: argparse.Namespace):
     from ..train.device import resolve_device
 
     return resolve_device(args.device, name="--device")
@@ -27,7 +27,7 @@ def _elastic_restart() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
 
 
-def _run_job(job: str, args: argparse.Namespace, make_config, prepare, run) -> int:
+def run_job(job: str, args: argparse.Namespace, make_config, prepare, run) -> int:
     """The flow every training job shares: settings, output directory, data and checks before anything is written,
     then the run, with every failure turned into one line (exit 2; 1 for a diverged run; 130 when interrupted).
 
@@ -41,41 +41,41 @@ def _run_job(job: str, args: argparse.Namespace, make_config, prepare, run) -> i
     from ..train import TrainingDiverged
 
     if args.resume and args.out is not None:
-        _adopt_recorded(job, args)
+        adopt_recorded(job, args)
     try:
-        args.device = str(_device(args))
+        args.device = str(job_device(args))
         config = make_config()
     except ValueError as err:
-        return _fail(str(err))
+        return fail(str(err))
     out = args.out if args.out is not None else Path("runs") / f"{job}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.resume and args.out is None:
-        return _fail("--resume needs --out DIR (the directory of the run to continue)")
+        return fail("--resume needs --out DIR (the directory of the run to continue)")
     if out.exists() and not out.is_dir():
-        return _fail(f"--out {out} exists and is not a directory")
+        return fail(f"--out {out} exists and is not a directory")
     if _elastic_restart() and args.out is not None:
         # torchrun restarted the workers after a failure: continue our own run if it got as far as a checkpoint
         args.resume = any(out.glob("*.safetensors")) or any((out / "checkpoints").glob("*.safetensors"))
     elif out.is_dir() and any(out.iterdir()) and not args.resume:
-        return _fail(f"--out {out} already holds files: pass --resume to continue that run, or choose another --out")
+        return fail(f"--out {out} already holds files: pass --resume to continue that run, or choose another --out")
     try:
         data = load_dataset(args.dataset, None if args.data_dir is None else str(args.data_dir))
         prepare(config, data, out)
     except (DataFilesMissing, ValueError, pickle.UnpicklingError) as err:
-        return _fail(str(err))
+        return fail(str(err))
     except OSError as err:
-        return _fail(f"{err.filename or 'a file'} cannot be read: {err.strerror or err}")
+        return fail(f"{err.filename or 'a file'} cannot be read: {err.strerror or err}")
     except MemoryError:
-        return _fail(f"the data of --dataset {args.dataset} does not fit in memory")
+        return fail(f"the data of --dataset {args.dataset} does not fit in memory")
     try:
         message = run(config, data, out)
     except TrainingDiverged as err:
-        return _fail(str(err), status=1)
+        return fail(str(err), status=1)
     except ModelFileError as err:
-        return _fail(f"{err} — the run in {out} cannot be continued; start a new one with another --out")
+        return fail(f"{err} — the run in {out} cannot be continued; start a new one with another --out")
     except OSError as err:
-        return _fail(f"{err.filename or out} cannot be written: {err.strerror or err}")
+        return fail(f"{err.filename or out} cannot be written: {err.strerror or err}")
     except MemoryError:
-        return _fail("out of memory while training; choose a smaller model or --batch-size")
+        return fail("out of memory while training; choose a smaller model or --batch-size")
     except KeyboardInterrupt:
         command = job.replace("-", " ", 1) if job.startswith("reproduce-") else job  # "reproduce gao2020"
         print(f"\ninterrupted; continue with: torchtn {command} --resume --out {out}", file=sys.stderr)
@@ -85,7 +85,7 @@ def _run_job(job: str, args: argparse.Namespace, make_config, prepare, run) -> i
     return 0
 
 
-def _exit_worker(status: int) -> None:
+def exit_worker(status: int) -> None:
     """End a distributed worker whose work is saved and whose process group is destroyed, skipping the interpreter's
     teardown: there gloo's transport threads sometimes abort the process (SIGABRT, "terminate called without an active
     exception"; seen on a 2-core AMD EPYC in two of six full test runs), which torchrun then reports as a failed

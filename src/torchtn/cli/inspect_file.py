@@ -5,7 +5,7 @@ import argparse
 import os
 from pathlib import Path
 
-from .flow import _fail
+from .flow import fail
 
 
 def _float64():
@@ -14,22 +14,22 @@ def _float64():
     return torch.float64
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
+def cmd_inspect(args: argparse.Namespace) -> int:
     from ..io import ModelFileError, load_layers, read_metadata
     from ..layers import type_name
     from ..report import format_table
 
     if args.plot is not None:
         if args.plot.exists():
-            return _fail(f"--plot {args.plot} exists; choose another path")
+            return fail(f"--plot {args.plot} exists; choose another path")
         parent = args.plot.parent if str(args.plot.parent) else Path(".")
         if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            return _fail(f"--plot {args.plot} cannot be written: {parent} is not a writable directory")
+            return fail(f"--plot {args.plot} cannot be written: {parent} is not a writable directory")
     if args.file.is_dir():
         found = [args.file / n for n in ("torchtn.safetensors", "model.safetensors") if (args.file / n).is_file()]
         if not found:
             others = sorted(p.name for p in args.file.glob("*.safetensors"))
-            return _fail(f"{args.file} is a directory with no torchtn.safetensors or model.safetensors"
+            return fail(f"{args.file} is a directory with no torchtn.safetensors or model.safetensors"
                          + (f"; name one of its files: {', '.join(others[:8])}" if others else ""))
         args.file = found[0]
     try:
@@ -37,7 +37,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         layers = load_layers(args.file)  # every layer checked against the file before any number is computed
         networks = {name: layer.tt_matrices() for name, layer in layers.items()}
     except ModelFileError as err:
-        return _fail(str(err))
+        return fail(str(err))
     print(f"{args.file}: {meta.get('model_class')} with {meta.get('num_parameters', 0):,} parameters, "
           f"written by torchtn {meta.get('torchtn_version')} (torch {meta.get('torch_version')})")
     if not layers:
@@ -77,7 +77,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         if sweep and sweep.get("history"):
             history_plot = args.plot.with_name(f"{args.plot.stem}-sweeps{args.plot.suffix}")
             if history_plot.exists():
-                return _fail(f"{history_plot} exists; choose another --plot path")
+                return fail(f"{history_plot} exists; choose another --plot path")
             plot_sweep_history(sweep["history"], history_plot, title=f"sweep training of {args.file.name}")
             print(f"wrote {history_plot}")
     return 0

@@ -6,12 +6,12 @@ import json
 import math
 from pathlib import Path
 
-from .flow import _fail
+from .flow import fail
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one clear line instead of usage + message
-        raise SystemExit(_fail(f"{self.prog}: {message} (see --help)"))
+        raise SystemExit(fail(f"{self.prog}: {message} (see --help)"))
 
 
 def _rows_or_fraction(text: str) -> int | float:
@@ -129,7 +129,7 @@ def _add_arch_options(p: argparse.ArgumentParser, what: str, own: str) -> None:
                    help="keyword arguments of your own --arch, as a JSON object, e.g. '{\"width\": 32}'")
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="torchtn", description="Tensor networks inside deep neural networks.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
@@ -270,5 +270,5 @@ def _build_parser() -> argparse.ArgumentParser:
                                            "(compress --hf-model's model/, train's --out)")
     i.add_argument("--plot", type=Path, default=None, help="also write a PNG of entropy per bond (refuses to "
                                                             "overwrite an existing file)")
-    parser.commands = dict(sub.choices)  # each command's parser (which options a command line gave: _given)
+    parser.commands = dict(sub.choices)  # each command's parser (which options a command line gave: given_options)
     return parser

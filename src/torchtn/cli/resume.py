@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def _given(command: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+def given_options(command: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
     """The destinations of the options ``argv`` spells out (as argparse matches them: exactly, or by a unique
     prefix), so that ``--resume`` can tell an option left out from one given with its default value."""
     options = {o: a.dest for a in command._actions for o in a.option_strings}
@@ -37,7 +37,7 @@ _NOT_TAKEN_WITH = {"rank": {"rel_tol", "ratio"}, "rel_tol": {"rank", "ratio"}, "
                    "layers": {"rank", "depth", "unitary"}}
 
 
-def _adopt_recorded(job: str, args: argparse.Namespace) -> None:
+def adopt_recorded(job: str, args: argparse.Namespace) -> None:
     """With ``--resume --out DIR``: every option of ``job`` left out of the command line takes the value the run in
     DIR recorded (so ``torchtn compress --out DIR --resume`` continues it as it was started). A run that cannot be
     read is left to the resume checks to report."""
@@ -80,7 +80,7 @@ def _take_recorded(args: argparse.Namespace, recorded: dict, renamed: dict[str, 
         print(f"--resume: the run's own settings for the options not given: {', '.join(taken)}", flush=True)
 
 
-def _adopt_recorded_hf(args: argparse.Namespace) -> None:
+def adopt_recorded_hf(args: argparse.Namespace) -> None:
     """``--hf-model`` runs: the options left out take the values in ``DIR/hf_job.json``."""
     from ..experiments.compress_hf import recorded_hf_job
 
