@@ -2,7 +2,7 @@
 # Every GPU check in one go, for a CUDA machine (no install needed where torch, pytest, opt_einsum, safetensors,
 # tqdm, scikit-learn and matplotlib are present; tltorch and torch-mpo as wheels in .whl/ if given):
 #   1. fit the CUDA cost model to this GPU (bench/calibrate.py --device cuda),
-#   2. the CUDA tests (tests/test_cuda.py),
+#   2. the CUDA tests (tests/test_cuda.py; every layer type on the GPU in tests/test_registry.py),
 #   3. the benchmark grid on the GPU, with the fitted cost model (bench/run.py --device cuda --cost-model ...).
 # Usage: bash bench/cuda_check.sh OUTDIR      (each step has a time limit; partial results stay in OUTDIR)
 set -u
@@ -19,7 +19,7 @@ t0=$SECONDS
 timeout "${CALIBRATE_S:-110}" python3 bench/calibrate.py --device cuda --out "$out/calibration-cuda.json" --reps 9 \
     2>&1 | grep -v '^USDT' | tail -40
 echo "calibrate: $((SECONDS - t0)) s"; t0=$SECONDS
-timeout "${TESTS_S:-200}" python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs 2>&1 | tee "$out/tests-cuda.log" | tail -15
+timeout "${TESTS_S:-200}" python3 -m pytest tests/test_cuda.py tests/test_registry.py -q -p no:cacheprovider -rs 2>&1 | tee "$out/tests-cuda.log" | tail -15
 echo "tests: $((SECONDS - t0)) s"; t0=$SECONDS
 fitted=()
 [ -f "$out/calibration-cuda-fitted.json" ] && fitted=(--cost-model "$out/calibration-cuda-fitted.json")

@@ -126,13 +126,18 @@ def test_every_layer_type_exports_and_tracing_leaves_its_caches_alone(name):
         torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=1e-12)
 
 
+# the CPU everywhere; CUDA too where PyTorch sees a GPU
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
-def test_every_layer_type_takes_an_empty_batch(name):
+def test_every_layer_type_takes_an_empty_batch(name, device):
     """A batch of zero rows gives zero rows, as PyTorch's layers do (the planner priced an empty batch as a division
     by zero, the embedding's and the patch convolution's reshapes could not infer a size from zero elements)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(48, 48, dtype=torch.float64), EXAMPLES[name]())
-    empty = torch.randn(0, 48, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(48, 48, dtype=torch.float64), EXAMPLES[name]()).to(device)
+    empty = torch.randn(0, 48, dtype=torch.float64, device=device)
     y = model(empty)
     assert y.shape == (0, 20)
     y.sum().backward()
@@ -141,13 +146,14 @@ def test_every_layer_type_takes_an_empty_batch(name):
         assert model.eval()(empty).shape == (0, 20)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
-def test_every_layer_type_runs_in_bfloat16_and_under_autocast(name):
-    """A bfloat16 model (``.to(torch.bfloat16)``) and a float32 one under CPU autocast give outputs close to float64
+def test_every_layer_type_runs_in_bfloat16_and_under_autocast(name, device):
+    """A bfloat16 model (``.to(torch.bfloat16)``) and a float32 one under autocast give outputs close to float64
     and bfloat16 gradients for every parameter."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(48, 48, dtype=torch.float64), EXAMPLES[name]())
-    x = torch.randn(5, 48, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(48, 48, dtype=torch.float64), EXAMPLES[name]()).to(device)
+    x = torch.randn(5, 48, dtype=torch.float64, device=device)
     ref = model(x).detach()
     half = model.to(torch.bfloat16)
     y = half(x.to(torch.bfloat16))
@@ -156,7 +162,7 @@ def test_every_layer_type_runs_in_bfloat16_and_under_autocast(name):
     assert all(p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all() for p in half.parameters()
                if p.grad is not None)
     single = model.float()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         z = single(x.float())
     for out in (y, z):
         err = (out.double() - ref).norm() / ref.norm()
