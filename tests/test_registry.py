@@ -18,6 +18,7 @@ from torchtn.layers import (
     layer_types,
     mpo_parametrize,
     register_layer,
+    type_name,
 )
 from torchtn.layers import registry as registry_module
 
@@ -168,6 +169,33 @@ def test_every_layer_type_runs_in_bfloat16_and_under_autocast(name, device):
         err = (out.double() - ref).norm() / ref.norm()
         # (the embedding example draws its token ids from the first layer's bfloat16 outputs: other ids, other rows)
         assert name == "MPOEmbedding" or err < 0.05, err
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_densify_turns_every_layer_type_back_into_pytorchs_own(name):
+    """densify (in place, here on a deep copy): each layer with a dense counterpart becomes it, each parametrized
+    tensor a plain parameter — the same outputs, no torchtn module left; t-product layers, which have none, stay.
+    The original still runs (a deep copy of a parametrized module shares PyTorch's generated class)."""
+    import copy
+
+    from torch.nn.utils import parametrize as torch_parametrize
+
+    from torchtn.layers import densify
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 48, dtype=torch.float64), EXAMPLES[name]()).eval()
+    x = torch.randn(5, 48, dtype=torch.float64)
+    dense = copy.deepcopy(model)
+    done = densify(dense)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), model(x), rtol=0, atol=1e-10)
+        assert model(x).shape == (5, 20)
+    left = [type(m).__name__ for m in dense.modules() if type_name(m) is not None]
+    if name.startswith("T"):
+        assert not done and left == [name]
+    else:
+        assert [type(layer).__name__ for layer in done.values()] == [name] and not left
+        assert not any(torch_parametrize.is_parametrized(m) for m in dense.modules())
 
 
 def test_checking_a_file_builds_its_layers_without_making_values(tmp_path):
