@@ -12,11 +12,13 @@ from .resume import adopt_recorded
 
 
 def fail(message: str, status: int = 2) -> int:
+    """Print ``message`` as the one line a bad input gets (on stderr) and return the exit status."""
     print(f"torchtn: error: {message}", file=sys.stderr)
     return status
 
 
 def job_device(args: argparse.Namespace):
+    """The device ``--device`` names (see :func:`~torchtn.train.device.resolve_device`)."""
     from ..train.device import resolve_device
 
     return resolve_device(args.device, name="--device")
