@@ -277,12 +277,9 @@ def run_compress(config: CompressConfig, out: str | Path, *, resume: bool = Fals
     base_meta = {"dataset": data.name, "seed": config.seed, "compress_config": asdict(config)}
 
     torch.manual_seed(config.seed)
-    dense = dense_model(config, data)
-    if config.model_file is not None:  # the user's trained model is the starting point: no dense training
-        if user_model is None:
-            load_user_weights(dense, config.model_file)
-        else:
-            dense = user_model
+    dense = user_model if user_model is not None else dense_model(config, data)
+    if config.model_file is not None and user_model is None:  # the user's trained model is the starting point
+        load_user_weights(dense, config.model_file)
     cfg = TrainConfig(epochs=0 if config.model_file else config.dense_epochs, batch_size=config.batch_size,
                       lr=config.lr, seed=config.seed, progress=progress, desc="dense")
     dense_seconds = train_stage(dense, data, cfg, out, "dense", {**base_meta, "stage": "dense"}, resume=resume,

@@ -62,8 +62,8 @@ class ADTNGenerator(nn.Module):
         """Fresh Gaussian gates (standard deviation ``gate_std``, from the global RNG) and the scale that gives the
         generated tensor PyTorch's variance ``1 / (3 · fan_in)``."""
         with torch.no_grad():
-            self.gates.copy_(torch.randn(self.gates.shape, dtype=self.gates.dtype, device=self.gates.device)
-                             * self.gate_std)
+            self.gates.copy_(gaussian(self.gates.shape, self.gate_std, dtype=self.gates.dtype,
+                                      device=self.gates.device))
         self._set_scale()
 
     def _set_scale(self) -> None:

@@ -13,7 +13,9 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
+from .._modules import parent_and_attr, replace_submodule
 from ..core.tt import TTMatrix
 
 __all__ = ["register_layer", "convertible_types", "layer_types", "layer_type", "type_name", "converter_for",
@@ -101,8 +103,6 @@ def densify(model: nn.Module, skip: Callable[[str, nn.Module], bool] | None = No
     a registered parametrization alone becomes a plain parameter with the value it reads. Layers with no dense
     counterpart (t-product layers) stay; ``skip(name, module)`` keeps others. Returns ``{name: the layer replaced}``
     (a parametrized tensor's name is ``<owner>.<tensor>``)."""
-    from torch.nn.utils import parametrize
-
     done: dict[str, nn.Module] = {}
     for name, module in list(model.named_modules()):
         if skip is not None and skip(name, module):
@@ -113,8 +113,7 @@ def densify(model: nn.Module, skip: Callable[[str, nn.Module], bool] | None = No
             except NotImplementedError:
                 dense = None
             if dense is not None:
-                parent_name, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
+                replace_submodule(model, name, dense)
                 done[name] = module
         for tensor, chain in list(getattr(module, "parametrizations", {}).items()):
             full = f"{name}.{tensor}" if name else tensor
@@ -132,10 +131,7 @@ def densify(model: nn.Module, skip: Callable[[str, nn.Module], bool] | None = No
 def put_back(model: nn.Module, name: str, layer: nn.Module) -> None:
     """Undo :func:`densify` for one entry of what it returned: ``layer`` back in place of the dense module ``name``,
     or back as the parametrization of the tensor ``name``."""
-    from torch.nn.utils import parametrize
-
-    owner_name, _, tensor = name.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
+    owner, tensor = parent_and_attr(model, name)
     if isinstance(getattr(owner, tensor, None), nn.Module):
         setattr(owner, tensor, layer)
     else:
