@@ -185,6 +185,44 @@ def test_any_parameter_can_be_generated_by_an_adtn():
     torch.testing.assert_close(emb(ids)[0, 1], gen()[5])
 
 
+class _Mixed(torch.nn.Module):
+    """Every kind of layer tensorize meets, some held by PyTorch's own parametrizations."""
+
+    def __init__(self):
+        super().__init__()
+        from torch.nn.utils import parametrizations
+
+        self.emb = torch.nn.Embedding(100, 64)
+        self.att = torch.nn.MultiheadAttention(64, 4, batch_first=True)
+        parametrizations.orthogonal(self.att.out_proj, "weight")
+        self.fc = parametrizations.weight_norm(torch.nn.Linear(64, 64))
+        self.conv = torch.nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect")
+        self.head = torch.nn.Linear(64, 10)
+
+
+@pytest.mark.parametrize("method", ["mpo", "adtn"])
+def test_tensorize_reports_every_layer_it_leaves_and_counts_what_parametrized_layers_hold(method):
+    torch.manual_seed(0)
+    model = _Mixed()
+    kwargs = {"rank": 4} if method == "mpo" else {"fit_steps": 0}
+    new, report = torchtn.tensorize(model, method=method, **kwargs)
+    rows = {r.name: r for r in report.layers}
+    # a weight-normed nn.Linear is converted, and what it held (g, v and the bias) is what the report counts
+    assert type(new.fc).__name__ == ("MPOLinear" if method == "mpo" else "ADTNLinear")
+    assert rows["fc"].params_before == sum(p.numel() for p in model.fc.parameters()) == 64 * 64 + 64 + 64
+    # the orthogonal out_proj is left to its parametrization, and the report says so
+    assert "att.out_proj.weight (held by a parametrization already)" in report.skipped
+    assert torch.equal(new.att.out_proj.weight, model.att.out_proj.weight)
+    if method == "adtn":  # what ADTNs cannot hold is named with the reason
+        assert "emb (nn.Embedding: ADTNs hold Linear and Conv2d weights)" in report.skipped
+        assert any(s.startswith("conv (padding_mode='reflect'") for s in report.skipped)
+        assert type(new.emb) is torch.nn.Embedding and type(new.conv) is torch.nn.Conv2d
+    # rows follow the model's own order, attention tensors at their module's place
+    order = ["emb", "att.in_proj_weight", "fc", "conv", "head"]
+    assert [r.name for r in report.layers] == [n for n in order if n in rows]
+    assert report.params_after == sum(p.numel() for p in new.parameters())
+
+
 def test_tensorize_with_adtn_fits_every_layer_and_reports_the_fit_error():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),

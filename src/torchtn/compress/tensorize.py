@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .._checks import check_choice, check_nonnegative_int, check_positive_int, check_positive_real, check_rel_tol
 from .._modules import replace_submodule
@@ -119,25 +120,36 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip, un
     skip_fn = _skipper(skip)
     previous = densify(new, skip_fn)  # torchtn layers the model holds already: compressed anew, from their map
     inside_mha = _inside_mha(new)
-    convertible = [(n, m) for n, m in new.named_modules()
-                   if type(m) in (nn.Linear, nn.Conv2d) and n not in inside_mha
-                   and not (isinstance(m, nn.Conv2d) and m.padding_mode != "zeros")]
+    convertible, unsupported = [], []
+    kind = parametrize.type_before_parametrizations  # a weight-normed nn.Linear is a "ParametrizedLinear"
+    for n, m in new.named_modules():
+        if kind(m) in (nn.Linear, nn.Conv2d) and n not in inside_mha and not skip_fn(n, m):
+            if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+                unsupported.append(f"{n} (padding_mode={m.padding_mode!r}: ADTN convolutions pad with zeros)")
+            else:
+                convertible.append((n, m))
+        elif kind(m) is nn.Embedding and not skip_fn(n, m):
+            unsupported.append(f"{n} (nn.Embedding: ADTNs hold Linear and Conv2d weights)")
     all_sites = [(n, site, m) for name, m in new.named_modules() if isinstance(m, nn.MultiheadAttention)
                  for n, site in attention_sites(name, m)]
     targets = [(n, m) for n, m in convertible if not skip_fn(n, m)]
     sites = [(n, site) for n, site, m in all_sites if not skip_fn(n, m)]
-    skipped = [n for n, m in convertible if skip_fn(n, m)] + [n for n, _, m in all_sites if skip_fn(n, m)]
+    skipped = ([n for n, m in new.named_modules() if kind(m) in (nn.Linear, nn.Conv2d) and n not in inside_mha
+                and skip_fn(n, m)] + [n for n, _, m in all_sites if skip_fn(n, m)] + unsupported
+               + _parametrized_elsewhere(new))
     if not targets and not sites:
         raise ValueError("the model has no layer that tensorize(method='adtn') can convert (nn.Linear, nn.Conv2d with "
                          "zero padding, nn.MultiheadAttention; after skip)")
 
-    def held(name: str, weight: torch.Tensor) -> int:  # the parameters a generator replaces
-        return _weight_params(previous[name]) if name in previous else weight.numel()
+    def held(name: str, weight: torch.Tensor, module: nn.Module | None = None) -> int:  # what a generator replaces
+        if name in previous:
+            return _weight_params(previous[name])
+        return weight.numel() if module is None else _held_weight_params(module)
 
-    def larger(name: str, weight: torch.Tensor) -> bool:  # a generator as big as what it replaces: not converted
-        return not allow_larger and adtn_num_params(num_qubits(weight.numel()), depth) >= held(name, weight)
+    def larger(name: str, weight: torch.Tensor, module: nn.Module | None = None) -> bool:  # no smaller: not converted
+        return not allow_larger and adtn_num_params(num_qubits(weight.numel()), depth) >= held(name, weight, module)
 
-    kept = [n for n, m in targets if larger(n, m.weight)] + [n for n, site in sites if larger(n, site.value)]
+    kept = [n for n, m in targets if larger(n, m.weight, m)] + [n for n, site in sites if larger(n, site.value)]
     targets = [(n, m) for n, m in targets if n not in kept]
     sites = [(n, site) for n, site in sites if n not in kept]
     for name in kept:  # a torchtn layer stays as it was
@@ -159,11 +171,46 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip, un
         replace_submodule(new, name, layer)
         w = module.weight
         bias = 0 if module.bias is None else module.bias.numel()
-        rows.append(LayerReport(name, w.shape[0], w[0].numel(), (), (), (), held(name, w) + bias,
+        rows.append(LayerReport(name, w.shape[0], w[0].numel(), (), (), (), held(name, w, module) + bias,
                                 layer.generator.num_params + bias, err, bias, cls.__name__,
                                 weight_params=layer.generator.num_params, depth=depth))
     after = sum(p.numel() for p in new.parameters())
-    return new, TensorizeReport(rows, before, after, skipped + kept)
+    return new, TensorizeReport(_in_module_order(rows, model), before, after, skipped + kept)
+
+
+def _held_weight_params(module: nn.Module) -> int:
+    """The parameters that hold a dense layer's ``weight``: the weight itself, or what a parametrization of it
+    (``weight_norm``'s ``g`` and ``v``, …) keeps."""
+    if parametrize.is_parametrized(module, "weight"):
+        return sum(p.numel() for p in module.parametrizations["weight"].parameters())
+    return module.weight.numel()
+
+
+def _parametrized_elsewhere(model: nn.Module) -> list[str]:
+    """The attention projection matrices that a parametrization not of torchtn's holds (left alone), for the
+    report's "not converted" line."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            prefix = f"{name}." if name else ""
+            for owner, tensor, full in ((m, t, f"{prefix}{t}") for t in
+                                        ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")):
+                if parametrize.is_parametrized(owner, tensor):
+                    out.append(f"{full} (held by a parametrization already)")
+            if parametrize.is_parametrized(m.out_proj, "weight"):
+                out.append(f"{prefix}out_proj.weight (held by a parametrization already)")
+    return out
+
+
+def _in_module_order(rows: list[LayerReport], model: nn.Module) -> list[LayerReport]:
+    """``rows`` sorted as ``model.named_modules()`` lists their layers (an attention tensor at its owner's place)."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+
+    def place(row: LayerReport) -> tuple[int, str]:
+        owner = row.name.rsplit(".", 1)[0] if "." in row.name else ""
+        return order.get(row.name, order.get(owner, len(order))), row.name
+
+    return sorted(rows, key=place)
 
 
 def _skipper(skip: Skip) -> Callable[[str, nn.Module], bool]:
@@ -444,6 +491,7 @@ def tensorize(
     # modes (so a smaller rank is the TT-SVD of its own matrix at the same modes, as rounding would give)
     previous = densify(new, _skipper(skip))
     targets, kept = _targets(new, skip)
+    kept += _parametrized_elsewhere(new)
     if not targets:
         from ..layers.registry import convertible_types
 
@@ -496,7 +544,8 @@ def tensorize(
     # calibrated layers are truncated (and their budget shared) in the weighted space, and mapped back below
     fitted = [weightings[li].apply(w) if li in weightings else w for li, w in enumerate(weights)]
     # the parameters the cores replace (an embedding's matrix may be padded to a factorizable size: not counted)
-    sizes = [cls.replaced_params(module) if hasattr(cls, "replaced_params") and li not in rest else w.numel()
+    sizes = [cls.replaced_params(module) if hasattr(cls, "replaced_params") and li not in rest
+             else _held_weight_params(module) if isinstance(module, nn.Module) and li not in rest else w.numel()
              for li, ((_, module, cls), w) in enumerate(zip(targets, weights))]
     # a layer compressed anew replaces what it held (never more than that, and so counted in the ratio's budget)
     sizes = [_weight_params(previous[name]) if name in previous else size
