@@ -132,6 +132,40 @@ def test_cached_weights_follow_parameter_updates():
         assert torch.allclose(fresh(x), F.linear(x, fresh.to_dense(), fresh.bias), atol=1e-12)
 
 
+def test_the_inference_fast_path_never_serves_a_stale_result():
+    """A repeated gradient-free call skips the planner (MergedCache.repeat); every way the weight or the strategy
+    can change in between must reach the output: each step is checked against the dense reconstruction."""
+    torch.manual_seed(0)
+    layer = MPOLinear(16, 16, 2, dtype=torch.float64).eval()
+    x = torch.randn(4, 16, dtype=torch.float64)
+
+    def check() -> torch.Tensor:
+        with torch.no_grad():
+            layer(x)  # the first call of a signature plans and keeps; the second takes the fast path
+            y = layer(x)
+        torch.testing.assert_close(y, F.linear(x, layer.to_dense(), layer.bias), rtol=0, atol=1e-12)
+        return y
+
+    outputs = [check()]
+    with torch.no_grad():
+        layer.cores[1] = nn.Parameter(layer.cores[1] * 2)  # a new core object in the list
+    outputs.append(check())
+    with torch.no_grad():
+        layer.cores[2].data = layer.cores[2].data * 3  # new storage under the same Parameter
+    outputs.append(check())
+    layer.bias = nn.Parameter(layer.bias + 1)  # a new bias
+    outputs.append(check())
+    layer.contraction = "rtl"  # another strategy: planned anew, same map
+    torch.testing.assert_close(check(), outputs[-1], rtol=0, atol=1e-12)
+    other = {n: p * 0.5 for n, p in layer.named_parameters()}
+    with torch.no_grad():  # other tensors through torch.func: never the kept matrices of the layer's own
+        swapped = torch.func.functional_call(layer, other, (x,))
+    half = F.linear(x, torchtn.TTMatrix([other[f"cores.{i}"] for i in range(4)]).to_dense(), other["bias"])
+    torch.testing.assert_close(swapped, half, rtol=0, atol=1e-12)
+    outputs.append(check())
+    assert all(not torch.allclose(a, b) for a, b in zip(outputs, outputs[1:-1]))
+
+
 def test_dtype_moves_and_state_dict_keys():
     layer = MPOLinear(64, 32, 3)
     assert sorted(layer.state_dict()) == ["bias"] + [f"cores.{i}" for i in range(len(layer.cores))]

@@ -144,7 +144,7 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip, un
     def held(name: str, weight: torch.Tensor, module: nn.Module | None = None) -> int:  # what a generator replaces
         if name in previous:
             return _weight_params(previous[name])
-        return weight.numel() if module is None else _held_weight_params(module)
+        return weight.numel() if module is None else _held_weight_params(module, weight)
 
     def larger(name: str, weight: torch.Tensor, module: nn.Module | None = None) -> bool:  # no smaller: not converted
         return not allow_larger and adtn_num_params(num_qubits(weight.numel()), depth) >= held(name, weight, module)
@@ -178,12 +178,12 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip, un
     return new, TensorizeReport(_in_module_order(rows, model), before, after, skipped + kept)
 
 
-def _held_weight_params(module: nn.Module) -> int:
-    """The parameters that hold a dense layer's ``weight``: the weight itself, or what a parametrization of it
-    (``weight_norm``'s ``g`` and ``v``, …) keeps."""
-    if parametrize.is_parametrized(module, "weight"):
+def _held_weight_params(module: nn.Module | TensorSite, weight: torch.Tensor) -> int:
+    """The parameters that hold a dense layer's ``weight``: what a parametrization of it keeps (``weight_norm``'s
+    ``g`` and ``v``, …), else the weight's entries."""
+    if isinstance(module, nn.Module) and parametrize.is_parametrized(module, "weight"):
         return sum(p.numel() for p in module.parametrizations["weight"].parameters())
-    return module.weight.numel()
+    return weight.numel()
 
 
 def _parametrized_elsewhere(model: nn.Module) -> list[str]:
@@ -545,7 +545,7 @@ def tensorize(
     fitted = [weightings[li].apply(w) if li in weightings else w for li, w in enumerate(weights)]
     # the parameters the cores replace (an embedding's matrix may be padded to a factorizable size: not counted)
     sizes = [cls.replaced_params(module) if hasattr(cls, "replaced_params") and li not in rest
-             else _held_weight_params(module) if isinstance(module, nn.Module) and li not in rest else w.numel()
+             else w.numel() if li in rest else _held_weight_params(module, w)
              for li, ((_, module, cls), w) in enumerate(zip(targets, weights))]
     # a layer compressed anew replaces what it held (never more than that, and so counted in the ratio's budget)
     sizes = [_weight_params(previous[name]) if name in previous else size

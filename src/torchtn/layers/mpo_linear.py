@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .._checks import check_positive_int, check_rel_tol
-from ..core.contraction import ContractionPlan, CostModel, get_strategy
+from ..core.contraction import ContractionPlan, CostModel, autotune_enabled, get_strategy
 from ..core.factorize import resolve_shapes
 from ..core.tt import TTMatrix, inner_ranks, tt_shapes
 from ..functional import mpo_linear
@@ -182,7 +182,14 @@ When the cores need no
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(*, in_features) -> (*, out_features)``."""
-        return mpo_linear(x, self.core_list(), self.bias, contraction=self.contraction, cost_model=self.cost_model,
+        # an inference call like the last one: straight to the kept matrices, reading as few objects as possible
+        # (the registries' dicts, not nn.Module.__getattr__; see MergedCache.repeat)
+        bias = self._parameters.get("bias")
+        y = self._merged.repeat(x, self._modules["cores"]._parameters.values(), bias,
+                                (self.contraction, self.cost_model, self.autotune, autotune_enabled()))
+        if y is not None:
+            return y
+        return mpo_linear(x, self.core_list(), bias, contraction=self.contraction, cost_model=self.cost_model,
                           autotune=self.autotune, cache=self._merged)
 
     def extra_repr(self) -> str:

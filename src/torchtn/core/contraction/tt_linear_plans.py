@@ -22,7 +22,7 @@ import dataclasses
 import itertools
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -463,7 +463,7 @@ class MergedCache:
         self.plans: dict[tuple, ContractionPlan] = {}
         # the last gradient-free call, so that a repeated inference call skips the planner and the cache lookups
         # (~10 µs of Python, as much as a small layer's GEMM): (input shape, dtype, device, (strategy, cost model,
-        # autotune, global autotune), [(storage, _version) per core], plan, matrices), checked field by field
+        # autotune, global autotune), [(core, storage, _version) per core], plan, matrices), see :meth:`repeat`
         self.last: tuple | None = None
 
     @property
@@ -473,6 +473,32 @@ class MergedCache:
 
     def clear(self) -> None:
         self.entry, self.plans, self.last = None, {}, None
+
+    def repeat(self, x: torch.Tensor, cores: Iterable[torch.Tensor], bias: torch.Tensor | None,
+               strategy: tuple) -> torch.Tensor | None:
+        """``x Wᵀ + bias`` if this gradient-free call repeats the last one — same input shape, dtype and device, the
+        same ``strategy`` (contraction, cost model, autotune, global autotune), the very same core tensors untouched
+        since (storage and ``_version``) — else ``None``.
+
+        The whole check is a few attribute reads: a layer between others runs with its Python objects out of the CPU
+        caches, where each read costs a memory access, and every read here was measured (~30 µs of a 784×256
+        layer's ~200 µs call at batch 64 before this path, with the caches cold)."""
+        last = self.last
+        if last is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        shape, dtype, _, held_strategy, held, plan, mats = last
+        # (no device check: the kept matrices are on the cores' device, where the input must be anyway — a move
+        # of the layer clears the cache — and a stray input fails in F.linear as it would on the planned path)
+        if x.shape != shape or x.dtype != dtype or held_strategy != strategy:
+            return None
+        n = 0
+        for c, (h, ptr, version) in zip(cores, held):
+            if c is not h or c._version != version or c.data_ptr() != ptr:
+                return None
+            n += 1
+        if n != len(held):
+            return None
+        return _run(x, mats, plan, bias, scratch=True)
 
     def get(self, cores: Sequence[torch.Tensor], plan: ContractionPlan) -> list[torch.Tensor]:
         # storage and version identify the values (a move, a cast or ``.data =`` changes the storage; in-place
@@ -497,14 +523,9 @@ def tt_linear_apply(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.
     inference = not torch.is_grad_enabled() and not torch.compiler.is_compiling()  # scratch buffers allowed
     fast = cache is not None and inference
     if fast:  # inference: a call like the last one reuses its plan and matrices outright
-        last = cache.last
-        if (last is not None and last[0] == x.shape and last[1] == x.dtype and last[2] == x.device
-                and last[3] == (contraction, cost_model, autotune, autotune_enabled())):
-            for c, (ptr, version) in zip(cores, last[4]):
-                if c._version != version or c.data_ptr() != ptr:
-                    break
-            else:
-                return _run(x, last[6], last[5], bias, scratch=True)
+        y = cache.repeat(x, cores, bias, (contraction, cost_model, autotune, autotune_enabled()))
+        if y is not None:
+            return y
     in_features = 1
     for c in cores:
         in_features *= c.shape[2]
@@ -535,7 +556,7 @@ def tt_linear_apply(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.
         mats = prepare_groups(cores, plan)
     if fast and plan.cache_merged:
         cache.last = (x.shape, x.dtype, x.device, (contraction, cost_model, autotune, autotune_enabled()),
-                      [(c.data_ptr(), c._version) for c in cores], plan, mats)
+                      [(c, c.data_ptr(), c._version) for c in cores], plan, mats)
     return _run(x, mats, plan, bias, scratch=inference)
 
 
