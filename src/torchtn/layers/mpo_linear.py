@@ -185,10 +185,11 @@ When the cores need no
         # an inference call like the last one: straight to the kept matrices, reading as few objects as possible
         # (the registries' dicts, not nn.Module.__getattr__; see MergedCache.repeat)
         bias = self._parameters.get("bias")
-        y = self._merged.repeat(x, self._modules["cores"]._parameters.values(), bias,
-                                (self.contraction, self.cost_model, self.autotune, autotune_enabled()))
-        if y is not None:
-            return y
+        if not torch.is_grad_enabled():
+            y = self._merged.repeat(x, self._modules["cores"]._parameters.values(), bias,
+                                    (self.contraction, self.cost_model, self.autotune, autotune_enabled()))
+            if y is not None:
+                return y
         return mpo_linear(x, self.core_list(), bias, contraction=self.contraction, cost_model=self.cost_model,
                           autotune=self.autotune, cache=self._merged)
 

@@ -476,9 +476,9 @@ class MergedCache:
 
     def repeat(self, x: torch.Tensor, cores: Iterable[torch.Tensor], bias: torch.Tensor | None,
                strategy: tuple) -> torch.Tensor | None:
-        """``x Wᵀ + bias`` if this gradient-free call repeats the last one — same input shape, dtype and device, the
-        same ``strategy`` (contraction, cost model, autotune, global autotune), the very same core tensors untouched
-        since (storage and ``_version``) — else ``None``.
+        """``x Wᵀ + bias`` if this gradient-free call repeats the last one — same input shape and dtype, the same
+        ``strategy`` (contraction, cost model, autotune, global autotune), the very same core tensors untouched since
+        (storage and ``_version``) — else ``None``.
 
         The whole check is a few attribute reads: a layer between others runs with its Python objects out of the CPU
         caches, where each read costs a memory access, and every read here was measured (~30 µs of a 784×256
