@@ -81,7 +81,12 @@ def test_tensorize_holds_multihead_attention_projections_as_mpos(tmp_path, capsy
         assert torch.equal(fresh(x), small(x))
     assert parametrize.is_parametrized(fresh.layers[1].self_attn, "in_proj_weight")
     assert main(["inspect", str(path)]) == 0
-    assert "MPOParametrization" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "MPOParametrization" in out
+    # named as the report names them (the tensor), not by torch's parametrization registry
+    reported = {r.name for r in report.layers if r.layer_type == "MPOParametrization"}
+    shown = {line.split()[0] for line in out.splitlines() if "MPOParametrization" in line}
+    assert shown == reported and "layers.0.self_attn.out_proj.weight" in shown
 
     kept, report = torchtn.tensorize(model, rank=2, skip=["*self_attn*"])
     assert sorted(report.skipped) == sorted(f"layers.{i}.self_attn.{t}" for i in (0, 1)

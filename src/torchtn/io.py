@@ -26,7 +26,7 @@ from ._modules import parent_and_attr
 from ._version import __version__
 from .layers.registry import factory_of, layer_type, type_name
 
-__all__ = ["save_model", "load_model", "read_metadata", "read_tensors", "atomic_write_bytes", "atomic_write_text",
+__all__ = ["save_model", "load_model", "read_metadata", "tensor_name", "read_tensors", "atomic_write_bytes", "atomic_write_text",
            "layer_layout", "load_layers", "ModelFileError"]
 
 # Limits on what a model file's metadata may claim, checked before any work proportional to it.
@@ -268,6 +268,16 @@ def load_layers(path: str | os.PathLike) -> dict[str, nn.Module]:
 
 
 _PARAMETRIZATION = re.compile(r"^(?:(.+)\.)?parametrizations\.([A-Za-z_][A-Za-z0-9_]*)\.0$")
+
+
+def tensor_name(layer_name: str) -> str:
+    """The name a report gives a layer recorded in a file: ``owner.tensor`` for the parametrization of a tensor
+    (``att.parametrizations.in_proj_weight.0`` → ``att.in_proj_weight``, as ``tensorize`` reports it), else the
+    module's own name."""
+    match = _PARAMETRIZATION.match(layer_name)
+    if match is None:
+        return layer_name
+    return f"{match.group(1)}.{match.group(2)}" if match.group(1) else match.group(2)
 
 
 def _parametrization_site(model: nn.Module, name: str) -> tuple[nn.Module, str, str] | None:

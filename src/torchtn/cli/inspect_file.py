@@ -15,7 +15,7 @@ def _float64():
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ..io import ModelFileError, load_layers, read_metadata
+    from ..io import ModelFileError, load_layers, read_metadata, tensor_name
     from ..layers import type_name
     from ..report import format_table
 
@@ -43,7 +43,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not layers:
         print("no tensor-network layers")
         return 0
-    plain = [(name, type_name(layer), ", ".join(f"{k}={v}" for k, v in layer.layout().items()),
+    plain = [(tensor_name(name), type_name(layer), ", ".join(f"{k}={v}" for k, v in layer.layout().items()),
               sum(p.numel() for p in layer.parameters()), _counted(layer))
              for name, layer in layers.items() if not networks[name]]
     if plain:  # registered layers without tensor-train bonds (t-product layers, ADTNs, …): what they are
@@ -55,7 +55,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     rows, entropies = [], {}
     for name, nets in networks.items():
         for label, tt in nets.items():
-            full = f"{name}.{label}" if label else name
+            full = f"{tensor_name(name)}.{label}" if label else tensor_name(name)
             info = tt.to(dtype=_float64()).bond_report()
             entropies[full] = [b.entropy for b in info]
             for b in info:
