@@ -211,7 +211,7 @@ def test_tensorize_reports_every_layer_it_leaves_and_counts_what_parametrized_la
     assert type(new.fc).__name__ == ("MPOLinear" if method == "mpo" else "ADTNLinear")
     assert rows["fc"].params_before == sum(p.numel() for p in model.fc.parameters()) == 64 * 64 + 64 + 64
     # the orthogonal out_proj is left to its parametrization, and the report says so
-    assert "att.out_proj.weight (held by a parametrization already)" in report.skipped
+    assert "att.out_proj.weight (held by _Orthogonal already)" in report.skipped
     assert torch.equal(new.att.out_proj.weight, model.att.out_proj.weight)
     if method == "adtn":  # what ADTNs cannot hold is named with the reason
         assert "emb (nn.Embedding: ADTNs hold Linear and Conv2d weights)" in report.skipped

@@ -188,3 +188,4 @@ def test_a_models_torchtn_layers_are_compressed_anew():
     kept, report = tensorize(once, rank=2, skip=["0.in_proj_weight"])  # a skipped tensor stays as it was
     assert [r.name for r in report.layers] == ["0.out_proj.weight"]
     assert max(kept[0].parametrizations.in_proj_weight[0].ranks) == 4
+    assert report.skipped == ["0.in_proj_weight (held by MPOParametrization already)"]  # and the report says so

@@ -120,23 +120,22 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip, un
     skip_fn = _skipper(skip)
     previous = densify(new, skip_fn)  # torchtn layers the model holds already: compressed anew, from their map
     inside_mha = _inside_mha(new)
-    convertible, unsupported = [], []
+    targets, skipped, unsupported = [], [], []
     kind = parametrize.type_before_parametrizations  # a weight-normed nn.Linear is a "ParametrizedLinear"
     for n, m in new.named_modules():
-        if kind(m) in (nn.Linear, nn.Conv2d) and n not in inside_mha and not skip_fn(n, m):
-            if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+        if kind(m) in (nn.Linear, nn.Conv2d) and n not in inside_mha:
+            if skip_fn(n, m):
+                skipped.append(n)
+            elif isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
                 unsupported.append(f"{n} (padding_mode={m.padding_mode!r}: ADTN convolutions pad with zeros)")
             else:
-                convertible.append((n, m))
+                targets.append((n, m))
         elif kind(m) is nn.Embedding and not skip_fn(n, m):
             unsupported.append(f"{n} (nn.Embedding: ADTNs hold Linear and Conv2d weights)")
     all_sites = [(n, site, m) for name, m in new.named_modules() if isinstance(m, nn.MultiheadAttention)
                  for n, site in attention_sites(name, m)]
-    targets = [(n, m) for n, m in convertible if not skip_fn(n, m)]
     sites = [(n, site) for n, site, m in all_sites if not skip_fn(n, m)]
-    skipped = ([n for n, m in new.named_modules() if kind(m) in (nn.Linear, nn.Conv2d) and n not in inside_mha
-                and skip_fn(n, m)] + [n for n, _, m in all_sites if skip_fn(n, m)] + unsupported
-               + _parametrized_elsewhere(new))
+    skipped += [n for n, _, m in all_sites if skip_fn(n, m)] + unsupported + _parametrized_elsewhere(new)
     if not targets and not sites:
         raise ValueError("the model has no layer that tensorize(method='adtn') can convert (nn.Linear, nn.Conv2d with "
                          "zero padding, nn.MultiheadAttention; after skip)")
@@ -187,18 +186,18 @@ def _held_weight_params(module: nn.Module | TensorSite, weight: torch.Tensor) ->
 
 
 def _parametrized_elsewhere(model: nn.Module) -> list[str]:
-    """The attention projection matrices that a parametrization not of torchtn's holds (left alone), for the
-    report's "not converted" line."""
+    """The attention projection matrices that a parametrization holds still (another library's, or a torchtn one
+    that ``skip`` kept) and that are left alone, named with it for the report's "not converted" line."""
     out = []
     for name, m in model.named_modules():
         if isinstance(m, nn.MultiheadAttention):
             prefix = f"{name}." if name else ""
-            for owner, tensor, full in ((m, t, f"{prefix}{t}") for t in
-                                        ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")):
+            tensors = [(m, t, f"{prefix}{t}") for t in ("in_proj_weight", "q_proj_weight", "k_proj_weight",
+                                                           "v_proj_weight")]
+            for owner, tensor, full in tensors + [(m.out_proj, "weight", f"{prefix}out_proj.weight")]:
                 if parametrize.is_parametrized(owner, tensor):
-                    out.append(f"{full} (held by a parametrization already)")
-            if parametrize.is_parametrized(m.out_proj, "weight"):
-                out.append(f"{prefix}out_proj.weight (held by a parametrization already)")
+                    held_by = " + ".join(type(p).__name__ for p in owner.parametrizations[tensor])
+                    out.append(f"{full} (held by {held_by} already)")
     return out
 
 
