@@ -68,15 +68,17 @@ def worker(case: dict) -> dict:
     return {"_params": params, **infer_and_train(layers, x, 40, 20, warmup=25)}
 
 
-def forward_flops(name: str, case: dict) -> int:
-    """Forward FLOPs (2 × multiply-adds) of a contestant: the t-linear layers multiply the input by the n × n transform,
-    the slices by the weight's and the result by the inverse transform (the loop also transforms the weight every
-    call); a dense layer is one GEMM."""
+def forward_flops(name: str, case: dict, params: int) -> int:
+    """Forward FLOPs (2 × multiply-adds) of a contestant with ``params`` parameters: the t-linear layers multiply the
+    input by the n × n transform, the slices by the weight's and the result by the inverse transform (the loop also
+    transforms the weight every call); a dense layer ``fin·n → out`` is one GEMM (``out`` from its parameter count,
+    ``(fin·n + 1)·out``)."""
     fin, fout, n, b = case["fin"], case["fout"], case["n"], case["batch"]
     if name.startswith("t-linear"):
         weight = 2 * fout * fin * n * n if "loop" in name else 0
         return 2 * b * n * (fin * n + fin * fout + fout * n) + weight
-    out = int(name.split("→")[1].rstrip(")"))
+    out, rest = divmod(params, fin * n + 1)
+    assert rest == 0, f"{name}: {params} parameters is not a dense layer with {fin * n} inputs and a bias"
     return 2 * b * fin * n * out
 
 
@@ -89,11 +91,12 @@ def section() -> str:
         names = [k for k in res if not k.startswith("_")]
         ours = res["t-linear (torchtn, batched)"]
         same_params = next(k for k in names if k.startswith("dense same parameters"))
+        flops = {k: forward_flops(k, case, res[k]["params"]) for k in names}
         for k in names:
             lines.append(f"| {case['fin']}→{case['fout']} × {case['n']} tubes, B{case['batch']} | {k} | "
-                         f"{res[k]['params']:,} | {forward_flops(k, case) / 1e6:.2f} | {res[k]['infer_ms']:.3f} | "
+                         f"{res[k]['params']:,} | {flops[k] / 1e6:.2f} | {res[k]['infer_ms']:.3f} | "
                          f"{res[k]['train_ms']:.3f} |")
-        flop_ratios.append(forward_flops("t-linear (torchtn, batched)", case) / forward_flops(same_params, case))
+        flop_ratios.append(flops["t-linear (torchtn, batched)"] / flops[same_params])
         same_sizes = next(k for k in names if k.startswith("dense same sizes"))
         faster.append(all(ours[t] < res[same_sizes][t] for t in ("infer_ms", "train_ms")))
         verdicts.append((ours["infer_ms"] <= res[same_params]["infer_ms"], ours["train_ms"] <=

@@ -26,8 +26,8 @@ from ._modules import parent_and_attr
 from ._version import __version__
 from .layers.registry import factory_of, layer_type, type_name
 
-__all__ = ["save_model", "load_model", "read_metadata", "tensor_name", "read_tensors", "atomic_write_bytes", "atomic_write_text",
-           "layer_layout", "load_layers", "ModelFileError"]
+__all__ = ["save_model", "load_model", "read_metadata", "tensor_name", "read_tensors", "atomic_write_bytes",
+           "atomic_write_text", "layer_layout", "load_layers", "ModelFileError"]
 
 # Limits on what a model file's metadata may claim, checked before any work proportional to it.
 MAX_METADATA_BYTES = 16 << 20

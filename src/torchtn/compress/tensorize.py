@@ -140,15 +140,13 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip, un
         raise ValueError("the model has no layer that tensorize(method='adtn') can convert (nn.Linear, nn.Conv2d with "
                          "zero padding, nn.MultiheadAttention; after skip)")
 
-    def held(name: str, weight: torch.Tensor, module: nn.Module | None = None) -> int:  # what a generator replaces
-        if name in previous:
-            return _weight_params(previous[name])
-        return weight.numel() if module is None else _held_weight_params(module, weight)
+    def held(name: str, module: nn.Module | TensorSite, weight: torch.Tensor) -> int:  # what a generator replaces
+        return _replaced_params(name, module, weight.numel(), previous)
 
-    def larger(name: str, weight: torch.Tensor, module: nn.Module | None = None) -> bool:  # no smaller: not converted
-        return not allow_larger and adtn_num_params(num_qubits(weight.numel()), depth) >= held(name, weight, module)
+    def larger(name: str, module: nn.Module | TensorSite, weight: torch.Tensor) -> bool:  # no smaller: stays
+        return not allow_larger and adtn_num_params(num_qubits(weight.numel()), depth) >= held(name, module, weight)
 
-    kept = [n for n, m in targets if larger(n, m.weight, m)] + [n for n, site in sites if larger(n, site.value)]
+    kept = [n for n, m in targets if larger(n, m, m.weight)] + [n for n, site in sites if larger(n, site, site.value)]
     targets = [(n, m) for n, m in targets if n not in kept]
     sites = [(n, site) for n, site in sites if n not in kept]
     for name in kept:  # a torchtn layer stays as it was
@@ -161,7 +159,7 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip, un
         generator = adtn_parametrize(site.owner, site.tensor, depth, fan_in=dense[0].numel(), unitary=unitary,
                                      seed=0)  # as from_dense's: the caller's RNG is left alone
         err = generator.fit(dense, fit_steps)
-        rows.append(LayerReport(name, dense.shape[0], dense[0].numel(), (), (), (), held(name, dense),
+        rows.append(LayerReport(name, dense.shape[0], dense[0].numel(), (), (), (), held(name, site, dense),
                                 generator.num_params, err, 0, "ADTNParametrization",
                                 weight_params=generator.num_params, depth=depth))
     for name, module in targets:
@@ -170,35 +168,33 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip, un
         replace_submodule(new, name, layer)
         w = module.weight
         bias = 0 if module.bias is None else module.bias.numel()
-        rows.append(LayerReport(name, w.shape[0], w[0].numel(), (), (), (), held(name, w, module) + bias,
+        rows.append(LayerReport(name, w.shape[0], w[0].numel(), (), (), (), held(name, module, w) + bias,
                                 layer.generator.num_params + bias, err, bias, cls.__name__,
                                 weight_params=layer.generator.num_params, depth=depth))
     after = sum(p.numel() for p in new.parameters())
     return new, TensorizeReport(_in_module_order(rows, model), before, after, skipped + kept)
 
 
-def _held_weight_params(module: nn.Module | TensorSite, weight: torch.Tensor) -> int:
-    """The parameters that hold a dense layer's ``weight``: what a parametrization of it keeps (``weight_norm``'s
-    ``g`` and ``v``, …), else the weight's entries."""
+def _replaced_params(name: str, module: nn.Module | TensorSite, entries: int,
+                     previous: Mapping[str, nn.Module]) -> int:
+    """The parameters a new layer at ``name`` replaces (bias excluded): what the torchtn layer :func:`densify` took
+    out there held (cores, gates and scale, exact rows), else what a parametrization of the dense ``weight`` keeps
+    (``weight_norm``'s ``g`` and ``v``, …), else the weight's ``entries``."""
+    if name in previous:
+        layer = previous[name]
+        bias = getattr(layer, "bias", None)
+        return sum(p.numel() for p in layer.parameters()) - (bias.numel() if isinstance(bias, torch.Tensor) else 0)
     if isinstance(module, nn.Module) and parametrize.is_parametrized(module, "weight"):
         return sum(p.numel() for p in module.parametrizations["weight"].parameters())
-    return weight.numel()
+    return entries
 
 
 def _parametrized_elsewhere(model: nn.Module) -> list[str]:
     """The attention projection matrices that a parametrization holds still (another library's, or a torchtn one
     that ``skip`` kept) and that are left alone, named with it for the report's "not converted" line."""
-    out = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.MultiheadAttention):
-            prefix = f"{name}." if name else ""
-            tensors = [(m, t, f"{prefix}{t}") for t in ("in_proj_weight", "q_proj_weight", "k_proj_weight",
-                                                           "v_proj_weight")]
-            for owner, tensor, full in tensors + [(m.out_proj, "weight", f"{prefix}out_proj.weight")]:
-                if parametrize.is_parametrized(owner, tensor):
-                    held_by = " + ".join(type(p).__name__ for p in owner.parametrizations[tensor])
-                    out.append(f"{full} (held by {held_by} already)")
-    return out
+    return [f"{full} (held by {' + '.join(type(p).__name__ for p in site.owner.parametrizations[site.tensor])} "
+            f"already)" for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+            for full, site in attention_sites(name, m, parametrized=True)]
 
 
 def _in_module_order(rows: list[LayerReport], model: nn.Module) -> list[LayerReport]:
@@ -543,12 +539,10 @@ def tensorize(
     # calibrated layers are truncated (and their budget shared) in the weighted space, and mapped back below
     fitted = [weightings[li].apply(w) if li in weightings else w for li, w in enumerate(weights)]
     # the parameters the cores replace (an embedding's matrix may be padded to a factorizable size: not counted)
-    sizes = [cls.replaced_params(module) if hasattr(cls, "replaced_params") and li not in rest
-             else w.numel() if li in rest else _held_weight_params(module, w)
-             for li, ((_, module, cls), w) in enumerate(zip(targets, weights))]
-    # a layer compressed anew replaces what it held (never more than that, and so counted in the ratio's budget)
-    sizes = [_weight_params(previous[name]) if name in previous else size
-             for (name, _, _), size in zip(targets, sizes)]
+    # (a layer compressed anew replaces what it held: never more than that, and so counted in the ratio's budget)
+    sizes = [_replaced_params(name, module, cls.replaced_params(module) if hasattr(cls, "replaced_params")
+                              and li not in rest else w.numel(), previous)
+             for li, ((name, module, cls), w) in enumerate(zip(targets, weights))]
 
     active = list(range(len(targets)))  # layers that become tensor networks
     larger: list[str] = []  # layers kept dense because their MPO would not be smaller
@@ -591,8 +585,3 @@ def tensorize(
              else f"{name} (its MPO would not be smaller)" for name in larger]
     return new, TensorizeReport(rows, before, after, kept)
 
-
-def _weight_params(layer: nn.Module) -> int:
-    """Parameters of a torchtn layer besides its bias: what holds its weight (cores, gates and scale, exact rows)."""
-    bias = getattr(layer, "bias", None)
-    return sum(p.numel() for p in layer.parameters()) - (bias.numel() if isinstance(bias, torch.Tensor) else 0)

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._checks import check_choice, check_nonnegative_int, check_positive_int
+from .._modules import holding
 from ..core.adtn import ACTIVATIONS, adtn_generate, adtn_num_params, num_qubits, orthogonal_gates
 from ..core.tt import gaussian
 from ._conv import set_conv_geometry
@@ -174,12 +175,7 @@ class _ADTNLayer(nn.Module):
     def to_dense_module(self) -> nn.Module:
         """The plain PyTorch module computing the same map (``nn.Linear`` / ``nn.Conv2d``) with the generated weight."""
         ref = self.generator.gates
-        dense = self._dense_like(device=ref.device, dtype=ref.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(self.generator())
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
+        return holding(self._dense_like(device=ref.device, dtype=ref.dtype), self.generator(), self.bias)
 
     def _fit_from(self, dense: nn.Module, steps: int, lr: float) -> float:
         """Fit the generator to ``dense.weight`` and copy its bias; returns the fit error."""

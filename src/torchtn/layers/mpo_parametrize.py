@@ -129,13 +129,17 @@ def mpo_parametrize(module: nn.Module, name: str = "weight", rank: int | Sequenc
     return MPOParametrization.from_tt(site, tt)
 
 
-def attention_sites(name: str, attention: nn.MultiheadAttention) -> list[tuple[str, TensorSite]]:
+def attention_sites(name: str, attention: nn.MultiheadAttention,
+                    parametrized: bool = False) -> list[tuple[str, TensorSite]]:
     """The projection matrices of an ``nn.MultiheadAttention`` at ``name`` that are still plain tensors, by their
     full names: the packed ``in_proj_weight`` (or ``q/k/v_proj_weight`` when key and value sizes differ) and
-    ``out_proj.weight`` — it reads all of them directly, so they are held as parametrizations."""
+    ``out_proj.weight`` — it reads all of them directly, so they are held as parametrizations. ``parametrized=True``:
+    those a parametrization holds already instead."""
     prefix = f"{name}." if name else ""
     own = ["in_proj_weight"] if attention._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
     sites = [(f"{prefix}{t}", TensorSite(attention, t)) for t in own]
     sites.append((f"{prefix}out_proj.weight", TensorSite(attention.out_proj, "weight")))
+    if parametrized:
+        return [(n, site) for n, site in sites if parametrize.is_parametrized(site.owner, site.tensor)]
     return [(n, site) for n, site in sites
             if not parametrize.is_parametrized(site.owner, site.tensor) and isinstance(site.value, torch.Tensor)]

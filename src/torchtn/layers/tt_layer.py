@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .._modules import holding
 from ..core.contraction import MergedCache
 from ..core.tt import BondInfo, TTMatrix, check_cores, tt_ranks
 
@@ -76,11 +77,7 @@ class TTLayer(nn.Module):
 
     def _dense_copy(self, module: nn.Module) -> nn.Module:
         """``module`` (a fresh dense layer of the same geometry) holding this layer's weight and bias."""
-        with torch.no_grad():
-            module.weight.copy_(self.to_dense())
-            if getattr(self, "bias", None) is not None:
-                module.bias.copy_(self.bias)
-        return module
+        return holding(module, self.to_dense(), getattr(self, "bias", None))
 
     # ------------------------------------------------------------------ the TT-matrix
     @property
