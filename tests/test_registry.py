@@ -9,6 +9,7 @@ from torch.nn.utils import parametrize
 from torchtn import ADTNConv2d, ADTNLinear, MPOConv2d, MPOEmbedding, MPOLinear, load_model, save_model, tensorize
 from torchtn.cli import main
 from torchtn.layers import (
+    ComputedWeight,
     TAntisymmetric,
     THamiltonian,
     TLinear,
@@ -169,6 +170,33 @@ def test_every_layer_type_runs_in_bfloat16_and_under_autocast(name, device):
         err = (out.double() - ref).norm() / ref.norm()
         # (the embedding example draws its token ids from the first layer's bfloat16 outputs: other ids, other rows)
         assert name == "MPOEmbedding" or err < 0.05, err
+
+
+@pytest.mark.parametrize("name", sorted(n for n in EXAMPLES if not n.startswith("T")))
+def test_a_computed_weight_refuses_assignment_and_a_write_into_it_never_goes_unnoticed(name):
+    """Every layer whose weight is computed (MPO cores, ADTN gates; as a layer or a parametrization): assigning to
+    ``weight`` names the layer and ``from_dense``; writing into a weight that was read (eval, kept between calls)
+    either raises at the next read — once; the read after that is right again — or went into a copy; the layer's
+    outputs never change."""
+    torch.manual_seed(0)
+    model = EXAMPLES[name]().eval()
+    holder = next(m for m in model.modules() if isinstance(m, ComputedWeight) or parametrize.is_parametrized(m))
+    x = torch.randn(5, 48, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x)
+        truth = holder.weight.clone()
+        if isinstance(holder, ComputedWeight):
+            kind = type(holder).__name__
+            with pytest.raises(AttributeError, match=rf"{kind}\.weight is read-only.*{kind}\.from_dense"):
+                holder.weight = nn.Parameter(torch.zeros_like(truth))
+        holder.weight.mul_(0)
+        try:
+            after = holder.weight
+        except RuntimeError as e:
+            assert "changed in place" in str(e)
+            after = holder.weight
+        torch.testing.assert_close(after, truth, rtol=0, atol=0)
+        torch.testing.assert_close(model(x), y, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))

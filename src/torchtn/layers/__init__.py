@@ -1,6 +1,7 @@
 """Layers: thin ``nn.Module``s over the math core, and the registry that makes them files, tensorize rules and reports."""
 from .adtn import ADTNConv2d, ADTNGenerator, ADTNLinear, ADTNParametrization, adtn_parametrize
 from .attention import LinearAttention, SoftmaxAttention, TensorAttention
+from .computed_weight import ComputedWeight, WeightCache
 from .mpo_conv import MPOConv2d
 from .mpo_embedding import MPOEmbedding
 from .mpo_linear import MPOLinear
@@ -10,7 +11,7 @@ from .tensor_interaction import TensorInteraction
 from .tlayers import TAntisymmetric, THamiltonian, TLinear, TResidual
 from .tt_layer import TTLayer
 
-__all__ = ["MPOLinear", "MPOConv2d", "TTLayer", "register_layer", "layer_types", "layer_type", "type_name", "converter_for",
+__all__ = ["MPOLinear", "MPOConv2d", "TTLayer", "ComputedWeight", "WeightCache", "register_layer", "layer_types", "layer_type", "type_name", "converter_for",
            "TensorAttention", "LinearAttention", "SoftmaxAttention", "TensorInteraction", "TLinear", "TResidual",
            "TAntisymmetric", "THamiltonian", "ADTNLinear",
            "ADTNConv2d", "ADTNGenerator", "ADTNParametrization", "adtn_parametrize", "MPOEmbedding",

@@ -24,6 +24,7 @@ from .._modules import holding
 from ..core.adtn import ACTIVATIONS, adtn_generate, adtn_num_params, num_qubits, orthogonal_gates
 from ..core.tt import gaussian
 from ._conv import set_conv_geometry
+from .computed_weight import ComputedWeight, WeightCache
 from .registry import register_layer
 
 __all__ = ["ADTNGenerator", "ADTNLinear", "ADTNConv2d", "ADTNParametrization", "adtn_parametrize"]
@@ -56,7 +57,7 @@ class ADTNGenerator(nn.Module):
         self.fan_in = fan_in if fan_in is not None else (math.prod(self.shape[1:]) if len(self.shape) > 1 else 1)
         self.gates = nn.Parameter(gaussian((depth, self.Q - 1, 4, 4), gate_std, **kw))
         self.scale = nn.Parameter(torch.ones((), **kw))
-        self._cache: tuple | None = None
+        self._cache = WeightCache()
         self._set_scale()
 
     def reset_parameters(self) -> None:
@@ -74,7 +75,7 @@ class ADTNGenerator(nn.Module):
             self.scale.fill_(1.0)
             w = self._generate()
             self.scale.mul_(math.sqrt(1 / (3 * self.fan_in)) / w.std().clamp_min(1e-30))
-        self._cache = None
+        self._cache.clear()
 
     @property
     def effective_gates(self) -> torch.Tensor:
@@ -88,14 +89,15 @@ class ADTNGenerator(nn.Module):
 
     def forward(self) -> torch.Tensor:
         if self.training or torch.is_grad_enabled() and self.gates.requires_grad or torch.compiler.is_compiling():
-            self._cache = None  # (traced by torch.compile or torch.export: no cache, whose key reads data pointers)
+            self._cache.clear()  # (traced by torch.compile or torch.export: no cache, whose key reads data pointers)
             return self._generate()
         key = (self.gates.data_ptr(), self.gates._version, self.scale.data_ptr(), self.scale._version,
                self.gates.dtype, self.gates.device)
-        if self._cache is None or self._cache[0] != key:
+        weight = self._cache.get(key, "the tensor an ADTNGenerator made (an ADTN layer's weight)", "its ADTN gates")
+        if weight is None:
             with torch.no_grad():
-                self._cache = (key, self._generate())
-        return self._cache[1]
+                weight = self._cache.put(key, self._generate())
+        return weight
 
     def fit(self, target: torch.Tensor, steps: int = 500, lr: float = 0.02) -> float:
         """Fit the gates and the scale to ``target`` (Adam on ``‖T − target‖²``; ``steps=0``: no fit); returns
@@ -112,7 +114,7 @@ class ADTNGenerator(nn.Module):
             opt.step()
         for p, grad in zip(params, held):
             p.grad = grad
-        self._cache = None
+        self._cache.clear()
         with torch.no_grad():
             return float((self._generate() - target).norm() / target.norm().clamp_min(1e-30))
 
@@ -122,7 +124,7 @@ class ADTNGenerator(nn.Module):
         return adtn_num_params(self.Q, self.depth)
 
     def _apply(self, fn, recurse=True):  # .to()/.double() invalidate the cached tensor
-        self._cache = None
+        self._cache.clear()
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
@@ -138,8 +140,10 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-class _ADTNLayer(nn.Module):
+class _ADTNLayer(ComputedWeight):
     """What ADTN layers share: the read-only generated ``weight``, the parameter report, files and inspect."""
+
+    weight_source = "its ADTN gates"
 
     generator: ADTNGenerator
     bias: nn.Parameter | None

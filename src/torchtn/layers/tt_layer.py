@@ -17,12 +17,15 @@ from torch import nn
 from .._modules import holding
 from ..core.contraction import MergedCache
 from ..core.tt import BondInfo, TTMatrix, check_cores, tt_ranks
+from .computed_weight import ComputedWeight, WeightCache
 
 __all__ = ["TTLayer"]
 
 
-class TTLayer(nn.Module):
-    """A module whose weight is the TT-matrix ``self.tt`` built from ``self.cores``."""
+class TTLayer(ComputedWeight):
+    """A module whose weight is the TT-matrix ``self.tt`` built from ``self.cores`` (read-only ``weight``)."""
+
+    weight_source = "its MPO cores"
 
     cores: nn.ParameterList
     #: whether ``forward`` runs on any chain of cores of the same matrix (modes of neighbouring sites merged), which
@@ -32,7 +35,7 @@ class TTLayer(nn.Module):
     def _init_cores(self, shapes_ranks: TTMatrix) -> None:
         self.cores = nn.ParameterList(nn.Parameter(c.contiguous()) for c in shapes_ranks.cores)
         self._merged = MergedCache()
-        self._dense_cache: tuple[tuple, torch.Tensor] | None = None
+        self._dense_cache = WeightCache()
 
     def core_list(self) -> list[torch.Tensor]:
         """The cores as a list (read straight from the ``ParameterList``'s registry: iterating it by index costs
@@ -135,7 +138,7 @@ class TTLayer(nn.Module):
 
     def clear_caches(self) -> None:
         self._merged.clear()
-        self._dense_cache = None
+        self._dense_cache.clear()
 
     def _cached_dense(self) -> torch.Tensor:
         """The dense weight, rebuilt only when a core changes while no gradient is needed."""
@@ -143,10 +146,14 @@ class TTLayer(nn.Module):
         if (torch.is_grad_enabled() and any([c.requires_grad for c in cores])) or torch.compiler.is_compiling():
             return self.tt.to_dense()
         key = tuple([(c.data_ptr(), c._version, tuple(c.shape), c.dtype, c.device) for c in cores])
-        if self._dense_cache is None or self._dense_cache[0] != key:
+        dense = self._dense_cache.get(key, f"{type(self).__name__}.weight", self.weight_source)
+        if dense is None:
             with torch.no_grad():
-                self._dense_cache = (key, self.tt.to_dense())
-        return self._dense_cache[1]
+                dense = self.tt.to_dense()
+                if len(cores) == 1:  # one core: the dense form is a view of the parameter, which a write would reach
+                    dense = dense.clone()
+                dense = self._dense_cache.put(key, dense)
+        return dense
 
     def _apply(self, fn, recurse=True):  # .to()/.cuda()/.double() invalidate cached merges
         self.clear_caches()
@@ -155,5 +162,5 @@ class TTLayer(nn.Module):
     def __getstate__(self):  # copies and pickles never carry the caches
         state = self.__dict__.copy()
         state["_merged"] = MergedCache()
-        state["_dense_cache"] = None
+        state["_dense_cache"] = WeightCache()
         return state
