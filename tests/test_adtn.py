@@ -348,3 +348,18 @@ def test_inspect_states_what_an_adtn_counts(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "544 gates + 1 scale + 256 bias (for 200,704 dense weights)" in out  # 16·2·17 gates, Q = 18
     assert "176 gates + 1 scale (for 2,560 dense weights)" in out  # 16·1·11, Q = 12
+
+
+def test_an_adtn_too_big_for_the_memory_is_refused_before_generating(monkeypatch):
+    """ADTNLinear(65536, 65536) is a 2^32-entry weight: generating it takes 3 × 16 GiB; on a machine with less the
+    constructor says so (a MemoryError naming the shape and both sizes) instead of being killed by the kernel. Here
+    the free memory is made small, so the test allocates nothing big on any machine."""
+    from torchtn import _checks
+
+    monkeypatch.setattr(_checks, "MEMORY_CHECK_MIN_BYTES", 0)
+    monkeypatch.setattr(_checks, "available_memory", lambda device: 10 << 20)  # 10 MiB free
+    with pytest.raises(MemoryError, match=r"ADTN of shape \(1024, 1024\) \(2\^20 = 1,048,576 entries\) needs about "
+                                          r"12\.0 MiB on cpu, which has 10\.0 MiB available"):
+        torchtn.ADTNLinear(1024, 1024)
+    assert torchtn.ADTNLinear(256, 256).weight.shape == (256, 256)  # 3 × 2^16 × 4 B = 768 KiB fits
+    assert torchtn.ADTNLinear(1024, 1024, device="meta").weight.shape == (1024, 1024)  # nothing generated there

@@ -129,6 +129,12 @@ def test_bad_arguments(kwargs, match):
         MPOConv2d(4, 8, 3, **kwargs)
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 8, 8), (8, 8), (2, 1, 4, 8, 8)])
+def test_an_input_with_the_wrong_channels_or_dimensions_is_named_as_a_convolution_input(shape):
+    with pytest.raises(ValueError, match=rf"input has shape \({shape[0]}, .*expected \(batch, 4, H, W\) or \(4, H, W\)"):
+        MPOConv2d(4, 8, 3, rank=2)(torch.randn(shape))
+
+
 def small_cnn():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(),

@@ -85,6 +85,8 @@ def test_skip_patterns_and_multihead_attention_parametrized_in_place():
     assert parametrize.is_parametrized(out_proj, "weight") and isinstance(new_block["head"], MPOLinear)
     assert {r.name for r in rep.layers} == {"attn.0.in_proj_weight", "attn.0.out_proj.weight", "head"}
     assert not rep.skipped
+    _, rep = tensorize(block, rank=2, skip="attn.0.in_proj_weight")  # a tensor the attention holds, by its name
+    assert rep.skipped == ["attn.0.in_proj_weight"]
 
 
 def test_custom_shapes():
@@ -101,6 +103,9 @@ def test_custom_shapes():
     (dict(rel_tol=1.0), "rel_tol=1.0"),
     (dict(ratio=1e9), "unreachable"),
     (dict(rank=2, shapes={"nope": ((2,), (2,))}), "nope"),
+    (dict(rank=2, skip=["4", "classifer*"]), r"skip pattern 'classifer\*' matches no module or parameter .* "
+                                              r"top-level modules: 0, 1, 2, 3, 4"),
+    (dict(method="adtn", skip="fc9"), "skip pattern 'fc9' matches no module"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

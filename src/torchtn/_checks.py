@@ -17,6 +17,8 @@ __all__ = [
     "check_choice",
     "check_positive_real",
     "check_nonnegative_real",
+    "available_memory",
+    "check_fits_in_memory",
 ]
 
 
@@ -88,3 +90,40 @@ def error_line(err: BaseException, limit: int = 200) -> str:
     """``"TypeName: first line of the message"`` (cut at ``limit`` characters), for one-line error reports."""
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0][:limit]}" if text else type(err).__name__
+
+
+MEMORY_CHECK_MIN_BYTES = 1 << 30  # smaller requests are not checked
+
+
+def available_memory(device) -> int | None:
+    """Bytes a new tensor on ``device`` (a ``torch.device``) can take now: free GPU memory for CUDA, the kernel's
+    ``MemAvailable`` for the CPU on Linux; ``None`` where it cannot be read (the caller then does not check)."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_fits_in_memory(what: str, nbytes: int, device) -> None:
+    """Raise ``MemoryError`` naming ``what``, the bytes it needs and the bytes ``device`` has, when it cannot fit —
+    instead of an allocation that the operating system answers by killing the process. Reads the free memory only
+    for requests of at least ``MEMORY_CHECK_MIN_BYTES`` (so small calls cost nothing)."""
+    if nbytes < MEMORY_CHECK_MIN_BYTES:
+        return
+    free = available_memory(device)
+    if free is not None and nbytes > free:
+        raise MemoryError(f"{what} needs about {_size(nbytes)} on {device}, which has {_size(free)} available")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 1 << 30 else f"{nbytes / 2**20:.1f} MiB"

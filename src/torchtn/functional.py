@@ -77,6 +77,9 @@ def mpo_conv2d(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tenso
     in_per_group = math.prod([int(c.shape[2]) for c in cores]) // (kernel_size[0] * kernel_size[1])
     patches_ok = mapping != "spatial" and groups == 1 and not isinstance(padding, str)
     sequential_ok = groups == 1 and is_kernel_tt(cores, kernel_size, mapping)
+    if x.dim() not in (3, 4) or x.shape[-3] != in_per_group * groups:
+        raise ValueError(f"input has shape {tuple(x.shape)}: expected (batch, {in_per_group * groups}, H, W) or "
+                         f"({in_per_group * groups}, H, W) — {in_per_group * groups} input channels")
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)

@@ -220,6 +220,23 @@ def _skipper(skip: Skip) -> Callable[[str, nn.Module], bool]:
     return lambda name, _m: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _check_skip(model: nn.Module, skip: Skip) -> None:
+    """A ``skip`` pattern that names nothing in the model is a typo that would convert what the user meant to keep:
+    each must match a submodule's or a parameter's name (``"att.in_proj_weight"``)."""
+    if callable(skip):
+        return
+    _skipper(skip)  # the types
+    names = [n for n, _ in model.named_modules() if n] + [n for n, _ in model.named_parameters()] + [
+        f"{n}.{t}" if n else t for n, m in model.named_modules() if parametrize.is_parametrized(m)
+        for t in m.parametrizations]  # a tensor a parametrization holds, by the name it is read under
+    for pattern in [skip] if isinstance(skip, str) else list(skip):
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            some = ", ".join(n for n, _ in list(model.named_children())[:6])
+            raise ValueError(f"skip pattern {pattern!r} matches no module or parameter of the model (its top-level "
+                             f"modules: {some or 'none'}; nested ones are dotted paths such as 'encoder.layer.0.fc'; "
+                             f"globs such as 'classifier*' match too)")
+
+
 def _inside_mha(model: nn.Module) -> set[str]:
     """Names of the layers inside ``nn.MultiheadAttention`` modules: it reads ``out_proj.weight`` directly, so they
     must stay dense."""
@@ -468,6 +485,7 @@ def tensorize(
         allocation = "relative" if calibration and not sensitive(calibration) else "absolute"
     check_choice("allocation", allocation, ("absolute", "relative"))
     check_choice("conv_modes", conv_modes, ("matrix", "kernel"))
+    _check_skip(model, skip)
     if method == "adtn":
         if rank is not None or rel_tol is not None or ratio is not None or shapes:
             raise ValueError("method='adtn' takes depth= and fit_steps=, not rank=, rel_tol=, ratio= or shapes=")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .._checks import check_choice, check_nonnegative_int, check_positive_int
+from .._checks import check_choice, check_fits_in_memory, check_nonnegative_int, check_positive_int
 from .._modules import holding
 from ..core.adtn import ACTIVATIONS, adtn_generate, adtn_num_params, num_qubits, orthogonal_gates
 from ..core.tt import gaussian
@@ -55,6 +55,11 @@ class ADTNGenerator(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.gate_std = float(gate_std)
         self.fan_in = fan_in if fan_in is not None else (math.prod(self.shape[1:]) if len(self.shape) > 1 else 1)
+        where = torch.device(device) if device is not None else torch.get_default_device()
+        if where.type != "meta":  # generating needs the 2^Q vector twice (two passes' buffers) and the result
+            itemsize = (dtype or torch.get_default_dtype()).itemsize
+            check_fits_in_memory(f"an ADTN of shape {self.shape} (2^{self.Q} = {2 ** self.Q:,} entries)",
+                                 3 * 2 ** self.Q * itemsize, where)
         self.gates = nn.Parameter(gaussian((depth, self.Q - 1, 4, 4), gate_std, **kw))
         self.scale = nn.Parameter(torch.ones((), **kw))
         self._cache = WeightCache()
