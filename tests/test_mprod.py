@@ -112,6 +112,12 @@ def test_data_transform_and_bad_transforms():
     X = rand(50, 9, seed=9)
     T = transform("data", data=X)
     torch.testing.assert_close(T.matrix @ T.matrix.T, torch.eye(9, dtype=f64), rtol=0, atol=1e-10)
+    # its rows are the left singular vectors of the tubes: M X's rows have the singular values as norms, descending
+    torch.testing.assert_close((T.matrix @ X.T).norm(dim=1), torch.linalg.svdvals(X.T), rtol=1e-10, atol=1e-12)
+    few = transform("data", data=X[:3])  # fewer tubes than n: still a full orthogonal n × n matrix
+    torch.testing.assert_close(few.matrix @ few.matrix.T, torch.eye(9, dtype=f64), rtol=0, atol=1e-10)
+    many = transform("data", data=torch.randn(10000, 20, 28))  # 200,000 tubes: no 200,000² V (320 GB) is made
+    assert many.matrix.shape == (28, 28)
     with pytest.raises(ValueError, match="M='dst' is not allowed"):
         transform("dst", 4)
     with pytest.raises(ValueError, match="singular"):

@@ -151,7 +151,10 @@ def transform(spec: str | torch.Tensor | Transform = "dct", n: int | None = None
         n = data.shape[-1] if n is None else n
         if data.shape[-1] != n:
             raise ValueError(f"data has tubes of length {data.shape[-1]}, not n={n}")
-        U = torch.linalg.svd(data.reshape(-1, n).T.to(dtype), full_matrices=True)[0]
+        tubes = data.reshape(-1, n).T.to(dtype)  # (n, rows)
+        # U is n × n either way; the full SVD would also make the rows × rows V (627 GB for 10k 28×28 images), so it
+        # only runs when there are fewer rows than n (then the reduced U would not be square)
+        U = torch.linalg.svd(tubes, full_matrices=tubes.shape[1] < n)[0]
         return Transform("data", n, U.T.contiguous().to(device))
     if n is None or not isinstance(n, int) or n < 1:
         raise ValueError(f"n={n!r} is not allowed: expected the tube length, a positive integer")
