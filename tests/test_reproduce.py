@@ -102,13 +102,20 @@ def test_tnn_quick_run_rows_and_report(tmp_path, monkeypatch):
     cls = {(r["model"], r["loss"]): r for r in rows if r["experiment"] == "classification"}
     assert {k: r["params"] for k, r in cls.items()} == {("tnn", "tce"): 30_856, ("tnn", "ce"): 30_586,
                                                         ("matrix", "ce"): 31_015, ("matrix-wide", "ce"): 623_290}
+    # each classifier under both protocols: the paper's Adam (L2) at one rate for all, and AdamW at each one's own
+    both = {(r["protocol"], r["optimizer"], r["model"], r["loss"], r["lr"]) for r in rows
+            if r["experiment"] == "classification"}
+    assert {b[:4] for b in both} == {(p, o, *k) for p, o in (("paper", "adam"), ("tuned", "adamw")) for k in cls}
+    assert {b[4] for b in both if b[0] == "paper"} == {1e-2}
     assert len({r["n_train"] for r in cls.values()}) == 1 and all(0 < r["n_train"] <= 48 and 0 <= r["test_accuracy"] <= 1
                                                                 for r in cls.values())
     depth = [r for r in rows if r["experiment"] == "depth"]
     assert [r["depth"] for r in depth] == [2, 4] and all(r["finite"] for r in depth)
     assert {r["transform"] for r in rows if r["experiment"] == "transform"} == {"dct", "dft"}
     assert all(r["test_mse"] > 0 for r in rows if r["experiment"] == "autoencoder")
-    assert "t-NN (t-CE, 30,856) ≥ matched matrix net (31,015)" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    for protocol in ("the paper's settings (Adam + L2, lr 0.01 for all)", "each model at its best rate (AdamW)"):
+        assert f"{protocol}, n_train = " in report and "t-NN (t-CE, 30,856) ≥ matched matrix net (31,015)" in report
 
 
 def test_tnn_cifar_command_smoke_run_on_a_tiny_subset(tmp_path, monkeypatch):

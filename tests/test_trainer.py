@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from torch import nn
 
 from torchtn import MPOLinear, load_model, save_model, tensorize
 from torchtn.data import Dataset, load_digits
@@ -68,7 +69,7 @@ def assert_same_weights(a, b):
         assert torch.equal(x, y), name
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
 def test_resume_after_interruption_gives_identical_weights(tmp_path, digits, optimizer):
     def build():
         torch.manual_seed(1)
@@ -100,7 +101,7 @@ def test_checkpoint_is_never_overwritten_by_a_fresh_run(tmp_path, digits):
 
 
 @pytest.mark.parametrize("kwargs,match", [(dict(epochs=-1), "epochs=-1"), (dict(lr=0), "lr=0"),
-                                          (dict(optimizer="adam"), "optimizer='adam'"), (dict(batch_size=0), "batch_size=0"),
+                                          (dict(optimizer="adagrad"), "optimizer='adagrad'"), (dict(batch_size=0), "batch_size=0"),
                                           (dict(min_lr_fraction=1.5), r"min_lr_fraction=1.5 .*in \[0, 1\]"),
                                           (dict(min_lr_fraction=-0.1), "min_lr_fraction=-0.1"),
                                           (dict(weight_decay=float("nan")), "weight_decay=nan .*>= 0")])
@@ -409,3 +410,26 @@ def test_pure_distillation_never_reads_the_targets(digits):
                       temperature=1.0).fit(blind)
     assert all(math.isfinite(h.train_loss) for h in history)
     assert evaluate(student, digits.x_test, digits.y_test)[1] > 0.8  # it learned the task from the teacher alone
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_adam_adds_the_weight_decay_to_the_gradient_and_adamw_decays_the_weight(digits, optimizer):
+    """A parameter with zero loss gradient after one full-batch step: Adam's L2 term makes its gradient wd·p, so the
+    normalized step moves it by lr·sign(p); AdamW shrinks it by the factor 1 − lr·wd."""
+
+    class Probe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+            self.idle = nn.Parameter(torch.full((3,), 0.5))
+
+        def forward(self, x):
+            return self.fc(x.flatten(1)) + 0 * self.idle.sum()
+
+    torch.manual_seed(0)
+    model = Probe()
+    n = len(digits.y_train)
+    Trainer(model, TrainConfig(epochs=1, batch_size=n, lr=0.1, weight_decay=0.01, optimizer=optimizer,
+                               min_lr_fraction=1.0, progress=False)).fit(digits)
+    want = 0.5 - 0.1 * 0.005 / (0.005 + 1e-8) if optimizer == "adam" else 0.5 * (1 - 0.1 * 0.01)
+    torch.testing.assert_close(model.idle.detach(), torch.full((3,), want), rtol=0, atol=1e-6)

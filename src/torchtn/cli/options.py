@@ -232,8 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--depth", type=_int_at_least("--depth", 1), default=2,
                    help="brick layers of each ADTN, with --layers adtn (default 2)")
     _add_unitary_option(t)
-    t.add_argument("--optimizer", choices=("adamw", "sgd", "sweep"), default="adamw",
-                   help="sweep: DMRG-style sweeps train the MPO layers (adaptive bonds), AdamW the rest")
+    t.add_argument("--optimizer", choices=("adamw", "adam", "sgd", "sweep"), default="adamw",
+                   help="adamw (decoupled weight decay); adam (weight decay as an L2 term in the gradient); sgd "
+                        "(momentum 0.9); sweep: DMRG-style sweeps train the MPO layers (adaptive bonds), AdamW the "
+                        "rest")
     sw = t.add_argument_group("sweep training (--optimizer sweep)")
     sw.add_argument("--max-rank", type=_int_at_least("--max-rank", 1), default=16,
                     help="bond-dimension cap of the sweep (default 16)")

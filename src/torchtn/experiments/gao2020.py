@@ -74,7 +74,8 @@ def _family(ctx: Context, name: str, seed: int, s: dict, build_dense, build_mpo,
         model, secs = ctx.stage(f"{name}-mpo{r}-scratch-s{seed}", build_mpo(r),
                                 cfg(s["epochs"], MPO_LR, f"{name} mpo D={r}"))
         rows.append(_row(ctx, name, model, dense_params, seed, "mpo", "scratch", r, secs))
-        compressed, _ = tensorize(dense, rank=rank_of(r), shapes=shapes, skip=["features*"])
+        convs = [n for n, _ in dense.named_children() if n == "features"]  # LeNet-5's convolutions stay dense
+        compressed, _ = tensorize(dense, rank=rank_of(r), shapes=shapes, skip=[f"{n}*" for n in convs])
         before = ctx.accuracy(compressed)
         healed, secs = ctx.stage(f"{name}-mpo{r}-compress-s{seed}", compressed,
                                  cfg(s["heal_epochs"], HEAL_LR, f"{name} heal D={r}"))

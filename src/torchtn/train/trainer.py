@@ -33,7 +33,7 @@ from .sweep import SweepConfig, Sweeper
 __all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "EpochRecord", "evaluate", "measure", "LOSSES", "accuracy",
            "distillation_loss", "process_group"]
 
-_OPTIMIZERS = ("adamw", "sgd", "sweep")
+_OPTIMIZERS = ("adamw", "adam", "sgd", "sweep")  # "adam": weight decay as an L2 term in the gradient
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -102,7 +102,9 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    optimizer: str = "adamw"  # "sweep": DMRG-style sweeps for the MPO layers, AdamW for the rest (see ``sweep``)
+    # "adamw" (decoupled weight decay), "adam" (weight decay added to the gradient, torch.optim.Adam's — what many
+    # papers' code runs), "sgd" (with momentum), "sweep": DMRG-style sweeps for the MPO layers, AdamW for the rest
+    optimizer: str = "adamw"
     momentum: float = 0.9  # SGD only
     min_lr_fraction: float = 0.0  # cosine schedule decays lr to lr * min_lr_fraction
     warmup_steps: int = 0  # linear warm-up of the learning rate over the first steps (0: none)
@@ -329,7 +331,7 @@ class Trainer:
         if self.config.optimizer == "sweep":
             if self.world_size > 1:
                 raise ValueError("optimizer='sweep' runs on one process: its local SVD updates are not averaged "
-                                 "across torch.distributed processes; use adamw/sgd under torchrun")
+                                 "across torch.distributed processes; use adamw, adam or sgd under torchrun")
             self.sweeper = Sweeper(model, self.config.sweep)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -340,6 +342,8 @@ class Trainer:
             params = [nn.Parameter(torch.zeros(0))]
         if c.optimizer in ("adamw", "sweep"):
             return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        if c.optimizer == "adam":
+            return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
         return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
 
     def structure_changed(self) -> torch.optim.Optimizer:
