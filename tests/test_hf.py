@@ -10,6 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 from torchtn import MPOEmbedding, MPOLinear, hf  # noqa: E402
 from torchtn.cli import main  # noqa: E402
+from torchtn.hf import healing, text  # noqa: E402
 
 WORDS = ("the cat dog sat on a mat and ran far away from home to see big small red blue green tree house car road "
          "river sun moon star night day bird fish eats drinks sleeps runs walks jumps quickly slowly happy sad").split()
@@ -86,6 +87,8 @@ def test_compress_save_load_gives_identical_outputs_and_the_dense_export_loads_i
     kinds = {type(m) for m in student.modules()}
     assert MPOLinear in kinds and MPOEmbedding in kinds
     assert isinstance(student.pooler.dense, torch.nn.Linear)  # heads stay dense
+    with pytest.raises(ValueError, match=r"skip pattern '\*position_embedding' matches no module"):
+        hf.compress(teacher, ratio=1.5, skip=["*position_embedding"])  # a typo (…_embeddings) is named, not ignored
     batch = tokenizer(sentences(5), padding=True, return_tensors="pt")
     with torch.no_grad():
         expected = student(**batch).last_hidden_state
@@ -167,7 +170,7 @@ def test_healing_lowers_the_distillation_loss(tiny, tmp_path):
     target = hf.embed(teacher, tokenizer, held_out)
 
     def distillation_loss():
-        return float(hf._heal_loss(hf.embed(student, tokenizer, held_out), target))
+        return float(healing._heal_loss(hf.embed(student, tokenizer, held_out), target))
 
     loss_before, before = distillation_loss(), hf.quality(student, teacher, tokenizer, held_out)
     history = hf.heal(student, teacher, tokenizer, texts, epochs=6, batch_size=32, lr=1e-3, val_texts=held_out,
@@ -183,7 +186,7 @@ def test_healing_on_hidden_states_matches_every_token_too(tiny):
     teacher, tokenizer = hf.load_pretrained(tiny)
     student, _ = hf.compress(teacher, ratio=2.0)
     texts, held_out = sentences(256, seed=1), sentences(64, seed=2)
-    x = hf._encode(tokenizer, held_out, 64)
+    x = text._encode(tokenizer, held_out, 64)
     student_tokens, teacher_tokens = hf.PooledEncoder(student, tokens=True), hf.PooledEncoder(teacher, tokens=True)
     with torch.no_grad():
         pooled = hf.PooledEncoder(student)(x)
@@ -192,7 +195,7 @@ def test_healing_on_hidden_states_matches_every_token_too(tiny):
         assert (both[:, 1:][x[:, 1, :both.shape[1] - 1] == 0] == 0).all()  # padding positions are zero
 
         def token_loss():
-            return float(hf._token_loss(student_tokens(x), teacher_tokens(x)))
+            return float(healing._token_loss(student_tokens(x), teacher_tokens(x)))
         before = token_loss()
     hf.heal(student, teacher, tokenizer, texts, epochs=6, batch_size=32, lr=1e-3, val_texts=held_out,
             hidden_states=True, progress=False)
@@ -367,17 +370,17 @@ def test_relational_loss_is_the_kl_of_each_rows_neighbour_distribution():
 
     expected = sum(float((neighbours(teacher, i) * (neighbours(teacher, i) / neighbours(student, i)).log()).sum())
                    for i in range(6)) / 6
-    assert float(hf._relational_loss(student, teacher, tau)) == pytest.approx(expected, rel=1e-10)
+    assert float(healing._relational_loss(student, teacher, tau)) == pytest.approx(expected, rel=1e-10)
     # what it sees: the geometry between rows, not the rows themselves
     rotation, _ = torch.linalg.qr(torch.randn(5, 5, generator=gen, dtype=torch.float64))
     scales = torch.rand(6, 1, generator=gen, dtype=torch.float64) + 0.5
     moved = teacher @ rotation * scales
-    assert float(hf._relational_loss(moved, teacher, tau)) == pytest.approx(0.0, abs=1e-12)
-    assert float(hf._heal_loss(moved, teacher)) > 0.1  # the embedding loss sees the rotation
-    assert float(hf._heal_loss(moved, teacher, relational=2.0, temperature=tau)) == float(hf._heal_loss(moved, teacher))
-    assert float(hf._heal_loss(student, teacher, relational=2.0, temperature=tau)) == pytest.approx(
-        float(hf._heal_loss(student, teacher)) + 2.0 * expected, rel=1e-10)
-    assert float(hf._relational_loss(student[:2], teacher[:2], tau)) == 0.0  # a pair has nothing to rank
+    assert float(healing._relational_loss(moved, teacher, tau)) == pytest.approx(0.0, abs=1e-12)
+    assert float(healing._heal_loss(moved, teacher)) > 0.1  # the embedding loss sees the rotation
+    assert float(healing._heal_loss(moved, teacher, relational=2.0, temperature=tau)) == float(healing._heal_loss(moved, teacher))
+    assert float(healing._heal_loss(student, teacher, relational=2.0, temperature=tau)) == pytest.approx(
+        float(healing._heal_loss(student, teacher)) + 2.0 * expected, rel=1e-10)
+    assert float(healing._relational_loss(student[:2], teacher[:2], tau)) == 0.0  # a pair has nothing to rank
 
 
 def test_healing_with_the_relational_term_lowers_it(tiny):
@@ -387,7 +390,7 @@ def test_healing_with_the_relational_term_lowers_it(tiny):
     target = hf.embed(teacher, tokenizer, held_out)
 
     def relational():
-        return float(hf._relational_loss(hf.embed(student, tokenizer, held_out), target, 0.05))
+        return float(healing._relational_loss(hf.embed(student, tokenizer, held_out), target, 0.05))
 
     before = relational()
     history = hf.heal(student, teacher, tokenizer, texts, epochs=6, batch_size=32, lr=1e-3, val_texts=held_out,
@@ -401,7 +404,7 @@ def test_healing_with_the_relational_term_lowers_it(tiny):
 
 def test_passage_augment_crops_and_drops_inside_the_special_tokens(tiny):
     tokenizer = transformers.BertTokenizerFast.from_pretrained(str(tiny))
-    x = hf._encode(tokenizer, sentences(64, seed=3) + ["cat"], 64)
+    x = text._encode(tokenizer, sentences(64, seed=3) + ["cat"], 64)
     aug = hf.PassageAugment.for_tokenizer(tokenizer, min_crop=0.5, drop=0.2)
     y = aug(x, torch.Generator().manual_seed(0))
     assert y.shape == x.shape and torch.equal(aug(x, torch.Generator().manual_seed(0)), y)  # seeded
@@ -439,18 +442,18 @@ def test_healing_on_augmented_passages_runs_the_teacher_on_them(tiny, monkeypatc
             seen.append(x.clone())
         return forward(self, x)
     monkeypatch.setattr(hf.PooledEncoder, "forward", recording)
-    before = float(hf._heal_loss(hf.embed(student, tokenizer, held_out), target))
+    before = float(healing._heal_loss(hf.embed(student, tokenizer, held_out), target))
     seen.clear()
     history = hf.heal(student, teacher, tokenizer, texts, epochs=6, batch_size=32, lr=1e-3, val_texts=held_out,
                       augment=True, bucket=0, progress=False)
-    after = float(hf._heal_loss(hf.embed(student, tokenizer, held_out), target))
+    after = float(healing._heal_loss(hf.embed(student, tokenizer, held_out), target))
     assert after < 0.9 * before and history.best_round >= 1
     steps = 6 * 256 // 32
     # up front the teacher embeds only the validation passages (the healing ones' targets come per batch)
     assert sum(len(b) for b in seen) == len(held_out) + 6 * len(texts)
     training = seen[-steps:]  # the teacher's batches while healing
     assert len(training) == steps and all(len(b) == 32 for b in training)
-    full = hf._encode(tokenizer, texts, 64)[:, 1].sum(1)
+    full = text._encode(tokenizer, texts, 64)[:, 1].sum(1)
     # the teacher saw changed passages: fewer tokens than the corpus's batches hold
     assert sum(int(b[:, 1].sum()) for b in training) < 0.9 * 6 * int(full.sum())
 

@@ -220,7 +220,7 @@ def _skipper(skip: Skip) -> Callable[[str, nn.Module], bool]:
     return lambda name, _m: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _check_skip(model: nn.Module, skip: Skip) -> None:
+def check_skip(model: nn.Module, skip: Skip) -> None:
     """A ``skip`` pattern that names nothing in the model is a typo that would convert what the user meant to keep:
     each must match a submodule's or a parameter's name (``"att.in_proj_weight"``)."""
     if callable(skip):
@@ -485,7 +485,7 @@ def tensorize(
         allocation = "relative" if calibration and not sensitive(calibration) else "absolute"
     check_choice("allocation", allocation, ("absolute", "relative"))
     check_choice("conv_modes", conv_modes, ("matrix", "kernel"))
-    _check_skip(model, skip)
+    check_skip(model, skip)
     if method == "adtn":
         if rank is not None or rel_tol is not None or ratio is not None or shapes:
             raise ValueError("method='adtn' takes depth= and fit_steps=, not rank=, rel_tol=, ratio= or shapes=")
