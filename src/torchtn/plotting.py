@@ -88,6 +88,12 @@ def plot_accuracy_vs_params(series: dict[str, Sequence[tuple[float, float, str]]
         for params, acc, label in points:
             ax.annotate(label, (params, 100 * acc), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    # labels at 1, 2, 5 × 10^k as plain counts (matplotlib's own labels every minor tick of a short range: they overlap)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("trainable parameters (whole model)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
