@@ -11,7 +11,8 @@ from .tensor_interaction import TensorInteraction
 from .tlayers import TAntisymmetric, THamiltonian, TLinear, TResidual
 from .tt_layer import TTLayer
 
-__all__ = ["MPOLinear", "MPOConv2d", "TTLayer", "ComputedWeight", "WeightCache", "register_layer", "layer_types", "layer_type", "type_name", "converter_for",
+__all__ = ["MPOLinear", "MPOConv2d", "TTLayer", "ComputedWeight", "WeightCache", "register_layer", "layer_types",
+           "layer_type", "type_name", "converter_for",
            "TensorAttention", "LinearAttention", "SoftmaxAttention", "TensorInteraction", "TLinear", "TResidual",
            "TAntisymmetric", "THamiltonian", "ADTNLinear",
            "ADTNConv2d", "ADTNGenerator", "ADTNParametrization", "adtn_parametrize", "MPOEmbedding",

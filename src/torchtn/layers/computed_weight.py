@@ -28,7 +28,7 @@ class ComputedWeight(nn.Module):
             raise AttributeError(
                 f"{kind}.weight is read-only: it is computed from {self.weight_source} (got an assignment of "
                 f"{type(value).__name__}); to start from a dense layer use {kind}.from_dense(layer, ...); to set "
-                f"{self.weight_source}, load a {kind} state_dict")
+                f"{self.weight_source}, load_state_dict from another {kind} of the same shape")
         super().__setattr__(name, value)
 
 
