@@ -14,6 +14,7 @@ Protocol (spec ``tnn.md``, the reference code's ``mnist_paper*.csv`` / ``autoenc
 """
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from dataclasses import replace
@@ -105,28 +106,24 @@ def _classification(ctx: Context, s: dict, lrs: dict) -> list[dict]:
     with L2 weight decay at one rate for all models) and ``"tuned"`` (AdamW, each model at its own best rate)."""
     rows = []
     runs = [(n, s["size_epochs"]) for n in s["sizes"]] + ([(None, s["full_epochs"])] if s["full_epochs"] else [])
-    for protocol in PROTOCOLS:
+    for protocol, (n, epochs), seed, (kind, loss) in itertools.product(PROTOCOLS, runs, range(s["seeds"]), VARIANTS):
+        if n is None and kind == "matrix-wide" and seed >= s["wide_full_seeds"]:
+            continue
+        data = ctx.data.first(n)
+        label = len(data.y_train)
         optimizer = PAPER_OPTIMIZER if protocol == "paper" else "adamw"
-        for n, epochs in runs:
-            data = ctx.data.first(n)
-            label = len(data.y_train)
-            for seed in range(s["seeds"]):
-                for kind, loss in VARIANTS:
-                    if n is None and kind == "matrix-wide" and seed >= s["wide_full_seeds"]:
-                        continue
-                    torch.manual_seed(seed)
-                    model, kw = _classifier(kind, loss)
-                    lr = PAPER_LR if protocol == "paper" else lrs[kind, loss]
-                    stage = f"cls-{kind}-{loss}-n{label}-s{seed}" + ("-paper" if protocol == "paper" else "")
-                    model, secs = ctx.stage(stage, model, _cfg(ctx, epochs, lr, seed, f"{kind} {loss} n={label} "
-                                                                f"({protocol})", optimizer), data=data, **kw)
-                    acc = _accuracy(model, ctx.data)
-                    ctx.log(f"{protocol:5s} n_train={label:6d} {kind:11s} {loss:3s} seed {seed}: {100 * acc:.2f}% "
-                            f"({secs:.0f} s)")
-                    rows.append({"experiment": "classification", "protocol": protocol, "optimizer": optimizer,
-                                 "model": kind, "loss": loss, "transform": "dct", "n_train": label,
-                                 "dataset": ctx.data.name, "seed": seed, "params": count_params(model),
-                                 "test_accuracy": acc, "seconds": secs, "lr": lr, "epochs": epochs})
+        lr = PAPER_LR if protocol == "paper" else lrs[kind, loss]
+        torch.manual_seed(seed)
+        model, kw = _classifier(kind, loss)
+        stage = f"cls-{kind}-{loss}-n{label}-s{seed}" + ("-paper" if protocol == "paper" else "")
+        model, secs = ctx.stage(stage, model, _cfg(ctx, epochs, lr, seed, f"{kind} {loss} n={label} ({protocol})",
+                                                   optimizer), data=data, **kw)
+        acc = _accuracy(model, ctx.data)
+        ctx.log(f"{protocol:5s} n_train={label:6d} {kind:11s} {loss:3s} seed {seed}: {100 * acc:.2f}% ({secs:.0f} s)")
+        rows.append({"experiment": "classification", "protocol": protocol, "optimizer": optimizer, "model": kind,
+                     "loss": loss, "transform": "dct", "n_train": label, "dataset": ctx.data.name, "seed": seed,
+                     "params": count_params(model), "test_accuracy": acc, "seconds": secs, "lr": lr,
+                     "epochs": epochs})
     return rows
 
 
