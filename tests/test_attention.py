@@ -173,6 +173,22 @@ def test_prefill_then_step_continues_the_sequence():
     assert state.length == 30
 
 
+@pytest.mark.parametrize("name", ["TensorAttention", "LinearAttention", "SoftmaxAttention"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_an_empty_sequence_gives_an_empty_output_and_an_empty_prompt_the_fresh_state(name, causal):
+    torch.manual_seed(3)
+    layer = getattr(torchtn, name)(12, 3, causal=causal).double()
+    x = torch.randn(2, 0, 12, dtype=f64, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == (2, 0, 12) and x.grad.shape == (2, 0, 12)
+    if causal:  # decoding after an empty prompt is decoding from the start
+        t = torch.randn(2, 12, dtype=f64)
+        _, state = layer.prefill(x)
+        torch.testing.assert_close(layer.step(t, state)[0], layer.step(t)[0], rtol=0, atol=0)
+        torch.testing.assert_close(layer.step(t, state)[0], layer(t[:, None])[:, 0], rtol=0, atol=1e-12)
+
+
 def test_softmax_kv_cache_step():
     q, k, v = qkv(8, lead=(2,), n=9)
     state, outs = None, []

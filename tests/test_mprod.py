@@ -192,6 +192,8 @@ def test_tubal_scores_and_t_cross_entropy():
     torch.testing.assert_close(scores, -(logp**2).sum(-1) / 10, rtol=0, atol=1e-12)
     y = torch.tensor([0, 3, 1])
     torch.testing.assert_close(t_cross_entropy(scores, y), -scores[torch.arange(3), y].mean())
+    with pytest.raises(ValueError, match=r"scores has shape \(3, 4, 5\).*go through tubal_scores first"):
+        t_cross_entropy(out, y)  # the head's raw tubes, not its scores
     with pytest.raises(ValueError, match="real transform"):
         tubal_scores(out, transform("dft", 5))
 

@@ -318,6 +318,8 @@ def tensor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     """
     _check(q, k, v, decay, ridge, eps, form, causal, chunk_size)
     opts = dict(masked=masked, normalize=normalize, decay=decay, ridge=ridge, eps=eps)
+    if causal and q.shape[-2] == 0:
+        return _empty(v, return_state)
     if not causal:
         if return_state:
             raise ValueError("return_state=True needs causal=True (a bidirectional layer has no running state)")
@@ -337,6 +339,12 @@ def tensor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     else:
         out, state = _tensor_chunked(q, k, v, chunk=int(chunk_size), **opts)
     return (out, state) if return_state else out
+
+
+def _empty(v: torch.Tensor, return_state: bool):
+    """A causal mix of an empty sequence: the empty output ``(..., 0, e)`` (``v`` itself has that shape; cloned, so
+    gradients still reach it) and — for ``return_state`` — the state of no tokens, ``None``, where ``*_step`` starts."""
+    return (v.clone(), None) if return_state else v.clone()
 
 
 # ---------------------------------------------------------------------------------------------------------- linear
@@ -387,6 +395,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     ``normalize``): ``q, k (..., n, d)`` (already through a feature map), ``v (..., n, e)`` -> ``(..., n, e)``.
     The same forms and options as :func:`tensor_attention`."""
     _check(q, k, v, decay, 0.0, eps, form, causal, chunk_size)
+    if causal and q.shape[-2] == 0:
+        return _empty(v, return_state)
     if not causal:
         if return_state:
             raise ValueError("return_state=True needs causal=True (a bidirectional layer has no running state)")
@@ -469,7 +479,7 @@ _CHUNKS = (16, 32, 64, 128, 256)
 
 
 def _chunked_cost(p: AttentionProblem, c: int, model: CostModel) -> AttentionPlan:
-    c = min(c, p.n)
+    c = max(1, min(c, p.n))  # (an empty sequence: chunks of one, none of them run)
     nc = -(-p.n // c)
     d, e = p.d, p.e + 1
     second = p.order == "tensor"
@@ -497,7 +507,7 @@ def _auto(p: AttentionProblem, model: CostModel) -> list[AttentionPlan]:
 
 @register_strategy(KIND, "chunked")
 def _chunks(p: AttentionProblem, model: CostModel) -> list[AttentionPlan]:
-    sizes = sorted({min(c, p.n) for c in _CHUNKS})
+    sizes = sorted({max(1, min(c, p.n)) for c in _CHUNKS})
     return [_chunked_cost(p, c, model) for c in sizes]
 
 

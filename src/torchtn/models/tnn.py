@@ -39,7 +39,11 @@ def tubal_scores(outputs: torch.Tensor, T: Transform) -> torch.Tensor:
 
 
 def t_cross_entropy(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The t-cross-entropy loss of :func:`tubal_scores`: the mean of ``−s_y`` (the scores are not renormalized)."""
+    """The t-cross-entropy loss of :func:`tubal_scores`: the mean of ``−s_y`` (the scores are not renormalized).
+    ``scores (batch, classes)`` — what a t-CE :class:`TNN` returns — and ``targets (batch,)`` class indices."""
+    if scores.dim() != 2:
+        raise ValueError(f"scores has shape {tuple(scores.shape)}: t_cross_entropy takes tubal scores (batch, "
+                         f"classes); a t-linear head's outputs (batch, classes, tubes) go through tubal_scores first")
     return F.nll_loss(scores, targets)
 
 
