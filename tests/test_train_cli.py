@@ -102,8 +102,8 @@ def test_train_refuses_bad_requests(tmp_path, capsys):
     assert "cannot take digits images" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     assert main(["train", "--arch", "googlenet"]) == 2
-    assert main(["train", "--arch", "hybrid", "--layers", "adtn", "--out", str(tmp_path / "a")]) == 2
-    assert "--layers adtn is wired for --arch alexnet, fc2, lenet5, vgg16, zfnet" in capsys.readouterr().err
+    assert main(["train", "--arch", "hybrid", "--layers", "mpo", "--unitary", "--out", str(tmp_path / "a")]) == 2
+    assert "--unitary is for --layers adtn" in capsys.readouterr().err
     assert main([*BASE, "--out", str(tmp_path / "r")]) == 0
     assert main([*BASE, "--out", str(tmp_path / "r"), "--resume", "--lr", "0.5"]) == 2
     assert "other settings (lr" in capsys.readouterr().err
@@ -252,3 +252,29 @@ def test_zoo_fc2_and_lenet5_with_adtn_layers(tmp_path, capsys):
     # resuming with other --layers takes none of the run's ADTN settings: the check names the layers that differ
     assert main(["train", "--layers", "mpo", "--resume", "--out", str(out), "--no-progress"]) == 2
     assert "layers: 'adtn' → 'mpo'" in capsys.readouterr().err
+
+
+def test_every_zoo_network_takes_adtn_layers(tmp_path):
+    """ResNet-18 and DenseNet: the classifier an ADTN of ``adtn_depth``; the hybrid MLP: its middle map — each
+    rebuilt from its config with the same outputs; the hybrid trains from the command line."""
+    from torchtn import ADTNLinear
+    from torchtn.io import load_model, read_metadata
+    from torchtn.models import DenseNet, HybridMLP, ResNet18, build_model
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    for model, site in ((ResNet18(layers="adtn", adtn_depth=1), "fc"), (DenseNet(depth=10, layers="adtn"), "fc"),
+                        (HybridMLP(64, layers="adtn", adtn_depth=3), "tn")):
+        layer = getattr(model, site)
+        assert isinstance(layer, ADTNLinear) and layer.depth == model.config()["adtn_depth"]
+        assert [type(m) for m in model.modules()].count(ADTNLinear) == 1
+        again = build_model(model.config())
+        again.load_state_dict(model.state_dict())
+        inputs = x if site == "fc" else torch.randn(2, 64)
+        torch.testing.assert_close(again.eval()(inputs), model.eval()(inputs), rtol=0, atol=0)
+    assert "adtn_depth" not in ResNet18().config() and "adtn_depth" not in HybridMLP(64, layers="mpo").config()
+    out = tmp_path / "hybrid-adtn"
+    assert main([*BASE, "--arch", "hybrid", "--layers", "adtn", "--depth", "1", "--epochs", "1", "--out", str(out)]) == 0
+    config = read_metadata(out / "model.safetensors")["metadata"]["config"]
+    model = load_model(out / "model.safetensors", build_model(config))
+    assert isinstance(model.tn, ADTNLinear) and model.tn.depth == 1

@@ -226,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "--rank, with --layers adtn its Linear and Conv2d layers fresh ADTNs of --depth")
     t.add_argument("--layers", choices=("dense", "mpo", "adtn"), default="dense",
                    help="dense layers, the architecture's MPO layers, or ADTN layers (fc2, lenet5, alexnet, vgg16, "
-                        "zfnet: the big fully connected maps; your own architecture: every Linear and Conv2d) "
-                        "(default dense)")
+                        "zfnet: the big fully connected maps; resnet18, densenet: the classifier; hybrid: the "
+                        "middle map; your own architecture: every Linear and Conv2d) (default dense)")
     t.add_argument("--rank", type=_int_at_least("--rank", 1), default=4, help="MPO bond dimension (default 4)")
     t.add_argument("--depth", type=_int_at_least("--depth", 1), default=2,
                    help="brick layers of each ADTN, with --layers adtn (default 2)")

@@ -27,7 +27,7 @@ from ..data import Dataset
 from ..io import atomic_write_text, read_metadata, save_model
 from ..layers import ADTNGenerator, TTLayer
 from ..models import MODELS, build_model
-from ..models.blocks import LAYER_KINDS
+from ..models.blocks import LAYER_KINDS, adtn_config
 from ..models.user import build_user_model, check_arch, is_user_arch
 from ..train import TrainConfig, Trainer, evaluate
 from ..train.sweep import SweepConfig, Sweeper
@@ -36,7 +36,9 @@ from .rundir import check_model_fits_data
 
 __all__ = ["TrainJob", "run_train", "model_config", "job_model", "check_train_job", "ADTN_ARCHS"]
 
-ADTN_ARCHS = ("alexnet", "fc2", "lenet5", "vgg16", "zfnet")  # zoo networks whose big fully connected maps can be ADTNs
+# zoo networks with ADTN layers: the big fully connected maps (alexnet, fc2, lenet5, vgg16, zfnet), the classifier
+# (resnet18, densenet), the middle map (hybrid)
+ADTN_ARCHS = ("alexnet", "densenet", "fc2", "hybrid", "lenet5", "resnet18", "vgg16", "zfnet")
 
 
 @dataclass
@@ -85,7 +87,7 @@ class TrainJob:
 def model_config(job: TrainJob, data: Dataset) -> dict:
     """The zoo config for this job and data (input size and classes come from the data)."""
     channels = data.image_shape[0] if len(data.image_shape) == 3 else 1
-    adtn = {"adtn_depth": job.depth} if job.layers == "adtn" else {}
+    adtn = adtn_config(job.layers, job.depth)
     if job.arch == "fc2":
         return {"name": "fc2", "in_features": data.num_features, "num_classes": data.num_classes,
                 "layers": job.layers, "rank": job.rank, **adtn}
@@ -95,7 +97,7 @@ def model_config(job: TrainJob, data: Dataset) -> dict:
                 "ranks": ranks, **adtn}
     if job.arch == "hybrid":
         return {"name": "hybrid", "in_features": data.num_features, "out_features": data.num_classes,
-                "layers": job.layers, "rank": job.rank}
+                "layers": job.layers, "rank": job.rank, **adtn}
     return {"name": job.arch, "num_classes": data.num_classes, "layers": job.layers, "rank": job.rank, **adtn}
 
 

@@ -8,7 +8,7 @@ from torch import nn
 from .._checks import check_choice
 from ..layers import ADTNLinear, MPOConv2d, MPOLinear
 
-__all__ = ["LAYER_KINDS", "linear", "conv2d"]
+__all__ = ["LAYER_KINDS", "linear", "conv2d", "adtn_config"]
 
 LAYER_KINDS = ("dense", "mpo", "adtn")
 
@@ -33,3 +33,9 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int, layers: str, r
     if layers == "dense":
         return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias)
     return MPOConv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias, rank=rank)
+
+
+def adtn_config(layers: str, depth: int) -> dict:
+    """The ADTN depth entry of a zoo model's ``config()``: ``{"adtn_depth": depth}`` with ``layers="adtn"``, else
+    nothing (so the files of dense and MPO models keep the configs they always had)."""
+    return {"adtn_depth": depth} if layers == "adtn" else {}

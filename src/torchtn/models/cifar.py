@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .._checks import check_positive_int
-from .blocks import conv2d, linear
+from .blocks import adtn_config, conv2d, linear
 
 __all__ = ["VGG16", "AlexNet", "ZFNet", "ResNet18", "DenseNet"]
 
@@ -41,9 +41,7 @@ class _FeaturesHead(nn.Module):
     classifier: nn.Module
 
     def _record(self, layers: str, adtn_depth: int, **cfg) -> None:
-        self._cfg = {**cfg, "layers": layers}
-        if layers == "adtn":  # only then: files of dense and MPO models keep their config
-            self._cfg["adtn_depth"] = adtn_depth
+        self._cfg = {**cfg, "layers": layers, **adtn_config(layers, adtn_depth)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -149,11 +147,12 @@ class ResNet18(nn.Module):
 
     The spec's code uses a wide ResNet with an MPO "TT block"; for ResNet-18 torchtn chooses (and documents):
     ``layers="mpo"`` makes the classifier 512→classes an MPO (``(4,4,8,4)→(1,5,2,1)``, bond ``rank``), and
-    ``mpo_stages`` (default none; e.g. ``(3, 4)``) makes the 3×3 convolutions of those stages ``MPOConv2d``.
+    ``mpo_stages`` (default none; e.g. ``(3, 4)``) makes the 3×3 convolutions of those stages ``MPOConv2d``;
+    ``layers="adtn"`` makes the classifier an ADTN of ``adtn_depth`` brick layers.
     """
 
     def __init__(self, num_classes: int = 10, layers: str = "dense", rank: int = 4,
-                 mpo_stages: Sequence[int] = ()) -> None:
+                 mpo_stages: Sequence[int] = (), adtn_depth: int = 2) -> None:
         super().__init__()
         self.num_classes = check_positive_int("num_classes", num_classes)
         self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
@@ -164,9 +163,9 @@ class ResNet18(nn.Module):
             c = width
         self.stages = nn.Sequential(*stages)
         last = ((4, 4, 8, 4), (1, 5, 2, 1)) if num_classes == 10 else (None, None)
-        self.fc = linear(512, num_classes, layers, rank, in_shape=last[0], out_shape=last[1])
+        self.fc = linear(512, num_classes, layers, rank, in_shape=last[0], out_shape=last[1], depth=adtn_depth)
         self._cfg = {"name": "resnet18", "num_classes": num_classes, "layers": layers, "rank": rank,
-                     "mpo_stages": list(mpo_stages)}
+                     "mpo_stages": list(mpo_stages), **adtn_config(layers, adtn_depth)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.stages(self.stem(x))
@@ -193,11 +192,12 @@ class DenseNet(nn.Module):
     448 final channels); ``bottleneck=True, compression=0.5, depth=100`` gives DenseNet-BC-100.
 
     ``layers="mpo"``: the final classifier as an MPO — for DenseNet-40 the paper's 448→10 ``(4,4,7,4)→(1,5,2,1)``,
-    bond ``rank``; other sizes get balanced modes.
+    bond ``rank``; other sizes get balanced modes. ``layers="adtn"``: the classifier an ADTN of ``adtn_depth`` brick
+    layers.
     """
 
     def __init__(self, num_classes: int = 10, depth: int = 40, growth: int = 12, bottleneck: bool = False,
-                 compression: float = 1.0, layers: str = "dense", rank: int = 4) -> None:
+                 compression: float = 1.0, layers: str = "dense", rank: int = 4, adtn_depth: int = 2) -> None:
         super().__init__()
         self.num_classes = check_positive_int("num_classes", num_classes)
         per_block = (depth - 4) // (6 if bottleneck else 3)
@@ -217,9 +217,10 @@ class DenseNet(nn.Module):
         self.features = nn.Sequential(*parts)
         gao = c == 448 and num_classes == 10
         self.fc = linear(c, num_classes, layers, rank, in_shape=(4, 4, 7, 4) if gao else None,
-                         out_shape=(1, 5, 2, 1) if gao else None)
+                         out_shape=(1, 5, 2, 1) if gao else None, depth=adtn_depth)
         self._cfg = {"name": "densenet", "num_classes": num_classes, "depth": depth, "growth": growth,
-                     "bottleneck": bottleneck, "compression": compression, "layers": layers, "rank": rank}
+                     "bottleneck": bottleneck, "compression": compression, "layers": layers, "rank": rank,
+                     **adtn_config(layers, adtn_depth)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))

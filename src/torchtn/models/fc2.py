@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .._checks import check_positive_int
-from .blocks import linear
+from .blocks import adtn_config, linear
 
 __all__ = ["FC2", "GAO_FC2_SHAPES"]
 
@@ -41,7 +41,6 @@ class FC2(nn.Module):
         return self.fc2(self.act(self.fc1(x.flatten(1))))
 
     def config(self) -> dict:
-        adtn = {"adtn_depth": self._adtn_depth} if self._layers == "adtn" else {}  # older files keep their config
         return {"name": "fc2", "in_features": self.in_features, "hidden": self.hidden,
                 "num_classes": self.num_classes, "bias": self._bias, "layers": self._layers, "rank": self._rank,
-                **adtn}
+                **adtn_config(self._layers, self._adtn_depth)}

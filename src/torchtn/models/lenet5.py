@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .._checks import check_positive_int
-from .blocks import linear
+from .blocks import adtn_config, linear
 
 __all__ = ["LeNet5", "GAO_LENET5_MPO"]
 
@@ -53,6 +53,5 @@ class LeNet5(nn.Module):
         return self.fc3(self.act(self.fc2(self.act(self.fc1(h)))))
 
     def config(self) -> dict:
-        adtn = {"adtn_depth": self._adtn_depth} if self._layers == "adtn" else {}  # older files keep their config
         return {"name": "lenet5", "in_channels": self.in_channels, "num_classes": self.num_classes,
-                "layers": self._layers, "ranks": list(self._ranks), **adtn}
+                "layers": self._layers, "ranks": list(self._ranks), **adtn_config(self._layers, self._adtn_depth)}
