@@ -6,6 +6,7 @@ bad input fails at the API boundary rather than deep inside a contraction.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from numbers import Integral, Real
 
@@ -88,7 +89,7 @@ def check_choice(name: str, value: object, choices: Sequence[object]) -> object:
 
 def error_line(err: BaseException, limit: int = 200) -> str:
     """``"TypeName: first line of the message"`` (cut at ``limit`` characters), for one-line error reports."""
-    text = str(err).strip()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # (some libraries colour their messages)
     return f"{type(err).__name__}: {text.splitlines()[0][:limit]}" if text else type(err).__name__
 
 

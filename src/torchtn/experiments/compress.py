@@ -14,6 +14,7 @@ continues an interrupted training from its checkpoint)::
 from __future__ import annotations
 
 import json
+import pickle
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -215,7 +216,11 @@ def load_user_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Modu
     elif path.suffix in (".pt", ".pth"):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle refusals, truncation, …
+        except pickle.UnpicklingError:  # weights_only refused an object: a whole pickled model, optimizer, …
+            raise ValueError(f"--model-file {path} holds pickled Python objects, not only tensors (a whole model "
+                             f"saved with torch.save(model)?), and torchtn never runs pickled code: save "
+                             f"model.state_dict() instead, or a .safetensors file") from None
+        except Exception as err:  # truncation, not a torch file, …
             raise ValueError(f"--model-file {path} cannot be read as a weights-only state dict "
                              f"({error_line(err, 160)})") from None
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
