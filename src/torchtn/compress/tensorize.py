@@ -417,6 +417,58 @@ def _exact_ids(targets: list, calibration: Mapping[str, LayerStats], weightings:
     return out
 
 
+def _modes(targets: list, shapes: Mapping | None, previous: dict[str, nn.Module],
+           conv_modes: str) -> dict[str, tuple]:
+    """``{name: (in_shape, out_shape)}`` of the layers whose modes are not the default: the caller's ``shapes``,
+    an ``MPOLinear`` compressed anew keeping its own, and — with ``conv_modes="kernel"`` — each convolution's
+    kernel modes."""
+    shapes = dict(shapes or {})
+    unknown = set(shapes) - {n for n, _, _ in targets}
+    if unknown:
+        raise ValueError(f"shapes names layers that are not converted: {sorted(unknown)}")
+    for name, layer in previous.items():
+        if isinstance(layer, MPOLinear):
+            shapes.setdefault(name, (layer.in_shape, layer.out_shape))
+    if conv_modes == "kernel":
+        from ..layers.mpo_conv import kernel_modes
+
+        for name, module, _ in targets:
+            if isinstance(module, nn.Conv2d) and name not in shapes:
+                shapes[name] = kernel_modes(module.in_channels // module.groups, module.out_channels,
+                                            module.kernel_size)
+    return shapes
+
+
+def _rank_caps(rank, targets: list, layer_shapes: list) -> list:
+    """Each target's bond caps from ``rank`` (one cap, per-bond caps, or ``{layer name: caps}``; ``None``: no cap),
+    validated against its modes so that a bad value is reported under its own name."""
+    if isinstance(rank, Mapping):
+        unknown = set(rank) - {n for n, _, _ in targets}
+        if unknown:
+            raise ValueError(f"rank names layers that are not converted: {sorted(unknown)}")
+        per_layer = [rank.get(name) for name, _, _ in targets]
+    else:
+        per_layer = [rank] * len(targets)
+    return [None if r is None else inner_ranks(r, i, o, name="rank") for r, (i, o) in zip(per_layer, layer_shapes)]
+
+
+def _smaller_only(truncate: Callable[[list[int]], dict[int, TTMatrix]], sizes: list[int],
+                  allow_larger: bool) -> tuple[dict[int, TTMatrix], list[int], list[int]]:
+    """``truncate`` the layers, then again without those whose TT-matrix is not smaller than what it replaces (a
+    shared budget then goes to the others), until none grows (or ``allow_larger``). Returns the TT-matrices, the
+    layers that become tensor networks and those kept as they were."""
+    active, grew_all = list(range(len(sizes))), []
+    while True:
+        tts = truncate(active)
+        grew = [li for li in active if tts[li].num_params >= sizes[li]]
+        if allow_larger or not grew:
+            return tts, active, grew_all
+        active = [li for li in active if li not in grew]
+        grew_all += grew
+        if not active:
+            return tts, active, grew_all
+
+
 def tensorize(
     model: nn.Module,
     rank: int | Sequence[int] | Mapping[str, int | Sequence[int]] | None = None,
@@ -510,20 +562,7 @@ def tensorize(
 
         kinds = ", ".join(sorted(f"nn.{c.__name__}" for c in convertible_types()))
         raise ValueError(f"the model has no layer that tensorize can convert ({kinds}; after skip)")
-    shapes = dict(shapes or {})
-    unknown = set(shapes) - {n for n, _, _ in targets}
-    if unknown:
-        raise ValueError(f"shapes names layers that are not converted: {sorted(unknown)}")
-    for name, layer in previous.items():
-        if isinstance(layer, MPOLinear):
-            shapes.setdefault(name, (layer.in_shape, layer.out_shape))
-    if conv_modes == "kernel":
-        from ..layers.mpo_conv import kernel_modes
-
-        for name, module, _ in targets:
-            if isinstance(module, nn.Conv2d) and name not in shapes:
-                shapes[name] = kernel_modes(module.in_channels // module.groups, module.out_channels,
-                                            module.kernel_size)
+    shapes = _modes(targets, shapes, previous, conv_modes)
     weightings = _weightings(new, targets, calibration or {}, shapes)
     exact = _exact_ids(targets, calibration or {}, weightings, exact_rows)
     whole_weightings = dict(weightings)  # the errors of a table with exact rows are reported over all its rows
@@ -536,15 +575,7 @@ def tensorize(
     layer_shapes = [two_core_shapes(len(rest[li]) if li in rest else module.weight.shape[0], module.weight.shape[1])
                     if li in weightings else cls.tt_shapes_for(module, *shapes.get(name, (None, None)))
                     for li, (name, module, cls) in enumerate(targets)]
-    # per-layer bond caps from `rank`, validated here so a bad value is reported under its own name
-    if isinstance(rank, Mapping):
-        unknown = set(rank) - {n for n, _, _ in targets}
-        if unknown:
-            raise ValueError(f"rank names layers that are not converted: {sorted(unknown)}")
-        per_layer = [rank.get(name) for name, _, _ in targets]
-    else:
-        per_layer = [rank] * len(targets)
-    rank_caps = [None if r is None else inner_ranks(r, i, o, name="rank") for r, (i, o) in zip(per_layer, layer_shapes)]
+    rank_caps = _rank_caps(rank, targets, layer_shapes)
     before = sum(p.numel() for p in model.parameters())
     def matrix(li: int, module: nn.Module, cls: type) -> torch.Tensor:
         """What layer ``li``'s cores hold: the registry's matrix, or a calibrated layer's weight (a table's MPO rows)."""
@@ -562,24 +593,19 @@ def tensorize(
                               and li not in rest else w.numel(), previous)
              for li, ((name, module, cls), w) in enumerate(zip(targets, weights))]
 
-    active = list(range(len(targets)))  # layers that become tensor networks
-    larger: list[str] = []  # layers kept dense because their MPO would not be smaller
-    while True:
+    def truncate(active: list[int]) -> dict[int, TTMatrix]:
+        """The TT-matrices of the ``active`` layers, by rank / tolerance or by the shared budget, mapped back from
+        the weighted space of calibrated layers."""
         if ratio is None:
             tts = {li: TTMatrix.from_dense(fitted[li], *layer_shapes[li], max_rank=rank_caps[li], rel_tol=rel_tol)
                    for li in active}
         else:
             tts = _fit_budget(before, ratio, fitted, sizes, layer_shapes, active, allocation)
-        tts = {li: weightings[li].undo(tt).to(dtype=weights[li].dtype) if li in weightings else tt
-               for li, tt in tts.items()}
-        grew = [li for li in active if tts[li].num_params >= sizes[li]]
-        if allow_larger or not grew:
-            break
-        active = [li for li in active if li not in grew]
-        larger += [targets[li][0] for li in grew]
-        if not active:
-            break
+        return {li: weightings[li].undo(tt).to(dtype=weights[li].dtype) if li in weightings else tt
+                for li, tt in tts.items()}
 
+    tts, active, grew = _smaller_only(truncate, sizes, allow_larger)
+    larger = [targets[li][0] for li in grew]  # layers kept dense because their MPO would not be smaller
     rows = []
     for li in active:
         (name, module, cls), tt, (i, o), w = targets[li], tts[li], layer_shapes[li], weights[li]
