@@ -177,7 +177,8 @@ def test_a_computed_weight_refuses_assignment_and_a_write_into_it_never_goes_unn
     """Every layer whose weight is computed (MPO cores, ADTN gates; as a layer or a parametrization): assigning to
     ``weight`` names the layer and ``from_dense``; writing into a weight that was read (eval, kept between calls)
     either raises at the next read — once; the read after that is right again — or went into a copy; the layer's
-    outputs never change."""
+    outputs never change (a layer's readers get a copy, so not even a write through ``.data`` reaches them; a
+    parametrization's tensor is its module's input, watched by its version only)."""
     torch.manual_seed(0)
     model = EXAMPLES[name]().eval()
     holder = next(m for m in model.modules() if isinstance(m, ComputedWeight) or parametrize.is_parametrized(m))
@@ -197,6 +198,9 @@ def test_a_computed_weight_refuses_assignment_and_a_write_into_it_never_goes_unn
             after = holder.weight
         torch.testing.assert_close(after, truth, rtol=0, atol=0)
         torch.testing.assert_close(model(x), y, rtol=0, atol=0)
+        if isinstance(holder, ComputedWeight):  # a layer hands out a copy: even a write through .data stays there
+            holder.weight.data.mul_(0)
+            torch.testing.assert_close(model(x), y, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))

@@ -30,6 +30,9 @@ from .registry import register_layer
 __all__ = ["ADTNGenerator", "ADTNLinear", "ADTNConv2d", "ADTNParametrization", "adtn_parametrize"]
 
 
+_WHAT = "the tensor an ADTNGenerator made (an ADTN layer's weight)"
+
+
 class ADTNGenerator(nn.Module):
     """``() -> (*shape)``: the first ``numel`` entries (row-major) of an ADTN of ``depth`` brick layers on
     ``Q = ⌈log₂ numel⌉`` qubits, reshaped.
@@ -98,11 +101,17 @@ class ADTNGenerator(nn.Module):
             return self._generate()
         key = (self.gates.data_ptr(), self.gates._version, self.scale.data_ptr(), self.scale._version,
                self.gates.dtype, self.gates.device)
-        weight = self._cache.get(key, "the tensor an ADTNGenerator made (an ADTN layer's weight)", "its ADTN gates")
+        weight = self._cache.get(key, _WHAT, "its ADTN gates")
         if weight is None:
             with torch.no_grad():
                 weight = self._cache.put(key, self._generate())
         return weight
+
+    def for_readers(self) -> torch.Tensor:
+        """The generated tensor as code outside the layer reads it: in eval a kept copy of the cached tensor (so no
+        write into it reaches what the layer computes with), in training the differentiable tensor itself."""
+        weight = self()
+        return self._cache.for_readers(_WHAT, "its ADTN gates") if self._cache.value is weight else weight
 
     def fit(self, target: torch.Tensor, steps: int = 500, lr: float = 0.02) -> float:
         """Fit the gates and the scale to ``target`` (Adam on ``‖T − target‖²``; ``steps=0``: no fit); returns
@@ -155,8 +164,9 @@ class _ADTNLayer(ComputedWeight):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The generated weight (differentiable with respect to the gates in training, cached in eval)."""
-        return self.generator()
+        """The generated weight (differentiable with respect to the gates in training; in eval a copy of the cached
+        one, kept with it)."""
+        return self.generator.for_readers()
 
     @property
     def depth(self) -> int:
@@ -220,7 +230,7 @@ class ADTNLinear(_ADTNLayer):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features in its last dimension, expected "
                              f"in_features={self.in_features}")
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.generator(), self.bias)
 
     def _dense_like(self, **kw) -> nn.Linear:
         return nn.Linear(self.in_features, self.out_features, self.bias is not None, **kw)
@@ -270,7 +280,7 @@ class ADTNConv2d(_ADTNLayer):
         self._init_bias(bias, out_channels, fan_in, kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(x, self.generator(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _dense_like(self, **kw) -> nn.Conv2d:
         return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,

@@ -35,12 +35,14 @@ class ComputedWeight(nn.Module):
 class WeightCache:
     """One computed tensor kept between calls while its ``key`` (what it was computed from) is unchanged.
 
-    The tensor is handed out as it is (a copy per read would cost a matrix), so code may write into it: a read that
-    finds the tensor changed in place since it was computed drops it and raises, naming ``what`` and ``source`` —
-    the change never reached the layer's parameters, and the layer must not compute with it either.
+    The layer computes with the kept tensor (:meth:`get`); code outside it reads a copy made once
+    (:meth:`for_readers`), so that no write into what was handed out — not even through ``.data`` — reaches what the
+    layer computes with. A tensor that is handed out as it is (a parametrization's, which is also its module's
+    forward input) is watched instead. Either way an in-place write into what was read raises at the next read, once,
+    naming ``what`` and ``source``: the change never reached the layer's parameters.
     """
 
-    __slots__ = ("key", "value", "version")
+    __slots__ = ("key", "value", "version", "copy", "copy_version")
 
     def __init__(self) -> None:
         self.clear()
@@ -49,6 +51,15 @@ class WeightCache:
         self.key: object = None
         self.value: torch.Tensor | None = None
         self.version = 0
+        self.copy: torch.Tensor | None = None
+        self.copy_version = 0
+
+    @staticmethod
+    def _changed(what: str, source: str) -> RuntimeError:
+        return RuntimeError(
+            f"{what} was changed in place after it was read; it is read-only (computed from {source}), so the "
+            f"change did not reach the layer's parameters. To start from a dense weight use the layer's "
+            f"from_dense(...) or torchtn.tensorize")
 
     def get(self, key: object, what: str, source: str) -> torch.Tensor | None:
         """The kept tensor if it was computed for ``key`` (else ``None``)."""
@@ -57,12 +68,22 @@ class WeightCache:
             return None
         if value._version != self.version:
             self.clear()  # the next read computes it afresh
-            raise RuntimeError(
-                f"{what} was changed in place after it was read; it is read-only (computed from {source}), so the "
-                f"change did not reach the layer's parameters. To start from a dense weight use the layer's "
-                f"from_dense(...) or torchtn.tensorize")
+            raise self._changed(what, source)
         return value
 
     def put(self, key: object, value: torch.Tensor) -> torch.Tensor:
         self.key, self.value, self.version = key, value, value._version
+        self.copy = None
         return value
+
+    def for_readers(self, what: str, source: str) -> torch.Tensor:
+        """The kept tensor as code outside the layer reads it: a copy, made on the first read and kept with the
+        tensor (call after :meth:`get` or :meth:`put`)."""
+        copy = self.copy
+        if copy is not None and copy._version != self.copy_version:
+            self.copy = None
+            raise self._changed(what, source)
+        if copy is None:
+            self.copy = copy = self.value.clone()
+            self.copy_version = copy._version
+        return copy

@@ -138,7 +138,7 @@ class MPOConv2d(TTLayer):
     @property
     def weight(self) -> torch.Tensor:
         """The reconstructed kernel (read-only; cached while the cores do not change and need no gradient)."""
-        return self._from_matrix(self._cached_dense())
+        return self._from_matrix(self._cached_dense(for_readers=True))
 
     def to_conv(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` with the same map."""

@@ -160,7 +160,12 @@ class MPOEmbedding(TTLayer):
     @property
     def weight(self) -> torch.Tensor:
         """The ``(num_embeddings, embedding_dim)`` table, reconstructed (cached in eval; costs the whole table)."""
-        table = self._cached_dense()[: self.num_embeddings - self.exact_rows]
+        return self._table(for_readers=True)
+
+    def _table(self, for_readers: bool) -> torch.Tensor:
+        """The whole table: the MPO's rows, the exact rows put in, the padding row (``for_readers``: from the copy
+        that code outside the layer reads; see ``TTLayer._cached_dense``)."""
+        table = self._cached_dense(for_readers)[: self.num_embeddings - self.exact_rows]
         if self.slot is not None:
             table = self._with_exact(self.slot, table[self.slot.clamp_min(0)])
         if self.padding_idx is None:
@@ -214,7 +219,7 @@ class MPOEmbedding(TTLayer):
         out = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx, device=ref.device,
                            dtype=ref.dtype)
         with torch.no_grad():
-            out.weight.copy_(self.weight)
+            out.weight.copy_(self._table(for_readers=False))
         return out
 
     to_dense_module = to_embedding

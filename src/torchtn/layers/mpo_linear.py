@@ -41,7 +41,8 @@ When the cores need no
 
     ``weight`` is read-only: the reconstructed matrix, for code that reads ``.weight.shape/.dtype/.device`` or the
     values. Building it costs one contraction of all cores (``O(∏m·∏n·r)``); without gradients it is cached like the
-    merged cores. Assigning to it raises.
+    merged cores, and readers get a copy kept with it, so writing into it never changes the layer (an in-place write
+    is reported at the next read). Assigning to it raises.
     """
 
     sweepable = True
@@ -164,7 +165,7 @@ When the cores need no
     @property
     def weight(self) -> torch.Tensor:
         """The reconstructed weight ``(out_features, in_features)`` (read-only; see the class docstring for its cost)."""
-        return self._cached_dense()
+        return self._cached_dense(for_readers=True)
 
     def plan(self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
              needs_grad: bool | None = None, input_grad: bool = False) -> ContractionPlan:

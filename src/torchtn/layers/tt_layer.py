@@ -140,20 +140,22 @@ class TTLayer(ComputedWeight):
         self._merged.clear()
         self._dense_cache.clear()
 
-    def _cached_dense(self) -> torch.Tensor:
-        """The dense weight, rebuilt only when a core changes while no gradient is needed."""
+    def _cached_dense(self, for_readers: bool = False) -> torch.Tensor:
+        """The dense weight, rebuilt only when a core changes while no gradient is needed. ``for_readers``: the copy
+        that code outside the layer reads (``weight``), never the tensor the layer computes with."""
         cores = list(self.cores)
         if (torch.is_grad_enabled() and any([c.requires_grad for c in cores])) or torch.compiler.is_compiling():
             return self.tt.to_dense()
         key = tuple([(c.data_ptr(), c._version, tuple(c.shape), c.dtype, c.device) for c in cores])
-        dense = self._dense_cache.get(key, f"{type(self).__name__}.weight", self.weight_source)
+        what = f"{type(self).__name__}.weight"
+        dense = self._dense_cache.get(key, what, self.weight_source)
         if dense is None:
             with torch.no_grad():
                 dense = self.tt.to_dense()
                 if len(cores) == 1:  # one core: the dense form is a view of the parameter, which a write would reach
                     dense = dense.clone()
                 dense = self._dense_cache.put(key, dense)
-        return dense
+        return self._dense_cache.for_readers(what, self.weight_source) if for_readers else dense
 
     def _apply(self, fn, recurse=True):  # .to()/.cuda()/.double() invalidate cached merges
         self.clear_caches()
