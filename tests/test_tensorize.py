@@ -112,6 +112,19 @@ def test_bad_arguments(kwargs, match):
         tensorize(mlp(torch.float32), **kwargs)
 
 
+def test_a_layer_with_non_finite_weights_is_named():
+    model = mlp(torch.float32)
+    with torch.no_grad():
+        model[2].weight[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"layer '2' holds NaN or infinite weights"):
+        tensorize(model, rank=2)
+    with pytest.raises(ValueError, match=r"layer '2' holds NaN or infinite weights"):
+        tensorize(model, ratio=3)
+    with pytest.raises(ValueError, match=r"layer '2' holds NaN .*fitting an ADTN needs finite entries"):
+        tensorize(model, method="adtn", fit_steps=5)
+    assert tensorize(model, method="adtn", fit_steps=0)[1].layers  # fresh ADTNs read no weight
+
+
 def test_model_without_linear_layers():
     with pytest.raises(ValueError, match="no layer that tensorize can convert"):
         tensorize(nn.Sequential(nn.ReLU()), rank=2)

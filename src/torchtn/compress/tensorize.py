@@ -152,6 +152,8 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip, un
     for name in kept:  # a torchtn layer stays as it was
         if name in previous:
             put_back(new, name, previous[name])
+    if fit_steps:
+        _check_finite([(n, m.weight) for n, m in targets] + [(n, site.value) for n, site in sites], "fitting an ADTN")
     before = sum(p.numel() for p in model.parameters())
     rows = []
     for name, site in sites:  # read directly by the attention: generated in place (a parametrization)
@@ -173,6 +175,15 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip, un
                                 weight_params=layer.generator.num_params, depth=depth))
     after = sum(p.numel() for p in new.parameters())
     return new, TensorizeReport(_in_module_order(rows, model), before, after, skipped + kept)
+
+
+def _check_finite(weights: Iterable[tuple[str, torch.Tensor]], what: str) -> None:
+    """Name the first layer whose weight holds NaN or infinite entries (a diverged training run?), which ``what``
+    cannot take."""
+    for name, w in weights:
+        if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+            raise ValueError(f"layer {name!r} holds NaN or infinite weights (a diverged training run?): {what} needs "
+                             f"finite entries")
 
 
 def _replaced_params(name: str, module: nn.Module | TensorSite, entries: int,
@@ -585,6 +596,7 @@ def tensorize(
         return w[rest[li].to(w.device)] if li in rest else w
 
     weights = [matrix(li, module, cls) for li, (_, module, cls) in enumerate(targets)]
+    _check_finite([(name, w) for (name, _, _), w in zip(targets, weights)], "TT-SVD")
     # calibrated layers are truncated (and their budget shared) in the weighted space, and mapped back below
     fitted = [weightings[li].apply(w) if li in weightings else w for li, w in enumerate(weights)]
     # the parameters the cores replace (an embedding's matrix may be padded to a factorizable size: not counted)
