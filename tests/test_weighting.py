@@ -170,6 +170,8 @@ def test_calibrate_records_exact_grams_and_counts_and_restores_the_mode():
     torch.testing.assert_close(again["fc2"].input_gram, stats["fc2"].input_gram)
     with pytest.raises(ValueError, match="saw no"):
         calibrate(nn.Sequential(nn.ReLU()), [torch.zeros(2)])
+    with pytest.raises(RuntimeError, match=r"mat1 and mat2 shapes cannot be multiplied \(3x7 and 8x4\)"):
+        calibrate(nn.Sequential(nn.Linear(8, 4)), [torch.zeros(3, 7)])  # the layer's own message, not the hook's
 
 
 def test_calibrate_output_sensitivity_estimates_the_jacobian_gram_without_touching_gradients():
@@ -290,8 +292,12 @@ def test_tensorize_calibration_bad_inputs_are_named():
         tensorize(net, rank=2, calibration={"nope": stats["fc1"]})
     with pytest.raises(ValueError, match="both shapes= and calibration"):
         tensorize(net, rank=2, calibration=stats, shapes={"fc1": ((6, 6), (4, 5))})
-    with pytest.raises(ValueError, match="does not fit the layer"):
+    with pytest.raises(ValueError, match="calibration for 'fc2' cannot be used for the layer"):
         tensorize(net, rank=2, calibration={"fc2": stats["fc1"]})
+    nan = calibrate(net, [torch.randint(0, 50, (4, 3))])
+    nan["fc1"].input_gram[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="calibration for 'fc1' cannot be used for the layer: .*NaN"):
+        tensorize(net, rank=2, calibration=nan)
     with pytest.raises(ValueError, match="only nn.Linear and nn.Embedding"):
         tensorize(net, rank=2, calibration={"conv": stats["fc1"]})
 

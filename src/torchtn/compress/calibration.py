@@ -128,6 +128,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any] | Callable[[], Any], *,
 
     def linear_hook(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
+            if args[0].shape[-1:] != (module.in_features,):  # the layer itself says what is wrong with its input
+                return
             x = args[0].detach().reshape(-1, module.in_features).double()
             s = stats.setdefault(name, LayerStats(input_gram=torch.zeros(module.in_features, module.in_features,
                                                                           dtype=torch.float64, device=x.device)))

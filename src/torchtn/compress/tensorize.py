@@ -392,11 +392,11 @@ def _weightings(model: nn.Module, targets: list, calibration: Mapping[str, Layer
                              f"not {type(module).__name__}")
         if name in shapes:
             raise ValueError(f"{name!r} has both shapes= and calibration: a calibrated layer is a two-core MPO")
-        weighting = calibration[name].weighting()
         try:
+            weighting = calibration[name].weighting()
             weighting.check(*two_core_shapes(*module.weight.shape))
         except ValueError as err:
-            raise ValueError(f"calibration for {name!r} does not fit the layer: {err}") from None
+            raise ValueError(f"calibration for {name!r} cannot be used for the layer: {err}") from None
         out[li] = weighting
     return out
 
