@@ -110,6 +110,13 @@ def test_bad_config(kwargs, match):
         TrainConfig(**kwargs)
 
 
+def test_data_without_training_rows_is_refused(digits, tmp_path):
+    with pytest.raises(ValueError, match="'digits' has no training rows"):
+        Trainer(FC2(64), TrainConfig(epochs=1, progress=False), checkpoint=tmp_path / "c.safetensors").fit(
+            digits.first(0))
+    assert not (tmp_path / "c.safetensors").exists()
+
+
 def test_a_distillation_weight_outside_0_1_is_named():
     with pytest.raises(ValueError, match=r"distill=1.5 .*in \[0, 1\]"):
         Trainer(torch.nn.Linear(2, 1), TrainConfig(progress=False), teacher=torch.nn.Linear(2, 1), distill=1.5)

@@ -548,6 +548,8 @@ class Trainer:
 
     def _fit(self, data: Dataset, resume: bool) -> list[EpochRecord]:
         c = self.config
+        if len(data.y_train) == 0 and c.epochs > 0:
+            raise ValueError(f"data {data.name!r} has no training rows: there is nothing to train on")
         optimizer = self.optimizer = self._make_optimizer()
         start = 0
         if c.batch_size < self.world_size:
