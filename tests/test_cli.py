@@ -248,7 +248,10 @@ def test_compress_a_model_of_the_users_own_architecture(tmp_path, capsys, monkey
     assert main([*common, "--arch", "user_cnn_arch:small_cnn", "--model-file", str(weights), "--rank", "2",
                  "--finetune-epochs", "0", "--out", str(tmp_path / "module-form")]) == 0
     capsys.readouterr()
+    script = tmp_path / "train_script.py"  # a training script whose top-level code exits when imported
+    script.write_text("import sys\nsys.exit(3)\n")
     for arch, extra, message in (
+            (f"{script}:Net", [], "ran code that exited (SystemExit: 3); put the file's script part under"),
             (f"{tmp_path / 'missing.py'}:SmallCNN", [], "no Python file at"),
             (f"{source}:Missing", [], "defines no Missing"),
             (f"{source}:NOT_A_MODEL", [], "NOT_A_MODEL is not callable (int)"),

@@ -62,6 +62,10 @@ def _import(where: str, spec: str, flag: str) -> Any:
         return importlib.import_module(where)
     except ValueError:
         raise
+    except SystemExit as err:  # a script's top-level code (argparse, sys.exit) ran on import
+        raise ValueError(f"{flag} {spec!r}: importing {where} ran code that exited (SystemExit: {err.code!r}); put "
+                         f"the file's script part under `if __name__ == \"__main__\":` so that importing it only "
+                         f"defines the model") from None
     except Exception as err:  # the user's code failed to import: say where, not a traceback from deep inside
         raise ValueError(f"{flag} {spec!r}: importing {where} failed ({error_line(err)})") from None
 
