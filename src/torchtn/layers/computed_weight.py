@@ -1,6 +1,7 @@
 """Weights computed from a layer's own parameters (MPO cores, ADTN gates): ``ComputedWeight``, the base of such
 layers (a read-only ``weight``: assigning to it fails with a message that says what to do instead), and
-``WeightCache``, the one kept copy of such a tensor between calls (a write into it is caught, not silently used)."""
+``WeightCache``, such a tensor kept between calls, with the copy its readers get (a write into what was read never
+reaches what the layer computes with, and is reported at the next read)."""
 from __future__ import annotations
 
 from typing import Any
