@@ -512,7 +512,8 @@ def tensorize(
     sacrificed for a larger-normed one (for pretrained transformers, whose layers differ in scale); the default,
     ``None``, is ``"relative"`` for a calibration without output sensitivity (each layer's weighted error is then in
     its own units) and ``"absolute"`` otherwise. ``skip``: module-name glob patterns (``"classifier*"``) or a
-    callable ``(name, module) -> bool`` for layers to keep dense; ``shapes``: ``{name: (in_shape, out_shape)}`` to
+    callable ``(name, module) -> bool`` for layers to keep dense (a pattern that matches no module or parameter is
+    refused: a typo would convert what it meant to keep); ``shapes``: ``{name: (in_shape, out_shape)}`` to
     override the default balanced 4-mode factorization; ``conv_modes="kernel"``: every ``nn.Conv2d`` not named in
     ``shapes`` gets the modes of its 4-D kernel's TT over ``(C_in, kh, kw, C_out)``, which run as four small
     convolutions (:func:`~torchtn.layers.mpo_conv.kernel_modes`). ``calibration`` (:func:`~torchtn.compress.calibrate`'s

@@ -176,7 +176,7 @@ def compress(model: nn.Module, *, ratio: float | None = None, rank: int | None =
     table a head shares (tied input and output embeddings) stays dense.
 
     ``parts`` ⊆ ``("attention", "mlp", "embeddings")`` (see :func:`part_of`; heads always stay dense); ``skip``: more
-    module-name glob patterns to keep dense. ``ratio`` is a whole-model compression (all parameters counted) shared
+    module-name glob patterns to keep dense (each must match a module or parameter). ``ratio`` is a whole-model compression (all parameters counted) shared
     by spectra (``allocation``: ``"absolute"`` — least total squared error — or ``"relative"`` — every layer's
     spectrum in units of its norm; see :func:`~torchtn.tensorize`; on MiniLM at 2× the two healed alike, absolute
     with the better neighbour agreement); layers whose MPO would not be smaller stay dense. ``calibration``
