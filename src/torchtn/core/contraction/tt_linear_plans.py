@@ -462,8 +462,8 @@ class MergedCache:
         self.entry: tuple[tuple, list[torch.Tensor]] | None = None  # (key, merged matrices)
         self.plans: dict[tuple, ContractionPlan] = {}
         # the last gradient-free call, so that a repeated inference call skips the planner and the cache lookups
-        # (~10 µs of Python, as much as a small layer's GEMM): (input shape, dtype, device, (strategy, cost model,
-        # autotune, global autotune), [(core, storage, _version) per core], plan, matrices), see :meth:`repeat`
+        # (~10 µs of Python, as much as a small layer's GEMM): (input shape, dtype, (strategy, cost model, autotune,
+        # global autotune), [(core, storage, _version) per core], plan, matrices), see :meth:`repeat`
         self.last: tuple | None = None
 
     @property
@@ -486,7 +486,7 @@ class MergedCache:
         last = self.last
         if last is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
-        shape, dtype, _, held_strategy, held, plan, mats = last
+        shape, dtype, held_strategy, held, plan, mats = last
         # (no device check: the kept matrices are on the cores' device, where the input must be anyway — a move
         # of the layer clears the cache — and a stray input fails in F.linear as it would on the planned path)
         if x.shape != shape or x.dtype != dtype or held_strategy != strategy:
@@ -522,8 +522,9 @@ def tt_linear_apply(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.
     """
     inference = not torch.is_grad_enabled() and not torch.compiler.is_compiling()  # scratch buffers allowed
     fast = cache is not None and inference
+    strategy = (contraction, cost_model, autotune, autotune_enabled())
     if fast:  # inference: a call like the last one reuses its plan and matrices outright
-        y = cache.repeat(x, cores, bias, (contraction, cost_model, autotune, autotune_enabled()))
+        y = cache.repeat(x, cores, bias, strategy)
         if y is not None:
             return y
     in_features = 1
@@ -542,8 +543,7 @@ def tt_linear_apply(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.
             y = y + sum([c.sum() for c in cores], x.sum()) * 0
         return y if bias is None else y + bias
     if cache is not None and not torch.compiler.is_compiling():
-        key = (batch, x2.dtype, x2.device, needs_grad, input_grad, contraction, cost_model, autotune,
-               autotune_enabled(), tuple([c.shape for c in cores]))
+        key = (batch, x2.dtype, x2.device, needs_grad, input_grad, strategy, tuple([c.shape for c in cores]))
         plan = cache.plans.get(key)
         if plan is None:
             plan = cache.plans[key] = plan_for(cores, batch, dtype=x2.dtype, device=x2.device, needs_grad=needs_grad,
@@ -555,8 +555,7 @@ def tt_linear_apply(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.
                         contraction=contraction, cache_merged=False, cost_model=cost_model, autotune=autotune)
         mats = prepare_groups(cores, plan)
     if fast and plan.cache_merged:
-        cache.last = (x.shape, x.dtype, x.device, (contraction, cost_model, autotune, autotune_enabled()),
-                      [(c, c.data_ptr(), c._version) for c in cores], plan, mats)
+        cache.last = (x.shape, x.dtype, strategy, [(c, c.data_ptr(), c._version) for c in cores], plan, mats)
     return _run(x, mats, plan, bias, scratch=inference)
 
 
