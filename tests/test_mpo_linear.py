@@ -178,6 +178,34 @@ def test_dtype_moves_and_state_dict_keys():
     assert "ranks=(1, 3, 3, 3, 1)" in repr(layer)
 
 
+def test_load_state_dict_takes_the_stored_bond_dimensions_in_place():
+    torch.manual_seed(0)
+    source = MPOLinear(64, 32, [2, 5, 3], dtype=torch.float64)  # e.g. a layer whose bonds a sweep changed
+    layer = MPOLinear(64, 32, 4, dtype=torch.float64)
+    params = list(layer.parameters())
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = torch.randn(7, 64, dtype=torch.float64)
+    layer.eval()
+    with torch.no_grad():
+        layer(x)  # fills the inference caches of the old bonds
+    layer.load_state_dict(source.state_dict())
+    assert layer.ranks == source.ranks == (1, 2, 5, 3, 1)
+    with torch.no_grad():
+        assert torch.equal(layer(x), source(x))
+        assert torch.allclose(layer.weight, source.to_dense(), atol=1e-12)
+    # the same Parameter objects, resized: an optimizer built before the load trains the loaded layer
+    assert all(a is b for a, b in zip(layer.parameters(), params))
+    layer.train()
+    F.mse_loss(layer(x), torch.zeros(7, 32, dtype=torch.float64)).backward()
+    optimizer.step()
+    assert not torch.allclose(layer.cores[1], source.cores[1])
+    # other modes are not a change of bonds: nn.Module's size-mismatch error, and the layer is untouched
+    other = MPOLinear(63, 32, 2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="size mismatch for cores"):
+        layer.load_state_dict(other.state_dict())
+    assert layer.ranks == (1, 2, 5, 3, 1)
+
+
 def test_torch_func_grad_matches_autograd():
     layer = MPOLinear(24, 12, 2, dtype=torch.float64)
     params = dict(layer.named_parameters())

@@ -247,6 +247,25 @@ def test_a_bond_that_grows_then_shrinks_leaves_no_stale_plan_or_state(tmp_path):
     assert again.tn.ranks == shrunk
 
 
+def test_keep_best_puts_back_the_bonds_of_the_best_epoch():
+    data = regression_data()
+    torch.manual_seed(0)
+    model = HybridMLP(16, hidden=64, out_features=1, rank=1, hidden_shape=(4, 4, 4)).double()
+    ranks = []  # the bonds after each epoch: grown to the cap 8 in the first, cut to 1 in the second (a worse fit)
+
+    def cut(record):
+        ranks.append(model.tn.ranks)
+        trainer.sweeper.config.max_rank = 1
+
+    trainer = Trainer(model, TrainConfig(epochs=2, batch_size=64, lr=1e-2, optimizer="sweep", progress=False,
+                                         keep_best=True, sweep=SweepConfig(max_rank=8)), loss="mse", on_epoch_end=cut)
+    history = trainer.fit(data)
+    assert ranks == [(1, 8, 8, 1), (1, 1, 1, 1)]
+    assert trainer.best_epoch == 1 and history[1].val_loss > history[0].val_loss
+    assert model.tn.ranks == (1, 8, 8, 1)  # the best epoch's bonds, put back with its weights
+    assert measure(model, data.x_val, data.y_val, "mse")["loss"] == pytest.approx(history[0].val_loss, rel=1e-9)
+
+
 def test_sweep_resume_gives_identical_weights(tmp_path):
     from test_trainer import assert_same_weights, run_interrupted_and_resumed
 

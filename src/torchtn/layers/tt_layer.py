@@ -4,6 +4,8 @@ It holds the cores as plain ``nn.Parameter``s (``cores.0 … cores.{d-1}`` in th
 state that follows them: the merged-core cache used in inference and the rank bookkeeping. The math is
 :class:`~torchtn.core.TTMatrix`'s (``layer.tt``); a bond whose rank changes goes through :meth:`set_cores`, the one
 place that swaps parameters and drops caches (plans are keyed on the ranks, so they can never be stale).
+``load_state_dict`` takes the bond dimensions of the cores it is given (a state saved after a sweep changed them
+loads into a freshly built layer of the same modes).
 """
 from __future__ import annotations
 
@@ -135,6 +137,32 @@ class TTLayer(ComputedWeight):
         self.cores = nn.ParameterList(nn.Parameter(c.detach().to(device=ref.device, dtype=ref.dtype).clone(
             memory_format=torch.contiguous_format), requires_grad=ref.requires_grad) for c in cores)
         self.clear_caches()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Before ``nn.Module`` copies the cores: when the stored cores are a TT-matrix of this layer's modes with
+        other bond dimensions, resize the core parameters to them — in place, so an optimizer built already still
+        holds the layer's parameters (its per-parameter state, if any, must be loaded or rebuilt too). Anything else
+        is left to ``nn.Module``'s own checks (missing keys, other modes, another number of cores)."""
+        mine = self.core_list()
+        stored = [state_dict.get(f"{prefix}cores.{k}") for k in range(len(mine))]
+        if (f"{prefix}cores.{len(mine)}" not in state_dict
+                and all(isinstance(g, torch.Tensor) and g.dim() == 4 for g in stored)
+                and any(g.shape != c.shape for g, c in zip(stored, mine))
+                and all(g.shape[1:3] == c.shape[1:3] for g, c in zip(stored, mine))):
+            try:
+                check_cores(stored)
+            except ValueError:
+                pass  # the bonds do not chain: nn.Module reports the size mismatch
+            else:
+                with torch.no_grad():
+                    for p, g in zip(mine, stored):
+                        if p.shape != g.shape:
+                            p.data = p.new_empty(g.shape)  # same Parameter object, new shape; values copied next
+                            p.grad = None  # a gradient of the old shape could not accumulate
+                self.clear_caches()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def clear_caches(self) -> None:
         self._merged.clear()

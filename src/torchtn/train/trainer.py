@@ -144,9 +144,6 @@ class TrainConfig:
         if self.seed >= 2**32:
             raise ValueError(f"seed={self.seed!r} is not allowed: expected an integer in [0, 2**32)")
         check_nonnegative_int("bucket", self.bucket)
-        if self.keep_best and self.optimizer == "sweep":
-            raise ValueError("keep_best=True does not combine with optimizer='sweep': sweeps change the layers' "
-                             "shapes, so earlier weights cannot be put back")
 
 
 @dataclass
