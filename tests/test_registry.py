@@ -176,8 +176,8 @@ def test_every_layer_type_runs_in_bfloat16_and_under_autocast(name, device):
 def test_a_computed_weight_refuses_assignment_and_a_write_into_it_never_goes_unnoticed(name):
     """Every layer whose weight is computed (MPO cores, ADTN gates; as a layer or a parametrization): assigning to
     ``weight`` names the layer and ``from_dense``; writing into a weight that was read (eval, kept between calls)
-    raises at the next read — once; the read after that is right again; the layer's outputs never change (a layer's readers get a copy, so not even a write through ``.data`` reaches them; a
-    parametrization's tensor is its module's input, watched by its version only)."""
+    raises at the next read — once; the read after that is right again; the layer's outputs never change (readers get
+    a copy — a parametrization's, a new one at every read — so not even a write through ``.data`` reaches them)."""
     torch.manual_seed(0)
     model = EXAMPLES[name]().eval()
     holder = next(m for m in model.modules() if isinstance(m, ComputedWeight) or parametrize.is_parametrized(m))
@@ -194,9 +194,16 @@ def test_a_computed_weight_refuses_assignment_and_a_write_into_it_never_goes_unn
             holder.weight
         torch.testing.assert_close(holder.weight, truth, rtol=0, atol=0)  # once: the next read is right again
         torch.testing.assert_close(model(x), y, rtol=0, atol=0)
-        if isinstance(holder, ComputedWeight):  # a layer hands out a copy: even a write through .data stays there
-            holder.weight.data.mul_(0)
-            torch.testing.assert_close(model(x), y, rtol=0, atol=0)
+        holder.weight.data.mul_(0)  # readers get a copy: even a write through .data stays there
+        torch.testing.assert_close(model(x), y, rtol=0, atol=0)
+        if not isinstance(holder, ComputedWeight):  # a parametrization's readers get a new copy at every read
+            torch.testing.assert_close(holder.weight, truth, rtol=0, atol=0)
+        kept = holder.weight  # a copy its reader keeps is watched while the module reads on
+        model(x)
+        kept.add_(1)
+        with pytest.raises(RuntimeError, match="changed in place after it was read"):
+            holder.weight if isinstance(holder, ComputedWeight) else model(x)  # (a parametrized module reads it)
+        torch.testing.assert_close(model(x), y, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))

@@ -107,11 +107,16 @@ class ADTNGenerator(nn.Module):
                 weight = self._cache.put(key, self._generate())
         return weight
 
-    def for_readers(self) -> torch.Tensor:
-        """The generated tensor as code outside the layer reads it: in eval a kept copy of the cached tensor (so no
-        write into it reaches what the layer computes with), in training the differentiable tensor itself."""
+    def for_readers(self, fresh: bool = False) -> torch.Tensor:
+        """The generated tensor as code outside the generator reads it: in eval a kept copy of the cached tensor (so
+        no write into it reaches what the layer computes with) — with ``fresh``, a new copy at every call, for a
+        module that computes with what it reads (a parametrization's); in training the differentiable tensor."""
         weight = self()
-        return self._cache.for_readers(_WHAT, "its ADTN gates") if self._cache.value is weight else weight
+        if self._cache.value is not weight:
+            return weight
+        if fresh:
+            return self._cache.fresh_copy(_WHAT, "its ADTN gates")
+        return self._cache.for_readers(_WHAT, "its ADTN gates")
 
     def fit(self, target: torch.Tensor, steps: int = 500, lr: float = 0.02) -> float:
         """Fit the gates and the scale to ``target`` (Adam on ``‖T − target‖²``; ``steps=0``: no fit); returns
@@ -331,7 +336,7 @@ class ADTNParametrization(nn.Module):
         self.generator = generator
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
-        return self.generator()
+        return self.generator.for_readers(fresh=True)
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
         return value.new_empty(0)

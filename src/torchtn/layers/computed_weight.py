@@ -4,6 +4,7 @@ layers (a read-only ``weight``: assigning to it fails with a message that says w
 reaches what the layer computes with, and is reported at the next read)."""
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -38,12 +39,16 @@ class WeightCache:
 
     The layer computes with the kept tensor (:meth:`get`); code outside it reads a copy made once
     (:meth:`for_readers`), so that no write into what was handed out — not even through ``.data`` — reaches what the
-    layer computes with. A tensor that is handed out as it is (a parametrization's, which is also its module's
-    forward input) is watched instead. Either way an in-place write into what was read raises at the next read, once,
-    naming ``what`` and ``source``: the change never reached the layer's parameters.
+    layer computes with. A parametrization's tensor is also its module's forward input, so every read gets a fresh
+    copy (:meth:`fresh_copy`): a write into one never reaches the next read. Either way an in-place write into what
+    was read raises at the next read, once, naming ``what`` and ``source``: the change never reached the layer's
+    parameters.
     """
 
-    __slots__ = ("key", "value", "version", "copy", "copy_version")
+    #: fresh copies watched at once (the newest; a copy dropped by its reader needs no watching)
+    WATCHED = 8
+
+    __slots__ = ("key", "value", "version", "copy", "copy_version", "handed")
 
     def __init__(self) -> None:
         self.clear()
@@ -54,6 +59,7 @@ class WeightCache:
         self.version = 0
         self.copy: torch.Tensor | None = None
         self.copy_version = 0
+        self.handed: list[tuple[weakref.ref, int]] = []
 
     @staticmethod
     def _changed(what: str, source: str) -> RuntimeError:
@@ -75,6 +81,7 @@ class WeightCache:
     def put(self, key: object, value: torch.Tensor) -> torch.Tensor:
         self.key, self.value, self.version = key, value, value._version
         self.copy = None
+        self.handed = []
         return value
 
     def for_readers(self, what: str, source: str) -> torch.Tensor:
@@ -87,4 +94,20 @@ class WeightCache:
         if copy is None:
             self.copy = copy = self.value.clone()
             self.copy_version = copy._version
+        return copy
+
+    def fresh_copy(self, what: str, source: str) -> torch.Tensor:
+        """A new copy of the kept tensor at every call (call after :meth:`get` or :meth:`put`). The newest is kept
+        and watched (a write into a temporary, ``module.weight.mul_(0)``, is reported too), older ones while their
+        readers keep them."""
+        older = [(ref, version) for ref, version in self.handed if ref() is not None]
+        newest, self.copy, self.handed = self.copy, None, []
+        if (newest is not None and newest._version != self.copy_version) or any(
+                ref()._version != version for ref, version in older):
+            raise self._changed(what, source)
+        if newest is not None:
+            older.append((weakref.ref(newest), self.copy_version))
+        self.copy = copy = self.value.clone()
+        self.copy_version = copy._version
+        self.handed = older[-self.WATCHED:]
         return copy

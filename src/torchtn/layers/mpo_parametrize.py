@@ -61,7 +61,7 @@ class MPOParametrization(TTLayer):
         self._reset(math.prod(self.shape[1:]), None)
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
-        return self._cached_dense().reshape(self.shape)
+        return self._cached_dense(fresh=True).reshape(self.shape)
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
         return value.new_empty(0)

@@ -168,9 +168,10 @@ class TTLayer(ComputedWeight):
         self._merged.clear()
         self._dense_cache.clear()
 
-    def _cached_dense(self, for_readers: bool = False) -> torch.Tensor:
+    def _cached_dense(self, for_readers: bool = False, fresh: bool = False) -> torch.Tensor:
         """The dense weight, rebuilt only when a core changes while no gradient is needed. ``for_readers``: the copy
-        that code outside the layer reads (``weight``), never the tensor the layer computes with."""
+        that code outside the layer reads (``weight``), never the tensor the layer computes with; ``fresh``: a new
+        copy at every call (a parametrization's tensor, which its module computes with)."""
         cores = list(self.cores)
         if (torch.is_grad_enabled() and any([c.requires_grad for c in cores])) or torch.compiler.is_compiling():
             return self.tt.to_dense()
@@ -183,6 +184,8 @@ class TTLayer(ComputedWeight):
                 if len(cores) == 1:  # one core: the dense form is a view of the parameter, which a write would reach
                     dense = dense.clone()
                 dense = self._dense_cache.put(key, dense)
+        if fresh:
+            return self._dense_cache.fresh_copy(what, self.weight_source)
         return self._dense_cache.for_readers(what, self.weight_source) if for_readers else dense
 
     def _apply(self, fn, recurse=True):  # .to()/.cuda()/.double() invalidate cached merges
