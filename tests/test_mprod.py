@@ -108,6 +108,34 @@ def test_t_svd_reconstructs_and_its_truncation_is_optimal(name):
         torch.testing.assert_close(err**2, (s[:, k:] ** 2).sum() / scale, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("name,n", [("dct", 6), ("dct", 520), ("dft", 7), ("user", 6), ("identity", 5)])
+def test_complex_operands_keep_their_imaginary_parts(name, n):
+    """Complex tensors: ⋆M is linear over the complex numbers, so A ⋆ B splits into the real and imaginary parts'
+    four real products; the t-SVD reconstructs a complex tensor (the DFT's inverse must not drop the imaginary part)."""
+    M = M_of(name, n)
+    Ar, Ai, Br, Bi = rand(3, 4, n, seed=1), rand(3, 4, n, seed=2), rand(4, 2, n, seed=3), rand(4, 2, n, seed=4)
+    A, B = torch.complex(Ar, Ai), torch.complex(Br, Bi)
+    ref = torch.complex(mprod(Ar, Br, M) - mprod(Ai, Bi, M), mprod(Ar, Bi, M) + mprod(Ai, Br, M))
+    out = mprod(A, B, M)
+    assert out.dtype == torch.complex128
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-9)
+    U, S, V = t_svd(A, M)
+    torch.testing.assert_close(mprod(mprod(U, S, M), mtran(V, M), M), A, rtol=0, atol=1e-9)
+    torch.testing.assert_close(t_svd_truncate(A, 3, M), A, rtol=0, atol=1e-9)  # full tubal rank: exact
+
+
+def test_operands_must_be_floating_point_and_mixed_precisions_promote():
+    A, B = rand(3, 4, 5), rand(4, 2, 5, seed=1)
+    for f in (lambda: mprod(A.long(), B.long()), lambda: mtran(A.int()), lambda: t_svd(A.long())):
+        with pytest.raises(TypeError, match="dtype torch.int.*floating-point or complex"):
+            f()  # (a DCT cast to integers is zeros: before, a silent all-zero result)
+    out = mprod(A, B.float())
+    assert out.dtype == f64
+    torch.testing.assert_close(out, mprod(A, B.float().double()), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="a user transform must be a real matrix"):
+        mprod(A, B, torch.eye(5, dtype=torch.complex128))
+
+
 def test_data_transform_and_bad_transforms():
     X = rand(50, 9, seed=9)
     T = transform("data", data=X)

@@ -14,6 +14,7 @@ data) and any invertible user matrix (inverted by a solve, never an explicit inv
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -72,6 +73,11 @@ def _idct_fft(y: torch.Tensor) -> torch.Tensor:
     return x.to(dtype)
 
 
+def _parts(real_map, x: torch.Tensor) -> torch.Tensor:
+    """A real linear map of the last dim applied to a real tensor, or to a complex one's real and imaginary parts."""
+    return torch.complex(real_map(x.real), real_map(x.imag)) if x.is_complex() else real_map(x)
+
+
 @dataclass(frozen=True, eq=False)
 class Transform:
     """An invertible transform of tubes of length ``n``: ``forward (..., n) -> (..., n)`` and its inverse.
@@ -96,17 +102,19 @@ class Transform:
         if self.name == "dft":
             return torch.fft.fft(half_to_float(x), dim=-1)
         if self.name == "dct" and self.matrix is None:
-            return _dct_fft(x)
+            return _parts(_dct_fft, x)
         return x @ self._m(x).T
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        """``y ×₃ M⁻¹`` along the last dim."""
+    def inverse(self, y: torch.Tensor, real: bool = True) -> torch.Tensor:
+        """``y ×₃ M⁻¹`` along the last dim. ``real``: the result is known to be real (the product of real tensors),
+        so the DFT's inverse returns its real part; ``False`` for complex operands."""
         if self.name == "identity":
             return y
         if self.name == "dft":
-            return torch.fft.ifft(y, dim=-1).real
+            x = torch.fft.ifft(y, dim=-1)
+            return x.real if real else x
         if self.name == "dct" and self.matrix is None:
-            return _idct_fft(y)
+            return _parts(_idct_fft, y)
         M = self._m(y)
         if self.orthogonal:
             return y @ M
@@ -136,6 +144,9 @@ def transform(spec: str | torch.Tensor | Transform = "dct", n: int | None = None
             raise ValueError(f"M has shape {tuple(spec.shape)}: expected a square ({n}, {n}) matrix")
         if not bool(torch.isfinite(spec).all()):
             raise ValueError("M holds NaN or infinite values")
+        if spec.is_complex():
+            raise ValueError(f"M has dtype {spec.dtype}: a user transform must be a real matrix (for the discrete "
+                             f"Fourier transform pass M='dft')")
         M = spec.detach().to(dtype=spec.dtype if spec.is_floating_point() else dtype).contiguous()
         if torch.linalg.matrix_rank(M.double()) < M.shape[0]:
             raise ValueError("M is singular: the ⋆M product needs an invertible transform")
@@ -171,6 +182,24 @@ def _resolve(M, n: int, like: torch.Tensor) -> Transform:
     return transform(M, n, dtype=like.dtype if like.is_floating_point() else torch.float64, device=like.device)
 
 
+def _operands(**tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The operands of a ⋆M operation at their common dtype (``torch.promote_types``), after checking that they are
+    floating-point or complex tensors (the transforms are not integer maps)."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if not (t.is_floating_point() or t.is_complex()):
+            raise TypeError(f"{name} has dtype {t.dtype}: the ⋆M operations need floating-point or complex tensors "
+                            f"(convert with .float() or .double())")
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors.values()])
+    return [t.to(dtype) for t in tensors.values()]
+
+
+def _check_third_order(A: torch.Tensor) -> None:
+    if A.dim() < 3:
+        raise ValueError(f"A must be a third-order tensor (..., rows, cols, n); got shape {tuple(A.shape)}")
+
+
 def facewise(A_hat: torch.Tensor, B_hat: torch.Tensor) -> torch.Tensor:
     """Frontal-slice products in the transform domain: ``(..., p, s, n) △ (..., s, q, n) -> (..., p, q, n)`` as one
     batched matmul over the ``n`` slices."""
@@ -179,24 +208,26 @@ def facewise(A_hat: torch.Tensor, B_hat: torch.Tensor) -> torch.Tensor:
 
 def mprod(A: torch.Tensor, B: torch.Tensor, M: str | torch.Tensor | Transform = "dct") -> torch.Tensor:
     """``A ⋆M B``: ``A (..., p, s, n)``, ``B (..., s, q, n)`` -> ``(..., p, q, n)``."""
+    A, B = _operands(A=A, B=B)
     if A.dim() < 3 or B.dim() < 3:
         raise ValueError(f"A and B must be third-order tensors (..., rows, cols, n); got {tuple(A.shape)} and "
                          f"{tuple(B.shape)}")
     if A.shape[-1] != B.shape[-1] or A.shape[-2] != B.shape[-3]:
         raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} do not chain: need A (p, s, n), B (s, q, n)")
     T = _resolve(M, A.shape[-1], A)
-    out = T.inverse(facewise(T.forward(A), T.forward(B)))
-    like = torch.promote_types(A.dtype, B.dtype)
-    return out if out.dtype == like or like.is_complex else out.to(like)  # (half precision: the FFTs ran in float32)
+    out = T.inverse(facewise(T.forward(A), T.forward(B)), real=not A.is_complex())
+    return out if out.dtype == A.dtype else out.to(A.dtype)  # (half precision: the FFTs ran in float32)
 
 
 def mtran(A: torch.Tensor, M: str | torch.Tensor | Transform = "dct") -> torch.Tensor:
     """The ⋆M transpose ``(..., p, s, n) -> (..., s, p, n)``: every frontal slice (conjugate-)transposed in the
     transform domain, so that ``(A ⋆M B)ᵀ = Bᵀ ⋆M Aᵀ``. For orthogonal real ``M`` this is the slice-wise transpose."""
+    A, = _operands(A=A)
+    _check_third_order(A)
     T = _resolve(M, A.shape[-1], A)
-    if T.orthogonal and not T.is_complex:
+    if T.orthogonal and not T.is_complex and not A.is_complex():
         return A.transpose(-3, -2)
-    return T.inverse(T.forward(A).transpose(-3, -2).conj())
+    return T.inverse(T.forward(A).transpose(-3, -2).conj(), real=not A.is_complex())
 
 
 def t_eye(p: int, M: str | torch.Tensor | Transform, n: int | None = None, *, dtype=torch.float64,
@@ -211,11 +242,13 @@ def t_eye(p: int, M: str | torch.Tensor | Transform, n: int | None = None, *, dt
 def t_svd(A: torch.Tensor, M: str | torch.Tensor | Transform = "dct"):
     """``A = U ⋆M S ⋆M Vᵀ``: returns ``(U (p, k, n), S (k, k, n), V (s, k, n))``, ``k = min(p, s)``, from the
     SVDs of the frontal slices in the transform domain (``S`` is f-diagonal there)."""
+    A, = _operands(A=A)
+    _check_third_order(A)
     T = _resolve(M, A.shape[-1], A)
     Ah = T.forward(A).movedim(-1, -3)  # (..., n, p, s)
     U, s, Vh = torch.linalg.svd(Ah, full_matrices=False)
     S = torch.diag_embed(s).to(U.dtype)
-    back = [T.inverse(t.movedim(-3, -1)) for t in (U, S, Vh.transpose(-1, -2).conj())]
+    back = [T.inverse(t.movedim(-3, -1), real=not A.is_complex()) for t in (U, S, Vh.transpose(-1, -2).conj())]
     return tuple(back)
 
 
@@ -225,9 +258,11 @@ def t_svd_truncate(A: torch.Tensor, rank: int, M: str | torch.Tensor | Transform
     Frobenius norm (Kilmer et al.'s Eckart–Young theorem)."""
     if not isinstance(rank, int) or rank < 0:
         raise ValueError(f"rank={rank!r} is not allowed: expected an integer >= 0")
+    A, = _operands(A=A)
+    _check_third_order(A)
     T = _resolve(M, A.shape[-1], A)
     Ah = T.forward(A).movedim(-1, -3)
     U, s, Vh = torch.linalg.svd(Ah, full_matrices=False)
     r = min(rank, s.shape[-1])
     approx = (U[..., :r] * s[..., None, :r].to(U.dtype)) @ Vh[..., :r, :]
-    return T.inverse(approx.movedim(-3, -1))
+    return T.inverse(approx.movedim(-3, -1), real=not A.is_complex())
