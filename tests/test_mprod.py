@@ -1,4 +1,6 @@
 """The ⋆M product and t-layers against independent computations: scipy's DCT, numpy's FFT, explicit loops."""
+import re
+
 import numpy as np
 import pytest
 import scipy.fft
@@ -7,7 +9,15 @@ import torch
 import torchtn
 from torchtn.core.mprod import dct_matrix, mprod, mtran, t_eye, t_svd, t_svd_truncate, transform
 from torchtn.layers.tlayers import TAntisymmetric, THamiltonian, TLinear, TResidual
-from torchtn.models.tnn import TNN, MatrixNet, TAutoencoder, matrix_baseline, t_cross_entropy, tubal_scores
+from torchtn.models.tnn import (
+    TNN,
+    HamiltonianTNN,
+    MatrixNet,
+    TAutoencoder,
+    matrix_baseline,
+    t_cross_entropy,
+    tubal_scores,
+)
 
 f64 = torch.float64
 TRANSFORMS = ["dct", "dft", "identity", "orthogonal", "user"]
@@ -184,6 +194,16 @@ def test_t_linear_is_the_star_m_product_in_the_paper_layout(name, n):
         x = x[:2].clone().requires_grad_()
         assert torch.autograd.gradcheck(lambda inp, w, b: torch.func.functional_call(
             layer, {"weight": w, "bias": b}, (inp,)), (x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("layer", [TLinear(28, 10, 28), TResidual(28, 28), TAntisymmetric(28, 28),
+                                   THamiltonian(28, 28, 2), HamiltonianTNN(28, 28, 2)])
+def test_t_layers_take_images_and_name_the_shape_they_were_given(layer):
+    x = torch.randn(4, 1, 28, 28)
+    torch.testing.assert_close(layer(x), layer(x[:, 0]), rtol=0, atol=0)  # (batch, 1, H, W) as (batch, H, W)
+    for bad in (torch.randn(4, 3, 28, 28), torch.randn(4, 27, 28)):  # three channels: 84 features, not 28
+        with pytest.raises(ValueError, match=rf"x has shape {re.escape(str(tuple(bad.shape)))}: expected"):
+            layer(bad)
 
 
 def test_hamiltonian_t_resnet_is_exactly_reversible():

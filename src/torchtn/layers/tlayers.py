@@ -26,13 +26,16 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"tanh": torch.
                                                                    "identity": lambda x: x}
 
 
-def as_tubes(x: torch.Tensor) -> torch.Tensor:
-    """Images ``(batch, C, H, W)`` -> ``(batch, C·H, W)``; ``(batch, features, tubes)`` unchanged."""
-    if x.dim() == 4:
-        return x.flatten(1, 2)
-    if x.dim() != 3:
+def as_tubes(x: torch.Tensor, features: int | None = None, tubes: int | None = None) -> torch.Tensor:
+    """Images ``(batch, C, H, W)`` -> ``(batch, C·H, W)``; ``(batch, features, tubes)`` unchanged. With ``features``
+    and ``tubes``: checks that the result has them (the error names the shape given)."""
+    if x.dim() not in (3, 4):
         raise ValueError(f"x has shape {tuple(x.shape)}: expected (batch, features, tubes) or images (batch, C, H, W)")
-    return x
+    out = x.flatten(1, 2) if x.dim() == 4 else x
+    if features is not None and out.shape[1:] != (features, tubes):
+        raise ValueError(f"x has shape {tuple(x.shape)}: expected (batch, {features}, {tubes}) or images "
+                         f"(batch, C, H, {tubes}) with C·H = {features}")
+    return out
 
 
 class _TModule(nn.Module):
@@ -198,9 +201,7 @@ class TLinear(_TModule):
         _tubal_init(self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = as_tubes(x)
-        if x.shape[1:] != (self.in_features, self.tubes):
-            raise ValueError(f"x has shape {tuple(x.shape)}: expected (batch, {self.in_features}, {self.tubes})")
+        x = as_tubes(x, self.in_features, self.tubes)
         return _t_linear(x, self.weight, self.bias, self.T, self._transformed(self.weight))
 
     def layout(self) -> dict[str, Any]:
@@ -238,7 +239,7 @@ class _TStep(_TModule):
         return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = as_tubes(x)
+        x = as_tubes(x, self.features, self.tubes)
         return x + self.h * ACTIVATIONS[self.activation](_t_linear(x, self.operator(), self.bias, self.T))
 
     def layout(self) -> dict[str, Any]:
@@ -312,9 +313,7 @@ class THamiltonian(_TModule):
 
     def forward_states(self, y: torch.Tensor, z: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Y_0, Z_0) -> (Y_depth, Z_depth)`` (``Z_0 = 0`` by default)."""
-        y = as_tubes(y)
-        if y.shape[1:] != (self.features, self.tubes):
-            raise ValueError(f"x has shape {tuple(y.shape)}: expected (batch, {self.features}, {self.tubes})")
+        y = as_tubes(y, self.features, self.tubes)
         z = y.new_zeros(y.shape[0], self.width, self.tubes) if z is None else z
         T, act, h = self.T, ACTIVATIONS[self.activation], self.h
         for w, b in zip(self.weights, self.biases):

@@ -91,7 +91,11 @@ class HamiltonianTNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the body's (features, tubes): (96, 32) for a CIFAR image as a t-NN, (3072, 1) for its matrix counterpart
-        y = self.body(as_tubes(x).reshape(x.shape[0], self.body.features, self.body.tubes))
+        features, tubes = self.body.features, self.body.tubes
+        if x.dim() < 2 or x[0].numel() != features * tubes:
+            raise ValueError(f"x has shape {tuple(x.shape)}: expected a batch of {features}·{tubes} = "
+                             f"{features * tubes} values each (images or (batch, {features}, {tubes}))")
+        y = self.body(x.reshape(x.shape[0], features, tubes))
         return self.head(y.flatten(1)) if self.head_kind == "ce" else tubal_scores(self.head(y), self.head.T)
 
 
