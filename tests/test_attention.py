@@ -189,6 +189,25 @@ def test_an_empty_sequence_gives_an_empty_output_and_an_empty_prompt_the_fresh_s
         torch.testing.assert_close(layer.step(t, state)[0], layer(t[:, None])[:, 0], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["TensorAttention", "LinearAttention", "SoftmaxAttention"])
+def test_step_refuses_a_state_it_did_not_make(name):
+    """A state of another batch size broadcast silently into outputs of that size; another layer's state or a
+    stray object failed deep inside."""
+    torch.manual_seed(4)
+    layer = getattr(torchtn, name)(12, 3).double()
+    x = torch.randn(2, 5, 12, dtype=f64)
+    _, state = layer.prefill(x)
+    with pytest.raises(ValueError, match=r"state\.\w+ is torch.float64 \(2, 3, .*needs torch.float64 \(1, 3, "):
+        layer.step(x[:1, 0], state)
+    other = "LinearAttention" if name != "LinearAttention" else "TensorAttention"
+    for bad in (getattr(torchtn, other)(12, 3).double().prefill(x)[1], {"S": 0}):
+        with pytest.raises(TypeError, match=rf"state is a {type(bad).__name__}: expected None .* or the {name}State"):
+            layer.step(x[:, 0], bad)
+    wider = getattr(torchtn, name)(24, 3).double().prefill(torch.randn(2, 5, 24, dtype=f64))[1]  # head size 8 ≠ 4
+    with pytest.raises(ValueError, match="start a new sequence with state=None"):
+        layer.step(x[:, 0], wider)
+
+
 def test_softmax_kv_cache_step():
     q, k, v = qkv(8, lead=(2,), n=9)
     state, outs = None, []

@@ -173,6 +173,7 @@ def tensor_attention_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tenso
 
     ``state=None`` starts a new sequence. The state passed in is not modified.
     """
+    check_state(state, TensorAttentionState, q_t, v_t)
     if state is None:
         state = TensorAttentionState.zeros(tuple(q_t.shape[:-1]), q_t.shape[-1], v_t.shape[-1], q_t)
     g = 1.0 if decay is None else float(decay)
@@ -352,6 +353,7 @@ def linear_attention_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tenso
                           state: LinearAttentionState | None = None, *, normalize: bool = True,
                           decay: float | None = None, eps: float = 1e-6) -> tuple[torch.Tensor, LinearAttentionState]:
     """One token of causal linear attention: ``(o_t (..., e), new state)``; ``O(d e)`` work and state."""
+    check_state(state, LinearAttentionState, q_t, v_t)
     if state is None:
         state = LinearAttentionState(q_t.new_zeros(*q_t.shape, v_t.shape[-1]), torch.zeros_like(q_t), 0)
     g = 1.0 if decay is None else float(decay)
@@ -436,10 +438,35 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
 def softmax_attention_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor,
                            state: SoftmaxAttentionState | None = None) -> tuple[torch.Tensor, SoftmaxAttentionState]:
     """One token with a KV cache: ``O(t d)`` work and a state that grows with ``t``."""
+    check_state(state, SoftmaxAttentionState, q_t, v_t)
     k = k_t.unsqueeze(-2) if state is None else torch.cat([state.k, k_t.unsqueeze(-2)], dim=-2)
     v = v_t.unsqueeze(-2) if state is None else torch.cat([state.v, v_t.unsqueeze(-2)], dim=-2)
     out = F.scaled_dot_product_attention(q_t.unsqueeze(-2), k, v).squeeze(-2)
     return out, SoftmaxAttentionState(k, v)
+
+
+def check_state(state: object, kind: type, q_t: torch.Tensor, v_t: torch.Tensor) -> None:
+    """``state`` must be ``None`` or a ``kind`` made for tokens like ``q_t (..., d)``, ``v_t (..., e)``: the same
+    leading (batch, head) dimensions, ``d`` and ``e``, dtype and device — a state of another batch would broadcast
+    into outputs of the wrong size."""
+    if state is None:
+        return
+    if not isinstance(state, kind):
+        raise TypeError(f"state is a {type(state).__name__}: expected None (a new sequence) or the {kind.__name__} "
+                        f"that this layer's prefill() or step() returned")
+    lead, d, e = tuple(q_t.shape[:-1]), q_t.shape[-1], v_t.shape[-1]
+    t = state.k.shape[-2] if kind is SoftmaxAttentionState else None
+    trailing = {"S": (d, e) if kind is LinearAttentionState else (d, d), "C": (d, e), "m": (d,), "G": (d, e),
+                "h": (d,), "z": (d,), "k": (t, d), "v": (t, e)}
+    for f in fields(state):
+        value = getattr(state, f.name)
+        if not isinstance(value, torch.Tensor):
+            continue
+        want = lead + trailing[f.name]
+        if tuple(value.shape) != want or value.dtype != q_t.dtype or value.device != q_t.device:
+            raise ValueError(f"state.{f.name} is {value.dtype} {tuple(value.shape)} on {value.device}: this token "
+                             f"needs {q_t.dtype} {want} on {q_t.device} (a state from another batch, layer or "
+                             f"dtype; start a new sequence with state=None)")
 
 
 # ------------------------------------------------------------------------------------------------------ planning
