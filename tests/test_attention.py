@@ -203,6 +203,10 @@ def test_step_refuses_a_state_it_did_not_make(name):
     for bad in (getattr(torchtn, other)(12, 3).double().prefill(x)[1], {"S": 0}):
         with pytest.raises(TypeError, match=rf"state is a {type(bad).__name__}: expected None .* or the {name}State"):
             layer.step(x[:, 0], bad)
+    net = torchtn.DeepTensorNetwork(12, 2, 3, attention=name[:-len("Attention")].lower()).double()
+    _, states = net.step(x[:, 0])
+    with pytest.raises(TypeError, match=r"state is a list of 1: expected None .* list of 2 per-block states"):
+        net.step(x[:, 1], states[:1])  # (zip ran the first block only)
     wider = getattr(torchtn, name)(24, 3).double().prefill(torch.randn(2, 5, 24, dtype=f64))[1]  # head size 8 ≠ 4
     with pytest.raises(ValueError, match="start a new sequence with state=None"):
         layer.step(x[:, 0], wider)

@@ -72,6 +72,10 @@ class DeepTensorNetwork(nn.Module):
     def step(self, x_t: torch.Tensor, state: list | None = None) -> tuple[torch.Tensor, list]:
         """One token ``(batch, dim) -> (batch, dim)`` through every block, and the new per-block states."""
         states = [None] * len(self.blocks) if state is None else state
+        if not isinstance(states, (list, tuple)) or len(states) != len(self.blocks):
+            got = f"a {type(states).__name__}" + (f" of {len(states)}" if isinstance(states, (list, tuple)) else "")
+            raise TypeError(f"state is {got}: expected None (a new sequence) or the list of {len(self.blocks)} "
+                            f"per-block states that step() returned")
         new = []
         for block, s in zip(self.blocks, states):
             x_t, s = block.step(x_t, s)
