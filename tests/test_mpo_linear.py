@@ -270,6 +270,10 @@ def test_functional_equals_module():
     assert torch.equal(g_mod, g_fun)
     with pytest.raises(ValueError, match="contraction='nope'"):
         mpo_linear(x, list(layer.cores), contraction="nope")
+    with pytest.raises(ValueError, match=r"bias has shape \(255,\): expected \(256,\)"):
+        mpo_linear(x, list(layer.cores), layer.bias[:-1])
+    with pytest.raises(ValueError, match="cores must be a non-empty list of 4-D tensors.*got Tensor"):
+        mpo_linear(x, layer.cores[0])  # one core tensor, not a list of them
 
 
 def test_weight_is_read_only_reconstruction_and_bias_keyword_like_nn_linear():

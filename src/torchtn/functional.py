@@ -29,8 +29,13 @@ def mpo_linear(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tenso
     calls while the cores need no gradient.
     """
     if cache is None:  # a layer passes its own cache and has validated its cores and strategy already
-        cores = check_cores(list(cores))
+        cores = check_cores(cores if isinstance(cores, torch.Tensor) else list(cores))
         get_strategy("tt_linear", contraction)
+        out = math.prod([int(c.shape[1]) for c in cores])
+        if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out,)):
+            shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"bias has shape {shape}: expected ({out},), one entry per output of the cores' "
+                             f"{out}×{math.prod([int(c.shape[2]) for c in cores])} matrix")
     return tt_linear_apply(x, cores, bias, contraction=contraction, cost_model=cost_model, autotune=autotune,
                            cache=cache)
 
