@@ -272,7 +272,7 @@ def test_functional_equals_module():
         mpo_linear(x, list(layer.cores), contraction="nope")
     with pytest.raises(ValueError, match=r"bias has shape \(255,\): expected \(256,\)"):
         mpo_linear(x, list(layer.cores), layer.bias[:-1])
-    with pytest.raises(ValueError, match="cores must be a non-empty list of 4-D tensors.*got Tensor"):
+    with pytest.raises(ValueError, match=r"cores must be a non-empty list of 4-D tensors.*got one tensor of shape \(1, 4, 4, 3\)"):
         mpo_linear(x, layer.cores[0])  # one core tensor, not a list of them
 
 

@@ -45,8 +45,12 @@ RankSpec = int | Sequence[int] | None
 
 def check_cores(cores: Sequence[torch.Tensor], name: str = "cores") -> list[torch.Tensor]:
     """Validate a TT-matrix: 4-D cores whose bonds chain, with ``r_0 = r_d = 1``."""
-    if isinstance(cores, torch.Tensor) or len(cores) == 0:
-        raise ValueError(f"{name} must be a non-empty list of 4-D tensors (r_prev, m, n, r_next), got {type(cores).__name__}")
+    if isinstance(cores, torch.Tensor):
+        raise ValueError(f"{name} must be a non-empty list of 4-D tensors (r_prev, m, n, r_next), got one tensor of "
+                         f"shape {tuple(cores.shape)}")
+    if len(cores) == 0:
+        raise ValueError(f"{name} must be a non-empty list of 4-D tensors (r_prev, m, n, r_next), got an empty "
+                         f"{type(cores).__name__}")
     for k, g in enumerate(cores):
         if not isinstance(g, torch.Tensor) or g.dim() != 4:
             shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
