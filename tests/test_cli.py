@@ -89,6 +89,7 @@ def test_compress_into_adtns_fits_each_weight_then_heals(tmp_path, capsys):
     (["--rel-tol", "1.5"], "--rel-tol=1.5"),
     (["--ratio", "0"], "--ratio=0"),
     (["--ratio", "-3"], "--ratio=-3"),
+    (["--ratio", "0.5"], "--ratio=0.5 is not allowed: expected a number > 1"),
     (["--lr", "inf"], "--lr=inf"),
     (["--finetune-lr", "nan"], "--finetune-lr=nan"),
     (["--seed", "-1"], "--seed=-1"),

@@ -98,6 +98,8 @@ def test_custom_shapes():
     (dict(), "rank=, rel_tol= or ratio="),
     (dict(ratio=0), "ratio=0"),
     (dict(ratio=-2.0), "ratio=-2.0"),
+    (dict(ratio=0.5), r"ratio=0.5 is not allowed: expected a compression ratio > 1"),  # (a bigger model: ran)
+    (dict(ratio=1), r"ratio=1 is not allowed"),
     (dict(ratio=5, rank=2), "either ratio"),
     (dict(rank=0), "rank=0"),
     (dict(rel_tol=1.0), "rel_tol=1.0"),

@@ -53,6 +53,16 @@ def check_positive_real(name: str, value: object, *, allow_none: bool = False, m
     return float(value)
 
 
+def check_ratio(name: str, value: object) -> float | None:
+    """A whole-model compression ratio (dense parameters / tensorized ones): ``None`` or a finite number > 1."""
+    if value is None:
+        return None
+    if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(float(value)) or float(value) <= 1:
+        raise ValueError(f"{name}={value!r} is not allowed: expected a compression ratio > 1 (dense parameters / "
+                         f"tensorized parameters: 2 halves the model)")
+    return float(value)
+
+
 def check_nonnegative_real(name: str, value: object, *, maximum: float | None = None) -> float:
     """Return ``float(value)`` if it is a finite real number ≥ 0 (and ≤ ``maximum`` when given)."""
     ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value)) and float(value) >= 0

@@ -15,7 +15,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .._checks import check_choice, check_nonnegative_int, check_positive_int, check_positive_real, check_rel_tol
+from .._checks import (
+    check_choice,
+    check_nonnegative_int,
+    check_positive_int,
+    check_ratio,
+    check_rel_tol,
+)
 from .._modules import replace_submodule
 from ..core import TTMatrix, bond_caps, inner_ranks, tt_compression_ratio, tt_num_params
 from ..core.weighting import Weighting, two_core_shapes
@@ -558,7 +564,7 @@ def tensorize(
     if unitary:
         raise ValueError("unitary=True is for method='adtn' (orthogonal gates), not for MPO layers")
     rel_tol = check_rel_tol("rel_tol", rel_tol)
-    ratio = check_positive_real("ratio", ratio, allow_none=True)
+    ratio = check_ratio("ratio", ratio)
     if ratio is not None and (rank is not None or rel_tol is not None):
         raise ValueError("give either ratio, or rank and/or rel_tol — not both kinds")
     if ratio is None and rank is None and rel_tol is None:

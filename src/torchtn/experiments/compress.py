@@ -27,6 +27,7 @@ from .._checks import (
     check_nonnegative_int,
     check_positive_int,
     check_positive_real,
+    check_ratio,
     check_rel_tol,
     error_line,
 )
@@ -95,7 +96,7 @@ class CompressConfig:
         check_positive_real("finetune_lr", self.finetune_lr, allow_none=True)
         check_nonnegative_int("seed", self.seed)
         check_rel_tol("rel_tol", self.rel_tol)
-        check_positive_real("ratio", self.ratio, allow_none=True)
+        check_ratio("ratio", self.ratio)
         if self.ranks is not None:
             self.ranks = [check_positive_int("rank", r) for r in self.ranks]
         if sum(x is not None for x in (self.ranks, self.rel_tol, self.ratio)) > 1:

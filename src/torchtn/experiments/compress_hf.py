@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .._checks import check_nonnegative_real, check_positive_int, check_positive_real
+from .._checks import check_nonnegative_real, check_positive_int, check_positive_real, check_ratio
 from .._version import __version__
 from ..io import atomic_write_text
 from ..report import format_table, machine_description
@@ -63,7 +63,7 @@ class HFCompressJob:
     def __post_init__(self) -> None:
         if sum(v is not None for v in (self.ratio, self.rank, self.rel_tol)) == 0:
             raise ValueError("--hf-model needs --ratio, --rank or --rel-tol to know how much to compress")
-        check_positive_real("ratio", self.ratio, allow_none=True)
+        check_ratio("ratio", self.ratio)
         if not (isinstance(self.heal_minutes, (int, float)) and self.heal_minutes >= 0):
             raise ValueError(f"--heal-minutes {self.heal_minutes!r} is not allowed: expected minutes >= 0")
         check_positive_int("eval_lines", self.eval_lines)
