@@ -3,7 +3,14 @@ import pytest
 import torch
 
 import torchtn
-from torchtn.core.adtn import adtn_generate, adtn_num_params, brick_layer_pairs, num_qubits, plan_adtn
+from torchtn.core.adtn import (
+    adtn_generate,
+    adtn_live_params,
+    adtn_num_params,
+    brick_layer_pairs,
+    num_qubits,
+    plan_adtn,
+)
 
 f64 = torch.float64
 
@@ -47,8 +54,23 @@ def test_brick_layer_has_q_minus_one_gates_and_the_parameter_formula():
     assert adtn_num_params(18, 2) == 16 * 2 * 17 + 1
     layer = torchtn.ADTNLinear(784, 256, depth=2)
     assert layer.Q == num_qubits(784 * 256) == 18
-    assert layer.param_report == {"gates": 544, "scale": 1, "bias": 256, "generator": 545, "dense_weight": 200_704}
+    assert layer.param_report == {"gates": 544, "scale": 1, "bias": 256, "generator": 545, "live": 437,
+                                  "dense_weight": 200_704}
     assert sum(p.numel() for p in layer.parameters()) == 544 + 1 + 256
+    assert torchtn.ADTNLinear(784, 256, depth=2, unitary=True).param_report["live"] == 545
+
+
+@pytest.mark.parametrize("Q,numel", [(2, 4), (3, 8), (3, 5), (6, 40), (7, 100), (18, 200_704)])
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_live_parameters_are_the_gate_entries_with_a_gradient(Q, numel, depth):
+    """adtn_live_params against autograd: for random gates (tanh between layers: no unit switched off, as a ReLU
+    may), exactly the counted gate entries get a nonzero gradient — the others act on the fixed product start."""
+    gates = torch.randn(depth, Q - 1, 4, 4, dtype=f64, generator=torch.Generator().manual_seed(Q), requires_grad=True)
+    out = adtn_generate(gates, numel=numel, activation="tanh")
+    out.backward(torch.randn(out.shape, dtype=f64, generator=torch.Generator().manual_seed(1)))
+    assert int((gates.grad != 0).sum()) == adtn_live_params(Q, depth, scale=False)
+    first_half = len(brick_layer_pairs(Q)[0])  # stored first: only their first column acts on (1, 0)⊗(1, 0)
+    assert not gates.grad[0, :first_half, :, 1:].any() and gates.grad[0, :first_half, :, 0].all()
 
 
 @pytest.mark.parametrize("recompute", [False, True])
@@ -346,8 +368,10 @@ def test_inspect_states_what_an_adtn_counts(tmp_path, capsys):
     path = torchtn.save_model(model, tmp_path / "adtn.safetensors")
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "544 gates + 1 scale + 256 bias (for 200,704 dense weights)" in out  # 16·2·17 gates, Q = 18
-    assert "176 gates + 1 scale (for 2,560 dense weights)" in out  # 16·1·11, Q = 12
+    # 16·2·17 gates, Q = 18; live: the first half-layer's 9 gates act on (1, 0)⊗(1, 0), 4 entries each
+    assert ("544 gates + 1 scale + 256 bias (for 200,704 dense weights; 437 of the generator's 545 can change the "
+            "weight)") in out
+    assert "176 gates + 1 scale (for 2,560 dense weights; 105 of the generator's 177" in out  # 16·1·11, Q = 12
 
 
 def test_an_adtn_too_big_for_the_memory_is_refused_before_generating(monkeypatch):

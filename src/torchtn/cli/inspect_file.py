@@ -90,7 +90,9 @@ def _counted(layer) -> str:
     if not report:
         return ""
     parts = [f"{report[k]:,} {k}" for k in ("gates", "scale", "bias") if report.get(k)]
-    return f"{' + '.join(parts)} (for {report['dense_weight']:,} dense weights)"
+    live = f"; {report['live']:,} of the generator's {report['generator']:,} can change the weight" \
+        if report.get("live", report.get("generator")) != report.get("generator") else ""
+    return f"{' + '.join(parts)} (for {report['dense_weight']:,} dense weights{live})"
 
 
 def _print_sweep_history(history: list[dict]) -> None:

@@ -100,7 +100,9 @@ class TensorizeReport:
                        f"compression ratio {self.compression_ratio:.2f}× (dense / tensorized, all parameters counted)"]
         if any(r.depth is not None for r in self.layers):
             lines.append("ADTN layers: params after = gates 16·depth·(Q−1) + 1 scale (+ the bias, as the dense layer's), "
-                         "Q = ⌈log2(weight entries)⌉; rel. error is the fit's ‖W_adtn − W‖/‖W‖")
+                         "Q = ⌈log2(weight entries)⌉, of which the first layer's first half-layer uses 4 entries per "
+                         "gate (it acts on the fixed start; param_report['live']); rel. error is the fit's "
+                         "‖W_adtn − W‖/‖W‖")
         if self.skipped:
             lines.append("not converted: " + ", ".join(self.skipped))
         return "\n".join(lines)

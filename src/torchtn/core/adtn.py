@@ -30,7 +30,7 @@ from .contraction.cost import CostModel
 from .contraction.planner import MeasuredPlan, make_plan, register_strategy
 from .contraction.tt_linear_plans import scratch_buffer
 
-__all__ = ["adtn_generate", "brick_layer_pairs", "adtn_num_params", "ADTNPlan", "plan_adtn", "ACTIVATIONS",
+__all__ = ["adtn_generate", "brick_layer_pairs", "adtn_num_params", "adtn_live_params", "ADTNPlan", "plan_adtn", "ACTIVATIONS",
            "num_qubits", "orthogonal_gates"]
 
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "none")
@@ -61,6 +61,17 @@ def orthogonal_gates(latent: torch.Tensor) -> torch.Tensor:
 def adtn_num_params(Q: int, depth: int, *, scale: bool = True) -> int:
     """Parameters of one generator: ``16 · depth · (Q − 1)`` gate entries, plus 1 for the learnable scale."""
     return 16 * depth * (Q - 1) + int(scale)
+
+
+def adtn_live_params(Q: int, depth: int, *, scale: bool = True) -> int:
+    """Parameters of one generator with unconstrained gates that can change the generated tensor (structurally: a
+    ReLU may also switch entries off for given gates). The first layer acts on the fixed ``e_0``: a gate of its first
+    half-layer sees ``(1, 0) ⊗ (1, 0)``, so only its first column (4 entries) matters; for odd ``Q`` the last gate of
+    its second half sees ``(·) ⊗ (1, 0)`` (8 entries). Every entry of the later layers matters; the scale counts 1.
+    (With ``unitary=True`` every latent entry moves the polar factor: :func:`adtn_num_params` counts them.)"""
+    first, second = brick_layer_pairs(Q)
+    live = 4 * len(first) + 16 * len(second) - (8 if Q % 2 and second else 0)
+    return live + 16 * (Q - 1) * (depth - 1) + int(scale)
 
 
 def _activate(x: torch.Tensor, activation: str) -> torch.Tensor:

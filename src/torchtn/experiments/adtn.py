@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..compress import tensorize
-from ..core.adtn import adtn_num_params
+from ..core.adtn import adtn_live_params, adtn_num_params
 from ..layers import ADTNLinear, MPOLinear
 from ..models import FC2, LeNet5
 from ..models.fc2 import GAO_FC2_SHAPES
@@ -186,9 +186,10 @@ time: {results['seconds'] / 60:.1f} min · dataset: {ctx.data.describe()}.
 
 Generator (a reconstruction, spec `adtn.md`): the weights are the first `out·in` entries of a 2^Q tensor made from
 (1, 0)^⊗Q by M brick-wall layers of 4×4 gates (Q − 1 per layer), ReLU between layers, a learnable scale. Parameters
-counted for an ADTN: the gates (16·M·(Q − 1)) and the scale; biases are dense and counted in the model total. The
-paper's 424 parameters for two ADTNs (16·26 + 8) cannot be only 2×2×2×2 tensors; which 8 extra numbers it counts
-could not be read, so no count here is claimed to match it. Training: AdamW, cosine schedule, batch {BATCH},
+counted for an ADTN: the gates (16·M·(Q − 1)) and the scale; biases are dense and counted in the model total. Not
+all of them can change the weight: the first layer's first half-layer acts on the fixed (1, 0)⊗(1, 0), so only 4 of
+each of its gates' 16 entries matter (`adtn_live_params`; `param_report["live"]`): for FC2's 784×256 layer (Q = 18)
+{_live_counts()}. {PAPER_COUNT} Training: AdamW, cosine schedule, batch {BATCH},
 {s['epochs']} epochs, lr {LR}; FC2 without biases; MPO bonds matched to the ADTN's parameter count. Compress and
 heal: each trained dense FC2's 784×256 layer replaced by an ADTN of depth {s['main_depth']} fitted to it
 ({s['fit_steps']} Adam steps on ‖W_adtn − W‖², `tensorize(method="adtn")`), then {s['heal_epochs']} epochs at the ADTN
@@ -204,6 +205,20 @@ rate.
 
 {CIFAR_COMMANDS}
 """
+
+PAPER_COUNT = ("The paper's 424 parameters for VGG-16's two ADTNs are exactly what one brick layer (M = 1) gives at "
+               "Q = 21 (512·4096 = 2^21 weights) and Q = 24 (4096·4096 = 2^24) when each gate of the first "
+               "half-layer is counted by its 4 entries that act on the fixed start and every other gate by its 16, "
+               "with no scale: (10·4 + 10·16) + (12·4 + 11·16) = 200 + 224 = 424 — arithmetic consistent with the "
+               "count, not read from the paper's text (`adtn_live_params`, which also drops the 8 entries of Q = 21's "
+               "last gate that meet a fixed (1, 0), gives 192 + 224 = 416, plus the scales); the same counting does "
+               "not give v1's 632 for three 512→512 convolutions (3 × 204 = 612).")
+
+
+def _live_counts() -> str:
+    """The live parameters of FC2's 784×256 ADTN at the ablation's depths (Q = 18), for the report."""
+    return ", ".join(f"depth {d}: {adtn_live_params(18, d):,} of {adtn_num_params(18, d):,}" for d in (1, 2, 4, 8))
+
 
 CIFAR_COMMANDS = """Not reproduced here: the paper's VGG-16 / AlexNet / ZFNet runs on CIFAR-10/100 (the 424-parameter,
 90.17 → 91.74% headline) need the CIFAR files and a GPU. Each is one command (CIFAR-10's `cifar-10-batches-py` or

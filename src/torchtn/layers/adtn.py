@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 
 from .._checks import check_choice, check_fits_in_memory, check_nonnegative_int, check_positive_int
 from .._modules import holding
-from ..core.adtn import ACTIVATIONS, adtn_generate, adtn_num_params, num_qubits, orthogonal_gates
+from ..core.adtn import ACTIVATIONS, adtn_generate, adtn_live_params, adtn_num_params, num_qubits, orthogonal_gates
 from ..core.tt import gaussian
 from ._conv import set_conv_geometry
 from .computed_weight import ComputedWeight, WeightCache
@@ -142,6 +142,12 @@ class ADTNGenerator(nn.Module):
         """Gates + scale: ``16 · depth · (Q − 1) + 1``."""
         return adtn_num_params(self.Q, self.depth)
 
+    @property
+    def live_params(self) -> int:
+        """Of :attr:`num_params`, those that can change the generated tensor (:func:`~torchtn.core.adtn.
+        adtn_live_params`: the first layer's gates act on the fixed product start); all of them when ``unitary``."""
+        return self.num_params if self.unitary else adtn_live_params(self.Q, self.depth)
+
     def _apply(self, fn, recurse=True):  # .to()/.double() invalidate the cached tensor
         self._cache.clear()
         return super()._apply(fn, recurse)
@@ -183,10 +189,11 @@ class _ADTNLayer(ComputedWeight):
 
     @property
     def param_report(self) -> dict[str, int]:
-        """What is counted: gate entries, the scale, the bias, and the dense weight entries they replace."""
+        """What is counted: gate entries, the scale, the bias, and the dense weight entries they replace; ``live``:
+        the generator's parameters that can change the weight (:attr:`ADTNGenerator.live_params`)."""
         return {"gates": self.generator.gates.numel(), "scale": 1,
                 "bias": 0 if self.bias is None else self.bias.numel(), "generator": self.generator.num_params,
-                "dense_weight": self.generator.numel}
+                "live": self.generator.live_params, "dense_weight": self.generator.numel}
 
     @property
     def compression_ratio(self) -> float:
@@ -345,7 +352,8 @@ class ADTNParametrization(nn.Module):
     def param_report(self) -> dict[str, int]:
         """What is counted: gate entries and the scale, and the dense entries of the tensor they replace."""
         g = self.generator
-        return {"gates": g.gates.numel(), "scale": 1, "bias": 0, "generator": g.num_params, "dense_weight": g.numel}
+        return {"gates": g.gates.numel(), "scale": 1, "bias": 0, "generator": g.num_params, "live": g.live_params,
+                "dense_weight": g.numel}
 
     def layout(self) -> dict[str, Any]:
         g = self.generator
