@@ -162,3 +162,19 @@ def test_torch_compile_full_graph_with_a_device_side_id_check():
         assert torch.allclose(compiled(ids), emb(ids), atol=1e-6)
         with pytest.raises(RuntimeError, match=r"ids must be in \[0, 300\)"):
             compiled(torch.tensor([[1, 300]]))
+
+
+@pytest.mark.parametrize("option", [dict(max_norm=1.0), dict(scale_grad_by_freq=True)])
+def test_an_embedding_whose_lookups_an_mpo_cannot_compute_stays_dense(option):
+    """max_norm renormalizes looked-up rows in place and scale_grad_by_freq scales rows' gradients by their counts:
+    an MPO table cannot do either, so from_dense refuses and tensorize keeps the table dense, saying why (before,
+    both were dropped silently: other outputs with max_norm)."""
+    torch.manual_seed(0)
+    table = nn.Embedding(100, 16, **option)
+    key = next(iter(option))
+    with pytest.raises(ValueError, match=rf"cannot become an MPOEmbedding: {key}="):
+        MPOEmbedding.from_dense(table, rank=4)
+    model = nn.Sequential(table, nn.Flatten(), nn.Linear(48, 4))
+    new, report = torchtn.tensorize(model, rank=2)
+    assert type(new[0]) is nn.Embedding and isinstance(new[2], torchtn.MPOLinear)
+    assert any(s.startswith(f"0 ({key}=") for s in report.skipped)

@@ -127,6 +127,36 @@ def test_a_layer_with_non_finite_weights_is_named():
     assert tensorize(model, method="adtn", fit_steps=0)[1].layers  # fresh ADTNs read no weight
 
 
+@pytest.mark.parametrize("method", ["mpo", "adtn"])
+def test_a_layer_without_values_is_named(method):
+    """A lazy layer before its first forward pass, or one on the meta device, has no weights to decompose (before:
+    'n=0 is not allowed' from deep inside, or 'Tensor.item() cannot be called on meta tensors')."""
+    kw = dict(rank=2) if method == "mpo" else dict(method="adtn", depth=1)
+    with pytest.raises(ValueError, match=r"layer '1' \(LazyLinear\) is not initialized yet .*run one forward pass"):
+        tensorize(nn.Sequential(nn.Linear(8, 8), nn.LazyLinear(4)), **kw)
+    with pytest.raises(ValueError, match=r"layer '0' \(Linear\) is on the meta device"):
+        tensorize(nn.Sequential(nn.Linear(64, 32, device="meta")), **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_is_tensorized_in_float32_and_keeps_its_dtype(dtype):
+    """No half-precision QR or SVD kernels: TT-SVD, rounding and the spectra run in float32, the cores come back in
+    the model's dtype (before: NotImplementedError "geqrf_cpu" not implemented for 'BFloat16')."""
+    model = mlp(torch.float32)
+    half = mlp(torch.float32).to(dtype)
+    for ratio in (None, 4.0):
+        kw = dict(ratio=ratio) if ratio else dict(rank=8)
+        new, report = tensorize(half, **kw)
+        ref, ref_report = tensorize(model, **kw)
+        assert all(c.dtype == dtype for m in new.modules() if isinstance(m, MPOLinear) for c in m.cores)
+        assert [r.ranks for r in report.layers] == [r.ranks for r in ref_report.layers]
+        for a, b in zip(report.layers, ref_report.layers):  # the errors of the float32 model's, to half precision
+            assert a.rel_error == pytest.approx(b.rel_error, abs=0.02)
+    layer = new[0]
+    assert layer.entanglement_entropy().shape == (len(layer.cores) - 1,)
+    assert layer.tt.round(max_rank=2).cores[0].dtype == dtype
+
+
 def test_model_without_linear_layers():
     with pytest.raises(ValueError, match="no layer that tensorize can convert"):
         tensorize(nn.Sequential(nn.ReLU()), rank=2)

@@ -131,14 +131,15 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip, un
     targets, skipped, unsupported = [], [], []
     kind = parametrize.type_before_parametrizations  # a weight-normed nn.Linear is a "ParametrizedLinear"
     for n, m in new.named_modules():
-        if kind(m) in (nn.Linear, nn.Conv2d) and n not in inside_mha:
+        if issubclass(kind(m), (nn.Linear, nn.Conv2d)) and n not in inside_mha:
             if skip_fn(n, m):
                 skipped.append(n)
             elif isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
                 unsupported.append(f"{n} (padding_mode={m.padding_mode!r}: ADTN convolutions pad with zeros)")
             else:
+                _check_has_values(n, m)
                 targets.append((n, m))
-        elif kind(m) is nn.Embedding and not skip_fn(n, m):
+        elif issubclass(kind(m), nn.Embedding) and not skip_fn(n, m):
             unsupported.append(f"{n} (nn.Embedding: ADTNs hold Linear and Conv2d weights)")
     all_sites = [(n, site, m) for name, m in new.named_modules() if isinstance(m, nn.MultiheadAttention)
                  for n, site in attention_sites(name, m)]
@@ -280,11 +281,26 @@ def _targets(model: nn.Module, skip: Skip) -> tuple[list[tuple[str, nn.Module | 
             continue
         cls = converter_for(module)
         if cls is not None and name not in inside_mha:  # out_proj: its weight is one of the attention's sites
+            reason = getattr(cls, "cannot_convert", lambda m: None)(module)
             if skip_fn(name, module):
                 kept.append(name)
+            elif reason is not None:
+                kept.append(f"{name} ({reason})")
             else:
+                _check_has_values(name, module)
                 chosen.append((name, module, cls))
     return chosen, kept
+
+
+def _check_has_values(name: str, module: nn.Module) -> None:
+    """A layer to convert must hold its weights: not a lazy module before its first forward pass, not on meta."""
+    for p in module.parameters(recurse=False):
+        if isinstance(p, nn.parameter.UninitializedParameter):
+            raise ValueError(f"layer {name!r} ({type(module).__name__}) is not initialized yet (a lazy module): run "
+                             f"one forward pass before tensorize")
+        if p.is_meta:
+            raise ValueError(f"layer {name!r} ({type(module).__name__}) is on the meta device (no values): load its "
+                             f"weights before tensorize")
 
 
 def allocate_ranks(spectra: Sequence[Sequence[torch.Tensor]], shapes: Sequence[tuple[Sequence[int], Sequence[int]]],

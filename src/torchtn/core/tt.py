@@ -194,6 +194,11 @@ def tt_svd(
     work = matrix.detach()
     if not work.is_floating_point():
         raise TypeError(f"matrix has dtype {work.dtype}: expected a floating-point tensor")
+    if work.is_meta:
+        raise ValueError("matrix is on the meta device (it has no values): TT-SVD needs the weights themselves")
+    half = work.dtype in (torch.float16, torch.bfloat16)  # no half-precision SVD or QR kernels: float32 inside
+    if half:
+        work = work.float()
     if not bool(torch.isfinite(work).all()):
         raise ValueError("matrix contains NaN or infinite values: TT-SVD needs finite entries")
     # Work on W / max|W| so that squared norms neither overflow nor underflow (float32 spans ~1e±38 only); the scale
@@ -209,7 +214,7 @@ def tt_svd(
                               out_shape, in_shape, inner_ranks(max_rank, in_shape, out_shape), budget)
     if scale != 1.0:
         cores[-1] = cores[-1] * scale
-    return cores
+    return [c.to(matrix.dtype) for c in cores] if half else cores
 
 
 def _merge_pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -266,22 +271,35 @@ def _absorb_right(g: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
     return (g.reshape(-1, r) @ mat).reshape(r_prev, m, n, mat.shape[1])
 
 
+def _computable(cores: Sequence[torch.Tensor]) -> tuple[Cores, torch.dtype | None]:
+    """Detached cores in a dtype LAPACK takes — float16 / bfloat16 go up to float32 (no half-precision QR or SVD
+    kernels) — and the dtype to cast results back to (``None``: no cast)."""
+    cores = [c.detach() for c in check_cores(cores)]
+    if cores[0].dtype in (torch.float16, torch.bfloat16):
+        return [c.float() for c in cores], cores[0].dtype
+    return cores, None
+
+
+def _back(tensors: list[torch.Tensor], dtype: torch.dtype | None) -> list[torch.Tensor]:
+    return tensors if dtype is None else [t.to(dtype) for t in tensors]
+
+
 def left_canonical(cores: Sequence[torch.Tensor]) -> Cores:
     """Same TT-matrix with cores ``0 … d−2`` left-orthogonal (the norm sits in the last core)."""
-    cores = [c.detach() for c in check_cores(cores)]
+    cores, dtype = _computable(cores)
     for k in range(len(cores) - 1):
         cores[k], rr = _qr_left(cores[k])
         cores[k + 1] = _absorb_left(rr, cores[k + 1])
-    return cores
+    return _back(cores, dtype)
 
 
 def right_canonical(cores: Sequence[torch.Tensor]) -> Cores:
     """Same TT-matrix with cores ``1 … d−1`` right-orthogonal (the norm sits in the first core)."""
-    cores = [c.detach() for c in check_cores(cores)]
+    cores, dtype = _computable(cores)
     for k in range(len(cores) - 1, 0, -1):
         cores[k], ll = _qr_right(cores[k])
         cores[k - 1] = _absorb_right(cores[k - 1], ll)
-    return cores
+    return _back(cores, dtype)
 
 
 def balanced(cores: Sequence[torch.Tensor]) -> Cores:
@@ -307,6 +325,7 @@ def tt_round(cores: Sequence[torch.Tensor], max_rank: RankSpec = None, rel_tol: 
     Same rules as :func:`tt_svd`: ``‖W − W_rounded‖_F ≤ rel_tol·‖W‖_F``; ``max_rank`` caps every bond (an int) or each
     inner bond (a sequence). Costs ``O(d r³ m n)``; never forms the dense matrix.
     """
+    cores, dtype = _computable(cores)
     cores = right_canonical(cores)
     rel_tol = check_rel_tol("rel_tol", rel_tol)
     out_shape, in_shape = tt_shapes(cores)
@@ -317,7 +336,8 @@ def tt_round(cores: Sequence[torch.Tensor], max_rank: RankSpec = None, rel_tol: 
         return g.reshape(-1, g.shape[3])
 
     first = cores[0].reshape(-1, cores[0].shape[3])
-    return _truncating_sweep(first, absorb, out_shape, in_shape, inner_ranks(max_rank, in_shape, out_shape), budget)
+    return _back(_truncating_sweep(first, absorb, out_shape, in_shape, inner_ranks(max_rank, in_shape, out_shape),
+                                   budget), dtype)
 
 
 def bond_spectra(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -326,6 +346,7 @@ def bond_spectra(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     Computed from a mixed-canonical form — left-orthogonalize, then SVD from the right — never by densifying.
     Entry ``k`` (0-based) is the cut between sites ``≤ k+1`` and ``> k+1``.
     """
+    cores, dtype = _computable(cores)
     cores = left_canonical(cores)
     spectra: list[torch.Tensor] = []
     for k in range(len(cores) - 1, 0, -1):
@@ -333,7 +354,7 @@ def bond_spectra(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         u, s, vh = torch.linalg.svd(cores[k].reshape(r_prev, m * n * r), full_matrices=False)
         spectra.append(s)
         cores[k - 1] = _absorb_right(cores[k - 1], u * s)
-    return spectra[::-1]
+    return _back(spectra[::-1], dtype)
 
 
 def spectrum_entropy(s: torch.Tensor) -> torch.Tensor:

@@ -226,6 +226,17 @@ class MPOEmbedding(TTLayer):
 
     # ------------------------------------------------------------------ conversion (tensorize) and files
     @staticmethod
+    def cannot_convert(embedding: nn.Embedding) -> str | None:
+        """Why ``embedding`` computes something an MPO table cannot (``tensorize`` then keeps it dense), or ``None``:
+        ``max_norm`` renormalizes, in place, the rows it looks up; ``scale_grad_by_freq`` scales each row's gradient
+        by its count in the batch — rows of an MPO share their cores."""
+        if embedding.max_norm is not None:
+            return f"max_norm={embedding.max_norm:g} renormalizes the rows it looks up, in place; an MPO's rows cannot"
+        if embedding.scale_grad_by_freq:
+            return "scale_grad_by_freq=True scales each row's gradient by its count; an MPO's rows share their cores"
+        return None
+
+    @staticmethod
     def dense_matrix(embedding: nn.Embedding) -> torch.Tensor:
         """The table as the TT-matrix's ``(∏m, ∏n)`` matrix: zero rows appended up to ∏m."""
         w = embedding.weight.detach()
@@ -274,6 +285,9 @@ class MPOEmbedding(TTLayer):
         """TT-SVD of a trained ``nn.Embedding``'s table (bond cap ``rank`` and/or relative error ``rel_tol``)."""
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
+        reason = cls.cannot_convert(embedding)
+        if reason is not None:
+            raise ValueError(f"this nn.Embedding cannot become an MPOEmbedding: {reason}")
         tt = TTMatrix.from_dense(cls.dense_matrix(embedding), *cls.tt_shapes_for(embedding), max_rank=rank,
                                  rel_tol=rel_tol)
         return cls.from_tt(embedding, tt)

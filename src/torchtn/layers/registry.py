@@ -39,7 +39,9 @@ def register_layer(name: str | None = None, *, converts: Sequence[type[nn.Module
     """Class decorator: register a layer under ``name`` (default: the class name).
 
     ``converts``: dense module types that ``tensorize`` replaces by this layer (the class then provides
-    ``dense_matrix(module)``, ``tt_shapes_for(module, in_shape, out_shape)`` and ``from_tt(module, tt)``).
+    ``dense_matrix(module)``, ``tt_shapes_for(module, in_shape, out_shape)`` and ``from_tt(module, tt)``, and
+    optionally ``cannot_convert(module)``: why this instance computes what the layer cannot, or ``None`` —
+    ``tensorize`` then keeps it dense and says why).
     """
     def deco(cls: type[nn.Module]) -> type[nn.Module]:
         key = name or cls.__name__
