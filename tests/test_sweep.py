@@ -277,7 +277,8 @@ def test_sweep_resume_gives_identical_weights(tmp_path):
         cfg = TrainConfig(epochs=3, batch_size=100, lr=1e-2, optimizer="sweep", progress=False, seed=3,
                           sweep=SweepConfig(max_rank=8, schedule=schedule))
         ckpt = tmp_path / f"{schedule}.safetensors"
-        straight, resumed, history = run_interrupted_and_resumed(ckpt, regression_data(), build, cfg, stop_epoch=1)
+        straight, resumed, history = run_interrupted_and_resumed(ckpt, regression_data(), build, cfg, stop_epoch=1,
+                                                                 loss="mse")
         assert [h.epoch for h in history] == [1, 2, 3]
         assert_same_weights(straight, resumed)
 

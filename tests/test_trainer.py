@@ -117,6 +117,31 @@ def test_data_without_training_rows_is_refused(digits, tmp_path):
     assert not (tmp_path / "c.safetensors").exists()
 
 
+def test_targets_that_do_not_fit_the_model_are_named_before_training(digits, tmp_path):
+    """Each of these failed deep inside the loss (IndexError, a reshape) — or trained: targets one short of the
+    examples were paired with the wrong images, a one-output model's cross-entropy is identically 0."""
+    cfg = TrainConfig(epochs=1, progress=False)
+    cases = [
+        (FC2(64, num_classes=5), digits, r"labels of 'digits' run from 0 to 9, but FC2 gives 5 class scores"),
+        (FC2(64), dataclasses.replace(digits, y_train=digits.y_train.float()),
+         r"needs integer class labels or class probabilities shaped like the outputs \(10,\), but y_train is "
+         r"torch.float32 \(1294,\)"),
+        (FC2(64, num_classes=1), digits, "gives one output per example: cross-entropy over one class is always 0"),
+        (FC2(64).requires_grad_(False), digits, "FC2 has no trainable parameters"),
+    ]
+    for model, data, match in cases:
+        with pytest.raises(ValueError, match=match):
+            Trainer(model, cfg, checkpoint=tmp_path / "c.safetensors").fit(data)
+        assert not (tmp_path / "c.safetensors").exists()
+    wide = dataclasses.replace(digits, y_train=torch.randn(len(digits.y_train), 2))
+    with pytest.raises(ValueError, match=r"FC2 gives 3 outputs per example \(3,\), but the targets of 'digits' have 2"):
+        Trainer(FC2(64, num_classes=3), cfg, loss="mse").fit(wide)
+    soft = dataclasses.replace(digits, y_train=torch.nn.functional.one_hot(digits.y_train, 10).float())
+    assert Trainer(FC2(64), cfg).fit(soft)  # class probabilities: cross-entropy's soft targets
+    with pytest.raises(ValueError, match=r"x_train \(1294, 1, 8, 8\) and y_train \(1289,\) must have one target"):
+        dataclasses.replace(digits, y_train=digits.y_train[:-5])
+
+
 def test_a_distillation_weight_outside_0_1_is_named():
     with pytest.raises(ValueError, match=r"distill=1.5 .*in \[0, 1\]"):
         Trainer(torch.nn.Linear(2, 1), TrainConfig(progress=False), teacher=torch.nn.Linear(2, 1), distill=1.5)

@@ -46,6 +46,16 @@ class Dataset:
     image_shape: tuple[int, ...]
     num_classes: int
 
+    def __post_init__(self) -> None:
+        for split in ("train", "val", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+                raise TypeError(f"Dataset {self.name!r}: x_{split} and y_{split} must be tensors, got "
+                                f"{type(x).__name__} and {type(y).__name__}")
+            if x.dim() == 0 or y.dim() == 0 or len(x) != len(y):
+                raise ValueError(f"Dataset {self.name!r}: x_{split} {tuple(x.shape)} and y_{split} {tuple(y.shape)} "
+                                 f"must have one target per example (the same first dimension)")
+
     @property
     def num_features(self) -> int:
         """Entries per example (``C·H·W`` for images)."""

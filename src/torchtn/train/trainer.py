@@ -337,11 +337,53 @@ class Trainer:
         self._names = {id(p): n for n, p in self.model.named_parameters()}
         if c.optimizer == "sweep" and not params:  # nothing outside the sweep: an optimizer with nothing to do
             params = [nn.Parameter(torch.zeros(0))]
+        if not params:
+            raise ValueError(f"{type(self.model).__name__} has no trainable parameters (none, or all with "
+                             f"requires_grad=False): there is nothing to train")
         if c.optimizer in ("adamw", "sweep"):
             return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
         if c.optimizer == "adam":
             return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
         return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+
+    def _check_targets(self, data: Dataset) -> None:
+        """For the built-in losses, that the targets fit the model's outputs — class labels within its class scores,
+        as many regression targets as outputs — read from one example run in eval mode (a mismatch otherwise fails
+        deep inside the loss, or trains on misread targets)."""
+        if self.loss_name not in LOSSES or len(data.y_train) == 0 or (self.teacher is not None and self.distill == 1.0):
+            return  # (pure distillation never reads the targets)
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                out = self.model(data.x_train[:1].to(device))
+        finally:
+            self.model.train(was_training)
+        y = data.y_train
+        if not isinstance(out, torch.Tensor):
+            return  # a custom output structure: the loss will say
+        if self.loss_name == "cross_entropy":
+            if out.dim() > 1 and out.shape[1] == 1:
+                raise ValueError(f"{type(self.model).__name__} gives one output per example: cross-entropy over one "
+                                 f"class is always 0 (its softmax is 1); for regression use loss='mse', for two "
+                                 f"classes give the model 2 outputs")
+            if y.is_floating_point() or y.is_complex():  # class probabilities, one per class score, or a mistake
+                if y.shape[1:] != out.shape[1:]:
+                    raise ValueError(f"loss='cross_entropy' needs integer class labels or class probabilities shaped "
+                                     f"like the outputs {tuple(out.shape[1:])}, but y_train is {y.dtype} "
+                                     f"{tuple(y.shape)} (for regression targets use loss='mse')")
+                return
+            classes = out.shape[1] if out.dim() > 1 else 0
+            low, high = int(y.min()), int(y.max())
+            if low < 0 or high >= classes:
+                raise ValueError(f"the labels of {data.name!r} run from {low} to {high}, but "
+                                 f"{type(self.model).__name__} gives {classes} class scores (output "
+                                 f"{tuple(out.shape)} for one example): build it with num_classes > {high}")
+        elif out[0].numel() != y[0].numel():
+            raise ValueError(f"{type(self.model).__name__} gives {out[0].numel()} outputs per example "
+                             f"{tuple(out.shape[1:])}, but the targets of {data.name!r} have {y[0].numel()} "
+                             f"{tuple(y.shape[1:])}")
 
     def structure_changed(self) -> torch.optim.Optimizer:
         """Rebuild the optimizer after parameters were replaced (e.g. a bond dimension changed).
@@ -548,6 +590,7 @@ class Trainer:
         if len(data.y_train) == 0 and c.epochs > 0:
             raise ValueError(f"data {data.name!r} has no training rows: there is nothing to train on")
         optimizer = self.optimizer = self._make_optimizer()
+        self._check_targets(data)
         start = 0
         if c.batch_size < self.world_size:
             raise ValueError(f"batch_size={c.batch_size} is not allowed with {self.world_size} processes: every "
