@@ -178,3 +178,17 @@ def test_an_embedding_whose_lookups_an_mpo_cannot_compute_stays_dense(option):
     new, report = torchtn.tensorize(model, rank=2)
     assert type(new[0]) is nn.Embedding and isinstance(new[2], torchtn.MPOLinear)
     assert any(s.startswith(f"0 ({key}=") for s in report.skipped)
+
+
+def test_reset_parameters_makes_a_meta_built_table_whole_padding_and_exact_rows_included():
+    with torch.device("meta"):
+        table = MPOEmbedding(60, 8, rank=3, padding_idx=2, exact_rows=5)
+    table = table.to_empty(device="cpu")  # memory, no values: the padding row and the slots are garbage
+    table.reset_parameters()
+    ids = torch.arange(60)
+    out = table(ids)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[2], torch.zeros(8))  # the padding row, zero as nn.Embedding's
+    assert torch.equal(table.slot, torch.cat([torch.arange(-1, -6, -1), torch.arange(55)]))  # ids 0 … 4 exact
+    torch.testing.assert_close(out[[0, 1, 3, 4]], table.exact[[0, 1, 3, 4]], rtol=0, atol=0)
+    assert 0.5 < float(table.exact.std()) < 1.5  # nn.Embedding's N(0, 1)

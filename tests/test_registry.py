@@ -354,3 +354,32 @@ def test_a_new_layer_type_is_one_registration(tmp_path, capsys):
     finally:
         registry_module._TYPES.pop("ToyTT", None)
         registry_module._CONVERTS.pop(Scale, None)
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_every_layer_type_built_on_meta_is_made_whole_by_reset_parameters(name):
+    """PyTorch's deferred initialization: build on the meta device, ``to_empty`` (memory, no values), then
+    ``reset_parameters()`` on every module. Every parameter and buffer must then hold what the same reset gives a
+    layer built normally (nothing left uninitialized), and the outputs must be finite."""
+    def reset_all(model: nn.Module, seed: int) -> None:
+        torch.manual_seed(seed)
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    torch.manual_seed(0)
+    normal = EXAMPLES[name]()
+    if name == "MPOParametrization":  # the TT-SVD of the tensor it holds: there are no values on meta to decompose
+        with torch.device("meta"), pytest.raises(ValueError, match="meta device .*TT-SVD needs the weights"):
+            EXAMPLES[name]()
+        return
+    with torch.device("meta"):
+        deferred = EXAMPLES[name]()
+    assert all(p.is_meta for p in deferred.parameters())
+    deferred = deferred.to_empty(device="cpu")
+    reset_all(normal, 1)
+    reset_all(deferred, 1)
+    for (key, a), b in zip(normal.state_dict().items(), deferred.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=f"{name}: {key} not reset")
+    x = torch.randn(5, 48, dtype=torch.float64)
+    assert torch.isfinite(deferred(x)).all()

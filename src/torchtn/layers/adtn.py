@@ -215,11 +215,20 @@ class _ADTNLayer(ComputedWeight):
                 self.bias.copy_(dense.bias)
         return self.generator.fit(dense.weight, steps, lr)
 
-    def _init_bias(self, bias: bool, out: int, fan_in: int, kw: dict) -> None:
+    def _init_bias(self, bias: bool, out: int, kw: dict) -> None:
         self.bias = nn.Parameter(torch.empty(out, **kw)) if bias else None
-        if bias:
-            bound = 1 / math.sqrt(fan_in)
+        self._reset_bias()
+
+    def _reset_bias(self) -> None:
+        if self.bias is not None:  # PyTorch's: U(−1/√fan_in, 1/√fan_in)
+            bound = 1 / math.sqrt(self.generator.fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
+
+    def reset_parameters(self) -> None:
+        """Fresh gates with the scale that gives the weight PyTorch's variance, and PyTorch's bias init (also what a
+        layer built on the meta device and moved with ``to_empty`` needs)."""
+        self.generator.reset_parameters()
+        self._reset_bias()
 
 
 @register_layer("ADTNLinear")
@@ -236,7 +245,7 @@ class ADTNLinear(_ADTNLayer):
         kw = {"device": device, "dtype": dtype}
         self.generator = ADTNGenerator((out_features, in_features), depth, fan_in=in_features,
                                        activation=activation, gate_std=gate_std, unitary=unitary, **kw)
-        self._init_bias(bias, out_features, in_features, kw)
+        self._init_bias(bias, out_features, kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -289,7 +298,7 @@ class ADTNConv2d(_ADTNLayer):
         kw = {"device": device, "dtype": dtype}
         self.generator = ADTNGenerator(shape, depth, fan_in=fan_in, activation=activation, gate_std=gate_std,
                                        unitary=unitary, **kw)
-        self._init_bias(bias, out_channels, fan_in, kw)
+        self._init_bias(bias, out_channels, kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.generator(), self.bias, self.stride, self.padding, self.dilation, self.groups)

@@ -139,6 +139,17 @@ class MPOEmbedding(TTLayer):
             self.exact = None
             self.register_buffer("slot", None)
 
+    def reset_parameters(self) -> None:
+        """``nn.Embedding``'s init: entries of variance 1 (cores and exact rows), the padding row zero, ids
+        ``0 … K−1`` the exact ones (also what a layer built on the meta device and moved with ``to_empty`` needs)."""
+        self._reset_cores(1.0)
+        with torch.no_grad():
+            if self.padding_row is not None:
+                self.padding_row.zero_()
+            if self.exact is not None:
+                self.exact.normal_()
+                self.slot.copy_(_slots(self.num_embeddings, torch.arange(self.exact_rows, device=self.slot.device)))
+
     @property
     def vocab_shape(self) -> tuple[int, ...]:
         return self.tt.out_shape

@@ -86,6 +86,19 @@ class _TModule(nn.Module):
             cached = self.__dict__["_weight_hat"] = (key, _weight_hat(weight, self.T))
         return cached[1]
 
+    def _weights_and_biases(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        return [(self.weight, self.bias)]
+
+    def reset_parameters(self) -> None:
+        """The layers' init (Kaiming-uniform weights, PyTorch's bias bound for ``fan_in = in · tubes``, as the
+        reference code) and, for ``M="orthogonal"``, its seeded matrix again (what a layer built on the meta device
+        and moved with ``to_empty`` needs; a data-driven or user ``M`` is the caller's to load)."""
+        for weight, bias in self._weights_and_biases():
+            _tubal_init(weight, bias)
+        if self.transform_name == "orthogonal":
+            with torch.no_grad():
+                self.M.copy_(transform("orthogonal", self.tubes, dtype=torch.float64).matrix)
+
     def _transform_layout(self) -> dict[str, Any]:
         return {"M": self.transform_name if self.M is None else "matrix", "M_orthogonal": self.transform_orthogonal,
                 "tubes": self.tubes}
@@ -310,6 +323,9 @@ class THamiltonian(_TModule):
             _tubal_init(w, b)
             self.weights.append(nn.Parameter(w))
             self.biases.append(nn.Parameter(b))
+
+    def _weights_and_biases(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        return list(zip(self.weights, self.biases))
 
     def forward_states(self, y: torch.Tensor, z: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Y_0, Z_0) -> (Y_depth, Z_depth)`` (``Z_0 = 0`` by default)."""

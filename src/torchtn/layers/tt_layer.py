@@ -65,15 +65,20 @@ class TTLayer(ComputedWeight):
     def _reset(self, fan_in: int, bias: torch.Tensor | None) -> None:
         """PyTorch's default init for a layer of this fan-in: cores with ``Var(W_ij) = 1/(3·fan_in)`` (see
         :func:`~torchtn.core.tt_init_std`), bias ``U(−1/√fan_in, 1/√fan_in)``."""
+        self._reset_cores(1.0 / (3.0 * fan_in))
+        if bias is not None:
+            bound = 1.0 / math.sqrt(fan_in)
+            with torch.no_grad():
+                bias.uniform_(-bound, bound)
+
+    def _reset_cores(self, variance: float) -> None:
+        """Fresh Gaussian cores (the global RNG) whose dense matrix has entries of variance ``variance``."""
         ref = self.cores[0]
-        fresh = TTMatrix.random(self.tt.in_shape, self.tt.out_shape, self.ranks, variance=1.0 / (3.0 * fan_in),
+        fresh = TTMatrix.random(self.tt.in_shape, self.tt.out_shape, self.ranks, variance=variance,
                                 device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
             for p, c in zip(self.cores, fresh.cores):
                 p.copy_(c)
-            if bias is not None:
-                bound = 1.0 / math.sqrt(fan_in)
-                bias.uniform_(-bound, bound)
 
     def to_dense_module(self) -> nn.Module:
         """The plain PyTorch module computing the same map (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``), e.g. to
