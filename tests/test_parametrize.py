@@ -43,6 +43,25 @@ def test_parametrize_refuses_what_it_cannot_hold():
         mpo_parametrize(linear, "weight")
     with pytest.raises(ValueError, match="rel_tol"):
         mpo_parametrize(nn.Linear(4, 4), "weight", rel_tol=2.0)
+    with pytest.raises(ValueError, match="parametrized already"):  # the generated tensor would ignore the MPO's
+        torchtn.layers.adtn_parametrize(linear, "weight", depth=1)
+
+
+class _Double(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def test_a_torchtn_parametrization_stacked_with_another_is_not_saved(tmp_path):
+    """A file records where the torchtn parametrization sits, not a user's parametrization stacked on it: loaded into
+    a skeleton, the model came back without it (outputs off by the factor 2 below) — now saving refuses."""
+    linear = nn.Linear(16, 8)
+    mpo_parametrize(linear, "weight", rank=2)
+    parametrize.register_parametrization(linear, "weight", _Double())
+    with pytest.raises(ValueError, match=r"'parametrizations.weight.0': the MPOParametrization shares its tensor "
+                                         r"with 1 other parametrization\(s\) \(_Double\)"):
+        torchtn.save_model(linear, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 def _encoder(**kwargs) -> nn.Module:

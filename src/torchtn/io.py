@@ -74,9 +74,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def layer_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Where the model's registered torchtn layers are: ``{name: {"type": registry name, "spec": layout}}``."""
-    return {name: {"type": type_name(m), "spec": m.layout()}
-            for name, m in model.named_modules() if name and type_name(m) is not None}
+    """Where the model's registered torchtn layers are: ``{name: {"type": registry name, "spec": layout}}``.
+
+    A registered parametrization must be its tensor's only one: a file records where it sits, not other
+    parametrizations stacked with it, so such a model could not load back as it was (it raises ``ValueError``)."""
+    layout = {}
+    for name, m in model.named_modules():
+        if not name or type_name(m) is None:
+            continue
+        owner, dot, _ = name.rpartition(".")
+        holder = model.get_submodule(owner) if dot else None
+        if isinstance(holder, parametrize.ParametrizationList) and len(holder) > 1:
+            raise ValueError(f"{name!r}: the {type_name(m)} shares its tensor with {len(holder) - 1} other "
+                             f"parametrization(s) ({', '.join(type(p).__name__ for p in holder if p is not m)}); a "
+                             f"file records the torchtn one only, so the model would load back without them: hold that "
+                             f"tensor by the torchtn parametrization alone to save it")
+        layout[name] = {"type": type_name(m), "spec": m.layout()}
+    return layout
 
 
 def _recorded_layers(meta: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

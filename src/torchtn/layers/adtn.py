@@ -388,6 +388,8 @@ def adtn_parametrize(module: nn.Module, name: str = "weight", depth: int = 2, *,
     tensor = getattr(module, name, None)
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"name={name!r} is not allowed: {type(module).__name__} has no tensor called {name!r}")
+    if parametrize.is_parametrized(module, name):  # the generated tensor would ignore what the others compute
+        raise ValueError(f"name={name!r}: {type(module).__name__}.{name} is parametrized already")
     with _seeded(seed, tensor.device) if seed is not None else contextlib.nullcontext():
         generator = ADTNGenerator(tuple(tensor.shape), depth, fan_in=fan_in, activation=activation, unitary=unitary,
                                   device=tensor.device, dtype=tensor.dtype)
