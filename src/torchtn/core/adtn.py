@@ -30,8 +30,8 @@ from .contraction.cost import CostModel
 from .contraction.planner import MeasuredPlan, make_plan, register_strategy
 from .contraction.tt_linear_plans import scratch_buffer
 
-__all__ = ["adtn_generate", "brick_layer_pairs", "adtn_num_params", "adtn_live_params", "ADTNPlan", "plan_adtn", "ACTIVATIONS",
-           "num_qubits", "orthogonal_gates"]
+__all__ = ["adtn_generate", "brick_layer_pairs", "adtn_num_params", "adtn_live_params", "ADTNPlan", "plan_adtn",
+           "ACTIVATIONS", "num_qubits", "orthogonal_gates"]
 
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "none")
 KIND = "adtn"

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._dtypes import half_to_float
+
 __all__ = ["Transform", "transform", "mprod", "mtran", "t_eye", "t_svd", "t_svd_truncate", "facewise",
            "TRANSFORMS", "dct_matrix"]
 
@@ -36,12 +38,6 @@ def dct_matrix(n: int, dtype: torch.dtype = torch.float64, device=None) -> torch
     C = torch.cos(math.pi * k * (2 * j + 1) / (2 * n)) * math.sqrt(2.0 / n)
     C[0] /= math.sqrt(2.0)
     return C.to(dtype)
-
-
-def half_to_float(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in a dtype PyTorch's FFTs and solves take: float16 and bfloat16 go up to float32 (no bfloat16 FFT or LU
-    kernels; float16 FFTs only for power-of-two lengths on CUDA); the callers cast the results back."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _dct_fft(x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import check_positive_int, check_rel_tol, check_shape
+from ._dtypes import HALF, half_to_float
 from .svd import truncated_svd
 
 __all__ = [
@@ -196,9 +197,8 @@ def tt_svd(
         raise TypeError(f"matrix has dtype {work.dtype}: expected a floating-point tensor")
     if work.is_meta:
         raise ValueError("matrix is on the meta device (it has no values): TT-SVD needs the weights themselves")
-    half = work.dtype in (torch.float16, torch.bfloat16)  # no half-precision SVD or QR kernels: float32 inside
-    if half:
-        work = work.float()
+    half = work.dtype in HALF  # no half-precision SVD or QR kernels: float32 inside
+    work = half_to_float(work)
     if not bool(torch.isfinite(work).all()):
         raise ValueError("matrix contains NaN or infinite values: TT-SVD needs finite entries")
     # Work on W / max|W| so that squared norms neither overflow nor underflow (float32 spans ~1e±38 only); the scale
@@ -275,9 +275,7 @@ def _computable(cores: Sequence[torch.Tensor]) -> tuple[Cores, torch.dtype | Non
     """Detached cores in a dtype LAPACK takes — float16 / bfloat16 go up to float32 (no half-precision QR or SVD
     kernels) — and the dtype to cast results back to (``None``: no cast)."""
     cores = [c.detach() for c in check_cores(cores)]
-    if cores[0].dtype in (torch.float16, torch.bfloat16):
-        return [c.float() for c in cores], cores[0].dtype
-    return cores, None
+    return [half_to_float(c) for c in cores], cores[0].dtype if cores[0].dtype in HALF else None
 
 
 def _back(tensors: list[torch.Tensor], dtype: torch.dtype | None) -> list[torch.Tensor]:

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from .._checks import check_choice, check_nonnegative_real, check_positive_int
+from ..core._dtypes import half_to_float
 from ..core.contraction import scratch_buffer
-from ..core.mprod import TRANSFORMS, Transform, facewise, half_to_float, mtran, t_eye, transform
+from ..core.mprod import TRANSFORMS, Transform, facewise, mtran, t_eye, transform
 from .registry import register_layer
 
 __all__ = ["TLinear", "TResidual", "TAntisymmetric", "THamiltonian", "as_tubes", "ACTIVATIONS"]
