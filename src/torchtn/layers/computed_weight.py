@@ -45,7 +45,7 @@ class WeightCache:
     parameters.
     """
 
-    #: fresh copies watched at once (the newest; a copy dropped by its reader needs no watching)
+    #: copies from :meth:`fresh_copy` watched at once (the newest is kept; a dropped older one needs no watching)
     WATCHED = 8
 
     __slots__ = ("key", "value", "version", "copy", "copy_version", "handed")
@@ -97,17 +97,17 @@ class WeightCache:
         return copy
 
     def fresh_copy(self, what: str, source: str) -> torch.Tensor:
-        """A new copy of the kept tensor at every call (call after :meth:`get` or :meth:`put`). The newest is kept
-        and watched (a write into a temporary, ``module.weight.mul_(0)``, is reported too), older ones while their
-        readers keep them."""
-        older = [(ref, version) for ref, version in self.handed if ref() is not None]
-        newest, self.copy, self.handed = self.copy, None, []
-        if (newest is not None and newest._version != self.copy_version) or any(
-                ref()._version != version for ref, version in older):
+        """A new copy of the kept tensor at every call (call after :meth:`get` or :meth:`put`). The newest copy is
+        kept, so a write into a temporary (``module.weight.mul_(0)``) is reported too; older ones are watched while
+        their readers keep them (the last :attr:`WATCHED`)."""
+        handed = [(ref(), version) for ref, version in self.handed]
+        if self.copy is not None:
+            handed.append((self.copy, self.copy_version))
+        handed = [(t, version) for t, version in handed if t is not None]
+        self.copy, self.handed = None, []
+        if any(t._version != version for t, version in handed):
             raise self._changed(what, source)
-        if newest is not None:
-            older.append((weakref.ref(newest), self.copy_version))
         self.copy = copy = self.value.clone()
         self.copy_version = copy._version
-        self.handed = older[-self.WATCHED:]
+        self.handed = [(weakref.ref(t), version) for t, version in handed[-(self.WATCHED - 1):]]
         return copy
