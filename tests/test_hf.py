@@ -106,6 +106,8 @@ def test_compress_save_load_gives_identical_outputs_and_the_dense_export_loads_i
     assert not any(isinstance(m, (MPOLinear, MPOEmbedding)) for m in plain.modules())
     with torch.no_grad():
         torch.testing.assert_close(plain(**batch).last_hidden_state, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(FileExistsError, match="holds a model already"):  # (it was overwritten without asking)
+        hf.export_dense(teacher, tmp_path / "dense", tokenizer)
 
 
 def test_calibrated_compression_keeps_more_of_the_model_and_round_trips(tiny, tmp_path):
@@ -256,6 +258,19 @@ def test_bad_inputs_are_named(tiny, tmp_path):
         hf.compress(teacher, ratio=1000)
     with pytest.raises(ValueError, match="parts="):
         hf.compress(teacher, ratio=2, parts=("heads",))
+    with pytest.raises(TypeError, match="model must be a transformers model .* got str"):
+        hf.compress(str(tiny), ratio=2)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tiny))
+    # one string iterates as its characters: before, embed gave one embedding per character, calibrate and heal
+    # ran on single letters
+    for call in (lambda t: hf.embed(teacher, tokenizer, t), lambda t: hf.calibrate(teacher, tokenizer, t),
+                 lambda t: hf.heal(teacher, teacher, tokenizer, t, progress=False)):
+        with pytest.raises(TypeError, match=r"texts is one string \('the cat'…\): pass a list of texts"):
+            call("the cat")
+    with pytest.raises(TypeError, match="texts must be a list of strings; it holds a int"):
+        hf.embed(teacher, tokenizer, ["the cat", 3])
+    with pytest.raises(ValueError, match="minutes=-1 is not allowed"):  # (it said max_seconds=-60.0)
+        hf.heal(teacher, teacher, tokenizer, ["the cat"], minutes=-1, progress=False)
 
 
 def test_command_line_compresses_heals_and_refuses_bad_input(tiny, tmp_path, capsys, monkeypatch):

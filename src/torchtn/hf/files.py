@@ -55,15 +55,19 @@ def load(directory: str | os.PathLike) -> nn.Module:
     return model.eval()
 
 
-def export_dense(model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
+def export_dense(model: nn.Module, directory: str | os.PathLike, tokenizer=None, *, overwrite: bool = False) -> Path:
     """A copy of ``model`` with every torchtn layer merged back into its dense module, written with the model's own
-    ``save_pretrained`` (safetensors): plain ``transformers`` loads it, no torchtn needed."""
+    ``save_pretrained`` (safetensors): plain ``transformers`` loads it, no torchtn needed. Refuses a directory that
+    holds a model already (its ``config.json``) unless ``overwrite``."""
     import copy
 
+    directory = Path(directory)
+    if (directory / "config.json").exists() and not overwrite:
+        raise FileExistsError(f"{directory} holds a model already (config.json); choose another directory or pass "
+                              f"overwrite=True")
     dense = copy.deepcopy(model)
     densify(dense)
     _conv1d_back(dense)
-    directory = Path(directory)
     dense.save_pretrained(str(directory), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))

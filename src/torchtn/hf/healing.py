@@ -14,7 +14,7 @@ from torch import nn
 from .._checks import check_nonnegative_real, check_positive_real
 from ..data import Dataset
 from ..train import TrainConfig, Trainer, distillation_loss
-from .text import HeadLogits, PooledEncoder, _agreement, _encode, embed, logits
+from .text import HeadLogits, PooledEncoder, _agreement, _encode, check_texts, embed, logits
 
 __all__ = ["heal", "HealHistory", "PassageAugment"]
 
@@ -157,8 +157,10 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str]
     ``target="logits"``: for a task model with a sequence-level head (loaded with ``load_pretrained(head=True)``),
     match the head's logits instead — the distillation loss of Hinton et al. at ``temperature`` against the
     teacher's logits (computed once up front); the validation metric is then ``agreement`` (same top class)."""
+    texts, val_texts = check_texts("texts", texts), check_texts("val_texts", val_texts)
     if not texts:
         raise ValueError("heal needs some text (texts is empty)")
+    check_positive_real("minutes", minutes, allow_none=True)
     if target not in ("embedding", "logits"):
         raise ValueError(f"target={target!r} is not allowed: expected 'embedding' or 'logits'")
     if target == "logits" and hidden_states:

@@ -17,7 +17,7 @@ from .._modules import replace_submodule
 from ..compress import LayerStats, TensorizeReport, check_skip, tensorize
 from ..compress import calibrate as _calibrate
 from ..compress.calibration import row_counts
-from .text import _encode
+from .text import _encode, check_texts
 
 __all__ = ["PARTS", "load_pretrained", "progress_bars", "linearize", "part_of", "compress", "calibrate"]
 
@@ -188,6 +188,8 @@ def compress(model: nn.Module, *, ratio: float | None = None, rank: int | None =
     ``exact_rows`` (calibrated): the most frequent tokens' rows stay exact beside the MPO of the others (a count, or
     the fraction of the calibration text's tokens they cover; see :func:`~torchtn.tensorize`).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a transformers model (an nn.Module), got {type(model).__name__}")
     parts = tuple(parts)
     bad = [p for p in parts if p not in PARTS]
     if bad or not parts:
@@ -226,6 +228,9 @@ def calibrate(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: 
     normalized mean-pooled sentence embedding, or a task model's log-probabilities — from that many random
     projections per batch (a forward and backward pass over ``texts`` each), so the truncation minimizes the error
     that reaches the model's output and one budget compares all layers in absolute terms."""
+    texts = check_texts("texts", texts)
+    if token_texts is not None:
+        token_texts = check_texts("token_texts", token_texts)
     if len(texts) == 0:
         raise ValueError("calibrate needs at least one text")
     linearize(model)  # GPT-2's Conv1D maps are calibrated as the nn.Linear maps compress makes of them

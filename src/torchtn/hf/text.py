@@ -33,6 +33,21 @@ def read_corpus(path: str | os.PathLike, *, name: str = "--corpus") -> list[str]
     return lines
 
 
+def check_texts(name: str, texts: object) -> list[str]:
+    """``texts`` as a list of strings; one string on its own (which iterates as its characters) or anything that is
+    not text raises, naming ``name``."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"{name} is one string ({texts[:40]!r}…): pass a list of texts — [text] for one")
+    try:
+        texts = list(texts)
+    except TypeError:
+        raise TypeError(f"{name} must be a list of strings, got {type(texts).__name__}") from None
+    bad = next((t for t in texts if not isinstance(t, str)), None)
+    if bad is not None:
+        raise TypeError(f"{name} must be a list of strings; it holds a {type(bad).__name__}")
+    return texts
+
+
 def _encode(tokenizer, texts: Sequence[str], max_length: int) -> torch.Tensor:
     """``(n, 2, L)`` int64: token ids and attention mask, padded to the longest passage (≤ ``max_length``)."""
     enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
@@ -84,6 +99,7 @@ class HeadLogits(nn.Module):
 def _batched(wrapper: nn.Module, model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int,
              max_length: int) -> torch.Tensor:
     """``wrapper`` (around ``model``) applied to ``texts`` in batches, in eval mode, concatenated on the CPU."""
+    texts = check_texts("texts", texts)
     wrapper.eval()
     device = next(model.parameters()).device
     out = [wrapper(_encode(tokenizer, texts[i:i + batch_size], max_length).to(device)).float().cpu()
