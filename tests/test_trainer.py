@@ -140,6 +140,8 @@ def test_targets_that_do_not_fit_the_model_are_named_before_training(digits, tmp
     assert Trainer(FC2(64), cfg).fit(soft)  # class probabilities: cross-entropy's soft targets
     with pytest.raises(ValueError, match=r"x_train \(1294, 1, 8, 8\) and y_train \(1289,\) must have one target"):
         dataclasses.replace(digits, y_train=digits.y_train[:-5])
+    with pytest.raises(TypeError, match="data must be a torchtn.data.Dataset .* got tuple"):
+        Trainer(FC2(64), cfg).fit((digits.x_train, digits.y_train))
 
 
 def test_a_distillation_weight_outside_0_1_is_named():

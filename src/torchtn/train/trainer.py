@@ -577,6 +577,10 @@ class Trainer:
 
     def fit(self, data: Dataset, resume: bool = False) -> list[EpochRecord]:
         """Train for ``config.epochs`` epochs (continuing a checkpoint when ``resume``); returns the history."""
+        if not isinstance(data, Dataset):
+            raise TypeError(f"data must be a torchtn.data.Dataset (train / val / test splits), got "
+                            f"{type(data).__name__}: wrap tensors as Dataset(name, x_train, y_train, x_val, y_val, "
+                            f"x_test, y_test, image_shape, num_classes)")
         if self.sweeper is not None:
             self.sweeper.attach()
         try:
