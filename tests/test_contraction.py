@@ -15,7 +15,14 @@ from torchtn.core import (
     tt_linear,
     tt_to_dense,
 )
-from torchtn.core.contraction import TTLinearProblem, clear_plan_cache, plan_cache_info, strategy_names
+from torchtn.core.contraction import (
+    TTLinearProblem,
+    clear_plan_cache,
+    get_strategy,
+    plan_cache_info,
+    register_strategy,
+    strategy_names,
+)
 from torchtn.core.contraction.tt_linear_plans import _candidates, _spans, fits_dense_memory
 
 
@@ -81,6 +88,32 @@ def test_unknown_strategy_names_raise():
         plan_tt_linear((4, 4), (4, 4), (1, 4, 1), 8, force="fastest")
     with pytest.raises(ValueError, match="contraction='autp'"):
         MPOLinear(16, 16, 2, contraction="autp")
+    with pytest.raises(ValueError, match="kind='tt_lienar' is not a contraction kind: expected one of .*'tt_linear'"):
+        strategy_names("tt_lienar")  # (it answered () — no strategies)
+
+
+def test_a_registered_strategy_is_replaced_only_when_asked(monkeypatch):
+    from torchtn.core.contraction import planner
+
+    monkeypatch.setattr(planner, "_STRATEGIES", {k: dict(v) for k, v in planner._STRATEGIES.items()})
+    dense = get_strategy("tt_linear", "dense")
+    with pytest.raises(ValueError, match="strategy 'dense' of tt_linear is registered already .*replace=True"):
+        register_strategy("tt_linear", "dense")(lambda problem, model: [])  # (it silently swapped the built-in)
+    assert get_strategy("tt_linear", "dense") is dense
+    register_strategy("tt_linear", "dense")(dense)  # the same function again: nothing to replace
+    mine = register_strategy("tt_linear", "dense", replace=True)(lambda problem, model: dense(problem, model))
+    assert get_strategy("tt_linear", "dense") is mine
+
+
+def test_an_autotune_setting_the_environment_cannot_mean_warns(monkeypatch):
+    from torchtn.core.contraction import autotune
+
+    monkeypatch.setenv("TORCHTN_AUTOTUNE", "maybe")
+    with pytest.warns(UserWarning, match="TORCHTN_AUTOTUNE='maybe' is not understood .*autotuning stays off"):
+        assert autotune._from_environment() is False
+    for value, on in (("1", True), ("ON", True), ("0", False), ("off", False), ("", False)):
+        monkeypatch.setenv("TORCHTN_AUTOTUNE", value)
+        assert autotune._from_environment() is on
 
 
 def test_plans_are_cached_per_key_and_rank_changes_give_new_plans():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -20,7 +21,13 @@ _ENV = "TORCHTN_AUTOTUNE"
 
 
 def _from_environment() -> bool:
-    return os.environ.get(_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    value = os.environ.get(_ENV, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value not in ("", "0", "false", "no", "off"):
+        warnings.warn(f"{_ENV}={os.environ[_ENV]!r} is not understood (expected 1, true, yes, on or 0, false, no, "
+                      f"off): autotuning stays off", stacklevel=2)
+    return False
 
 
 _state: dict[str, bool] = {"on": _from_environment()}

@@ -57,17 +57,29 @@ _CACHE_SIZE = 4096
 _stats = {"hits": 0, "misses": 0}
 
 
-def register_strategy(kind: str, name: str) -> Callable[[Strategy], Strategy]:
-    """Decorator: register ``fn(problem, cost_model) -> [plans]`` as strategy ``name`` of contraction ``kind``."""
+def register_strategy(kind: str, name: str, *, replace: bool = False) -> Callable[[Strategy], Strategy]:
+    """Decorator: register ``fn(problem, cost_model) -> [plans]`` as strategy ``name`` of contraction ``kind``. A name
+    taken already raises (``replace=True`` swaps it, e.g. a tuned strategy in place of a built-in one); plans made by
+    the old one are dropped."""
     def deco(fn: Strategy) -> Strategy:
-        _STRATEGIES.setdefault(kind, {})[name] = fn
+        known = _STRATEGIES.setdefault(kind, {})
+        if name in known and known[name] is not fn:
+            if not replace:
+                raise ValueError(f"strategy {name!r} of {kind} is registered already ({known[name].__qualname__}); "
+                                 f"pass replace=True to swap it for {getattr(fn, '__qualname__', fn)!r}")
+            clear_plan_cache()
+        known[name] = fn
         return fn
     return deco
 
 
 def strategy_names(kind: str) -> tuple[str, ...]:
-    """Registered strategy names of ``kind`` (the values a layer's ``contraction=`` accepts)."""
-    return tuple(_STRATEGIES.get(kind, {}))
+    """Registered strategy names of ``kind`` (the values a layer's ``contraction=`` accepts); an unknown kind raises
+    ``ValueError`` naming the known ones."""
+    if kind not in _STRATEGIES:
+        raise ValueError(f"kind={kind!r} is not a contraction kind: expected one of "
+                         f"{', '.join(map(repr, sorted(_STRATEGIES)))}")
+    return tuple(_STRATEGIES[kind])
 
 
 def get_strategy(kind: str, name: str) -> Strategy:
