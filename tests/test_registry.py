@@ -351,6 +351,13 @@ def test_a_new_layer_type_is_one_registration(tmp_path, capsys):
         assert isinstance(skeleton[0], ToyTT) and torch.equal(skeleton(x), new(x))
         assert main(["inspect", str(path)]) == 0
         assert "ToyTT" in capsys.readouterr().out
+        # a name or a dense type another class holds is not taken over silently (files, tensorize would change)
+        with pytest.raises(ValueError, match=r"cannot register Other: the name 'MPOLinear' \(MPOLinear\) and "
+                                             r"Linear \(converted to MPOLinear\) taken already; pass replace=True"):
+            register_layer("MPOLinear", converts=(nn.Linear,))(type("Other", (ToyTT,), {}))
+        assert registry_module.layer_type("MPOLinear") is MPOLinear
+        assert registry_module.converter_for(nn.Linear(2, 2)) is MPOLinear
+        register_layer("ToyTT", converts=(Scale,))(ToyTT)  # the same class again: nothing taken over
     finally:
         registry_module._TYPES.pop("ToyTT", None)
         registry_module._CONVERTS.pop(Scale, None)

@@ -35,8 +35,14 @@ _TYPES: dict[str, type[nn.Module]] = {}
 _CONVERTS: dict[type[nn.Module], type[nn.Module]] = {}
 
 
-def register_layer(name: str | None = None, *, converts: Sequence[type[nn.Module]] = ()):
-    """Class decorator: register a layer under ``name`` (default: the class name).
+def _same_class(a: type, b: type) -> bool:
+    """The same class, or a redefinition of it (a module reloaded, a notebook cell run again)."""
+    return a is b or (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
+
+
+def register_layer(name: str | None = None, *, converts: Sequence[type[nn.Module]] = (), replace: bool = False):
+    """Class decorator: register a layer under ``name`` (default: the class name). A name or a dense type taken by
+    another class raises — files and ``tensorize`` would silently change meaning — unless ``replace=True``.
 
     ``converts``: dense module types that ``tensorize`` replaces by this layer (the class then provides
     ``dense_matrix(module)``, ``tt_shapes_for(module, in_shape, out_shape)`` and ``from_tt(module, tt)``, and
@@ -52,6 +58,13 @@ def register_layer(name: str | None = None, *, converts: Sequence[type[nn.Module
             for method in ("dense_matrix", "tt_shapes_for", "from_tt"):
                 if not hasattr(cls, method):
                     raise TypeError(f"{cls.__name__} converts {[c.__name__ for c in converts]} but has no {method}()")
+        taken = [f"the name {key!r} ({_TYPES[key].__qualname__})"] if key in _TYPES and not _same_class(
+            _TYPES[key], cls) else []
+        taken += [f"{dense.__name__} (converted to {_CONVERTS[dense].__qualname__})" for dense in converts
+                  if dense in _CONVERTS and not _same_class(_CONVERTS[dense], cls)]
+        if taken and not replace:
+            raise ValueError(f"cannot register {cls.__qualname__}: {' and '.join(taken)} taken already; pass "
+                             f"replace=True to take it over")
         _TYPES[key] = cls
         cls._registry_name = key
         for dense in converts:
