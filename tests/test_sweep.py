@@ -299,3 +299,43 @@ def test_sweep_needs_an_mpo_layer_and_matching_optimizer():
         Trainer(FC2(64), TrainConfig(optimizer="sweep"))
     with pytest.raises(ValueError, match="optimizer='sweep'"):
         TrainConfig(optimizer="adamw", sweep=SweepConfig())
+
+
+class _Twice(torch.nn.Module):
+    """One MPO layer applied twice (shared weights), then a dense read-out: ``W (W x)``; or, with ``skip_odd``, a
+    model that uses its MPO layer only on even batches (counted per training call)."""
+
+    def __init__(self, skip_odd: bool = False) -> None:
+        super().__init__()
+        self.tn = MPOLinear(16, 16, 2, in_shape=(4, 4), out_shape=(4, 4), dtype=torch.float64)
+        self.out = torch.nn.Linear(16, 1, dtype=torch.float64)
+        self.skip_odd, self.calls = skip_odd, 0
+
+    def forward(self, x):
+        if self.skip_odd:
+            self.calls += self.training
+            return self.out(self.tn(x) if self.calls % 2 or not self.training else x)
+        return self.out(self.tn(self.tn(x)))
+
+
+def test_a_layer_used_twice_or_skipped_in_a_batch_is_named_not_half_trained():
+    """The local gradient reads the layer's input and output gradient of this batch's forward pass: a layer called
+    twice left only its second call there, one skipped in a batch left the previous batch's — both were used
+    silently. With the whole network recomputed for each local gradient (autograd) a shared layer is exact."""
+    data = regression_data()
+    cfg = dict(epochs=1, batch_size=150, optimizer="sweep", progress=False)
+    with pytest.raises(RuntimeError, match=r"layer 'tn' ran 2 times in this batch's forward pass, .*recompute=True"):
+        Trainer(_Twice(), TrainConfig(**cfg, sweep=SweepConfig(max_rank=4)), loss="mse").fit(data)
+    with pytest.raises(RuntimeError, match="ran 2 times"):
+        Trainer(_Twice(), TrainConfig(**cfg, sweep=SweepConfig(max_rank=4, recompute=True, gradient="manual")),
+                loss="mse").fit(data)
+    with pytest.raises(RuntimeError, match="layer 'tn' took no part in this batch's backward pass"):
+        Trainer(_Twice(skip_odd=True), TrainConfig(**cfg, sweep=SweepConfig(max_rank=4)), loss="mse").fit(data)
+    torch.manual_seed(0)
+    model = _Twice()
+    before = measure(model, data.x_test, data.y_test, "mse")["loss"]
+    start = [c.clone() for c in model.tn.cores]
+    Trainer(model, TrainConfig(**{**cfg, "epochs": 5, "lr": 1e-2}, sweep=SweepConfig(max_rank=4, recompute=True)),
+            loss="mse").fit(data)
+    assert measure(model, data.x_test, data.y_test, "mse")["loss"] < 0.5 * before
+    assert model.tn.ranks != (1, 2, 1) or not all(torch.equal(a, b) for a, b in zip(start, model.tn.cores))

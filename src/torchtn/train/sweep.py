@@ -88,12 +88,17 @@ def sweepable_layers(model: nn.Module) -> dict[str, TTLayer]:
 
 
 class _Capture:
-    """Forward hooks that keep a layer's input and output of the last forward pass (the output retains its grad)."""
+    """Forward hooks that keep a layer's input and output of the last forward pass (the output retains its grad) and
+    count the calls since :meth:`reset` (a layer called twice in one pass would leave only its last call here)."""
 
     def __init__(self, layer: nn.Module) -> None:
+        self.handles = [layer.register_forward_pre_hook(self._pre), layer.register_forward_hook(self._post)]
+        self.reset()
+
+    def reset(self) -> None:
         self.x: torch.Tensor | None = None
         self.y: torch.Tensor | None = None
-        self.handles = [layer.register_forward_pre_hook(self._pre), layer.register_forward_hook(self._post)]
+        self.calls = 0
 
     def _pre(self, module, args):
         x = args[0]
@@ -105,11 +110,23 @@ class _Capture:
         if torch.is_grad_enabled() and output.requires_grad:
             output.retain_grad()
             self.x, self.y = args[0].detach(), output
+            self.calls += 1
         return None
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def _check_one_call(name: str, cap: _Capture, needs_grad: bool) -> None:
+    """The local gradient reads the layer's one input and output gradient of this batch."""
+    if cap.calls == 0 or (needs_grad and cap.y.grad is None):
+        raise RuntimeError(f"sweep: layer {name!r} took no part in this batch's backward pass; every sweepable layer "
+                           f"must be used in the loss")
+    if cap.calls > 1:
+        raise RuntimeError(f"sweep: layer {name!r} ran {cap.calls} times in this batch's forward pass, and the local "
+                           f"gradient would see only its last call; a layer used more than once needs "
+                           f"SweepConfig(recompute=True, gradient='autograd')")
 
 
 class Sweeper:
@@ -185,20 +202,24 @@ class Sweeper:
         ``lr_scale`` multiplies ``config.lr`` (the trainer's schedule). Returns whether any bond dimension changed."""
         self._lr = self.config.lr * lr_scale
         changed = False
-        for name in self.names:
-            layer = self.layer(name)
-            sequence = self.visits(len(layer.core_list()))
-            positions = self._positions(len(sequence), step, index, steps_per_epoch)
-            if not len(positions):
-                continue
-            ranks = layer.ranks
-            weight_grad = None
-            for p in positions:
-                where, centre = sequence[p]
-                weight_grad = self._visit(name, layer, where, centre, batch_loss, weight_grad)
-                if p == len(sequence) - 1:
-                    self._record(name, step + 1)
-            changed |= layer.ranks != ranks
+        try:
+            for name in self.names:
+                layer = self.layer(name)
+                sequence = self.visits(len(layer.core_list()))
+                positions = self._positions(len(sequence), step, index, steps_per_epoch)
+                if not len(positions):
+                    continue
+                ranks = layer.ranks
+                weight_grad = None
+                for p in positions:
+                    where, centre = sequence[p]
+                    weight_grad = self._visit(name, layer, where, centre, batch_loss, weight_grad)
+                    if p == len(sequence) - 1:
+                        self._record(name, step + 1)
+                changed |= layer.ranks != ranks
+        finally:  # the next batch's forward pass captures afresh (a layer it skips is not served this batch's)
+            for cap in self._captures.values():
+                cap.reset()
         return changed
 
     def _visit(self, name: str, layer: TTLayer, where: int, centre: str, batch_loss: Callable[[], torch.Tensor],
@@ -245,16 +266,16 @@ class Sweeper:
         c = self.config
         cap = self._captures[name]
         if c.recompute:
+            cap.reset()
             with layer.cores_override(chain):
                 loss = batch_loss()
             if c.gradient == "autograd":
                 return torch.autograd.grad(loss, local)[0], None
+            _check_one_call(name, cap, needs_grad=False)
             delta = torch.autograd.grad(loss, cap.y)[0]
             x = cap.x
         else:
-            if cap.y is None or cap.y.grad is None:
-                raise RuntimeError(f"sweep: layer {name!r} took no part in this batch's backward pass; every "
-                                   f"sweepable layer must be used in the loss")
+            _check_one_call(name, cap, needs_grad=True)
             x, delta = cap.x, cap.y.grad
             if c.gradient == "autograd":  # ∂/∂(local) of the layer's linearized loss Σ δ·(x W(local)ᵀ)
                 with torch.enable_grad():
