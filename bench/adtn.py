@@ -45,6 +45,10 @@ def worker(case: dict) -> dict:
     contestants = {"gate by gate (torch.matmul on views)": obvious,
                    f"torchtn (planner: {plan.group} gates per pass, recompute)":
                        lambda g: adtn_generate(g, group=plan.group, recompute=True)}
+    with torch.no_grad():  # both compute the same tensor, or the comparison means nothing
+        a, b = (fn(gates) for fn in contestants.values())
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(a.abs().max())), "ADTN contestants disagree"
+        del a, b
     out = {"_plan": str(plan)}
     for name, fn in contestants.items():
         fwd, bwd = [], []
