@@ -390,3 +390,25 @@ def test_every_layer_type_built_on_meta_is_made_whole_by_reset_parameters(name):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=f"{name}: {key} not reset")
     x = torch.randn(5, 48, dtype=torch.float64)
     assert torch.isfinite(deferred(x)).all()
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # shape checks recorded as constants, as for any layer
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_every_layer_type_can_be_traced_by_torch_jit(name):
+    """``torch.jit.trace`` records one graph and checks it against a second run (in another grad mode): the layers'
+    caches and grad-mode-dependent plans made that check fail ("Graphs differed across invocations"). Traced, each
+    layer gives the eager outputs on new inputs and the eager gradients."""
+    torch.manual_seed(0)
+    model = EXAMPLES[name]().eval()
+    x = torch.randn(5, 48, dtype=torch.float64)
+    traced = torch.jit.trace(model, x)
+    other = torch.randn(5, 48, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(other), model(other), rtol=1e-10, atol=1e-12)
+    params = [p for p in model.parameters() if p.requires_grad]
+    eager = torch.autograd.grad(model(other).square().sum(), params, allow_unused=True)
+    mine = torch.autograd.grad(traced(other).square().sum(), params, allow_unused=True)
+    for a, b in zip(eager, mine):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)

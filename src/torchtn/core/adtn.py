@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ._tracing import traced
 from .contraction.autotune import time_call
 from .contraction.cost import CostModel
 from .contraction.planner import MeasuredPlan, make_plan, register_strategy
@@ -316,7 +317,7 @@ def adtn_generate(gates: torch.Tensor, *, numel: int | None = None, activation: 
     needs_grad = torch.is_grad_enabled() and gates.requires_grad
     if recompute is None:
         recompute = needs_grad and size >= 2**16
-    if torch.compiler.is_compiling() or (needs_grad and not recompute):
+    if traced() or (needs_grad and not recompute):
         x = None
         for m in range(gates.shape[0]):
             x = _brick_layer(_activate(x, activation) if m else None, gates[m], Q, group)

@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 
 from .._checks import check_choice, check_fits_in_memory, check_nonnegative_int, check_positive_int
 from .._modules import holding
+from ..core._tracing import traced
 from ..core.adtn import ACTIVATIONS, adtn_generate, adtn_live_params, adtn_num_params, num_qubits, orthogonal_gates
 from ..core.tt import gaussian
 from ._conv import set_conv_geometry
@@ -96,7 +97,7 @@ class ADTNGenerator(nn.Module):
                              scale=self.scale).reshape(self.shape)
 
     def forward(self) -> torch.Tensor:
-        if self.training or torch.is_grad_enabled() and self.gates.requires_grad or torch.compiler.is_compiling():
+        if self.training or torch.is_grad_enabled() and self.gates.requires_grad or traced():
             self._cache.clear()  # (traced by torch.compile or torch.export: no cache, whose key reads data pointers)
             return self._generate()
         key = (self.gates.data_ptr(), self.gates._version, self.scale.data_ptr(), self.scale._version,

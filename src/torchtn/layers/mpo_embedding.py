@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_positive_int
+from ..core._tracing import traced
 from ..core.factorize import factorize
 from ..core.tt import TTMatrix, inner_ranks
 from .registry import register_layer
@@ -192,8 +193,9 @@ class MPOEmbedding(TTLayer):
         if self.slot is not None:  # the MPO's rows, in its own order; exact rows are put in below
             slot = self.slot[ids.long()]
             ids = slot.clamp_min(0)
-        if not (torch.is_grad_enabled() and any([c.requires_grad for c in cores])):
-            # inference: one gather from the table rebuilt once and cached while the cores do not change
+        if not (torch.is_grad_enabled() and any([c.requires_grad for c in cores])) or torch.jit.is_tracing():
+            # inference: one gather from the table rebuilt once and cached while the cores do not change (under
+            # torch.jit.trace, whose one graph serves every grad mode: the table rebuilt, differentiably)
             out = F.embedding(ids.long(), self._cached_dense())
         elif ids.numel() * _gathered_per_id(cores) > 4 * math.prod([c.shape[1] * c.shape[2] for c in cores]):
             # many ids: the per-id path would gather more core slices than the table holds; rebuild it (differentiable)
@@ -212,7 +214,7 @@ class MPOEmbedding(TTLayer):
         does, so a forward never waits for the device (nor breaks the graph) to read the ids back."""
         if not ids.numel():
             return
-        if ids.device.type != "cpu" or torch.compiler.is_compiling():
+        if ids.device.type != "cpu" or traced():
             torch._assert_async(((ids >= 0) & (ids < self.num_embeddings)).all(),
                                 f"MPOEmbedding: ids must be in [0, {self.num_embeddings})")
             return

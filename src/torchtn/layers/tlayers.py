@@ -17,6 +17,7 @@ from torch import nn
 
 from .._checks import check_choice, check_nonnegative_real, check_positive_int
 from ..core._dtypes import half_to_float
+from ..core._tracing import traced
 from ..core.contraction import scratch_buffer
 from ..core.mprod import TRANSFORMS, Transform, facewise, mtran, t_eye, transform
 from .registry import register_layer
@@ -68,7 +69,7 @@ class _TModule(nn.Module):
             ref = next(self.parameters(), None)
             at = {} if ref is None or not ref.is_floating_point() else {"dtype": ref.dtype, "device": ref.device}
             cached = transform(self.transform_name, self.tubes, **at)
-            if not torch.compiler.is_compiling():  # a traced call's matrix is a fake tensor: never kept
+            if not traced():  # a traced call's matrix is a fake tensor: never kept
                 self.__dict__["_named_T"] = cached
         return cached
 
@@ -78,7 +79,7 @@ class _TModule(nn.Module):
 
     def _transformed(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight ×₃ M``: recomputed whenever a gradient may flow, cached in eval until the weight changes."""
-        if torch.is_grad_enabled() and weight.requires_grad or torch.compiler.is_compiling():
+        if torch.is_grad_enabled() and weight.requires_grad or traced():
             return _weight_hat(weight, self.T)
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device,
                None if self.M is None else (self.M.data_ptr(), self.M._version))
@@ -174,7 +175,7 @@ def _t_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
             M = T._m(x)
             # without gradients the two intermediates go into reused scratch buffers (as the MPO planner's do): a
             # fresh tensor of a few hundred KiB can have its pages faulted in on every call
-            free = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            free = not torch.is_grad_enabled() and not traced()
             x_hat = torch.mm(M, x.reshape(batch * fan_in, n).T, out=scratch_buffer(0, n * batch * fan_in, x.dtype, x.device)
                              .view(n, batch * fan_in) if free else None).view(n, batch, fan_in)
             y_hat = torch.bmm(x_hat, what.transpose(1, 2), out=scratch_buffer(1, n * batch * out, x.dtype, x.device)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .._modules import holding
+from ..core._tracing import traced
 from ..core.contraction import MergedCache
 from ..core.tt import BondInfo, TTMatrix, check_cores, tt_ranks
 from .computed_weight import ComputedWeight, WeightCache
@@ -178,7 +179,7 @@ class TTLayer(ComputedWeight):
         that code outside the layer reads (``weight``), never the tensor the layer computes with; ``fresh``: a new
         copy at every call (a parametrization's tensor, which its module computes with)."""
         cores = list(self.cores)
-        if (torch.is_grad_enabled() and any([c.requires_grad for c in cores])) or torch.compiler.is_compiling():
+        if (torch.is_grad_enabled() and any([c.requires_grad for c in cores])) or traced():
             return self.tt.to_dense()
         key = tuple([(c.data_ptr(), c._version, tuple(c.shape), c.dtype, c.device) for c in cores])
         what = f"{type(self).__name__}.weight"

@@ -13,8 +13,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-import torch
-
+from .._tracing import traced
 from .autotune import AUTOTUNE_CANDIDATES, autotune_enabled
 from .cost import CostModel, get_cost_model
 
@@ -115,7 +114,7 @@ def make_plan(kind: str, strategy: str, problem: Hashable, *, cost_model: CostMo
     fn = get_strategy(kind, strategy)
     model = cost_model if cost_model is not None else get_cost_model(device)
     tune = autotune_enabled() if autotune is None else autotune
-    if torch.compiler.is_compiling():
+    if traced():
         # traced: plan from the cost model alone and never read the plan cache — dynamo would guard on the cache's
         # keys (seen on CUDA with torch 2.11: a guard on "list(_CACHE.keys())[34]…" failed once the cache changed)
         plan = None

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .._tracing import traced
 from ..tt import merge_cores, tt_num_params, tt_ranks, tt_shapes
 from .autotune import autotune_enabled, time_call
 from .cost import DEFAULT_COST_MODEL, CostModel
@@ -484,7 +485,7 @@ class MergedCache:
         caches, where each read costs a memory access, and every read here was measured (~30 µs of a 784×256
         layer's ~200 µs call at batch 64 before this path, with the caches cold)."""
         last = self.last
-        if last is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if last is None or torch.is_grad_enabled() or traced():
             return None
         shape, dtype, held_strategy, held, plan, mats = last
         # (no device check: the kept matrices are on the cores' device, where the input must be anyway — a move
@@ -520,7 +521,7 @@ def tt_linear_apply(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.
     Plans are cached per (shapes, ranks, batch, dtype, device, grad mode, strategy). With a ``cache`` the plan is
     also memoized per call signature, and — when the cores need no gradient — merged groups are reused between calls.
     """
-    inference = not torch.is_grad_enabled() and not torch.compiler.is_compiling()  # scratch buffers allowed
+    inference = not torch.is_grad_enabled() and not traced()  # scratch buffers allowed
     fast = cache is not None and inference
     strategy = (contraction, cost_model, autotune, autotune_enabled())
     if fast:  # inference: a call like the last one reuses its plan and matrices outright
@@ -535,14 +536,17 @@ def tt_linear_apply(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     batch = x2.shape[0]
-    needs_grad = torch.is_grad_enabled() and any([c.requires_grad for c in cores])
+    # torch.jit.trace records one graph for every later call (and checks it against a second run, possibly in
+    # another grad mode): the plan must not depend on the grad mode there — the inference plan, whose ops are as
+    # differentiable as any
+    needs_grad = torch.is_grad_enabled() and any([c.requires_grad for c in cores]) and not torch.jit.is_tracing()
     input_grad = needs_grad and x.requires_grad
     if batch == 0:  # nothing to contract; the empty output still depends on the input and parameters, as F.linear's
         y = x.new_zeros(*lead, math.prod([int(c.shape[1]) for c in cores]))
         if torch.is_grad_enabled():
             y = y + sum([c.sum() for c in cores], x.sum()) * 0
         return y if bias is None else y + bias
-    if cache is not None and not torch.compiler.is_compiling():
+    if cache is not None and not traced():
         key = (batch, x2.dtype, x2.device, needs_grad, input_grad, strategy, tuple([c.shape for c in cores]))
         plan = cache.plans.get(key)
         if plan is None:
