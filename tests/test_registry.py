@@ -393,6 +393,7 @@ def test_every_layer_type_built_on_meta_is_made_whole_by_reset_parameters(name):
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # shape checks recorded as constants, as for any layer
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning")  # deprecated in torch 2.13, still used
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_every_layer_type_can_be_traced_by_torch_jit(name):
     """``torch.jit.trace`` records one graph and checks it against a second run (in another grad mode): the layers'
