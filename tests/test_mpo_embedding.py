@@ -1,4 +1,6 @@
 """MPOEmbedding: lookups equal F.embedding of its own dense table; TT-SVD of a trained table; tensorize; files."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -160,7 +162,8 @@ def test_torch_compile_full_graph_with_a_device_side_id_check():
     emb.eval()
     with torch.no_grad():
         assert torch.allclose(compiled(ids), emb(ids), atol=1e-6)
-        with pytest.raises(RuntimeError, match=r"ids must be in \[0, 300\)"):
+        # the asynchronous assert, or the gather from the table of exactly 300 rows, whichever runs first
+        with pytest.raises((RuntimeError, IndexError), match=r"ids must be in \[0, 300\)|index out of range"):
             compiled(torch.tensor([[1, 300]]))
 
 
@@ -192,3 +195,19 @@ def test_reset_parameters_makes_a_meta_built_table_whole_padding_and_exact_rows_
     assert torch.equal(table.slot, torch.cat([torch.arange(-1, -6, -1), torch.arange(55)]))  # ids 0 … 4 exact
     torch.testing.assert_close(out[[0, 1, 3, 4]], table.exact[[0, 1, 3, 4]], rtol=0, atol=0)
     assert 0.5 < float(table.exact.detach().std()) < 1.5  # nn.Embedding's N(0, 1)
+
+
+def test_an_out_of_range_id_raises_under_torch_func_too():
+    """Under ``torch.func`` (no read-back, no asynchronous assert) the lookup is a gather from the table of exactly
+    ``num_embeddings`` rows, which checks the ids; the MPO's modes cover 64 rows here, so a gather from the whole
+    rebuilt matrix returned a row of padding for id 60 silently."""
+    from torch.func import functional_call, vmap
+
+    table = MPOEmbedding(50, 8, 3)
+    assert math.prod(table.vocab_shape) > 60
+    params = {k: v.detach() for k, v in table.named_parameters()}
+    lookup = vmap(lambda i: functional_call(table, params, (i,)))
+    good = torch.tensor([[1, 2], [3, 49]])
+    torch.testing.assert_close(lookup(good), table(good), rtol=0, atol=1e-6)
+    with pytest.raises(IndexError, match="index out of range"):
+        lookup(torch.tensor([[1, 2], [3, 60]]))

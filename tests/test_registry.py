@@ -413,3 +413,38 @@ def test_every_layer_type_can_be_traced_by_torch_jit(name):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_every_layer_type_runs_under_torch_func_transforms(name):
+    """``torch.func``: an ensemble of stacked models run by ``vmap`` over ``functional_call`` (their caches keyed on
+    storage and the ADTN's custom autograd Function failed under it), and per-example gradients by
+    ``vmap(grad(...))`` — each equal to running the models / examples one by one."""
+    import copy
+
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(EXAMPLES[name]().eval())
+    x = torch.randn(4, 48, dtype=torch.float64)
+    if not name.endswith("Parametrization"):  # (torch.nn.utils.parametrize makes a class per instance: no stacking)
+        params, buffers = stack_module_state(models)
+        base = copy.deepcopy(models[0]).to("meta")
+        out = vmap(lambda p, b, inp: functional_call(base, (p, b), (inp,)), in_dims=(0, 0, None))(params, buffers, x)
+        with torch.no_grad():
+            torch.testing.assert_close(out, torch.stack([m(x) for m in models]), rtol=1e-10, atol=1e-12)
+    model = models[0]
+    own = {k: v.detach() for k, v in model.named_parameters()}
+    frozen = {k: v for k, v in model.named_buffers()}
+
+    def loss(p, inp):
+        return functional_call(model, (p, frozen), (inp[None],)).square().sum()
+
+    per_example = vmap(grad(loss), in_dims=(None, 0))(own, x)
+    for i in range(len(x)):
+        one = torch.autograd.grad(model(x[i:i + 1]).square().sum(), list(model.parameters()), allow_unused=True)
+        for (key, batched), g in zip(per_example.items(), one):
+            torch.testing.assert_close(batched[i], torch.zeros_like(batched[i]) if g is None else g, rtol=1e-9,
+                                       atol=1e-12, msg=f"{name}: {key}")

@@ -1,15 +1,23 @@
-"""Whether this call is being recorded into a graph — ``torch.compile`` / ``torch.export`` (Dynamo) or
-``torch.jit.trace``. Layers then take their plain path: caches keyed on data pointers and versions are neither read
-(the graph would depend on what happened before it) nor filled (a traced value is a placeholder)."""
+"""Whether this call is recorded into a graph — ``torch.compile`` / ``torch.export`` (Dynamo), ``torch.jit.trace`` —
+or transformed by ``torch.func`` (``vmap``, ``grad``, ``jacrev``…: ensembles of stacked models, per-example
+gradients). Layers then take their plain path: caches keyed on data pointers and versions are neither read (the
+graph would depend on what happened before it; a transformed tensor has no storage to key on) nor filled (a traced
+value is a placeholder), and no custom autograd Function with scratch buffers runs."""
 from __future__ import annotations
 
 import torch
 
-__all__ = ["traced"]
+__all__ = ["traced", "func_transformed"]
 
-
-_jit_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)  # the public wrapper costs ~90 ns, this ~25
+# the public wrappers cost ~90 ns; these ~25 each, on the inference fast path
+_jit_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
+_func_transform = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", lambda: None)
 
 
 def traced() -> bool:
-    return torch.compiler.is_compiling() or _jit_tracing()
+    return torch.compiler.is_compiling() or _jit_tracing() or _func_transform() is not None
+
+
+def func_transformed() -> bool:
+    """Inside a ``torch.func`` transform only (no data-dependent checks there: no ``.item()``, no async asserts)."""
+    return _func_transform() is not None

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_positive_int
-from ..core._tracing import traced
+from ..core._tracing import func_transformed, traced
 from ..core.factorize import factorize
 from ..core.tt import TTMatrix, inner_ranks
 from .registry import register_layer
@@ -193,13 +193,15 @@ class MPOEmbedding(TTLayer):
         if self.slot is not None:  # the MPO's rows, in its own order; exact rows are put in below
             slot = self.slot[ids.long()]
             ids = slot.clamp_min(0)
+        rows = self.num_embeddings - self.exact_rows  # the MPO's rows (its modes may cover more: padding)
         if not (torch.is_grad_enabled() and any([c.requires_grad for c in cores])) or torch.jit.is_tracing():
             # inference: one gather from the table rebuilt once and cached while the cores do not change (under
             # torch.jit.trace, whose one graph serves every grad mode: the table rebuilt, differentiably)
-            out = F.embedding(ids.long(), self._cached_dense())
-        elif ids.numel() * _gathered_per_id(cores) > 4 * math.prod([c.shape[1] * c.shape[2] for c in cores]):
+            out = F.embedding(ids.long(), self._cached_dense()[:rows])
+        elif (func_transformed()  # (F.embedding checks the ids itself: under torch.func nothing else can)
+              or ids.numel() * _gathered_per_id(cores) > 4 * math.prod([c.shape[1] * c.shape[2] for c in cores])):
             # many ids: the per-id path would gather more core slices than the table holds; rebuild it (differentiable)
-            out = F.embedding(ids.long(), self.tt.to_dense())
+            out = F.embedding(ids.long(), self.tt.to_dense()[:rows])
         else:
             out = mpo_embedding(ids.long(), cores)
         if self.slot is not None:
@@ -212,7 +214,7 @@ class MPOEmbedding(TTLayer):
         """Out-of-range ids raise (a factorized lookup would otherwise read another row). On the CPU a clear error
         that names the range; on an accelerator or under ``torch.compile`` a device-side assert, as ``nn.Embedding``
         does, so a forward never waits for the device (nor breaks the graph) to read the ids back."""
-        if not ids.numel():
+        if not ids.numel() or func_transformed():  # (under torch.func the lookup is F.embedding's, which checks)
             return
         if ids.device.type != "cpu" or traced():
             torch._assert_async(((ids >= 0) & (ids < self.num_embeddings)).all(),
