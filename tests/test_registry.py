@@ -448,3 +448,31 @@ def test_every_layer_type_runs_under_torch_func_transforms(name):
         for (key, batched), g in zip(per_example.items(), one):
             torch.testing.assert_close(batched[i], torch.zeros_like(batched[i]) if g is None else g, rtol=1e-9,
                                        atol=1e-12, msg=f"{name}: {key}")
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_every_layer_type_serves_inference_mode_and_later_calls_alike(name):
+    """``torch.inference_mode()`` — PyTorch's fastest inference — filled the layers' caches with inference tensors,
+    which have no version counter to key a cache on and cannot be saved for backward: every later call outside it
+    failed (an input gradient in eval, a training step). Kept tensors are now normal tensors, made without history."""
+    torch.manual_seed(0)
+    model = EXAMPLES[name]().eval()
+    x = torch.randn(5, 48, dtype=torch.float64)
+    with torch.inference_mode():
+        first = model(x)
+        assert torch.equal(model(x), first)  # and a second call inside, from the caches
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), first, rtol=0, atol=0)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    probe = x.clone().requires_grad_(True)  # an input gradient from the frozen model in eval (a saliency map)
+    out = model(probe)
+    torch.testing.assert_close(out.detach(), first, rtol=1e-12, atol=1e-12)
+    if out.requires_grad:  # (the embedding example's ids do not depend on the input)
+        out.square().sum().backward()
+        assert probe.grad is not None and torch.isfinite(probe.grad).all()
+    model.train().requires_grad_(True)
+    model(x).square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.numel())
+    with torch.inference_mode():
+        assert torch.isfinite(model.eval()(x)).all()

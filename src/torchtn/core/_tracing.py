@@ -5,9 +5,12 @@ graph would depend on what happened before it; a transformed tensor has no stora
 value is a placeholder), and no custom autograd Function with scratch buffers runs."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
-__all__ = ["traced", "func_transformed"]
+__all__ = ["traced", "func_transformed", "kept"]
 
 # the public wrappers cost ~90 ns; these ~25 each, on the inference fast path
 _jit_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
@@ -21,3 +24,13 @@ def traced() -> bool:
 def func_transformed() -> bool:
     """Inside a ``torch.func`` transform only (no data-dependent checks there: no ``.item()``, no async asserts)."""
     return _func_transform() is not None
+
+
+@contextlib.contextmanager
+def kept() -> Iterator[None]:
+    """Where a tensor kept between calls is made (merged cores, a rebuilt weight, a transformed one, a reader's
+    copy): without autograd history, and as a normal tensor even inside ``torch.inference_mode()`` — an inference
+    tensor has no version counter to key a cache on and cannot be saved for a backward pass, so a cache filled under
+    inference mode broke every later call outside it."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield

@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 
 from .._checks import check_choice, check_fits_in_memory, check_nonnegative_int, check_positive_int
 from .._modules import holding
-from ..core._tracing import traced
+from ..core._tracing import kept, traced
 from ..core.adtn import ACTIVATIONS, adtn_generate, adtn_live_params, adtn_num_params, num_qubits, orthogonal_gates
 from ..core.tt import gaussian
 from ._conv import set_conv_geometry
@@ -104,7 +104,7 @@ class ADTNGenerator(nn.Module):
                self.gates.dtype, self.gates.device)
         weight = self._cache.get(key, _WHAT, "its ADTN gates")
         if weight is None:
-            with torch.no_grad():
+            with kept():
                 weight = self._cache.put(key, self._generate())
         return weight
 

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core._tracing import kept
+
 __all__ = ["ComputedWeight", "WeightCache"]
 
 
@@ -92,7 +94,8 @@ class WeightCache:
             self.copy = None
             raise self._changed(what, source)
         if copy is None:
-            self.copy = copy = self.value.clone()
+            with kept():
+                self.copy = copy = self.value.clone()
             self.copy_version = copy._version
         return copy
 
@@ -107,7 +110,8 @@ class WeightCache:
         self.copy, self.handed = None, []
         if any(t._version != version for t, version in handed):
             raise self._changed(what, source)
-        self.copy = copy = self.value.clone()
+        with kept():
+            self.copy = copy = self.value.clone()
         self.copy_version = copy._version
         self.handed = [(weakref.ref(t), version) for t, version in handed[-(self.WATCHED - 1):]]
         return copy

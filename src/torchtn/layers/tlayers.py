@@ -17,7 +17,7 @@ from torch import nn
 
 from .._checks import check_choice, check_nonnegative_real, check_positive_int
 from ..core._dtypes import half_to_float
-from ..core._tracing import traced
+from ..core._tracing import kept, traced
 from ..core.contraction import scratch_buffer
 from ..core.mprod import TRANSFORMS, Transform, facewise, mtran, t_eye, transform
 from .registry import register_layer
@@ -68,7 +68,8 @@ class _TModule(nn.Module):
         if cached is None:
             ref = next(self.parameters(), None)
             at = {} if ref is None or not ref.is_floating_point() else {"dtype": ref.dtype, "device": ref.device}
-            cached = transform(self.transform_name, self.tubes, **at)
+            with kept():
+                cached = transform(self.transform_name, self.tubes, **at)
             if not traced():  # a traced call's matrix is a fake tensor: never kept
                 self.__dict__["_named_T"] = cached
         return cached
@@ -85,7 +86,8 @@ class _TModule(nn.Module):
                None if self.M is None else (self.M.data_ptr(), self.M._version))
         cached = self.__dict__.get("_weight_hat")
         if cached is None or cached[0] != key:
-            cached = self.__dict__["_weight_hat"] = (key, _weight_hat(weight, self.T))
+            with kept():
+                cached = self.__dict__["_weight_hat"] = (key, _weight_hat(weight, self.T))
         return cached[1]
 
     def _weights_and_biases(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .._modules import holding
-from ..core._tracing import traced
+from ..core._tracing import kept, traced
 from ..core.contraction import MergedCache
 from ..core.tt import BondInfo, TTMatrix, check_cores, tt_ranks
 from .computed_weight import ComputedWeight, WeightCache
@@ -185,7 +185,7 @@ class TTLayer(ComputedWeight):
         what = f"{type(self).__name__}.weight"
         dense = self._dense_cache.get(key, what, self.weight_source)
         if dense is None:
-            with torch.no_grad():
+            with kept():
                 dense = self.tt.to_dense()
                 if len(cores) == 1:  # one core: the dense form is a view of the parameter, which a write would reach
                     dense = dense.clone()

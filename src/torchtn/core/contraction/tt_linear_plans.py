@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .._tracing import traced
+from .._tracing import kept, traced
 from ..tt import merge_cores, tt_num_params, tt_ranks, tt_shapes
 from .autotune import autotune_enabled, time_call
 from .cost import DEFAULT_COST_MODEL, CostModel
@@ -507,7 +507,7 @@ class MergedCache:
         key = (plan, *[(c.data_ptr(), c._version) for c in cores])
         entry = self.entry
         if entry is None or entry[0] != key:
-            with torch.no_grad():
+            with kept():
                 entry = (key, prepare_groups(cores, plan))
             self.entry = entry
         return entry[1]
