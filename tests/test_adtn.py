@@ -93,6 +93,8 @@ def test_initial_weight_has_pytorchs_default_variance_up_to_q_24():
             var = layer.weight.double().var().item()
         assert var == pytest.approx(1 / (3 * in_f), rel=1e-3)
     assert layer.Q == 24
+    one = torchtn.ADTNLinear(1, 1, depth=1)  # one weight has no variance: its size is PyTorch's scale (it was NaN)
+    assert one.weight.abs().item() == pytest.approx(3 ** -0.5, rel=1e-6)
 
 
 def test_fitting_a_weight_improves_with_depth():

@@ -83,7 +83,8 @@ class ADTNGenerator(nn.Module):
         with torch.no_grad():
             self.scale.fill_(1.0)
             w = self._generate()
-            self.scale.mul_(math.sqrt(1 / (3 * self.fan_in)) / w.std().clamp_min(1e-30))
+            spread = w.std() if w.numel() > 1 else w.abs().reshape(())  # (one entry has no std: it was NaN)
+            self.scale.mul_(math.sqrt(1 / (3 * self.fan_in)) / spread.clamp_min(1e-30))
         self._cache.clear()
 
     @property
