@@ -315,3 +315,15 @@ def test_tt_matrix_type_owns_the_mpo_math():
     assert layer.tt.ranks == tt.ranks and torch.allclose(layer.to_dense(), tt.to_dense())
     random = TTMatrix.random((8, 8, 8, 8), (8, 8, 8, 8), 8, variance=1e-3, generator=torch.Generator().manual_seed(0))
     assert random.to_dense().var().item() == pytest.approx(1e-3, rel=0.2)
+
+
+def test_sizes_without_factors_warn_that_the_mpo_is_one_dense_core():
+    with pytest.warns(UserWarning, match=r"MPOLinear\(97, 89\): the sizes have no factors .* rank has no effect"):
+        layer = MPOLinear(97, 89, 4)
+    assert len(layer.cores) == 1 and layer.compression_ratio == pytest.approx(1.0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MPOLinear(96, 88, 4)  # factors: no warning
+        MPOLinear(97, 89, 4, in_shape=(97,), out_shape=(89,))  # one core asked for

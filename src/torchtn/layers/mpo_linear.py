@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,6 +67,10 @@ When the cores need no
         self.in_features = check_positive_int("in_features", in_features)
         self.out_features = check_positive_int("out_features", out_features)
         self.in_shape, self.out_shape = resolve_shapes(self.in_features, self.out_features, in_shape, out_shape)
+        if len(self.in_shape) == 1 and in_shape is None and out_shape is None and self.in_features * self.out_features > 1:
+            warnings.warn(f"MPOLinear({in_features}, {out_features}): the sizes have no factors to pair into modes, so "
+                          f"the MPO is one core — the dense matrix, no compression — and rank has no effect; give "
+                          f"in_shape / out_shape (pad the features to a size with factors)", stacklevel=2)
         get_strategy("tt_linear", contraction)
         self.contraction = contraction
         if cost_model is not None and not isinstance(cost_model, CostModel):
