@@ -117,8 +117,8 @@ class ADTNGenerator(nn.Module):
         if self._cache.value is not weight:
             return weight
         if fresh:
-            return self._cache.fresh_copy(_WHAT, "its ADTN gates")
-        return self._cache.for_readers(_WHAT, "its ADTN gates")
+            return self._cache.fresh_copy(weight, _WHAT, "its ADTN gates")
+        return self._cache.for_readers(weight, _WHAT, "its ADTN gates")
 
     def fit(self, target: torch.Tensor, steps: int = 500, lr: float = 0.02) -> float:
         """Fit the gates and the scale to ``target`` (Adam on ``‖T − target‖²``; ``steps=0``: no fit); returns

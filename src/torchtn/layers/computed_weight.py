@@ -50,18 +50,23 @@ class WeightCache:
     #: copies from :meth:`fresh_copy` watched at once (the newest is kept; a dropped older one needs no watching)
     WATCHED = 8
 
-    __slots__ = ("key", "value", "version", "copy", "copy_version", "handed")
+    # Each state is one tuple, read once and replaced whole, so threads sharing a layer (a server) never see a key
+    # with another key's tensor, or a copy of another tensor than the one they read.
+    __slots__ = ("entry", "copy", "handed")
 
     def __init__(self) -> None:
         self.clear()
 
     def clear(self) -> None:
-        self.key: object = None
-        self.value: torch.Tensor | None = None
-        self.version = 0
-        self.copy: torch.Tensor | None = None
-        self.copy_version = 0
+        self.entry: tuple[object, torch.Tensor, int] | None = None  # (key, tensor, its version when kept)
+        self.copy: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (tensor copied, the copy, its version)
         self.handed: list[tuple[weakref.ref, int]] = []
+
+    @property
+    def value(self) -> torch.Tensor | None:
+        """The kept tensor, if any."""
+        entry = self.entry
+        return None if entry is None else entry[1]
 
     @staticmethod
     def _changed(what: str, source: str) -> RuntimeError:
@@ -72,46 +77,47 @@ class WeightCache:
 
     def get(self, key: object, what: str, source: str) -> torch.Tensor | None:
         """The kept tensor if it was computed for ``key`` (else ``None``)."""
-        value = self.value
-        if value is None or self.key != key:
+        entry = self.entry
+        if entry is None or entry[0] != key:
             return None
-        if value._version != self.version:
+        if entry[1]._version != entry[2]:
             self.clear()  # the next read computes it afresh
             raise self._changed(what, source)
-        return value
+        return entry[1]
 
     def put(self, key: object, value: torch.Tensor) -> torch.Tensor:
-        self.key, self.value, self.version = key, value, value._version
-        self.copy = None
-        self.handed = []
+        self.entry = (key, value, value._version)
+        self.copy, self.handed = None, []
         return value
 
-    def for_readers(self, what: str, source: str) -> torch.Tensor:
-        """The kept tensor as code outside the layer reads it: a copy, made on the first read and kept with the
-        tensor (call after :meth:`get` or :meth:`put`)."""
+    def for_readers(self, value: torch.Tensor, what: str, source: str) -> torch.Tensor:
+        """``value`` (the kept tensor, from :meth:`get` or :meth:`put`) as code outside the layer reads it: a copy,
+        made on the first read and kept with it."""
         copy = self.copy
-        if copy is not None and copy._version != self.copy_version:
-            self.copy = None
-            raise self._changed(what, source)
-        if copy is None:
-            with kept():
-                self.copy = copy = self.value.clone()
-            self.copy_version = copy._version
-        return copy
+        if copy is not None and copy[0] is value:
+            if copy[1]._version != copy[2]:
+                self.copy = None
+                raise self._changed(what, source)
+            return copy[1]
+        with kept():
+            mine = value.clone()
+        self.copy = (value, mine, mine._version)
+        return mine
 
-    def fresh_copy(self, what: str, source: str) -> torch.Tensor:
-        """A new copy of the kept tensor at every call (call after :meth:`get` or :meth:`put`). The newest copy is
-        kept, so a write into a temporary (``module.weight.mul_(0)``) is reported too; older ones are watched while
-        their readers keep them (the last :attr:`WATCHED`)."""
+    def fresh_copy(self, value: torch.Tensor, what: str, source: str) -> torch.Tensor:
+        """A new copy of ``value`` (the kept tensor) at every call. The newest copy is kept, so a write into a
+        temporary (``module.weight.mul_(0)``) is reported too; older ones are watched while their readers keep them
+        (the last :attr:`WATCHED`)."""
         handed = [(ref(), version) for ref, version in self.handed]
-        if self.copy is not None:
-            handed.append((self.copy, self.copy_version))
+        newest = self.copy
+        if newest is not None:
+            handed.append((newest[1], newest[2]))
         handed = [(t, version) for t, version in handed if t is not None]
         self.copy, self.handed = None, []
         if any(t._version != version for t, version in handed):
             raise self._changed(what, source)
         with kept():
-            self.copy = copy = self.value.clone()
-        self.copy_version = copy._version
+            mine = value.clone()
+        self.copy = (value, mine, mine._version)
         self.handed = [(weakref.ref(t), version) for t, version in handed[-(self.WATCHED - 1):]]
-        return copy
+        return mine

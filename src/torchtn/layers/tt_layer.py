@@ -191,8 +191,8 @@ class TTLayer(ComputedWeight):
                     dense = dense.clone()
                 dense = self._dense_cache.put(key, dense)
         if fresh:
-            return self._dense_cache.fresh_copy(what, self.weight_source)
-        return self._dense_cache.for_readers(what, self.weight_source) if for_readers else dense
+            return self._dense_cache.fresh_copy(dense, what, self.weight_source)
+        return self._dense_cache.for_readers(dense, what, self.weight_source) if for_readers else dense
 
     def _apply(self, fn, recurse=True):  # .to()/.cuda()/.double() invalidate cached merges
         self.clear_caches()
