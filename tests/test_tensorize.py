@@ -239,3 +239,33 @@ def test_a_models_torchtn_layers_are_compressed_anew():
     assert [r.name for r in report.layers] == ["0.out_proj.weight"]
     assert max(kept[0].parametrizations.in_proj_weight[0].ranks) == 4
     assert report.skipped == ["0.in_proj_weight (held by MPOParametrization already)"]  # and the report says so
+
+
+class _TiedLM(nn.Module):
+    """A language model whose output head shares the input table's weight (tied embeddings)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(100, 32)
+        self.mid = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 100, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.mid(self.emb(ids))))
+
+
+@pytest.mark.parametrize("kw", [dict(rank=4), dict(ratio=1.2), dict(method="adtn", depth=1, fit_steps=0)])
+def test_modules_sharing_a_weight_stay_dense_and_stay_tied(kw):
+    """Converted one by one, a tied table and head became two independent MPOs (the tie silently gone, and an
+    embedding-only conversion would leave the head holding the whole dense table)."""
+    torch.manual_seed(0)
+    new, report = tensorize(_TiedLM(), **kw)
+    assert type(new.emb) is nn.Embedding and type(new.head) is nn.Linear and new.head.weight is new.emb.weight
+    assert type(new.mid) is not nn.Linear  # the untied layer is converted
+    tied = [s for s in report.skipped if "(tied)" in s]
+    assert any(s.startswith("head (its weight is emb's too (tied): an MPO would untie them") for s in tied)
+    assert any(s.startswith("emb (its weight is head's too (tied)") for s in tied) or "method" in kw  # (ADTNs: no
+    # tables at all)
+    with pytest.raises(ValueError, match="ratio=2 is unreachable: the 3,232 parameters that stay dense"):
+        tensorize(_TiedLM(), ratio=2)  # only the untied layer can shrink

@@ -128,12 +128,15 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip, un
     skip_fn = _skipper(skip)
     previous = densify(new, skip_fn)  # torchtn layers the model holds already: compressed anew, from their map
     inside_mha = _inside_mha(new)
+    tied = _tied(new)
     targets, skipped, unsupported = [], [], []
     kind = parametrize.type_before_parametrizations  # a weight-normed nn.Linear is a "ParametrizedLinear"
     for n, m in new.named_modules():
         if issubclass(kind(m), (nn.Linear, nn.Conv2d)) and n not in inside_mha:
             if skip_fn(n, m):
                 skipped.append(n)
+            elif _tie_reason(n, tied):
+                unsupported.append(f"{n} ({_tie_reason(n, tied)})")
             elif isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
                 unsupported.append(f"{n} (padding_mode={m.padding_mode!r}: ADTN convolutions pad with zeros)")
             else:
@@ -270,6 +273,7 @@ def _targets(model: nn.Module, skip: Skip) -> tuple[list[tuple[str, nn.Module | 
     so each comes as a :class:`~torchtn.layers.mpo_parametrize.TensorSite`, held by an ``MPOParametrization``."""
     skip_fn = _skipper(skip)
     inside_mha = _inside_mha(model)
+    tied = _tied(model)
     chosen, kept = [], []
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
@@ -281,7 +285,7 @@ def _targets(model: nn.Module, skip: Skip) -> tuple[list[tuple[str, nn.Module | 
             continue
         cls = converter_for(module)
         if cls is not None and name not in inside_mha:  # out_proj: its weight is one of the attention's sites
-            reason = getattr(cls, "cannot_convert", lambda m: None)(module)
+            reason = _tie_reason(name, tied) or getattr(cls, "cannot_convert", lambda m: None)(module)
             if skip_fn(name, module):
                 kept.append(name)
             elif reason is not None:
@@ -290,6 +294,24 @@ def _targets(model: nn.Module, skip: Skip) -> tuple[list[tuple[str, nn.Module | 
                 _check_has_values(name, module)
                 chosen.append((name, module, cls))
     return chosen, kept
+
+
+def _tied(model: nn.Module) -> dict[str, list[str]]:
+    """For every module whose ``weight`` is a parameter other modules hold too (a language model's input table and
+    output head, tied): the names of those others."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            holders.setdefault(id(weight), []).append(name)
+    return {name: [n for n in names if n != name] for names in holders.values() if len(set(names)) > 1
+            for name in names}
+
+
+def _tie_reason(name: str, tied: dict[str, list[str]]) -> str | None:
+    others = tied.get(name)
+    return None if not others else (f"its weight is {', '.join(others)}'s too (tied): an MPO would untie them, and "
+                                    f"the other module would keep the dense weight")
 
 
 def _check_has_values(name: str, module: nn.Module) -> None:

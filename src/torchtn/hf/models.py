@@ -198,23 +198,12 @@ def compress(model: nn.Module, *, ratio: float | None = None, rank: int | None =
 
     linearize(model)
     check_skip(model, tuple(skip))  # a pattern that names nothing is a typo: it would compress what it meant to keep
-    tied = _tied_tables(model)
 
     def keep_dense(name: str, module: nn.Module) -> bool:
-        return (part_of(name, module) not in parts or any(fnmatch.fnmatchcase(name, p) for p in skip)
-                or name in tied)
+        return part_of(name, module) not in parts or any(fnmatch.fnmatchcase(name, p) for p in skip)
 
     return tensorize(model, rank=rank, rel_tol=rel_tol, ratio=ratio, skip=keep_dense, allocation=allocation,
                      calibration=calibration, exact_rows=exact_rows)
-
-
-def _tied_tables(model: nn.Module) -> set[str]:
-    """Names of the embedding tables whose weight a head shares (a language model's tied input and output
-    embeddings): they stay dense — an MPO table would leave the head holding the whole table."""
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    shared = getattr(out_emb, "weight", None)
-    return {n for n, m in model.named_modules() if isinstance(m, nn.Embedding) and shared is not None
-            and m.weight is shared}
 
 
 def calibrate(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 32, max_length: int = 128,
