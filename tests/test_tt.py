@@ -110,6 +110,10 @@ def test_randomized_error_is_exact_projection_error():
     u, s, vh, err_sq = truncated_svd(a, max_rank=20)
     assert u.shape == (600, 20)
     assert torch.linalg.norm(a - (u * s) @ vh).item() ** 2 == pytest.approx(err_sq, rel=1e-9)
+    with pytest.raises(ValueError, match=r"a has shape \(500,\): expected a matrix"):
+        truncated_svd(a[0], max_rank=2)  # (it failed unpacking the shape)
+    with pytest.raises(ValueError, match="max_rank=0 is not allowed"):
+        truncated_svd(a, max_rank=0)  # (it returned empty factors, though at least rank 1 is promised)
 
 
 def test_round_recovers_inflated_ranks_exactly():

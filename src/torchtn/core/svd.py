@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_positive_int
+
 __all__ = ["truncated_svd", "randomized_svd", "rank_for_tail"]
 
 # Sketches are wider than the requested rank r by max(_OVERSAMPLE, r/2) columns (measured: within 0.2% of the exact
@@ -83,6 +85,11 @@ def truncated_svd(a: torch.Tensor, max_rank: int | None = None, tail_sq_budget: 
     budget is checked against the exact error of the sketched projection, so it is never violated (the rank may come
     out slightly larger than an exact SVD's).
     """
+    if not isinstance(a, torch.Tensor) or a.dim() != 2:
+        shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+        raise ValueError(f"a has shape {shape}: expected a matrix (m, n)")
+    if max_rank is not None:
+        check_positive_int("max_rank", max_rank)
     m, n = a.shape
     small = min(m, n)
     cap = small if max_rank is None else min(max_rank, small)
