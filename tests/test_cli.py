@@ -119,6 +119,26 @@ def test_console_script_entry_point():
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1
 
 
+def test_inspect_shows_a_one_core_mpo_and_says_when_there_is_nothing_to_plot(tmp_path, capsys):
+    """A one-core MPO has no bond: a row that says so (it printed an empty table) and no empty plot; a file without
+    bonds at all says why --plot wrote nothing (it said nothing)."""
+    from torch import nn
+
+    from torchtn import ADTNLinear, MPOLinear, save_model
+
+    one = save_model(nn.Sequential(MPOLinear(97, 89, 4, in_shape=(97,), out_shape=(89,))), tmp_path / "one.safetensors")
+    adtn = save_model(nn.Sequential(ADTNLinear(16, 8, 1)), tmp_path / "adtn.safetensors")
+    plain = save_model(nn.Sequential(nn.Linear(4, 2)), tmp_path / "plain.safetensors")
+    for path in (one, adtn, plain):
+        plot = tmp_path / f"{path.stem}.png"
+        assert main(["inspect", str(path), "--plot", str(plot)]) == 0
+        out, err = capsys.readouterr()
+        assert not plot.exists() and f"--plot: nothing written to {plot} — no layer of this file has a bond" in err
+        if path is one:
+            assert [line.split()[1:6] for line in out.splitlines() if line.startswith("0 ")] == [
+                ["MPOLinear", "(89,)←(97,)", "1", "–", "one"]]
+
+
 def test_inspect_reports_bonds_and_refuses_overwrite(tmp_path, capsys):
     import numpy as np
     from conftest import entropy_reference, unfolding

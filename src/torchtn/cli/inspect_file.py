@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from .flow import fail
@@ -40,8 +41,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return fail(str(err))
     print(f"{args.file}: {meta.get('model_class')} with {meta.get('num_parameters', 0):,} parameters, "
           f"written by torchtn {meta.get('torchtn_version')} (torch {meta.get('torch_version')})")
+    no_plot = (f"--plot: nothing written to {args.plot} — no layer of this file has a bond (the plot shows "
+               f"entanglement per bond of MPO layers with two or more cores)") if args.plot is not None else None
     if not layers:
         print("no tensor-network layers")
+        if no_plot:
+            print(no_plot, file=sys.stderr)
         return 0
     plain = [(tensor_name(name), type_name(layer), ", ".join(f"{k}={v}" for k, v in layer.layout().items()),
               sum(p.numel() for p in layer.parameters()), _counted(layer))
@@ -51,12 +56,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(format_table(["layer", "type", "layout", "parameters", *(["what is counted"] if counted else [])],
                            [row if counted else row[:-1] for row in plain]))
         if len(plain) == len(layers):
+            if no_plot:
+                print(no_plot, file=sys.stderr)
             return 0
     rows, entropies = [], {}
     for name, nets in networks.items():
         for label, tt in nets.items():
             full = f"{tensor_name(name)}.{label}" if label else tensor_name(name)
             info = tt.to(dtype=_float64()).bond_report()
+            if not info:  # one core: the dense matrix, no bond
+                rows.append((full, type_name(layers[name]), f"{tt.out_shape}←{tt.in_shape}",
+                             round(tt.compression_ratio, 1), "–", "one core", "–", "–"))
+                continue
             entropies[full] = [b.entropy for b in info]
             for b in info:
                 rows.append((full, type_name(layers[name]), f"{tt.out_shape}←{tt.in_shape}",
@@ -69,7 +80,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     sweep = meta.get("metadata", {}).get("sweep") if isinstance(meta.get("metadata"), dict) else None
     if sweep and sweep.get("history"):
         _print_sweep_history(sweep["history"])
-    if args.plot is not None:
+    if args.plot is not None and not entropies:
+        print(no_plot, file=sys.stderr)
+    elif args.plot is not None:
         from ..plotting import plot_entanglement, plot_sweep_history
 
         plot_entanglement(entropies, args.plot, title=f"entanglement of {args.file.name}")
