@@ -60,6 +60,17 @@ def test_brick_layer_has_q_minus_one_gates_and_the_parameter_formula():
     assert torchtn.ADTNLinear(784, 256, depth=2, unitary=True).param_report["live"] == 545
 
 
+def test_the_papers_424_is_one_brick_layer_at_q_21_and_24_counted_by_live_entries():
+    """The report's account of the paper's count, computed: VGG-16's 512→4096 (Q = 21) and 4096→4096 (Q = 24) layers,
+    one brick layer each, the first half-layer's gates at 4 entries; the live count drops 8 more at odd Q."""
+    from torchtn.experiments.adtn import paper_gate_count
+
+    assert num_qubits(512 * 4096) == 21 and num_qubits(4096 * 4096) == 24
+    assert paper_gate_count(21) + paper_gate_count(24) == 424
+    assert adtn_live_params(21, 1, scale=False) == paper_gate_count(21) - 8
+    assert adtn_live_params(24, 1, scale=False) == paper_gate_count(24)
+
+
 @pytest.mark.parametrize("Q,numel", [(2, 4), (3, 8), (3, 5), (6, 40), (7, 100), (18, 200_704)])
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_live_parameters_are_the_gate_entries_with_a_gradient(Q, numel, depth):

@@ -55,12 +55,11 @@ def check_positive_real(name: str, value: object, *, allow_none: bool = False, m
 
 def check_ratio(name: str, value: object) -> float | None:
     """A whole-model compression ratio (dense parameters / tensorized ones): ``None`` or a finite number > 1."""
-    if value is None:
-        return None
-    if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(float(value)) or float(value) <= 1:
+    try:
+        return check_positive_real(name, value, allow_none=True, minimum_exclusive=1.0)
+    except ValueError:
         raise ValueError(f"{name}={value!r} is not allowed: expected a compression ratio > 1 (dense parameters / "
-                         f"tensorized parameters: 2 halves the model)")
-    return float(value)
+                         f"tensorized parameters: 2 halves the model)") from None
 
 
 def check_nonnegative_real(name: str, value: object, *, maximum: float | None = None) -> float:

@@ -135,8 +135,8 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip, un
         if issubclass(kind(m), (nn.Linear, nn.Conv2d)) and n not in inside_mha:
             if skip_fn(n, m):
                 skipped.append(n)
-            elif _tie_reason(n, tied):
-                unsupported.append(f"{n} ({_tie_reason(n, tied)})")
+            elif reason := _tie_reason(n, tied):
+                unsupported.append(f"{n} ({reason})")
             elif isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
                 unsupported.append(f"{n} (padding_mode={m.padding_mode!r}: ADTN convolutions pad with zeros)")
             else:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["traced", "func_transformed", "kept"]
+__all__ = ["traced", "jit_tracing", "func_transformed", "kept"]
 
 # the public wrappers cost ~90 ns; these ~25 each, on the inference fast path
 _jit_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
@@ -19,6 +19,12 @@ _func_transform = getattr(getattr(torch._C, "_functorch", None), "peek_interpret
 
 def traced() -> bool:
     return torch.compiler.is_compiling() or _jit_tracing() or _func_transform() is not None
+
+
+def jit_tracing() -> bool:
+    """Inside ``torch.jit.trace`` only: one graph recorded for every later call, whatever its grad mode. (Dynamo
+    cannot trace the private flag: it is asked only outside ``torch.compile``, where it is never set anyway.)"""
+    return not torch.compiler.is_compiling() and _jit_tracing()
 
 
 def func_transformed() -> bool:

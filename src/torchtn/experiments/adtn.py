@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..compress import tensorize
-from ..core.adtn import adtn_live_params, adtn_num_params
+from ..core.adtn import adtn_live_params, adtn_num_params, brick_layer_pairs
 from ..layers import ADTNLinear, MPOLinear
 from ..models import FC2, LeNet5
 from ..models.fc2 import GAO_FC2_SHAPES
@@ -189,7 +189,7 @@ Generator (a reconstruction, spec `adtn.md`): the weights are the first `out·in
 counted for an ADTN: the gates (16·M·(Q − 1)) and the scale; biases are dense and counted in the model total. Not
 all of them can change the weight: the first layer's first half-layer acts on the fixed (1, 0)⊗(1, 0), so only 4 of
 each of its gates' 16 entries matter (`adtn_live_params`; `param_report["live"]`): for FC2's 784×256 layer (Q = 18)
-{_live_counts()}. {PAPER_COUNT} Training: AdamW, cosine schedule, batch {BATCH},
+{_live_counts()}. {_paper_count()} Training: AdamW, cosine schedule, batch {BATCH},
 {s['epochs']} epochs, lr {LR}; FC2 without biases; MPO bonds matched to the ADTN's parameter count. Compress and
 heal: each trained dense FC2's 784×256 layer replaced by an ADTN of depth {s['main_depth']} fitted to it
 ({s['fit_steps']} Adam steps on ‖W_adtn − W‖², `tensorize(method="adtn")`), then {s['heal_epochs']} epochs at the ADTN
@@ -206,13 +206,26 @@ rate.
 {CIFAR_COMMANDS}
 """
 
-PAPER_COUNT = ("The paper's 424 parameters for VGG-16's two ADTNs are exactly what one brick layer (M = 1) gives at "
-               "Q = 21 (512·4096 = 2^21 weights) and Q = 24 (4096·4096 = 2^24) when each gate of the first "
-               "half-layer is counted by its 4 entries that act on the fixed start and every other gate by its 16, "
-               "with no scale: (10·4 + 10·16) + (12·4 + 11·16) = 200 + 224 = 424 — arithmetic consistent with the "
-               "count, not read from the paper's text (`adtn_live_params`, which also drops the 8 entries of Q = 21's "
-               "last gate that meet a fixed (1, 0), gives 192 + 224 = 416, plus the scales); the same counting does "
-               "not give v1's 632 for three 512→512 convolutions (3 × 204 = 612).")
+def paper_gate_count(Q: int) -> int:
+    """One brick layer's parameters as the paper's 424 counts them (a reading of it): each gate of the first
+    half-layer by the 4 entries that act on the fixed start, every other gate by its 16, no scale."""
+    first, second = brick_layer_pairs(Q)
+    return 4 * len(first) + 16 * len(second)
+
+
+def _paper_count() -> str:
+    """Where the paper's 424 parameters come from (VGG-16's 512→4096 and 4096→4096 layers: Q = 21 and 24)."""
+    parts = {Q: (len(brick_layer_pairs(Q)[0]), len(brick_layer_pairs(Q)[1]), paper_gate_count(Q)) for Q in (21, 24)}
+    sums = " + ".join(f"({a}·4 + {b}·16)" for a, b, _ in parts.values())
+    live = [adtn_live_params(Q, 1, scale=False) for Q in parts]
+    return (f"The paper's 424 parameters for VGG-16's two ADTNs are exactly what one brick layer (M = 1) gives at "
+            f"Q = 21 (512·4096 = 2^21 weights) and Q = 24 (4096·4096 = 2^24) when each gate of the first half-layer "
+            f"is counted by its 4 entries that act on the fixed start and every other gate by its 16, with no scale: "
+            f"{sums} = {' + '.join(str(c) for *_, c in parts.values())} = {sum(c for *_, c in parts.values())} — "
+            f"arithmetic consistent with the count, not read from the paper's text (`adtn_live_params`, which also "
+            f"drops the 8 entries of Q = 21's last gate that meet a fixed (1, 0), gives {live[0]} + {live[1]} = "
+            f"{sum(live)}, plus the scales); the same counting does not give v1's 632 for three 512→512 "
+            f"convolutions (3 × {paper_gate_count(22)} = {3 * paper_gate_count(22)}).")
 
 
 def _live_counts() -> str:

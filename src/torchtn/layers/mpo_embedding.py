@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_positive_int
-from ..core._tracing import func_transformed, traced
+from ..core._tracing import func_transformed, jit_tracing, traced
 from ..core.factorize import factorize
 from ..core.tt import TTMatrix, inner_ranks
 from .registry import register_layer
@@ -194,7 +194,7 @@ class MPOEmbedding(TTLayer):
             slot = self.slot[ids.long()]
             ids = slot.clamp_min(0)
         rows = self.num_embeddings - self.exact_rows  # the MPO's rows (its modes may cover more: padding)
-        if not (torch.is_grad_enabled() and any([c.requires_grad for c in cores])) or torch.jit.is_tracing():
+        if not (torch.is_grad_enabled() and any([c.requires_grad for c in cores])) or jit_tracing():
             # inference: one gather from the table rebuilt once and cached while the cores do not change (under
             # torch.jit.trace, whose one graph serves every grad mode: the table rebuilt, differentiably)
             out = F.embedding(ids.long(), self._cached_dense()[:rows])

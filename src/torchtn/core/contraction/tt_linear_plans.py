@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .._tracing import kept, traced
+from .._tracing import jit_tracing, kept, traced
 from ..tt import merge_cores, tt_num_params, tt_ranks, tt_shapes
 from .autotune import autotune_enabled, time_call
 from .cost import DEFAULT_COST_MODEL, CostModel
@@ -539,7 +539,7 @@ def tt_linear_apply(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.
     # torch.jit.trace records one graph for every later call (and checks it against a second run, possibly in
     # another grad mode): the plan must not depend on the grad mode there — the inference plan, whose ops are as
     # differentiable as any
-    needs_grad = torch.is_grad_enabled() and any([c.requires_grad for c in cores]) and not torch.jit.is_tracing()
+    needs_grad = torch.is_grad_enabled() and any([c.requires_grad for c in cores]) and not jit_tracing()
     input_grad = needs_grad and x.requires_grad
     if batch == 0:  # nothing to contract; the empty output still depends on the input and parameters, as F.linear's
         y = x.new_zeros(*lead, math.prod([int(c.shape[1]) for c in cores]))
