@@ -1,15 +1,19 @@
 """MPOLinear against exact math: the dense reconstruction, finite differences, PyTorch conventions."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import entropy_reference, unfolding
 from torch import nn
+from torch.nn.utils import parametrize, prune
 
 import torchtn
-from torchtn import MPOLinear
+from torchtn import MPOLinear, load_model, save_model
 from torchtn.core import spectrum_entropy
 from torchtn.core.contraction import plan_cache_info
+from torchtn.train.sweep import SweepConfig, Sweeper
 
 
 def make(dtype=torch.float64, **kw):
@@ -327,3 +331,68 @@ def test_sizes_without_factors_warn_that_the_mpo_is_one_dense_core():
         warnings.simplefilter("error")
         MPOLinear(96, 88, 4)  # factors: no warning
         MPOLinear(97, 89, 4, in_shape=(97,), out_shape=(89,))  # one core asked for
+
+
+# ---------------------------------------------------------------- cores held by torch.nn.utils.prune / parametrize
+@pytest.mark.parametrize("kind", ["linear", "conv", "embedding"])
+def test_pruned_cores_compute_train_and_stay_masked_then_are_made_permanent(tmp_path, kind):
+    """torch.nn.utils.prune on a core: the layer computes with the masked core (the cores' list is never called,
+    so its pruning hook is run at every read); the mask holds through training steps; prune.remove keeps the map
+    (it re-registers the core last: order is by index, not registration) and the model saves and loads."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, x = MPOLinear(48, 20, 3, dtype=torch.float64), torch.randn(6, 48, dtype=torch.float64)
+    elif kind == "conv":
+        layer = torchtn.MPOConv2d(4, 6, 3, padding=1, rank=3, dtype=torch.float64)
+        x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    else:
+        layer, x = torchtn.MPOEmbedding(40, 6, rank=3, dtype=torch.float64), torch.randint(0, 40, (5, 3))
+    plain = copy.deepcopy(layer)
+    prune.l1_unstructured(layer.cores, name="1", amount=0.5)
+    masked = layer.cores.get_parameter("1_orig") * layer.cores.get_buffer("1_mask")
+    with torch.no_grad():
+        plain.cores[1].copy_(masked)
+    assert torch.equal(layer.core_list()[1], masked)
+    torch.testing.assert_close(layer(x), plain(x), rtol=1e-12, atol=1e-12)
+    opt = torch.optim.SGD(layer.parameters(), lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(x).square().mean().backward()
+        opt.step()
+    core = layer.core_list()[1]
+    assert torch.equal(core[layer.cores.get_buffer("1_mask") == 0], torch.zeros_like(core[core == 0]))
+    assert not torch.equal(layer.cores.get_parameter("1_orig") * layer.cores.get_buffer("1_mask"), masked)  # trained
+    layer.eval()
+    with torch.no_grad():
+        y = layer(x)
+        with pytest.raises(ValueError, match=r"prune.*cores\.1|cores\.1.*prune"):
+            save_model(nn.Sequential(layer), tmp_path / "pruned.safetensors")
+        with pytest.raises(ValueError, match=r"prune.remove\(model.get_submodule\('0.cores'\), '1'\)"):
+            torchtn.tensorize(nn.Sequential(layer), rank=2)
+        with pytest.raises(RuntimeError, match="cores.1 is held by torch.nn.utils.prune"):
+            layer.reset_parameters()
+        prune.remove(layer.cores, "1")
+        assert list(layer.cores._parameters)[-1] == "1"  # out of order in the registry
+        torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
+        path = save_model(nn.Sequential(layer), tmp_path / "removed.safetensors")
+        back = load_model(path, nn.Sequential(copy.deepcopy(plain)))
+        torch.testing.assert_close(back(x), y, rtol=0, atol=0)
+
+
+def test_a_parametrized_core_is_what_the_layer_computes_with_and_sweeps_refuse_it():
+    torch.manual_seed(0)
+    layer, x = MPOLinear(48, 20, 3, dtype=torch.float64), torch.randn(6, 48, dtype=torch.float64)
+    twice = copy.deepcopy(layer)
+    with torch.no_grad():
+        twice.cores[2].mul_(2)
+
+    class Double(nn.Module):
+        def forward(self, t):
+            return 2 * t
+
+    parametrize.register_parametrization(layer.cores, "2", Double())
+    torch.testing.assert_close(layer(x), twice(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.weight, twice.weight, rtol=1e-12, atol=1e-12)
+    assert layer.ranks == twice.ranks
+    with pytest.raises(RuntimeError, match=r"trained by sweeps \('0'\).*cores\.2"):
+        Sweeper(nn.Sequential(layer), SweepConfig())

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["parent_and_attr", "replace_submodule", "holding"]
+__all__ = ["parent_and_attr", "replace_submodule", "holding", "pruned_tensors", "check_not_pruned"]
 
 
 def parent_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -27,3 +27,27 @@ def holding(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) 
         if bias is not None:
             module.bias.copy_(bias)
     return module
+
+
+def pruned_tensors(model: nn.Module) -> list[str]:
+    """Names (``module.tensor``) of the tensors ``torch.nn.utils.prune`` holds in ``model`` (each is recomputed as
+    ``orig · mask`` by a forward pre-hook, so it is not a leaf: such a model cannot be deep-copied)."""
+    from torch.nn.utils import prune
+
+    names = []
+    for mod_name, m in model.named_modules():
+        for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):  # (a PruningContainer too: several prunings of one)
+                names.append(f"{mod_name}.{hook._tensor_name}".lstrip("."))
+    return names
+
+
+def check_not_pruned(model: nn.Module, doing: str) -> None:
+    """A clear error when ``model`` holds tensors pruned by ``torch.nn.utils.prune`` (``doing``: what cannot be done
+    with them, e.g. "tensorized")."""
+    pruned = pruned_tensors(model)
+    if pruned:
+        module, _, tensor = pruned[0].rpartition(".")
+        raise ValueError(f"the model cannot be {doing} while torch.nn.utils.prune holds {', '.join(pruned)}: make the "
+                         f"pruning permanent first (torch.nn.utils.prune.remove(model.get_submodule({module!r}), "
+                         f"{tensor!r}), for each)")

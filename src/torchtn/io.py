@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ._checks import error_line
-from ._modules import parent_and_attr
+from ._modules import parent_and_attr, pruned_tensors
 from ._version import __version__
 from .layers.registry import factory_of, layer_type, type_name
 
@@ -77,7 +77,8 @@ def layer_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Where the model's registered torchtn layers are: ``{name: {"type": registry name, "spec": layout}}``.
 
     A registered parametrization must be its tensor's only one: a file records where it sits, not other
-    parametrizations stacked with it, so such a model could not load back as it was (it raises ``ValueError``)."""
+    parametrizations stacked with it, so such a model could not load back as it was (it raises ``ValueError``); for
+    the same reason a layer whose own tensors are pruned (``torch.nn.utils.prune``) or parametrized is refused."""
     layout = {}
     for name, m in model.named_modules():
         if not name or type_name(m) is None:
@@ -89,6 +90,13 @@ def layer_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
                              f"parametrization(s) ({', '.join(type(p).__name__ for p in holder if p is not m)}); a "
                              f"file records the torchtn one only, so the model would load back without them: hold that "
                              f"tensor by the torchtn parametrization alone to save it")
+        held = [f"{name}.{t}" for t in pruned_tensors(m)]
+        held += [f"{name}.{n}".rstrip(".") for n, sub in m.named_modules() if parametrize.is_parametrized(sub)]
+        if held:
+            raise ValueError(f"{name!r}: the {type_name(m)}'s own tensors are held by torch.nn.utils.prune or a "
+                             f"parametrization ({', '.join(held)}); a file records the layer's plain tensors, so it "
+                             f"could not load back: make the pruning permanent (torch.nn.utils.prune.remove) or remove "
+                             f"the parametrization first")
         layout[name] = {"type": type_name(m), "spec": m.layout()}
     return layout
 

@@ -22,7 +22,7 @@ from .._checks import (
     check_ratio,
     check_rel_tol,
 )
-from .._modules import replace_submodule
+from .._modules import check_not_pruned, replace_submodule
 from ..core import TTMatrix, bond_caps, inner_ranks, tt_compression_ratio, tt_num_params
 from ..core.weighting import Weighting, two_core_shapes
 from ..layers.mpo_linear import MPOLinear
@@ -591,6 +591,7 @@ def tensorize(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_choice("method", method, ("mpo", "adtn"))
+    check_not_pruned(model, "tensorized")  # (its copy would fail deep inside PyTorch)
     if allocation is None:
         allocation = "relative" if calibration and not sensitive(calibration) else "absolute"
     check_choice("allocation", allocation, ("absolute", "relative"))

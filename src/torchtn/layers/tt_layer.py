@@ -9,6 +9,7 @@ loads into a freshly built layer of the same modes).
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -23,6 +24,21 @@ from ..core.tt import BondInfo, TTMatrix, check_cores, tt_ranks
 from .computed_weight import ComputedWeight, WeightCache
 
 __all__ = ["TTLayer"]
+
+
+@functools.cache
+def _names(n: int) -> list[str]:
+    return [str(k) for k in range(n)]
+
+
+def _held_cores(holder: nn.ParameterList) -> list[torch.Tensor]:
+    """``holder``'s entries by index, after its forward pre-hooks ran (what calling it would do first)."""
+    for hook_id, hook in list(holder._forward_pre_hooks.items()):
+        if hook_id in holder._forward_pre_hooks_with_kwargs:
+            hook(holder, (), {})
+        else:
+            hook(holder, ())
+    return [holder[k] for k in range(len(holder))]
 
 
 class TTLayer(ComputedWeight):
@@ -41,12 +57,33 @@ class TTLayer(ComputedWeight):
         self._dense_cache = WeightCache()
 
     def core_list(self) -> list[torch.Tensor]:
-        """The cores as a list (read straight from the ``ParameterList``'s registry: iterating it by index costs
-        ~5 µs per core, which dominates small forward calls). Inside :meth:`cores_override`, the override."""
+        """The cores as a list, in chain order. Inside :meth:`cores_override`, the override.
+
+        Read straight from the ``ParameterList``'s registry (iterating it by index costs ~5 µs per core, which
+        dominates small forward calls) while it holds plain parameters named ``0 … d−1`` in that order; otherwise —
+        a core pruned by ``torch.nn.utils.prune`` or parametrized by ``torch.nn.utils.parametrize``, or put back by
+        ``prune.remove`` (which re-registers it last) — by index, after running the list's forward pre-hooks as a
+        call of it would (pruning masks are applied by such a hook; the list itself is never called)."""
         override = self.__dict__.get("_core_override")
         if override is not None:
             return list(override)
-        return list(self._modules["cores"]._parameters.values())  # not self.cores: nn.Module.__getattr__ costs ~1 µs
+        holder = self._modules["cores"]  # not self.cores: nn.Module.__getattr__ costs ~1 µs
+        params = holder._parameters
+        if not holder._forward_pre_hooks and type(holder) is nn.ParameterList and list(params) == _names(len(holder)):
+            return list(params.values())
+        return _held_cores(holder)
+
+    def _plain_cores(self, doing: str) -> list[nn.Parameter]:
+        """The core parameters themselves, for code that writes into them or replaces them (``doing``); a clear
+        error while another mechanism holds one (pruning, a parametrization): a write would miss what it computes."""
+        holder = self._modules["cores"]
+        held = [str(k) for k in range(len(holder)) if not isinstance(holder._parameters.get(str(k)), nn.Parameter)]
+        if held or holder._forward_pre_hooks:
+            what = f"cores.{held[0]}" if held else "the cores' ParameterList"
+            raise RuntimeError(f"{type(self).__name__} cannot be {doing}: {what} is held by torch.nn.utils.prune or a "
+                               f"parametrization (its forward pre-hooks); make it permanent or remove it first "
+                               f"(prune.remove / parametrize.remove_parametrizations)")
+        return self.core_list()
 
     @contextmanager
     def cores_override(self, cores: Sequence[torch.Tensor]) -> Iterator[None]:
@@ -78,7 +115,7 @@ class TTLayer(ComputedWeight):
         fresh = TTMatrix.random(self.tt.in_shape, self.tt.out_shape, self.ranks, variance=variance,
                                 device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
-            for p, c in zip(self.cores, fresh.cores):
+            for p, c in zip(self._plain_cores("reset"), fresh.cores):
                 p.copy_(c)
 
     def to_dense_module(self) -> nn.Module:
@@ -137,7 +174,7 @@ class TTLayer(ComputedWeight):
         if (new.out_shape, new.in_shape) != (self.tt.out_shape, self.tt.in_shape):
             raise ValueError(f"cores of modes {new.out_shape}←{new.in_shape} cannot replace "
                              f"{self.tt.out_shape}←{self.tt.in_shape}")
-        ref = self.cores[0]
+        ref = self._plain_cores("given new cores")[0]
         # contiguous, as a loaded file's are: a layout change alone can change a product's last bits, and a resumed
         # run must repeat the uninterrupted one exactly
         self.cores = nn.ParameterList(nn.Parameter(c.detach().to(device=ref.device, dtype=ref.dtype).clone(
@@ -162,7 +199,7 @@ class TTLayer(ComputedWeight):
                 pass  # the bonds do not chain: nn.Module reports the size mismatch
             else:
                 with torch.no_grad():
-                    for p, g in zip(mine, stored):
+                    for p, g in zip(self._plain_cores("loaded with other bond dimensions"), stored):
                         if p.shape != g.shape:
                             p.data = p.new_empty(g.shape)  # same Parameter object, new shape; values copied next
                             p.grad = None  # a gradient of the old shape could not accumulate
@@ -178,7 +215,7 @@ class TTLayer(ComputedWeight):
         """The dense weight, rebuilt only when a core changes while no gradient is needed. ``for_readers``: the copy
         that code outside the layer reads (``weight``), never the tensor the layer computes with; ``fresh``: a new
         copy at every call (a parametrization's tensor, which its module computes with)."""
-        cores = list(self.cores)
+        cores = self.core_list()
         if (torch.is_grad_enabled() and any([c.requires_grad for c in cores])) or traced():
             return self.tt.to_dense()
         key = tuple([(c.data_ptr(), c._version, tuple(c.shape), c.dtype, c.device) for c in cores])

@@ -146,6 +146,8 @@ class Sweeper:
         if not self.names:
             raise ValueError("optimizer='sweep' needs a model with at least one MPOLinear layer of two or more cores "
                              f"(found none in {type(model).__name__}); build it with MPO layers or tensorize it first")
+        for name in self.names:  # a sweep replaces the cores: none may be held by pruning or a parametrization
+            self.layer(name)._plain_cores(f"trained by sweeps ({name!r})")
         self.history: list[dict] = []
         self._captures: dict[str, _Capture] = {}
         self._last: dict[str, dict[int, tuple[int, float, float]]] = {n: {} for n in self.names}
