@@ -1,4 +1,6 @@
 """ADTN weight generators against an explicit Kronecker-product construction, finite differences and files."""
+import copy
+
 import pytest
 import torch
 
@@ -400,3 +402,22 @@ def test_an_adtn_too_big_for_the_memory_is_refused_before_generating(monkeypatch
         torchtn.ADTNLinear(1024, 1024)
     assert torchtn.ADTNLinear(256, 256).weight.shape == (256, 256)  # 3 × 2^16 × 4 B = 768 KiB fits
     assert torchtn.ADTNLinear(1024, 1024, device="meta").weight.shape == (1024, 1024)  # nothing generated there
+
+
+def test_pruned_gates_are_what_the_layer_computes_with_and_its_weight_names_what_to_prune():
+    """torch.nn.utils.prune on the generator's gates works (the generator is called, so its pruning hook runs); on
+    the computed weight itself it is refused with the parameters to prune instead (was PyTorch's TypeError about a
+    'weight_orig' parameter)."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    layer, x = torchtn.ADTNLinear(12, 6, depth=2, dtype=torch.float64), torch.randn(3, 12, dtype=torch.float64)
+    plain = copy.deepcopy(layer)
+    prune.l1_unstructured(layer.generator, "gates", amount=0.3)
+    with torch.no_grad():
+        plain.generator.gates.mul_(layer.generator.get_buffer("gates_mask"))
+    for mode in (layer.train, layer.eval):
+        mode(), plain.train(layer.training)
+        torch.testing.assert_close(layer(x), plain(x), rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match=r"ADTNLinear.weight cannot be pruned.*generator.gates"):
+        prune.l1_unstructured(torchtn.ADTNLinear(12, 6), "weight", amount=0.3)

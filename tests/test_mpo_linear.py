@@ -396,3 +396,10 @@ def test_a_parametrized_core_is_what_the_layer_computes_with_and_sweeps_refuse_i
     assert layer.ranks == twice.ranks
     with pytest.raises(RuntimeError, match=r"trained by sweeps \('0'\).*cores\.2"):
         Sweeper(nn.Sequential(layer), SweepConfig())
+
+
+def test_pruning_the_computed_weight_names_the_cores_to_prune_instead():
+    layer = MPOLinear(48, 20, 3)
+    with pytest.raises(TypeError, match=r"MPOLinear.weight cannot be pruned.*cores\.0"):
+        prune.l1_unstructured(layer, "weight", amount=0.5)
+    assert not layer._forward_pre_hooks and "weight_orig" not in dict(layer.named_parameters())

@@ -35,6 +35,16 @@ class ComputedWeight(nn.Module):
                 f"{self.weight_source}, load_state_dict from another {kind} of the same shape")
         super().__setattr__(name, value)
 
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        if name == "weight_orig" and not isinstance(param, nn.Parameter):  # torch.nn.utils.prune on the weight
+            kind = type(self).__name__
+            raise TypeError(
+                f"{kind}.weight cannot be pruned as a tensor of its own (torch.nn.utils.prune): it is computed from "
+                f"{self.weight_source}; prune those parameters instead (e.g. prune.l1_unstructured on one of "
+                f"{[n for n, _ in self.named_parameters() if n != 'bias'][:3]}), or make the layer dense first "
+                f"(torchtn.layers.densify)")
+        super().register_parameter(name, param)
+
 
 class WeightCache:
     """One computed tensor kept between calls while its ``key`` (what it was computed from) is unchanged.
