@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .core._tracing import traced
 from .core.contraction import CostModel, MergedCache, get_cost_model, get_strategy, plan_for, tt_linear_apply
 from .core.tt import check_cores, tt_to_dense
 
@@ -142,6 +143,8 @@ def _cheapest_way(x, cores, kernel_size, stride, padding, dilation, patches_ok, 
     if not (patches_ok or sequential_ok):
         return "rebuild"
     needs_grad = torch.is_grad_enabled() and any([c.requires_grad for c in cores])
+    if traced():  # (sizes may be symbolic there: no memo keyed on them, as in tt_linear_apply)
+        cache = None
     key = ("conv", tuple(x.shape), x.dtype, x.device, needs_grad, tuple([c.shape for c in cores]))
     if cache is not None and key in cache.plans:
         return cache.plans[key]
@@ -173,7 +176,10 @@ def _cheapest_way(x, cores, kernel_size, stride, padding, dilation, patches_ok, 
         convs = [(batch * h * w, r1, cin), (batch * ho * w, r2, r1 * kh), (rows, r3, r2 * kw), (rows, out, r3)]
         prices["sequential"] = passes * sum([model.matmul_seconds(n, a, k, 1, size) + model.copy_seconds(n * k, size)
                                              for n, a, k in convs])
-    way = min(prices, key=prices.get)
+    way = "rebuild"
+    for name, price in prices.items():  # (not min(prices, key=...): torch.compile cannot trace it on symbolic sizes)
+        if price < prices[way]:
+            way = name
     if cache is not None:
         cache.plans[key] = way
     return way

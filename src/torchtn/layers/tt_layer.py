@@ -9,7 +9,6 @@ loads into a freshly built layer of the same modes).
 """
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,9 +25,11 @@ from .computed_weight import ComputedWeight, WeightCache
 __all__ = ["TTLayer"]
 
 
-@functools.cache
+_NAMES = [str(k) for k in range(64)]  # a ParameterList's names of its first entries, in order
+
+
 def _names(n: int) -> list[str]:
-    return [str(k) for k in range(n)]
+    return _NAMES[:n] if n <= len(_NAMES) else [str(k) for k in range(n)]
 
 
 def _held_cores(holder: nn.ParameterList) -> list[torch.Tensor]:
