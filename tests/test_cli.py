@@ -351,6 +351,30 @@ def test_compress_a_users_trained_model_file(tmp_path, capsys, monkeypatch):
     assert "does not fit --arch" in capsys.readouterr().err
 
 
+def test_compress_a_pruned_models_state_dict(tmp_path, capsys):
+    """A state dict saved from a model pruned by torch.nn.utils.prune (weight_orig + weight_mask, no weight) is read
+    as the weights the pruned model computed with (it did not fit the architecture before)."""
+    from torch.nn.utils import prune
+
+    import torchtn.experiments.compress as compress_job
+    from torchtn.io import load_model
+    from torchtn.models import FC2
+
+    torch.manual_seed(0)
+    pruned = FC2(64, 256, 10)
+    prune.l1_unstructured(pruned.fc1, "weight", amount=0.5)
+    user = tmp_path / "pruned.pt"
+    torch.save(pruned.state_dict(), user)
+    out = tmp_path / "run"
+    assert main(["compress", "--arch", "fc2", "--model-file", str(user), "--rank", "2", "--finetune-epochs", "1",
+                 "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    config = compress_job.CompressConfig(dataset="digits", arch="fc2")
+    start = load_model(out / "dense.safetensors", compress_job.dense_model(config, compress_job.load_dataset("digits")))
+    assert torch.equal(start.fc1.weight, pruned.fc1.weight) and (start.fc1.weight == 0).float().mean() >= 0.5
+    assert torch.equal(start.fc2.weight, pruned.fc2.weight)
+
+
 def test_compress_a_torchtn_model_file_further(tmp_path, capsys):
     """A model file torchtn wrote with MPO layers (here from `torchtn train --layers mpo`) is compressed further by
     `compress --model-file`: its MPO layers, at their own modes, to smaller ranks, starting from exactly its weights

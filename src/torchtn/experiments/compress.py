@@ -194,9 +194,21 @@ def dense_model(config: CompressConfig, data: Dataset) -> torch.nn.Module:
     return build_model(model_config(TrainJob(arch=config.arch, layers="dense"), data))
 
 
+def fold_pruned(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with every tensor that ``torch.nn.utils.prune`` held (``X_orig`` and ``X_mask``, no ``X``) as the
+    plain tensor the pruned model computed with, ``X = X_orig · X_mask`` (what ``prune.remove`` makes permanent)."""
+    folded = dict(state)
+    for key in state:
+        base = key[:-len("_orig")]
+        if key.endswith("_orig") and f"{base}_mask" in state and base not in state:
+            folded[base] = folded.pop(key) * folded.pop(f"{base}_mask")
+    return folded
+
+
 def load_user_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     """Trained weights from a file someone else wrote, never executing code: a torchtn model file, a plain
-    safetensors state dict, or a ``.pt``/``.pth`` state dict read with ``torch.load(weights_only=True)``."""
+    safetensors state dict, or a ``.pt``/``.pth`` state dict read with ``torch.load(weights_only=True)``. A pruned
+    model's state (``torch.nn.utils.prune``'s ``X_orig`` and ``X_mask``) is read as the weights it computed with."""
     from ..io import ModelFileError
 
     path = Path(path)
@@ -231,7 +243,7 @@ def load_user_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Modu
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"--model-file {path} does not hold a state dict of tensors")
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(fold_pruned(state))
     except RuntimeError as err:
         raise ValueError(f"--model-file {path} does not fit --arch {type(model).__name__}: "
                          f"{str(err).strip().splitlines()[-1].strip()[:200]}") from None
