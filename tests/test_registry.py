@@ -494,3 +494,23 @@ def test_every_layer_type_serves_inference_mode_and_later_calls_alike(name):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.numel())
     with torch.inference_mode():
         assert torch.isfinite(model.eval()(x)).all()
+
+
+def test_a_pruned_models_file_loads_into_a_plain_model_as_the_weights_it_computed_with(tmp_path):
+    """save_model of a model with a pruned nn.Linear (weight_orig + weight_mask) loads into the unpruned skeleton
+    (it did not fit), and into a skeleton pruned the same way as it was."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(MPOLinear(48, 20, 3), nn.ReLU(), nn.Linear(20, 5))
+    prune.l1_unstructured(model[2], "weight", amount=0.4)
+    x = torch.randn(4, 48)
+    path = save_model(model, tmp_path / "pruned.safetensors")
+    plain = load_model(path, nn.Sequential(nn.Linear(48, 20), nn.ReLU(), nn.Linear(20, 5)))
+    assert torch.equal(plain[2].weight, model[2].weight) and "2.weight_mask" not in plain.state_dict()
+    torch.testing.assert_close(plain(x), model(x), rtol=0, atol=0)
+    same = nn.Sequential(nn.Linear(48, 20), nn.ReLU(), nn.Linear(20, 5))
+    prune.random_unstructured(same[2], "weight", amount=0.4)
+    same = load_model(path, same)
+    assert torch.equal(same[2].weight_mask, model[2].weight_mask)
+    torch.testing.assert_close(same(x), model(x), rtol=0, atol=0)

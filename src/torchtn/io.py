@@ -11,7 +11,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from ._version import __version__
 from .layers.registry import factory_of, layer_type, type_name
 
 __all__ = ["save_model", "load_model", "read_metadata", "tensor_name", "read_tensors", "atomic_write_bytes",
-           "atomic_write_text", "layer_layout", "load_layers", "ModelFileError"]
+           "atomic_write_text", "layer_layout", "load_layers", "fold_pruned", "ModelFileError"]
 
 # Limits on what a model file's metadata may claim, checked before any work proportional to it.
 MAX_METADATA_BYTES = 16 << 20
@@ -320,13 +320,28 @@ def _parametrization_site(model: nn.Module, name: str) -> tuple[nn.Module, str, 
     return owner, tensor, f"{owner_name}." if owner_name else ""
 
 
+def fold_pruned(state: Mapping[str, torch.Tensor], expected: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    """``state`` with every tensor that ``torch.nn.utils.prune`` held (``X_orig`` and ``X_mask``, no ``X``) as the
+    plain tensor the pruned model computed with, ``X = X_orig · X_mask`` (what ``prune.remove`` makes permanent) —
+    unless the model it goes into (``expected``: its state-dict keys) is pruned there too."""
+    folded = dict(state)
+    for key in state:
+        base = key[:-len("_orig")]
+        if (key.endswith("_orig") and f"{base}_mask" in state and base not in state
+                and (expected is None or (base in expected and key not in expected))):
+            folded[base] = folded.pop(key) * folded.pop(f"{base}_mask")
+    return folded
+
+
 def load_model(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> nn.Module:
     """Load a file written by :func:`save_model` into ``model`` (a freshly built dense skeleton is fine).
 
     The registered torchtn layers recorded in the file (any type: ``MPOLinear`` and every later one) are first put
     where the file says, with the recorded shapes and ranks. Anything wrong with the file — unknown layer types,
     malformed metadata, tensors whose shapes disagree with it, non-float or non-finite tensors — raises
-    :class:`ModelFileError` naming the file and the problem, before the model is changed. Returns the (same) model.
+    :class:`ModelFileError` naming the file and the problem, before the model is changed. A file of a model pruned by
+    ``torch.nn.utils.prune`` loads into an unpruned one as the weights it computed with (:func:`fold_pruned`).
+    Returns the (same) model.
     """
     path = Path(path)
     records = _validated_records(path, read_metadata(path))
@@ -361,6 +376,7 @@ def load_model(path: str | os.PathLike, model: nn.Module, *, strict: bool = True
         expected.pop(f"{prefix}{tensor}", None)
         expected[f"{prefix}parametrizations.{tensor}.original"] = tuple(original.shape)
         expected.update({f"{name}.{k}": tuple(v.shape) for k, v in layer.state_dict().items()})
+    state = fold_pruned(state, expected)  # a pruned model's file into a plain model: the weights it computed with
     for key, tensor in state.items():
         if key in expected and expected[key] != tuple(tensor.shape):
             raise ModelFileError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)} but the model described "

@@ -33,7 +33,7 @@ from .._checks import (
 )
 from ..compress import tensorize
 from ..data import Dataset, load_dataset
-from ..io import atomic_write_text, load_model
+from ..io import atomic_write_text, fold_pruned, load_model
 from ..layers import type_name
 from ..models import FC2
 from ..models.user import build_user_model, check_arch, is_user_arch
@@ -194,17 +194,6 @@ def dense_model(config: CompressConfig, data: Dataset) -> torch.nn.Module:
     return build_model(model_config(TrainJob(arch=config.arch, layers="dense"), data))
 
 
-def fold_pruned(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict with every tensor that ``torch.nn.utils.prune`` held (``X_orig`` and ``X_mask``, no ``X``) as the
-    plain tensor the pruned model computed with, ``X = X_orig · X_mask`` (what ``prune.remove`` makes permanent)."""
-    folded = dict(state)
-    for key in state:
-        base = key[:-len("_orig")]
-        if key.endswith("_orig") and f"{base}_mask" in state and base not in state:
-            folded[base] = folded.pop(key) * folded.pop(f"{base}_mask")
-    return folded
-
-
 def load_user_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     """Trained weights from a file someone else wrote, never executing code: a torchtn model file, a plain
     safetensors state dict, or a ``.pt``/``.pth`` state dict read with ``torch.load(weights_only=True)``. A pruned
@@ -243,7 +232,7 @@ def load_user_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Modu
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"--model-file {path} does not hold a state dict of tensors")
     try:
-        model.load_state_dict(fold_pruned(state))
+        model.load_state_dict(fold_pruned(state, model.state_dict().keys()))
     except RuntimeError as err:
         raise ValueError(f"--model-file {path} does not fit --arch {type(model).__name__}: "
                          f"{str(err).strip().splitlines()[-1].strip()[:200]}") from None
