@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet -e ".[dev,hf]"
+	$(PIP) install --quiet -e ".[dev,hf,onnx]"
 	touch $(STAMP)
 
 demo: setup

@@ -37,6 +37,11 @@ def kept() -> Iterator[None]:
     """Where a tensor kept between calls is made (merged cores, a rebuilt weight, a transformed one, a reader's
     copy): without autograd history, and as a normal tensor even inside ``torch.inference_mode()`` — an inference
     tensor has no version counter to key a cache on and cannot be saved for a backward pass, so a cache filled under
-    inference mode broke every later call outside it."""
+    inference mode broke every later call outside it. While tracing nothing is kept, and the block runs as it is:
+    a grad-mode region there only added an empty subgraph to the trace, on which ``torch.export``'s
+    ``run_decompositions`` (ONNX export, lowering) failed when the export ran under ``torch.no_grad()``."""
+    if traced():
+        yield
+        return
     with torch.inference_mode(False), torch.no_grad():
         yield
