@@ -170,6 +170,41 @@ def test_every_layer_type_exports_to_onnx_and_onnxruntime_agrees(name):
             torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_every_layer_type_under_activation_checkpointing_and_in_an_ema_model(name):
+    """torch.utils.checkpoint (reentrant: its first forward runs without gradients, where layers cache; and not)
+    gives the gradients of a plain pass; an AveragedModel (EMA) whose averages change in place between eval calls
+    computes with its current parameters (caches follow them)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 48, dtype=torch.float64), EXAMPLES[name]())
+    x = torch.randn(5, 48, dtype=torch.float64)
+    model(x).square().sum().backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for reentrant in (True, False):
+        model.zero_grad()
+        checkpoint(model, x.clone().requires_grad_(), use_reentrant=reentrant).square().sum().backward()
+        for n, p in model.named_parameters():
+            if n in plain:
+                torch.testing.assert_close(p.grad, plain[n], rtol=1e-12, atol=1e-12)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9)).eval()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(2):
+        with torch.no_grad():
+            ema(x)  # caches filled with the averages of now
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        ema.update_parameters(model)
+    reference = nn.Sequential(nn.Linear(48, 48, dtype=torch.float64), EXAMPLES[name]()).eval()
+    reference.load_state_dict(ema.module.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(ema(x), reference(x), rtol=0, atol=1e-12)
+        assert not torch.allclose(ema(x), model.eval()(x))  # (the averages are not the trained weights)
+
+
 # the CPU everywhere; CUDA too where PyTorch sees a GPU
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
 
