@@ -1,5 +1,6 @@
 """ADTN weight generators against an explicit Kronecker-product construction, finite differences and files."""
 import copy
+import itertools
 
 import pytest
 import torch
@@ -421,3 +422,50 @@ def test_pruned_gates_are_what_the_layer_computes_with_and_its_weight_names_what
         torch.testing.assert_close(layer(x), plain(x), rtol=1e-12, atol=1e-12)
     with pytest.raises(TypeError, match=r"ADTNLinear.weight cannot be pruned.*generator.gates"):
         prune.l1_unstructured(torchtn.ADTNLinear(12, 6), "weight", amount=0.3)
+
+
+@pytest.mark.parametrize("mapping", ["axes", "interleaved"])
+def test_mappings_place_every_entry_at_the_qubits_of_its_axes_bits(mapping):
+    """``adtn_reshape`` against index arithmetic: entry ``(i₀, i₁, …)`` is the vector's entry whose chain bits are the
+    axes' bits in the mapping's order (axes: axis after axis; interleaved: the axes in turn), most significant first;
+    padding entries are never read. ``rowmajor`` is the first ``numel`` entries."""
+    from torchtn.core.adtn import adtn_qubits, adtn_reshape
+
+    shape, bits = (3, 5, 2, 1), [2, 3, 1, 0]
+    Q = adtn_qubits(shape, mapping)
+    assert Q == 6 and adtn_qubits(shape) == num_qubits(30) == 5
+    vector = torch.arange(2 ** Q, dtype=torch.float64)
+    order = ([(a, b) for a, n in enumerate(bits) for b in reversed(range(n))] if mapping == "axes" else
+             [(0, 1), (1, 2), (2, 0), (0, 0), (1, 1), (1, 0)])
+    t = adtn_reshape(vector, shape, mapping)
+    assert t.shape == shape
+    for idx in itertools.product(*[range(d) for d in shape]):
+        position = 0
+        for a, b in order:
+            position = 2 * position + ((idx[a] >> b) & 1)
+        assert t[idx] == position, idx
+    torch.testing.assert_close(adtn_reshape(vector, shape), vector[:30].reshape(shape), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="mapping='columns' is not allowed"):
+        adtn_qubits(shape, "columns")
+
+
+@pytest.mark.parametrize("mapping", ["axes", "interleaved"])
+def test_a_layer_with_another_mapping_generates_its_weight_so_and_files_keep_it(tmp_path, mapping):
+    from torchtn.core.adtn import adtn_reshape
+
+    torch.manual_seed(0)
+    layer = torchtn.ADTNLinear(20, 12, depth=2, mapping=mapping, dtype=torch.float64)
+    g = layer.generator
+    assert g.Q == 5 + 4 and f"mapping='{mapping}'" in repr(layer)
+    expected = adtn_reshape(adtn_generate(g.gates, activation=g.activation, scale=g.scale), (12, 20), mapping)
+    torch.testing.assert_close(layer.weight, expected, rtol=0, atol=0)
+    assert abs(float(layer.weight.detach().std()) - (1 / (3 * 20)) ** 0.5) < 1e-9  # PyTorch's variance at any mapping
+    x = torch.randn(4, 20, dtype=torch.float64)
+    path = torchtn.save_model(torch.nn.Sequential(layer), tmp_path / "m.safetensors")
+    back = torchtn.load_model(path, torch.nn.Sequential(torch.nn.Linear(20, 12, dtype=torch.float64)))
+    assert back[0].generator.mapping == mapping
+    torch.testing.assert_close(back(x), layer(x), rtol=0, atol=0)
+    conv = torchtn.ADTNConv2d(3, 4, 3, mapping=mapping)
+    assert conv.Q == 2 + 2 + 2 + 2 and conv.weight.shape == (4, 3, 3, 3)
+    with pytest.raises(ValueError, match="mapping='rows'"):
+        torchtn.ADTNLinear(20, 12, mapping="rows")

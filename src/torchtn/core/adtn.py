@@ -1,7 +1,8 @@
 """ADTN weight generators (Qing, Zhou, Li, Ran): a tensor of ``2^Q`` numbers made by a deep tensor network.
 
 The weights of a layer, flattened in row-major order, are the first ``numel`` entries of a ``Q``-index tensor with
-every index of dimension 2 (``2^Q ≥ numel``). It is generated from the product state ``e_0 = (1, 0)^{⊗Q}`` by ``M``
+every index of dimension 2 (``2^Q ≥ numel``; the spec's reconstruction — :func:`adtn_qubits` and
+:func:`adtn_reshape` give the alternatives: every axis its own qubits, in blocks or interleaved). It is generated from the product state ``e_0 = (1, 0)^{⊗Q}`` by ``M``
 brick-wall layers of ``2 × 2 × 2 × 2`` gates (``4 × 4`` matrices on neighbouring index pairs: first the pairs
 ``(0, 1), (2, 3), …``, then ``(1, 2), (3, 4), …`` — ``Q − 1`` gates per layer), with an elementwise activation
 between layers and a global scale:
@@ -19,6 +20,7 @@ over the vector), trading passes over memory for arithmetic; ``g = 1`` is the ga
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +46,55 @@ def num_qubits(numel: int) -> int:
     if not isinstance(numel, int) or numel < 1:
         raise ValueError(f"numel={numel!r} is not allowed: expected a positive integer")
     return max(2, math.ceil(math.log2(numel)))
+
+
+MAPPINGS = ("rowmajor", "axes", "interleaved")
+
+
+def _axis_bits(shape: Sequence[int]) -> list[int]:
+    return [math.ceil(math.log2(d)) for d in shape]
+
+
+def adtn_qubits(shape: Sequence[int], mapping: str = "rowmajor") -> int:
+    """``Q`` of the generator of a tensor of ``shape`` (at least 2, so that a gate fits). ``mapping`` (how the 2^Q
+    entries become the tensor; the spec's reconstruction is ``"rowmajor"``): ``"rowmajor"`` — the first ``numel``
+    entries, ``Q = ⌈log₂ numel⌉``; ``"axes"`` — every axis padded to a power of two and given its own qubits, axis
+    after axis, most significant bit first, ``Q = Σ ⌈log₂ dᵢ⌉``; ``"interleaved"`` — the same qubits, taken from the
+    axes in turn (most significant bits first), so that every region of the chain holds bits of every axis."""
+    if mapping not in MAPPINGS:
+        raise ValueError(f"mapping={mapping!r} is not allowed: expected one of {', '.join(MAPPINGS)}")
+    if mapping == "rowmajor":
+        return num_qubits(math.prod(shape))
+    return max(2, sum(_axis_bits(shape)))
+
+
+def _chain_order(bits: list[int], mapping: str) -> list[tuple[int, int]]:
+    """``(axis, bit)`` of each qubit along the chain (bit 0 the least significant)."""
+    if mapping == "axes":
+        return [(a, b) for a, n in enumerate(bits) for b in reversed(range(n))]
+    order, left = [], list(bits)
+    while any(left):
+        for a in range(len(left)):
+            if left[a]:
+                left[a] -= 1
+                order.append((a, left[a]))
+    return order
+
+
+def adtn_reshape(vector: torch.Tensor, shape: Sequence[int], mapping: str = "rowmajor") -> torch.Tensor:
+    """``(2^Q,) -> shape``: the generated vector as the tensor, by ``mapping`` (:func:`adtn_qubits`)."""
+    shape = tuple(shape)
+    if mapping == "rowmajor":
+        return vector[:math.prod(shape)].reshape(shape)
+    bits = _axis_bits(shape)
+    used = sum(bits)
+    t = vector[:2 ** used]  # (Q exceeds the axes' bits only when they hold fewer than 2)
+    if mapping == "interleaved" and used:
+        chain = _chain_order(bits, mapping)
+        axis_major = _chain_order(bits, "axes")
+        t = t.reshape([2] * used).permute([chain.index(q) for q in axis_major])
+    t = t.reshape([2 ** n for n in bits])
+    return t[tuple(slice(0, d) for d in shape)]
 
 
 def brick_layer_pairs(Q: int) -> list[list[int]]:
