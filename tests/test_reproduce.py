@@ -143,12 +143,14 @@ def test_adtn_quick_run_rows_and_report(tmp_path, monkeypatch):
     assert main(["reproduce", "adtn", "--quick", "--dataset", "mnist", "--data-dir", str(data), "--out", str(out),
                  "--no-progress"]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
-    got = {(r["model"], r["layers"], r["depth"], r["method"]): r["layer_params"] for r in rows}
-    assert got == {("fc2", "dense", None, "scratch"): 200_704, ("fc2", "adtn", 1, "scratch"): 16 * 17 + 1,
-                   ("fc2", "mpo", 1, "scratch"): 288, ("fc2", "adtn", 2, "scratch"): 16 * 2 * 17 + 1,
-                   ("fc2", "mpo", 2, "scratch"): 600, ("fc2", "adtn", 2, "compress"): 16 * 2 * 17 + 1,
-                   ("lenet5", "dense", None, "scratch"): 58_080,
-                   ("lenet5", "adtn", 2, "scratch"): (16 * 2 * 15 + 1) + (16 * 2 * 13 + 1)}
+    got = {(r["model"], r["layers"], r["depth"], r["method"], r.get("mapping")): r["layer_params"] for r in rows}
+    assert got == {("fc2", "dense", None, "scratch", None): 200_704,
+                   ("fc2", "adtn", 1, "scratch", "rowmajor"): 16 * 17 + 1, ("fc2", "mpo", 1, "scratch", None): 288,
+                   ("fc2", "adtn", 2, "scratch", "rowmajor"): 16 * 2 * 17 + 1, ("fc2", "mpo", 2, "scratch", None): 600,
+                   ("fc2", "adtn", 2, "scratch", "interleaved"): 16 * 2 * 17 + 1,
+                   ("fc2", "adtn", 2, "compress", "rowmajor"): 16 * 2 * 17 + 1,
+                   ("lenet5", "dense", None, "scratch", None): 58_080,
+                   ("lenet5", "adtn", 2, "scratch", "rowmajor"): (16 * 2 * 15 + 1) + (16 * 2 * 13 + 1)}
     assert all(r["dataset"] == "mnist" and 0 <= r["test_accuracy"] <= 1 for r in rows)
     healed = next(r for r in rows if r["method"] == "compress")
     # compressed from the trained dense FC2 of the same seed: the fit's error and the accuracy before healing recorded
@@ -156,7 +158,8 @@ def test_adtn_quick_run_rows_and_report(tmp_path, monkeypatch):
     assert healed["epochs"] == adtn.QUICK["heal_epochs"] and healed["seed"] == 0
     text = (out / "report.md").read_text()
     assert "ADTN ≥ MPO at equal parameters" in text and "compress-and-heal of the trained dense FC2" in text
-    assert "| fc2 | adtn | compress | 2 | 545 |" in text
+    assert "| fc2 | adtn | compress | 2 | rowmajor | 545 |" in text and "| fc2 | adtn | scratch | 2 | interleaved | 545 |" in text
+    assert "depth 2, mapping 'interleaved' (1 seed): within 3 points of dense; ≥ MPO" in text
 
 
 def test_vtnn_quick_run_rows_and_report(tmp_path, monkeypatch):
