@@ -164,7 +164,12 @@ def _t_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         n = x.shape[-1]
         # (n//2 + 1, batch, in), contiguous: a complex bmm on the permuted view is ~3× slower than copy + bmm
         x_hat = torch.fft.rfft(half_to_float(x), dim=-1).permute(2, 0, 1).contiguous()
-        y = torch.fft.irfft(torch.bmm(x_hat, what.transpose(1, 2)).permute(1, 2, 0), n=n, dim=-1)
+        if traced():  # the same product in real arithmetic: ONNX has no complex matmul (nor complex numbers)
+            xr, xi, wr, wi = x_hat.real, x_hat.imag, what.real.transpose(1, 2), what.imag.transpose(1, 2)
+            y_hat = torch.complex(torch.bmm(xr, wr) - torch.bmm(xi, wi), torch.bmm(xr, wi) + torch.bmm(xi, wr))
+        else:
+            y_hat = torch.bmm(x_hat, what.transpose(1, 2))
+        y = torch.fft.irfft(y_hat.permute(1, 2, 0), n=n, dim=-1)
         y = y if bias is None else y.add_(bias.transpose(0, 1))
         return y.to(x.dtype)  # (half precision: the FFTs ran in float32)
     if _slice_major(T):
