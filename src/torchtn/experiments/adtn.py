@@ -176,15 +176,14 @@ def _checks(rows: list[dict], main_depth: int) -> list[tuple]:
         if a is not None and m is not None:
             out.append((f"depth {depth}: ADTN ≥ MPO at equal parameters", f"{100 * a:.2f} vs {100 * m:.2f}%",
                         "met" if a >= m else "NOT met"))
-    every = _groups(rows, mapping=None)
-    mpo = acc.get(("fc2", "mpo", main_depth))
-    for (model, kind, depth, mapping), sel in sorted(every.items(), key=lambda kv: str(kv[0])):
-        if model == "fc2" and kind == "adtn" and depth == main_depth and mapping != "rowmajor" and None not in (
-                dense, mpo):
-            a = mean_std([r["test_accuracy"] for r in sel])[0]
-            out.append((f"depth {depth}, mapping '{mapping}' ({len(sel)} seed{'s' if len(sel) > 1 else ''}): within 3 points of dense; ≥ MPO",
-                        f"{100 * a:.2f} vs {100 * dense:.2f}%; vs {100 * mpo:.2f}%",
-                        f"{'met' if a >= dense - 0.03 else 'NOT met'}; {'met' if a >= mpo else 'NOT met'}"))
+    for (model, kind, depth, mapping), sel in sorted(_groups(rows, mapping=None).items(), key=lambda kv: str(kv[0])):
+        if (model, kind, depth) != ("fc2", "adtn", main_depth) or mapping == "rowmajor" or None in (dense, mpo):
+            continue
+        a = mean_std([r["test_accuracy"] for r in sel])[0]
+        seeds = f"{len(sel)} seed{'s' if len(sel) > 1 else ''}"
+        out.append((f"depth {depth}, mapping '{mapping}' ({seeds}): within 3 points of dense; ≥ MPO",
+                    f"{100 * a:.2f} vs {100 * dense:.2f}%; vs {100 * mpo:.2f}%",
+                    f"{'met' if a >= dense - 0.03 else 'NOT met'}; {'met' if a >= mpo else 'NOT met'}"))
     return out
 
 
