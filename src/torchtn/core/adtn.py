@@ -2,10 +2,10 @@
 
 The weights of a layer, flattened in row-major order, are the first ``numel`` entries of a ``Q``-index tensor with
 every index of dimension 2 (``2^Q ≥ numel``; the spec's reconstruction — :func:`adtn_qubits` and
-:func:`adtn_reshape` give the alternatives: every axis its own qubits, in blocks or interleaved). It is generated from the product state ``e_0 = (1, 0)^{⊗Q}`` by ``M``
-brick-wall layers of ``2 × 2 × 2 × 2`` gates (``4 × 4`` matrices on neighbouring index pairs: first the pairs
-``(0, 1), (2, 3), …``, then ``(1, 2), (3, 4), …`` — ``Q − 1`` gates per layer), with an elementwise activation
-between layers and a global scale:
+:func:`adtn_reshape` give the alternatives: every axis its own qubits, in blocks or interleaved). It is generated
+from the product state ``e_0 = (1, 0)^{⊗Q}`` by ``M`` brick-wall layers of ``2 × 2 × 2 × 2`` gates (``4 × 4``
+matrices on neighbouring index pairs: first the pairs ``(0, 1), (2, 3), …``, then ``(1, 2), (3, 4), …`` — ``Q − 1``
+gates per layer), with an elementwise activation between layers and a global scale:
 
     T = λ · L^{(M)} σ(… L^{(2)} σ(L^{(1)} e_0)).
 

@@ -412,8 +412,8 @@ def adtn_parametrize(module: nn.Module, name: str = "weight", depth: int = 2, *,
     generator). ``module.<name>`` then reads the generated tensor; the gates and the scale are
     ``module.parametrizations.<name>[0].generator``'s parameters. ``fan_in`` sets the initial variance
     ``1 / (3 · fan_in)`` (default: the product of the parameter's trailing dimensions); ``unitary``: orthogonal gates
-    and ``mapping`` (see :class:`ADTNGenerator`); ``seed``: draw the gates from this seed, leaving the caller's RNG as it was
-    (default: from the global RNG)."""
+    and ``mapping`` (see :class:`ADTNGenerator`); ``seed``: draw the gates from this seed, leaving the caller's RNG as
+    it was (default: from the global RNG)."""
     tensor = getattr(module, name, None)
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"name={name!r} is not allowed: {type(module).__name__} has no tensor called {name!r}")
