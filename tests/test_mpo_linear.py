@@ -403,3 +403,16 @@ def test_pruning_the_computed_weight_names_the_cores_to_prune_instead():
     with pytest.raises(TypeError, match=r"MPOLinear.weight cannot be pruned.*cores\.0"):
         prune.l1_unstructured(layer, "weight", amount=0.5)
     assert not layer._forward_pre_hooks and "weight_orig" not in dict(layer.named_parameters())
+
+
+@pytest.mark.parametrize("contraction", ["auto", "dense", "rtl", "ltr"])
+def test_the_output_is_a_view_exactly_when_nn_linears_is(contraction):
+    """A view as a module's output drops FSDP2's pre-backward hook when modified in place (FSDP2 warned about every
+    MPOLinear): the sweeps' last product is returned as it is, as nn.Linear returns its (2-D) output."""
+    layer, dense = make(contraction=contraction), nn.Linear(784, 256, dtype=torch.float64)
+    for shape in ((1, 784), (9, 784), (2, 5, 784)):
+        x = torch.randn(*shape, dtype=torch.float64)
+        for mode in (layer.train, layer.eval):
+            mode()
+            with torch.set_grad_enabled(layer.training):
+                assert layer(x)._is_view() == dense(x)._is_view() or (len(shape) == 3 and not layer(x)._is_view())

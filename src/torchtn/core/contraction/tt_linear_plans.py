@@ -425,7 +425,16 @@ def _sweep(x: torch.Tensor, mats: Sequence[torch.Tensor], plan: ContractionPlan,
     last = len(plan.steps) - 1
     for i, (gi, cols) in enumerate(plan.steps):
         t = _step(mats[gi], t, cols, i % 2 if scratch and i < last else None)
-    return t.reshape(x.shape[0], -1)
+    return _reshaped_product(t, (x.shape[0], t.numel() // x.shape[0] if x.shape[0] else math.prod(plan.out_sizes)))
+
+
+def _reshaped_product(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A fresh contiguous product that nothing else holds, as ``shape`` — not as a view of it (what ``torch.matmul``
+    does too): a layer's output that is a view drops FSDP2's pre-backward hook when modified in place (``out += x``),
+    and FSDP2 warns about it; ``nn.Linear`` returns no view either."""
+    if tuple(t.shape) == tuple(shape):
+        return t
+    return torch.ops.aten._unsafe_view(t, list(shape))
 
 
 def tt_linear(x: torch.Tensor, mats: Sequence[torch.Tensor], plan: ContractionPlan, *,
@@ -571,7 +580,7 @@ def _run(x: torch.Tensor, mats: Sequence[torch.Tensor], plan: ContractionPlan, b
     y = _sweep(x.reshape(-1, x.shape[-1]), mats, plan, scratch)
     if bias is not None:
         y = y.add_(bias)  # y is a fresh product (never scratch) that no backward formula needs
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return _reshaped_product(y, (*x.shape[:-1], y.shape[-1]))
 
 
 def tt_linear_flops(in_shape: Sequence[int], out_shape: Sequence[int], ranks: Sequence[int], batch: int = 1,
