@@ -417,8 +417,9 @@ def test_pruned_gates_are_what_the_layer_computes_with_and_its_weight_names_what
     prune.l1_unstructured(layer.generator, "gates", amount=0.3)
     with torch.no_grad():
         plain.generator.gates.mul_(layer.generator.get_buffer("gates_mask"))
-    for mode in (layer.train, layer.eval):
-        mode(), plain.train(layer.training)
+    for training in (True, False):
+        layer.train(training)
+        plain.train(training)
         torch.testing.assert_close(layer(x), plain(x), rtol=1e-12, atol=1e-12)
     with pytest.raises(TypeError, match=r"ADTNLinear.weight cannot be pruned.*generator.gates"):
         prune.l1_unstructured(torchtn.ADTNLinear(12, 6), "weight", amount=0.3)

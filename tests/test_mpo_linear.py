@@ -360,7 +360,7 @@ def test_pruned_cores_compute_train_and_stay_masked_then_are_made_permanent(tmp_
         layer(x).square().mean().backward()
         opt.step()
     core = layer.core_list()[1]
-    assert torch.equal(core[layer.cores.get_buffer("1_mask") == 0], torch.zeros_like(core[core == 0]))
+    assert (core[layer.cores.get_buffer("1_mask") == 0] == 0).all()  # the pruned entries stayed zero
     assert not torch.equal(layer.cores.get_parameter("1_orig") * layer.cores.get_buffer("1_mask"), masked)  # trained
     layer.eval()
     with torch.no_grad():
@@ -406,13 +406,13 @@ def test_pruning_the_computed_weight_names_the_cores_to_prune_instead():
 
 
 @pytest.mark.parametrize("contraction", ["auto", "dense", "rtl", "ltr"])
-def test_the_output_is_a_view_exactly_when_nn_linears_is(contraction):
+def test_the_output_is_a_view_only_where_nn_linears_is(contraction):
     """A view as a module's output drops FSDP2's pre-backward hook when modified in place (FSDP2 warned about every
-    MPOLinear): the sweeps' last product is returned as it is, as nn.Linear returns its (2-D) output."""
+    MPOLinear): the sweeps' last product is returned as it is, as nn.Linear returns its 2-D output."""
     layer, dense = make(contraction=contraction), nn.Linear(784, 256, dtype=torch.float64)
     for shape in ((1, 784), (9, 784), (2, 5, 784)):
         x = torch.randn(*shape, dtype=torch.float64)
         for mode in (layer.train, layer.eval):
             mode()
             with torch.set_grad_enabled(layer.training):
-                assert layer(x)._is_view() == dense(x)._is_view() or (len(shape) == 3 and not layer(x)._is_view())
+                assert dense(x)._is_view() or not layer(x)._is_view(), (shape, layer.training)

@@ -136,35 +136,30 @@ def _mapping(row: dict) -> str | None:
     return row.get("mapping", "rowmajor") if row["layers"] == "adtn" else None
 
 
-def _groups(rows: list[dict], method: str = "scratch", mapping: str | None = "rowmajor") -> dict:
-    """Rows of one method (older results without the field were all trained from scratch) by (model, layers,
-    depth); ADTN rows of one ``mapping`` only (``None``: by (model, layers, depth, mapping), every mapping)."""
+def _groups(rows: list[dict], method: str = "scratch") -> dict:
+    """Rows of one method (older results without the field were all trained from scratch) by (model, layers, depth,
+    ADTN mapping)."""
     out: dict = {}
     for r in rows:
-        if r.get("method", "scratch") != method:
-            continue
-        if mapping is None:
+        if r.get("method", "scratch") == method:
             out.setdefault((r["model"], r["layers"], r["depth"], _mapping(r)), []).append(r)
-        elif _mapping(r) in (None, mapping):
-            out.setdefault((r["model"], r["layers"], r["depth"]), []).append(r)
     return out
 
 
 def _checks(rows: list[dict], main_depth: int) -> list[tuple]:
     g = _groups(rows)
     acc = {k: mean_std([r["test_accuracy"] for r in v])[0] for k, v in g.items()}
-    healed = _groups(rows, "compress").get(("fc2", "adtn", main_depth))
+    adtn_key, mpo_key = ("fc2", "adtn", main_depth, "rowmajor"), ("fc2", "mpo", main_depth, None)
+    healed = _groups(rows, "compress").get(adtn_key)
     out = []
-    dense, adtn, mpo = acc.get(("fc2", "dense", None)), acc.get(("fc2", "adtn", main_depth)), acc.get(
-        ("fc2", "mpo", main_depth))
+    dense, adtn, mpo = acc.get(("fc2", "dense", None, None)), acc.get(adtn_key), acc.get(mpo_key)
     if None not in (dense, adtn, mpo):
-        n = g["fc2", "adtn", main_depth][0]["layer_params"]
+        n = g[adtn_key][0]["layer_params"]
         out.append((f"FC2, 784×256 layer as an ADTN of depth {main_depth} ({n} parameters ≤ 1,000): within 3 points "
                     f"of dense", f"{100 * adtn:.2f} vs {100 * dense:.2f}%",
                     "met" if adtn >= dense - 0.03 and n <= 1000 else "NOT met"))
-        out.append((f"… and at least as accurate as the MPO of the same size "
-                    f"({g['fc2', 'mpo', main_depth][0]['layer_params']} parameters)",
-                    f"{100 * adtn:.2f} vs {100 * mpo:.2f}%", "met" if adtn >= mpo else "NOT met"))
+        out.append((f"… and at least as accurate as the MPO of the same size ({g[mpo_key][0]['layer_params']} "
+                    f"parameters)", f"{100 * adtn:.2f} vs {100 * mpo:.2f}%", "met" if adtn >= mpo else "NOT met"))
         if healed:
             h = mean_std([r["test_accuracy"] for r in healed])[0]
             out.append(("the same ADTN by compress-and-heal of the trained dense FC2: within 3 points of dense",
@@ -172,14 +167,14 @@ def _checks(rows: list[dict], main_depth: int) -> list[tuple]:
             out.append(("… and at least as accurate as the MPO of the same size (from scratch)",
                         f"{100 * h:.2f} vs {100 * mpo:.2f}%", "met" if h >= mpo else "NOT met"))
     for depth in sorted({r["depth"] for r in rows if r["layers"] == "adtn" and r["model"] == "fc2"}):
-        a, m = acc.get(("fc2", "adtn", depth)), acc.get(("fc2", "mpo", depth))
+        a, m = acc.get(("fc2", "adtn", depth, "rowmajor")), acc.get(("fc2", "mpo", depth, None))
         if a is not None and m is not None:
             out.append((f"depth {depth}: ADTN ≥ MPO at equal parameters", f"{100 * a:.2f} vs {100 * m:.2f}%",
                         "met" if a >= m else "NOT met"))
-    for (model, kind, depth, mapping), sel in sorted(_groups(rows, mapping=None).items(), key=lambda kv: str(kv[0])):
+    for (model, kind, depth, mapping), sel in sorted(g.items(), key=lambda kv: str(kv[0])):
         if (model, kind, depth) != ("fc2", "adtn", main_depth) or mapping == "rowmajor" or None in (dense, mpo):
             continue
-        a = mean_std([r["test_accuracy"] for r in sel])[0]
+        a = acc[model, kind, depth, mapping]
         seeds = f"{len(sel)} seed{'s' if len(sel) > 1 else ''}"
         out.append((f"depth {depth}, mapping '{mapping}' ({seeds}): within 3 points of dense; ≥ MPO",
                     f"{100 * a:.2f} vs {100 * dense:.2f}%; vs {100 * mpo:.2f}%",
@@ -191,7 +186,7 @@ def report(rows: list[dict], ctx: Context, results: dict) -> str:
     s = QUICK if ctx.config.quick else FULL
     table_rows = []
     for method in ("scratch", "compress"):
-        for (model, kind, depth, mapping), sel in sorted(_groups(rows, method, mapping=None).items(),
+        for (model, kind, depth, mapping), sel in sorted(_groups(rows, method).items(),
                                                          key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0,
                                                                          kv[0][3] != "rowmajor", kv[0][3] or "")):
             mean, std = mean_std([r["test_accuracy"] for r in sel])

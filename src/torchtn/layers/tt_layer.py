@@ -82,8 +82,8 @@ class TTLayer(ComputedWeight):
         if held or holder._forward_pre_hooks:
             what = f"cores.{held[0]}" if held else "the cores' ParameterList"
             raise RuntimeError(f"{type(self).__name__} cannot be {doing}: {what} is held by torch.nn.utils.prune or a "
-                               f"parametrization (its forward pre-hooks); make it permanent or remove it first "
-                               f"(prune.remove / parametrize.remove_parametrizations)")
+                               f"parametrization; make the pruning permanent first (prune.remove(layer.cores, "
+                               f"name)) or remove the parametrization (parametrize.remove_parametrizations)")
         return self.core_list()
 
     @contextmanager

@@ -425,13 +425,13 @@ def _sweep(x: torch.Tensor, mats: Sequence[torch.Tensor], plan: ContractionPlan,
     last = len(plan.steps) - 1
     for i, (gi, cols) in enumerate(plan.steps):
         t = _step(mats[gi], t, cols, i % 2 if scratch and i < last else None)
-    return _reshaped_product(t, (x.shape[0], t.numel() // x.shape[0] if x.shape[0] else math.prod(plan.out_sizes)))
+    return _reshaped_product(t, (x.shape[0], math.prod(plan.out_sizes)))
 
 
 def _reshaped_product(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """A fresh contiguous product that nothing else holds, as ``shape`` — not as a view of it (what ``torch.matmul``
     does too): a layer's output that is a view drops FSDP2's pre-backward hook when modified in place (``out += x``),
-    and FSDP2 warns about it; ``nn.Linear`` returns no view either."""
+    and FSDP2 warns about it; ``nn.Linear``'s output for a 2-D input is no view either."""
     if tuple(t.shape) == tuple(shape):
         return t
     return torch.ops.aten._unsafe_view(t, list(shape))
