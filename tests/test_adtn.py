@@ -470,3 +470,29 @@ def test_a_layer_with_another_mapping_generates_its_weight_so_and_files_keep_it(
     assert conv.Q == 2 + 2 + 2 + 2 and conv.weight.shape == (4, 3, 3, 3)
     with pytest.raises(ValueError, match="mapping='rows'"):
         torchtn.ADTNLinear(20, 12, mapping="rows")
+
+
+def test_tensorize_with_adtn_takes_the_mapping_and_counts_its_qubits():
+    """``mapping`` reaches every generator tensorize makes (fitted, or in an attention's parametrization), and the
+    never-bigger rule counts that mapping's qubits: 17×17 is 9 qubits row-major (2·8 gates + scale = 257 < 289
+    weights) but 5 + 5 = 10 by axes (289 parameters: no smaller, so the layer stays dense)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(33, 20), torch.nn.ReLU(), torch.nn.Linear(20, 17),
+                                torch.nn.Linear(17, 17))
+    new, report = torchtn.tensorize(model, method="adtn", depth=2, fit_steps=30, mapping="axes")
+    assert isinstance(new[0], torchtn.ADTNLinear) and new[0].generator.mapping == "axes"
+    assert new[0].generator.gates.shape == (2, 6 + 5 - 1, 4, 4)  # 33 → 64 (6 qubits), 20 → 32 (5)
+    assert type(new[3]) is torch.nn.Linear and "3" in report.skipped
+    row = next(r for r in report.layers if r.name == "0")
+    err = float((new[0].weight - model[0].weight).norm().detach() / model[0].weight.norm().detach())
+    assert row.rel_error == pytest.approx(err, rel=1e-5)
+    rowmajor, _ = torchtn.tensorize(model, method="adtn", depth=2, fit_steps=0)
+    assert isinstance(rowmajor[3], torchtn.ADTNLinear) and rowmajor[3].Q == 9
+    attention, _ = torchtn.tensorize(torch.nn.Sequential(torch.nn.MultiheadAttention(16, 2)), method="adtn",
+                                     depth=1, fit_steps=0, mapping="interleaved")
+    generator = attention[0].parametrizations.in_proj_weight[0].generator
+    assert generator.mapping == "interleaved" and generator.shape == (48, 16)
+    with pytest.raises(ValueError, match="mapping='axes' is for method='adtn'"):
+        torchtn.tensorize(model, rank=2, mapping="axes")
+    with pytest.raises(ValueError, match="mapping='diagonal' is not allowed"):
+        torchtn.tensorize(model, method="adtn", mapping="diagonal")

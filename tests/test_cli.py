@@ -71,8 +71,9 @@ def test_compress_into_adtns_fits_each_weight_then_heals(tmp_path, capsys):
     assert main(["compress", "--method", "mpo", "--out", str(out), "--resume", "--no-progress"]) == 2
     assert "method: 'adtn' → 'mpo'" in capsys.readouterr().err
     for bad, words in ((["--method", "adtn", "--rank", "4"], "method='adtn' sweeps depths"),
-                       (["--depth", "2"], "depths and unitary are for method='adtn'"),
-                       (["--unitary"], "depths and unitary are for method='adtn'"),
+                       (["--depth", "2"], "depths, unitary and mapping are for method='adtn'"),
+                       (["--unitary"], "depths, unitary and mapping are for method='adtn'"),
+                       (["--mapping", "axes"], "depths, unitary and mapping are for method='adtn'"),
                        (["--method", "adtn", "--conv-modes", "kernel"], "method='adtn' sweeps depths"),
                        (["--method", "adtn", "--depth", "0"], "--depth=0"),
                        (["--method", "adtn", "--fit-steps", "-1"], "--fit-steps=-1")):

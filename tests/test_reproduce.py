@@ -48,6 +48,43 @@ def test_quick_run_on_mnist_files_writes_the_shared_results_format(tmp_path, cap
     assert [r["test_accuracy"] for r in again] == [r["test_accuracy"] for r in rows]
     assert main([*args[:-3], "--seeds", "2", "--out", str(out), "--resume"]) == 2
     assert "other settings (seeds" in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text())["config"] == {
+        "name": "gao2020", "quick": True, "dataset": "mnist", "data_dir": str(data), "seeds": 1}
+
+
+def test_report_only_rewrites_a_finished_runs_report_from_its_results(tmp_path, capsys):
+    """--report-only: report.md and the plots again from results.json — the rows as recorded (here changed by hand, as
+    a newer report would draw the same rows otherwise), nothing trained, the results file untouched; the settings
+    come from the run (results without a recorded config, as older runs wrote them: from its command)."""
+    data = make_mnist_dir(tmp_path / "mnist", n_train=48, n_test=20)
+    out = tmp_path / "run"
+    assert main(["reproduce", "adtn", "--quick", "--dataset", "mnist", "--data-dir", str(data), "--out", str(out),
+                 "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for r in results["rows"]:
+        if r["layers"] == "dense" and r["model"] == "fc2":
+            r["test_accuracy"] = 0.4321
+    del results["config"]
+    (out / "results.json").write_text(json.dumps(results))
+    (out / "accuracy_vs_parameters.png").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    capsys.readouterr()
+    assert main(["reproduce", "adtn", "--report-only", "--out", str(out)]) == 0
+    assert "nothing was trained" in capsys.readouterr().out
+    text = (out / "report.md").read_text()
+    assert "| fc2 | dense | scratch | – | – | 200,704 | 203,264 | 43.21 ± 0.00 |" in text
+    assert (out / "accuracy_vs_parameters.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "results.json").read_text()) == results
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == before
+    for args, words in ((["adtn", "--report-only"], "--report-only needs --out DIR"),
+                        (["adtn", "--report-only", "--out", str(tmp_path / "none")], "does not exist"),
+                        (["gao2020", "--report-only", "--out", str(out)], "results of 'adtn', not of 'gao2020'"),
+                        (["adtn", "--report-only", "--quick", "--out", str(out)], "--quick does not combine"),
+                        (["adtn", "--report-only", "--dataset", "fashion-mnist", "--out", str(out)],
+                         "was measured on mnist")):
+        assert main(["reproduce", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and words in err, err
 
 
 def test_reproduce_refusals(tmp_path, capsys):
@@ -161,6 +198,8 @@ def test_adtn_quick_run_rows_and_report(tmp_path, monkeypatch):
     assert "| fc2 | adtn | compress | 2 | rowmajor | 545 |" in text
     assert "| fc2 | adtn | scratch | 2 | interleaved | 545 |" in text
     assert "depth 2, mapping 'interleaved' (1 seed): within 3 points of dense; ≥ MPO" in text
+    assert (out / "accuracy_vs_parameters.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![accuracy vs parameters](accuracy_vs_parameters.png)" in text
 
 
 def test_vtnn_quick_run_rows_and_report(tmp_path, monkeypatch):

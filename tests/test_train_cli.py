@@ -249,6 +249,16 @@ def test_zoo_fc2_and_lenet5_with_adtn_layers(tmp_path, capsys):
     torch.testing.assert_close(gates @ gates.transpose(1, 2), torch.eye(4).expand_as(gates), rtol=0, atol=1e-5)
     assert main([*BASE, "--arch", "fc2", "--unitary", "--out", str(tmp_path / "never")]) == 2
     assert "--unitary is for --layers adtn" in capsys.readouterr().err
+    # --mapping: each axis of the 256×64 weight (digits) on its own qubits (8 + 6), kept by the file
+    out = tmp_path / "fc2-axes"
+    assert main([*BASE, "--arch", "fc2", "--layers", "adtn", "--depth", "1", "--mapping", "axes", "--epochs", "1",
+                 "--out", str(out)]) == 0
+    config = read_metadata(out / "model.safetensors")["metadata"]["config"]
+    model = load_model(out / "model.safetensors", build_model(config))
+    assert model.fc1.generator.mapping == "axes" and model.fc1.Q == 14
+    assert model.fc1.generator.gates.shape == (1, 13, 4, 4)
+    assert main([*BASE, "--arch", "fc2", "--mapping", "axes", "--out", str(tmp_path / "never")]) == 2
+    assert "--mapping axes is for --layers adtn" in capsys.readouterr().err
     # resuming with other --layers takes none of the run's ADTN settings: the check names the layers that differ
     assert main(["train", "--layers", "mpo", "--resume", "--out", str(out), "--no-progress"]) == 2
     assert "layers: 'adtn' → 'mpo'" in capsys.readouterr().err

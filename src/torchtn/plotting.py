@@ -77,8 +77,9 @@ def plot_entanglement(layers: dict[str, Sequence[float]], path: str | os.PathLik
 
 
 def plot_accuracy_vs_params(series: dict[str, Sequence[tuple[float, float, str]]], path: str | os.PathLike,
-                            title: str = "") -> Path:
-    """Test accuracy (%) against trainable parameters (log axis): one marker series per model, points labelled."""
+                            title: str = "", xlabel: str = "trainable parameters (whole model)") -> Path:
+    """Test accuracy (%) against parameters (log axis; ``xlabel`` says which are counted): one marker series per
+    model, points labelled."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.8, 4.4), dpi=120)
     for name, points in series.items():
@@ -92,9 +93,9 @@ def plot_accuracy_vs_params(series: dict[str, Sequence[tuple[float, float, str]]
 
     # labels at 1, 2, 5 × 10^k as plain counts (matplotlib's own labels every minor tick of a short range: they overlap)
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v < 10_000 else f"{v / 1000:,.0f}k"))
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("trainable parameters (whole model)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)

@@ -33,7 +33,8 @@ def cmd_compress_hf(args: argparse.Namespace) -> int:
             return fail(f"{flag} is for compressing a model file of a zoo or your own architecture; --hf-model "
                          f"compresses the Hugging Face model in its folder")
     for flag, given in (("--method adtn", args.method != "mpo"), ("--depth", args.depth is not None),
-                        ("--unitary", args.unitary), ("--fit-steps", args.fit_steps != 500)):
+                        ("--unitary", args.unitary), ("--mapping", args.mapping != "rowmajor"),
+                        ("--fit-steps", args.fit_steps != 500)):
         if given:
             return fail(f"{flag} is not available with --hf-model, which compresses into MPO layers")
     if args.resume:
@@ -102,7 +103,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                               seed=args.seed, arch=args.arch, arch_args=args.arch_args,
                               model_file=None if args.model_file is None else str(args.model_file),
                               distill=args.distill, temperature=args.temperature, conv_modes=args.conv_modes,
-                              method=args.method, depths=args.depth, fit_steps=args.fit_steps, unitary=args.unitary)
+                              method=args.method, depths=args.depth, fit_steps=args.fit_steps, unitary=args.unitary,
+                              mapping=args.mapping)
 
     checked: dict = {}  # the --model-file model as preflight read it (the file is read once)
 
@@ -136,7 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                         epochs=10 if args.epochs is None else args.epochs, batch_size=args.batch_size, lr=args.lr,
                         optimizer=args.optimizer, seed=args.seed, max_rank=args.max_rank, cutoff=args.cutoff,
                         sweep_lr=args.sweep_lr, sweep_schedule=args.sweep_schedule, depth=args.depth,
-                        unitary=args.unitary)
+                        unitary=args.unitary, mapping=args.mapping)
 
     def prepare(job, data, out):
         check_writable(out)
@@ -166,6 +168,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     return status
 
 
+def _recorded_option(results: dict, flag: str) -> str | None:
+    """The value of ``flag`` in a run's recorded command (``torchtn reproduce NAME --dataset mnist …``), if given."""
+    words = str(results.get("command", "")).split()
+    return words[words.index(flag) + 1] if flag in words[:-1] else None
+
+
+def _rewrite_report(rep, args: argparse.Namespace) -> int:
+    """``reproduce NAME --report-only --out DIR``: report.md and the plots again from DIR's results.json."""
+    from ..data import DataFilesMissing, load_dataset
+    from ..experiments.reproduce import recorded_results, rewrite_report
+
+    if args.out is None:
+        return fail("--report-only needs --out DIR: the directory of a finished run (its results.json)")
+    for flag, given in (("--resume", args.resume), ("--quick", args.quick), ("--seeds", args.seeds is not None)):
+        if given:
+            return fail(f"{flag} does not combine with --report-only, which trains nothing (the run's settings come "
+                        f"from its results.json)")
+    try:
+        results = recorded_results(args.out, rep.name)
+        recorded = results.get("config") or {}
+        dataset = (recorded.get("dataset") or _recorded_option(results, "--dataset") or rep.default_dataset)
+        if args.dataset is not None and args.dataset != dataset:
+            raise ValueError(f"--dataset {args.dataset} is not the run's: {args.out} was measured on {dataset}")
+        data_dir = args.data_dir or recorded.get("data_dir") or _recorded_option(results, "--data-dir")
+        path = rewrite_report(results, load_dataset(dataset, data_dir), args.out)
+    except (DataFilesMissing, ValueError) as err:
+        return fail(str(err))
+    except OSError as err:
+        return fail(f"{err.filename or args.out} cannot be written: {err.strerror or err}")
+    print(f"wrote {path} (and its plots) from {args.out / 'results.json'}; nothing was trained")
+    return 0
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -177,6 +212,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         rep = get_reproduction(args.name)
     except ValueError as err:
         return fail(str(err))
+    if args.report_only:
+        return _rewrite_report(rep, args)
     args.dataset = args.dataset or rep.default_dataset
     if args.dataset not in rep.datasets:
         return fail(f"--dataset {args.dataset!r} is not allowed for {rep.name}: expected one of "

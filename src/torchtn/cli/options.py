@@ -110,10 +110,17 @@ def _add_device_option(p: argparse.ArgumentParser) -> None:
                         "processes talk over NCCL")
 
 
-def _add_unitary_option(p: argparse.ArgumentParser) -> None:
+def _add_adtn_options(p: argparse.ArgumentParser) -> None:
+    """``--unitary`` and ``--mapping``: how the ADTNs of ``--method adtn`` / ``--layers adtn`` are built."""
+    from ..core.adtn import MAPPINGS
+
     p.add_argument("--unitary", action="store_true",
                    help="ADTN gates held orthogonal (each the polar factor of a latent 4x4 matrix; --method/--layers "
                         "adtn)")
+    p.add_argument("--mapping", choices=MAPPINGS, default="rowmajor",
+                   help="how an ADTN's generated vector becomes the weight (--method/--layers adtn): rowmajor (the "
+                        "first out*in entries, row-major; default), axes (each axis of the weight on its own qubits) "
+                        "or interleaved (those qubits taken from the axes in turn)")
 
 
 def _add_arch_options(p: argparse.ArgumentParser, what: str, own: str) -> None:
@@ -158,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --method adtn: brick layers of the ADTNs to sweep, e.g. --depth 2 4 (default 1 2 4)")
     c.add_argument("--fit-steps", type=_int_at_least("--fit-steps", 0), default=500,
                    help="with --method adtn: Adam steps fitting each ADTN to its dense weight (default 500)")
-    _add_unitary_option(c)
+    _add_adtn_options(c)
     c.add_argument("--finetune-epochs", type=_int_at_least("--finetune-epochs", 0), default=None,
                    help="fine-tuning epochs per setting (default: same as --epochs)")
     c.add_argument("--hidden", type=_int_at_least("--hidden", 1, 2**31), default=256)
@@ -231,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--rank", type=_int_at_least("--rank", 1), default=4, help="MPO bond dimension (default 4)")
     t.add_argument("--depth", type=_int_at_least("--depth", 1), default=2,
                    help="brick layers of each ADTN, with --layers adtn (default 2)")
-    _add_unitary_option(t)
+    _add_adtn_options(t)
     t.add_argument("--optimizer", choices=("adamw", "adam", "sgd", "sweep"), default="adamw",
                    help="adamw (decoupled weight decay); adam (weight decay as an L2 term in the gradient); sgd "
                         "(momentum 0.9); sweep: DMRG-style sweeps train the MPO layers (adaptive bonds), AdamW the "
@@ -261,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seeds", type=_int_at_least("--seeds", 1, 100), default=None, help="number of seeds")
     r.add_argument("--out", type=Path, default=None, help="output directory (default: runs/reproduce-<name>-<time>)")
     r.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    r.add_argument("--report-only", action="store_true",
+                   help="write report.md and the plots of the finished run in --out again from its results.json "
+                        "(nothing is trained; the measured rows and times stay as they are)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_device_option(r)
 

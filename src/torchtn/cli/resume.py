@@ -33,8 +33,9 @@ _RECORDED = {"compress": ("dense.safetensors", "compress_config", {"ranks": "ran
 # and a --method (compress) or --layers (train) takes none of the other kind's settings (the resume check then names
 # the method or layers that differ)
 _NOT_TAKEN_WITH = {"rank": {"rel_tol", "ratio"}, "rel_tol": {"rank", "ratio"}, "ratio": {"rank", "rel_tol"},
-                   "method": {"rank", "rel_tol", "ratio", "conv_modes", "depth", "fit_steps", "unitary"},
-                   "layers": {"rank", "depth", "unitary"}}
+                   "method": {"rank", "rel_tol", "ratio", "conv_modes", "depth", "fit_steps", "unitary",
+                              "mapping"},
+                   "layers": {"rank", "depth", "unitary", "mapping"}}
 
 
 def adopt_recorded(job: str, args: argparse.Namespace) -> None:

@@ -24,6 +24,7 @@ from .._checks import (
 )
 from .._modules import check_not_pruned, replace_submodule
 from ..core import TTMatrix, bond_caps, inner_ranks, tt_compression_ratio, tt_num_params
+from ..core.adtn import MAPPINGS, adtn_num_params, adtn_qubits
 from ..core.weighting import Weighting, two_core_shapes
 from ..layers.mpo_linear import MPOLinear
 from ..layers.mpo_parametrize import MPOParametrization, TensorSite, attention_sites
@@ -116,10 +117,9 @@ class TensorizeReport:
                 "compression_ratio": self.compression_ratio, "skipped": list(self.skipped)}
 
 
-def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip, unitary: bool,
+def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip, unitary: bool, mapping: str,
                     allow_larger: bool) -> tuple[nn.Module, TensorizeReport]:
     """The ``method="adtn"`` branch of :func:`tensorize`."""
-    from ..core.adtn import adtn_num_params, num_qubits
     from ..layers.adtn import ADTNConv2d, ADTNLinear, adtn_parametrize
 
     check_positive_int("depth", depth)
@@ -156,7 +156,8 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip, un
         return _replaced_params(name, module, weight.numel(), previous)
 
     def larger(name: str, module: nn.Module | TensorSite, weight: torch.Tensor) -> bool:  # no smaller: stays
-        return not allow_larger and adtn_num_params(num_qubits(weight.numel()), depth) >= held(name, module, weight)
+        q = adtn_qubits(tuple(weight.shape), mapping)
+        return not allow_larger and adtn_num_params(q, depth) >= held(name, module, weight)
 
     kept = [n for n, m in targets if larger(n, m, m.weight)] + [n for n, site in sites if larger(n, site, site.value)]
     targets = [(n, m) for n, m in targets if n not in kept]
@@ -171,14 +172,14 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip, un
     for name, site in sites:  # read directly by the attention: generated in place (a parametrization)
         dense = site.value.detach().clone()
         generator = adtn_parametrize(site.owner, site.tensor, depth, fan_in=dense[0].numel(), unitary=unitary,
-                                     seed=0)  # as from_dense's: the caller's RNG is left alone
+                                     mapping=mapping, seed=0)  # as from_dense's: the caller's RNG is left alone
         err = generator.fit(dense, fit_steps)
         rows.append(LayerReport(name, dense.shape[0], dense[0].numel(), (), (), (), held(name, site, dense),
                                 generator.num_params, err, 0, "ADTNParametrization",
                                 weight_params=generator.num_params, depth=depth))
     for name, module in targets:
         cls = ADTNLinear if isinstance(module, nn.Linear) else ADTNConv2d
-        layer, err = cls.from_dense(module, depth, steps=fit_steps, unitary=unitary)
+        layer, err = cls.from_dense(module, depth, steps=fit_steps, unitary=unitary, mapping=mapping)
         replace_submodule(new, name, layer)
         w = module.weight
         bias = 0 if module.bias is None else module.bias.numel()
@@ -539,6 +540,7 @@ def tensorize(
     depth: int = 2,
     fit_steps: int = 500,
     unitary: bool = False,
+    mapping: str = "rowmajor",
     allocation: str | None = None,
     conv_modes: str = "matrix",
     calibration: Mapping[str, LayerStats] | None = None,
@@ -584,7 +586,8 @@ def tensorize(
     ``ADTNConv2d`` of ``depth`` brick layers (an ``nn.MultiheadAttention``'s projections: ``adtn_parametrize``),
     its generator first fitted to the trained weight (``fit_steps`` Adam steps; ``0``: no fit, the generators start
     fresh at PyTorch's variance, to train from scratch); the report's ``rel. error`` is that fit's; ``unitary``:
-    orthogonal gates (:class:`~torchtn.layers.ADTNGenerator`). A layer whose generator would hold as many
+    orthogonal gates; ``mapping``: how the generated vector becomes the weight (``"rowmajor"``, ``"axes"``,
+    ``"interleaved"``; :class:`~torchtn.layers.ADTNGenerator`). A layer whose generator would hold as many
     parameters as its weight or more stays dense (listed in the report), unless ``allow_larger``. Heal the model by
     fine-tuning afterwards.
     """
@@ -601,9 +604,10 @@ def tensorize(
         if rank is not None or rel_tol is not None or ratio is not None or shapes:
             raise ValueError("method='adtn' takes depth= and fit_steps=, not rank=, rel_tol=, ratio= or shapes=")
         return _tensorize_adtn(model, depth, fit_steps, skip, check_choice("unitary", unitary, (False, True)),
-                               allow_larger)
-    if unitary:
-        raise ValueError("unitary=True is for method='adtn' (orthogonal gates), not for MPO layers")
+                               check_choice("mapping", mapping, MAPPINGS), allow_larger)
+    if unitary or mapping != "rowmajor":
+        what = "unitary=True" if unitary else f"mapping={mapping!r}"
+        raise ValueError(f"{what} is for method='adtn' (ADTN generators), not for MPO layers")
     rel_tol = check_rel_tol("rel_tol", rel_tol)
     ratio = check_ratio("ratio", ratio)
     if ratio is not None and (rank is not None or rel_tol is not None):

@@ -182,8 +182,29 @@ def _checks(rows: list[dict], main_depth: int) -> list[tuple]:
     return out
 
 
+def _plot(rows: list[dict], ctx: Context) -> None:
+    """FC2's test accuracy against the parameters of its 784×256 layer: dense, the MPOs, the ADTNs by mapping (points
+    labelled by depth) and the compressed-and-healed ADTNs (means over seeds)."""
+    from ..plotting import plot_accuracy_vs_params
+
+    series: dict[str, list] = {}
+    for method in ("scratch", "compress"):
+        for (model, kind, depth, mapping), sel in sorted(_groups(rows, method).items(), key=lambda kv: str(kv[0])):
+            if model != "fc2":
+                continue
+            name = {"dense": "dense", "mpo": "MPO, bond matched to the ADTN of depth M",
+                    "adtn": f"ADTN, {mapping}"}[kind] + (", fitted to the dense + healed" if method == "compress" else "")
+            label = "" if depth is None else f"M={depth}"
+            series.setdefault(name, []).append((sel[0]["layer_params"],
+                                                mean_std([r["test_accuracy"] for r in sel])[0], label))
+    plot_accuracy_vs_params(series, ctx.out / "accuracy_vs_parameters.png",
+                            title=f"FC2 on {ctx.data.name}: the 784×256 layer dense, as an MPO or as an ADTN",
+                            xlabel="parameters of the 784×256 layer (log scale)")
+
+
 def report(rows: list[dict], ctx: Context, results: dict) -> str:
     s = QUICK if ctx.config.quick else FULL
+    _plot(rows, ctx)
     table_rows = []
     for method in ("scratch", "compress"):
         for (model, kind, depth, mapping), sel in sorted(_groups(rows, method).items(),
@@ -227,6 +248,8 @@ and parameter count: {', '.join(s['mappings'])} at depth {s['main_depth']}, {s['
 ## Results
 
 {table}
+
+![accuracy vs parameters](accuracy_vs_parameters.png)
 
 {CIFAR_COMMANDS}
 """

@@ -32,6 +32,7 @@ from .._checks import (
     error_line,
 )
 from ..compress import tensorize
+from ..core.adtn import MAPPINGS
 from ..data import Dataset, load_dataset
 from ..io import atomic_write_text, fold_pruned, load_model
 from ..layers import type_name
@@ -77,6 +78,7 @@ class CompressConfig:
     depths: Sequence[int] | None = None  # method="adtn": brick layers of the ADTNs, one setting per depth
     fit_steps: int = 500  # method="adtn": Adam steps fitting each generator to its dense weight
     unitary: bool = False  # method="adtn": orthogonal gates
+    mapping: str = "rowmajor"  # method="adtn": how the generated vector becomes the weight (ADTNGenerator)
 
     def __post_init__(self) -> None:
         from ..models import MODELS
@@ -104,19 +106,21 @@ class CompressConfig:
         check_choice("method", self.method, ("mpo", "adtn"))
         check_nonnegative_int("fit_steps", self.fit_steps)
         check_choice("unitary", self.unitary, (False, True))
+        check_choice("mapping", self.mapping, MAPPINGS)
         if self.depths is not None:
             self.depths = [check_positive_int("depth", d) for d in self.depths]
         if self.method == "adtn" and (self.ranks is not None or self.rel_tol is not None or self.ratio is not None
                                       or self.conv_modes != "matrix"):
             raise ValueError("method='adtn' sweeps depths (--depth), not ranks, rel_tol, ratio or conv_modes")
-        if self.method == "mpo" and (self.depths is not None or self.unitary):
-            raise ValueError("depths and unitary are for method='adtn' (--method adtn)")
+        if self.method == "mpo" and (self.depths is not None or self.unitary or self.mapping != "rowmajor"):
+            raise ValueError("depths, unitary and mapping are for method='adtn' (--method adtn)")
 
     def settings(self) -> list[tuple[str, dict]]:
         """``(name, tensorize kwargs)`` for each point of the sweep."""
         if self.method == "adtn":
             return [(f"adtn-depth-{d}", {"method": "adtn", "depth": d, "fit_steps": self.fit_steps,
-                                         "unitary": self.unitary}) for d in (self.depths or DEFAULT_DEPTHS)]
+                                         "unitary": self.unitary, "mapping": self.mapping})
+                    for d in (self.depths or DEFAULT_DEPTHS)]
         mpo = {"conv_modes": self.conv_modes}
         if self.rel_tol is not None:
             return [(f"rel_tol-{self.rel_tol:g}", {"rel_tol": self.rel_tol, **mpo})]

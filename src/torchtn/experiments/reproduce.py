@@ -25,7 +25,7 @@ from ..report import machine_description
 from ..train import TrainConfig, evaluate
 from .stage import train_stage
 
-__all__ = ["ReproduceConfig", "Context", "run_reproduction", "mean_std"]
+__all__ = ["ReproduceConfig", "Context", "run_reproduction", "rewrite_report", "recorded_results", "mean_std"]
 
 
 @dataclass
@@ -93,8 +93,40 @@ def run_reproduction(config: ReproduceConfig, data: Dataset, out: Path, *, resum
         f" --data-dir {config.data_dir}" if config.data_dir else "") + (f" --seeds {config.seeds}" if config.seeds else "")
     results = {"experiment": config.name, "command": command, "machine": machine_description(),
                "versions": {"torchtn": __version__, "torch": torch.__version__, "python": platform.python_version()},
-               "seconds": seconds, "quick": config.quick, "rows": rows}
+               "seconds": seconds, "quick": config.quick, "config": asdict(config), "rows": rows}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-    report = rep.report(rows, ctx, results)
-    atomic_write_text(out / "report.md", report)
+    atomic_write_text(out / "report.md", rep.report(rows, ctx, results))
     return results
+
+
+def recorded_results(out: Path, name: str) -> dict:
+    """``out/results.json`` of a finished ``reproduce name`` run; ``ValueError`` saying what is wrong when it is
+    missing, damaged or another reproduction's."""
+    path = Path(out) / "results.json"
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist: --report-only rewrites the report of a finished run (its --out)")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} cannot be read as a run's results: {err}") from None
+    if not isinstance(results, dict) or not isinstance(results.get("rows"), list):
+        raise ValueError(f"{path} holds no rows of results")
+    if results.get("experiment") != name:
+        raise ValueError(f"{path} holds the results of {results.get('experiment')!r}, not of {name!r}")
+    return results
+
+
+def rewrite_report(results: dict, data: Dataset, out: Path, log: Callable[[str], None] = print) -> Path:
+    """``report.md`` and the plots of a finished run written again from its ``results`` (no training: after an
+    upgrade, or to see its rows drawn as today's report draws them); the results, times and rows stay as they were
+    measured."""
+    from .registry import get_reproduction
+
+    recorded = results.get("config") or {}
+    config = ReproduceConfig(results["experiment"], bool(results.get("quick")), recorded.get("dataset", data.name),
+                             recorded.get("data_dir"), recorded.get("seeds"))
+    rep = get_reproduction(config.name)
+    ctx = Context(config, data, Path(out), resume=True, progress=False, log=log)
+    path = Path(out) / "report.md"
+    atomic_write_text(path, rep.report(results["rows"], ctx, results))
+    return path

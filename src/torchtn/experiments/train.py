@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 
 from .._checks import check_choice, check_positive_int, check_positive_real
+from .._modules import replace_submodule
 from ..compress import tensorize
+from ..core.adtn import MAPPINGS
 from ..data import Dataset
 from ..io import atomic_write_text, read_metadata, save_model
 from ..layers import ADTNGenerator, TTLayer
@@ -62,6 +64,7 @@ class TrainJob:
     sweep_schedule: str = "batch"
     depth: int = 2  # brick layers of each ADTN, with layers="adtn"
     unitary: bool = False  # orthogonal ADTN gates, with layers="adtn"
+    mapping: str = "rowmajor"  # how each ADTN's generated vector becomes its weight, with layers="adtn"
 
     def __post_init__(self) -> None:
         check_arch(self.arch, self.arch_args, MODELS)
@@ -72,8 +75,12 @@ class TrainJob:
         check_positive_int("rank", self.rank)
         check_positive_int("depth", self.depth)
         check_choice("unitary", self.unitary, (False, True))
+        check_choice("mapping", self.mapping, MAPPINGS)
         if self.unitary and self.layers != "adtn":
             raise ValueError("--unitary is for --layers adtn (orthogonal ADTN gates)")
+        if self.mapping != "rowmajor" and self.layers != "adtn":
+            raise ValueError(f"--mapping {self.mapping} is for --layers adtn (how an ADTN's vector becomes its "
+                             f"weight)")
         check_positive_int("batch_size", self.batch_size)
         check_positive_real("lr", self.lr)
 
@@ -109,8 +116,8 @@ def job_model(job: TrainJob, data: Dataset) -> torch.nn.Module:
     ``nn.Linear``/``nn.Conv2d`` layers (and attention projections) become fresh ADTNs of ``depth`` brick layers."""
     if not is_user_arch(job.arch):
         model = build_model(model_config(job, data))
-        if job.unitary:  # (the zoo's ADTNs are built with plain gates)
-            _fresh_adtn_gates(model, unitary=True)
+        if job.unitary or job.mapping != "rowmajor":  # (the zoo's ADTNs are built with plain row-major ones)
+            _fresh_adtn_gates(model, job.unitary, job.mapping)
         return model
     model = build_user_model(job.arch, job.arch_args)
     if job.layers == "mpo":
@@ -120,16 +127,19 @@ def job_model(job: TrainJob, data: Dataset) -> torch.nn.Module:
                 module.reset_parameters()
     elif job.layers == "adtn":
         model, _ = tensorize(model, method="adtn", depth=job.depth, fit_steps=0)
-        _fresh_adtn_gates(model, job.unitary)
+        _fresh_adtn_gates(model, job.unitary, job.mapping)
     return model
 
 
-def _fresh_adtn_gates(model: torch.nn.Module, unitary: bool) -> None:
-    """Every ADTN generator of ``model`` with gates drawn afresh from the job's seed, orthogonal if ``unitary``."""
-    for module in model.modules():
+def _fresh_adtn_gates(model: torch.nn.Module, unitary: bool, mapping: str = "rowmajor") -> None:
+    """Every ADTN generator of ``model`` made afresh (gates from the job's seed, in module order) as before but with
+    orthogonal gates if ``unitary`` and with ``mapping`` (which sets the number of qubits, hence the gates' shape)."""
+    for name, module in list(model.named_modules()):
         if isinstance(module, ADTNGenerator):
-            module.unitary = unitary
-            module.reset_parameters()
+            fresh = ADTNGenerator(module.shape, module.depth, fan_in=module.fan_in, activation=module.activation,
+                                  gate_std=module.gate_std, unitary=unitary, mapping=mapping,
+                                  device=module.gates.device, dtype=module.gates.dtype)
+            replace_submodule(model, name, fresh)
 
 
 def check_train_job(job: TrainJob, data: Dataset) -> None:
