@@ -3,6 +3,7 @@ import dataclasses
 import json
 import math
 import re
+import time
 
 import pytest
 import torch
@@ -465,3 +466,35 @@ def test_adam_adds_the_weight_decay_to_the_gradient_and_adamw_decays_the_weight(
                                min_lr_fraction=1.0, progress=False)).fit(digits)
     want = 0.5 - 0.1 * 0.005 / (0.005 + 1e-8) if optimizer == "adam" else 0.5 * (1 - 0.1 * 0.01)
     torch.testing.assert_close(model.idle.detach(), torch.full((3,), want), rtol=0, atol=1e-6)
+
+
+def test_a_resumed_stage_counts_the_seconds_of_the_epochs_an_earlier_run_trained(tmp_path, digits):
+    """A stage interrupted after epoch 1 and continued: the trainer says which epochs came from the checkpoint and
+    what they took, and the stage's recorded time includes them (it counted only the resumed part before)."""
+    from torchtn.experiments.stage import train_stage
+    from torchtn.io import read_metadata
+
+    cfg = TrainConfig(epochs=2, batch_size=64, lr=1e-2, progress=False, seed=0)
+
+    def slow(trainer, step):  # epoch 1 takes far longer than the resumed epoch 2
+        time.sleep(0.1)
+        return False
+
+    def stop(record):
+        raise KeyboardInterrupt
+
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(FC2(64, hidden=16), cfg, checkpoint=tmp_path / "checkpoints" / "s.safetensors",
+                on_step_end=slow, on_epoch_end=stop).fit(digits)
+    first = read_metadata(tmp_path / "checkpoints" / "s.safetensors")["metadata"]["history"][0]["seconds"]
+    torch.manual_seed(0)
+    fresh = Trainer(FC2(64, hidden=16), cfg)
+    assert fresh.earlier_seconds == 0 and fresh.resumed_epochs == 0
+    seconds = train_stage(FC2(64, hidden=16), digits, cfg, tmp_path, "s", {}, resume=True)
+    assert first > 2.0 and seconds > first  # (without the earlier epoch: ~0.1 s)
+    assert read_metadata(tmp_path / "s.safetensors")["metadata"]["seconds"] == seconds
+    done = Trainer(FC2(64, hidden=16), cfg, checkpoint=tmp_path / "checkpoints" / "s.safetensors")
+    history = done.fit(digits, resume=True)  # both epochs from the checkpoint, nothing left to train
+    assert done.resumed_epochs == 2 and len(history) == 2
+    assert done.earlier_seconds == pytest.approx(history[0].seconds + history[1].seconds) and history[0].seconds == first

@@ -20,7 +20,8 @@ __all__ = ["train_stage"]
 def train_stage(model: nn.Module, data: Dataset, cfg: TrainConfig, out: Path, name: str, meta: dict, *,
                 resume: bool, device: str | torch.device | None = None, started: float | None = None,
                 log: Callable[[str], None] | None = None, **trainer_kwargs) -> float:
-    """Train ``model`` as stage ``name`` and return the seconds it took (counted from ``started`` if given).
+    """Train ``model`` as stage ``name`` and return the seconds it took (counted from ``started`` if given; a stage
+    continued from its checkpoint adds the seconds of the epochs an earlier run trained).
 
     Checkpoints go to ``out/checkpoints/<name>.safetensors`` (``resume`` continues from there); the final model goes
     to ``out/<name>.safetensors`` with ``meta``. When a resumed run had already finished this stage, the model is
@@ -36,8 +37,9 @@ def train_stage(model: nn.Module, data: Dataset, cfg: TrainConfig, out: Path, na
             log(f"{name}: loaded {final}")
         return float(read_metadata(final)["metadata"].get("seconds", 0.0))
     started = time.perf_counter() if started is None else started
-    Trainer(model, cfg, checkpoint=out / "checkpoints" / f"{name}.safetensors", metadata=meta, device=device,
-            **trainer_kwargs).fit(data, resume=resume)
-    seconds = time.perf_counter() - started
+    trainer = Trainer(model, cfg, checkpoint=out / "checkpoints" / f"{name}.safetensors", metadata=meta,
+                      device=device, **trainer_kwargs)
+    trainer.fit(data, resume=resume)
+    seconds = time.perf_counter() - started + trainer.earlier_seconds
     save_model(model, final, {**meta, "train_config": asdict(cfg), "seconds": seconds}, overwrite=True)
     return seconds

@@ -178,7 +178,7 @@ def run_train(job: TrainJob, data: Dataset, out: Path, *, resume: bool = False, 
     else:
         trainer.fit(data, resume=resume)
         model = trainer.model
-        seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - started + trainer.earlier_seconds  # (epochs an interrupted run trained)
     _, acc = evaluate(model, data.x_test, data.y_test)
     params = sum(p.numel() for p in model.parameters())
     row = {"model": job.arch, "dataset": data.name, "seed": job.seed, "params": params, "test_accuracy": acc,

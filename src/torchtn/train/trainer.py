@@ -323,6 +323,7 @@ class Trainer:
         self.metadata = dict(metadata or {})
         self.on_epoch_end = on_epoch_end
         self.history: list[EpochRecord] = []
+        self.resumed_epochs = 0  # epochs the last fit took from its checkpoint (trained by an earlier run)
         self.best: tuple[int, float, dict[str, torch.Tensor]] | None = None  # keep_best: (epoch, val loss, weights)
         self.sweeper: Sweeper | None = None
         if self.config.optimizer == "sweep":
@@ -604,6 +605,7 @@ class Trainer:
                 raise FileExistsError(f"checkpoint {self.checkpoint} exists: resume it (resume=True / --resume) or "
                                       f"choose another output path; it is never overwritten by a fresh run")
             optimizer, start = self._restore()
+            self.resumed_epochs = start
         else:
             torch.manual_seed(c.seed)
             self.best = None  # a fresh run: a previous fit's best weights are no candidate
@@ -647,6 +649,13 @@ class Trainer:
         if self.best is not None:
             self.model.load_state_dict(self.best[2])
         return self.history
+
+    @property
+    def earlier_seconds(self) -> float:
+        """Seconds the epochs restored from the checkpoint took when an earlier, interrupted run trained them (0 for
+        a fresh fit): with this fit's own time, what training took in all (the interrupted epoch's lost work
+        aside)."""
+        return sum(h.seconds for h in self.history[:self.resumed_epochs])
 
     def _spent(self) -> float:
         """Seconds the recorded epochs took — the slowest process's, so every process decides alike."""
