@@ -165,6 +165,26 @@ def test_output_sensitive_calibration_keeps_the_sentence_embeddings(tiny, tmp_pa
         assert torch.equal(hf.load(tmp_path / "h")(**batch).last_hidden_state, hybrid(**batch).last_hidden_state)
 
 
+def test_refit_brings_a_calibrated_compression_closer_to_the_original_and_round_trips(tiny, tmp_path):
+    """hf.refit after a calibrated compress: the compressed model's sentence embeddings move toward the original's on
+    the passages it was refit on (a regression on them: more passages than calibration), and the file keeps it."""
+    teacher, tokenizer = hf.load_pretrained(tiny)
+    texts = sentences(400, seed=21)
+    stats = hf.calibrate(teacher, tokenizer, texts[:64], probes=2, token_texts=texts)
+    student, _ = hf.compress(teacher, ratio=4.0, calibration=stats)
+    before = hf.quality(student, teacher, tokenizer, texts)
+    report = hf.refit(student, teacher, tokenizer, texts, calibration=stats)
+    after = hf.quality(student, teacher, tokenizer, texts)
+    assert report.rows and all(a <= b for _, _, b, a in report.rows)
+    assert after["mean_cosine"] > before["mean_cosine"]
+    hf.save(student, tmp_path / "r", tokenizer)
+    batch = tokenizer(texts[:4], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(hf.load(tmp_path / "r")(**batch).last_hidden_state, student(**batch).last_hidden_state)
+    with pytest.raises(ValueError, match="at least one text"):
+        hf.refit(student, teacher, tokenizer, [])
+
+
 def test_healing_lowers_the_distillation_loss(tiny, tmp_path):
     teacher, tokenizer = hf.load_pretrained(tiny)
     student, _ = hf.compress(teacher, ratio=2.0)
@@ -279,11 +299,14 @@ def test_command_line_compresses_heals_and_refuses_bad_input(tiny, tmp_path, cap
     out = tmp_path / "run"
     monkeypatch.chdir(tmp_path)  # the corpus given relative to here
     args = ["compress", "--hf-model", str(tiny), "--corpus", "corpus.txt", "--ratio", "3", "--heal-minutes", "0.05",
-            "--keep-dense", "*position_embeddings", "--augment", "--min-lr-fraction", "0.5", "--out", str(out),
-            "--no-progress"]
+            "--keep-dense", "*position_embeddings", "--augment", "--min-lr-fraction", "0.5", "--refit", "200",
+            "--out", str(out), "--no-progress"]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["ratio"] >= 3 and results["heal_history"]
+    refit_rows = results["refit"]  # every two-core map, refit in call order, none worse than before
+    assert refit_rows and refit_rows[0]["layer"].startswith("encoder.layer.0.")
+    assert all(r["output_error_after"] <= r["output_error_before"] for r in refit_rows)
     assert results["job"]["augment"] is True and results["job"]["min_lr_fraction"] == 0.5
     assert results["job"]["batch_size"] == 128 and results["throughput_batch_size"] == 32  # the issue's measure
     table = hf.load(out / "model").embeddings.word_embeddings  # the frequent tokens' rows exact (the default 0.8)
@@ -322,6 +345,11 @@ def test_command_line_compresses_heals_and_refuses_bad_input(tiny, tmp_path, cap
     assert "--probes is for --hf-model" in capsys.readouterr().err
     assert main(["compress", "--exact-rows", "0.5", "--ratio", "2", "--out", str(tmp_path / "z"), "--no-progress"]) == 2
     assert "--exact-rows is for --hf-model" in capsys.readouterr().err
+    assert main(["compress", "--refit", "50", "--ratio", "2", "--out", str(tmp_path / "z"), "--no-progress"]) == 2
+    assert "--refit is for --hf-model" in capsys.readouterr().err
+    assert main(["compress", "--hf-model", str(tiny), "--corpus", str(corpus), "--ratio", "1.5", "--calibrate", "0",
+                 "--refit", "50", "--out", str(tmp_path / "z"), "--no-progress"]) == 2
+    assert "--refit needs --calibrate" in capsys.readouterr().err
     for flag in (["--augment"], ["--min-lr-fraction", "0.5"]):
         assert main(["compress", *flag, "--ratio", "2", "--out", str(tmp_path / "z"), "--no-progress"]) == 2
         assert f"{flag[0]} is for --hf-model" in capsys.readouterr().err

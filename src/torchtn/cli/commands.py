@@ -58,6 +58,7 @@ def cmd_compress_hf(args: argparse.Namespace) -> int:
                             calibrate=HFCompressJob.calibrate if args.calibrate is None else args.calibrate,
                             probes=HFCompressJob.probes if args.probes is None else args.probes,
                             exact_rows=_exact_rows(args),
+                            refit=HFCompressJob.refit if args.refit is None else args.refit,
                             lr=1e-4 if args.finetune_lr is None else args.finetune_lr, seed=args.seed)
         device = str(job_device(args))
     except ValueError as err:
@@ -91,7 +92,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                         ("--min-lr-fraction", args.min_lr_fraction is not None),
                         ("--keep-dense", bool(args.keep_dense)),
                         ("--calibrate", args.calibrate is not None), ("--probes", args.probes is not None),
-                        ("--exact-rows", args.exact_rows is not None)):
+                        ("--exact-rows", args.exact_rows is not None), ("--refit", args.refit is not None)):
         if given:
             return fail(f"{flag} is for --hf-model")
 

@@ -219,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --calibrate: the token table keeps the rows of its most frequent tokens exact beside "
                           "the MPO of the others — as many as cover the fraction X of the corpus's tokens, or X rows "
                           "(default 0.8; 0: none)")
+    hfg.add_argument("--refit", type=_int_at_least("--refit", 0), default=None, metavar="N",
+                     help="with --calibrate: after the truncation, re-solve every compressed linear map in the order "
+                          "the model calls it for the inputs the compressed model gives it on N healing passages "
+                          "(sequential error correction; default 0: none; give it more passages than --calibrate)")
     hfg.add_argument("--allocation", choices=("absolute", "relative"), default=None,
                      help="how --ratio's budget is shared: least total error or equal relative errors (default: "
                           "relative when calibrated with --probes 0, else absolute)")

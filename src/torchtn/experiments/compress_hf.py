@@ -59,6 +59,7 @@ class HFCompressJob:
     probes: int = 4  # random output projections per calibration batch: weigh layers by their effect on the output
     exact_rows: int | float | None = 0.8  # calibrated token table: exact rows of the tokens covering this fraction (or
     # this many rows); ignored with calibrate=0
+    refit: int = 0  # after a calibrated compress: re-solve every two-core map in call order on this many passages
 
     def __post_init__(self) -> None:
         if sum(v is not None for v in (self.ratio, self.rank, self.rel_tol)) == 0:
@@ -75,6 +76,10 @@ class HFCompressJob:
             raise ValueError(f"--calibrate {self.calibrate!r} is not allowed: expected a number of passages >= 0")
         if not (isinstance(self.probes, int) and self.probes >= 0):
             raise ValueError(f"--probes {self.probes!r} is not allowed: expected a number of projections >= 0")
+        if not (isinstance(self.refit, int) and self.refit >= 0):
+            raise ValueError(f"--refit {self.refit!r} is not allowed: expected a number of passages >= 0")
+        if self.refit and not self.calibrate:
+            raise ValueError("--refit needs --calibrate N > 0: it re-solves the calibrated (two-core) maps")
         if self.head and self.hidden_states:
             raise ValueError("--hidden-states heals on hidden states; with --hf-head the head's logits are matched")
 
@@ -161,6 +166,15 @@ def _run(job: HFCompressJob, out: Path, *, resume: bool, progress: bool, log: Ca
                                   skip=job.skip, allocation=job.allocation, calibration=calibration,
                                   exact_rows=job.exact_rows if calibration else None)
     log(report.table())
+    refit_rows = []
+    if job.refit:
+        texts = train_texts[:job.refit]
+        refitted = hf.refit(student, teacher, tokenizer, texts, calibration=calibration, batch_size=job.batch_size,
+                            max_length=job.max_length)
+        refit_rows = [{"layer": n, "rank": r, "output_error_before": b, "output_error_after": a}
+                      for n, r, b, a in refitted.rows]
+        log(f"refit on {len(texts):,} healing passages: every two-core map re-solved, in call order, for the inputs "
+            f"the compressed model gives it\n{refitted.table()}")
     _record(job, out)
     kw = {"batch_size": job.batch_size, "max_length": job.max_length}
     if job.head:  # the task head's logits: top-class agreement and KL divergence
@@ -210,7 +224,7 @@ def _run(job: HFCompressJob, out: Path, *, resume: bool, progress: bool, log: Ca
         "experiment": "compress-hf", "command": "torchtn compress --hf-model", "job": asdict(job),
         "machine": machine_description(),
         "versions": {"torchtn": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "seconds": seconds, "layers": report.to_dict()["layers"], "kept_dense": report.skipped,
+        "seconds": seconds, "layers": report.to_dict()["layers"], "kept_dense": report.skipped, "refit": refit_rows,
         "parameters": params, "bytes": sizes, "ratio": params["original"] / params["compressed"],
         "quality_before_healing": before, "quality_after_healing": after, "heal_history": history,
         "heal_best_round": best_round,

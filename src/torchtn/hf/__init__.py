@@ -9,6 +9,8 @@ Optional extra (``pip install torchtn[hf]``); nothing else in torchtn imports ``
   filter), by rank, ``rel_tol`` or a whole-model ``ratio`` whose budget is shared by the spectra; with
   :func:`calibrate`'s statistics of the user's text, every layer is truncated in the norm of its output error on that
   text (data-aware low-rank: the inputs' Gram matrix for linear maps, token frequencies for the embedding tables);
+* :func:`refit` — after a calibrated compress, every two-core map re-solved in call order for the inputs the
+  compressed model gives it (sequential error correction, :func:`torchtn.compress.refit`);
 * :func:`heal` — distillation from the original model on the user's text: the student's mean-pooled sentence
   embeddings are pulled to the teacher's (normalized MSE + cosine; optionally every token's hidden state), or — for a
   task model with a sequence-level head — its logits (Hinton et al.'s loss at a temperature), with the shared
@@ -26,9 +28,9 @@ calibrate), :mod:`~torchtn.hf.text` (corpus, embeddings, logits, quality, throug
 """
 from .files import export_dense, load, save
 from .healing import HealHistory, PassageAugment, heal
-from .models import PARTS, calibrate, compress, linearize, load_pretrained, part_of, progress_bars
+from .models import PARTS, calibrate, compress, linearize, load_pretrained, part_of, progress_bars, refit
 from .text import HeadLogits, PooledEncoder, embed, head_quality, logits, quality, read_corpus, throughput
 
-__all__ = ["load_pretrained", "progress_bars", "linearize", "compress", "calibrate", "heal", "embed", "quality",
+__all__ = ["load_pretrained", "progress_bars", "linearize", "compress", "calibrate", "refit", "heal", "embed", "quality",
            "throughput", "save", "load", "export_dense", "read_corpus", "PARTS", "part_of", "HeadLogits", "logits",
            "head_quality", "PassageAugment", "PooledEncoder", "HealHistory"]
