@@ -76,7 +76,12 @@ def test_report_only_rewrites_a_finished_runs_report_from_its_results(tmp_path, 
     assert (out / "accuracy_vs_parameters.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "results.json").read_text()) == results
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == before
+    for r in results["rows"]:
+        del r["layer_params"]  # a row field this report reads, missing (an older run's rows)
+    (tmp_path / "older").mkdir()
+    (tmp_path / "older" / "results.json").write_text(json.dumps(results))
     for args, words in ((["adtn", "--report-only"], "--report-only needs --out DIR"),
+                        (["adtn", "--report-only", "--out", str(tmp_path / "older")], "rows without 'layer_params'"),
                         (["adtn", "--report-only", "--out", str(tmp_path / "none")], "does not exist"),
                         (["gao2020", "--report-only", "--out", str(out)], "results of 'adtn', not of 'gao2020'"),
                         (["adtn", "--report-only", "--quick", "--out", str(out)], "--quick does not combine"),

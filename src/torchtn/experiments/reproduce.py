@@ -106,7 +106,8 @@ def recorded_results(out: Path, name: str) -> dict:
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"{path} does not exist: --report-only rewrites the report of a finished run (its --out)")
+        raise ValueError(f"{path} does not exist: --report-only rewrites the report of a finished run (its --out)"
+                         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path} cannot be read as a run's results: {err}") from None
     if not isinstance(results, dict) or not isinstance(results.get("rows"), list):
@@ -128,5 +129,10 @@ def rewrite_report(results: dict, data: Dataset, out: Path, log: Callable[[str],
     rep = get_reproduction(config.name)
     ctx = Context(config, data, Path(out), resume=True, progress=False, log=log)
     path = Path(out) / "report.md"
-    atomic_write_text(path, rep.report(results["rows"], ctx, results))
+    try:
+        report = rep.report(results["rows"], ctx, results)
+    except KeyError as err:  # rows of a run older than the fields this report reads
+        raise ValueError(f"{Path(out) / 'results.json'} has rows without {err}, which the report of {config.name} "
+                         f"reads now: run the reproduction again to write it") from None
+    atomic_write_text(path, report)
     return path
