@@ -9,9 +9,10 @@ import torchtn
 from torchtn.compress.refit import refit
 
 
-def _teacher() -> nn.Module:
+def _teacher(bias: bool = True) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(24, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 6)).double()
+    return nn.Sequential(nn.Linear(24, 40, bias=bias), nn.Tanh(), nn.Linear(40, 40, bias=bias), nn.Tanh(),
+                         nn.Linear(40, 6, bias=bias)).double()
 
 
 def _batches(seed: int, n: int = 8) -> list[torch.Tensor]:
@@ -42,28 +43,33 @@ def test_refit_lowers_every_layers_error_and_the_models_in_call_order():
     assert "output error before" in report.table()
 
 
-def test_a_layer_whose_inputs_did_not_move_ends_at_the_eckart_young_optimum():
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_layer_whose_inputs_did_not_move_ends_at_the_eckart_young_optimum(bias):
     """The first layer sees the same inputs in both models: its refit error is the tail of the singular values of
-    ``Rᵀ W L`` (centred input covariance ``L Lᵀ``, output sensitivity ``R Rᵀ``), relative to the output's size."""
-    teacher, batches = _teacher(), _batches(0)
+    ``Rᵀ W L`` (input covariance ``L Lᵀ`` — centred when a bias can take the mean error, raw without one —, output
+    sensitivity ``R Rᵀ``), relative to the output's size."""
+    teacher, batches = _teacher(bias), _batches(0)
     stats = torchtn.calibrate(teacher, batches, output=lambda out, batch: out, probes=2)
     student, _ = torchtn.tensorize(teacher, rank=5, calibration=stats)
     report = refit(student, teacher, batches, calibration=stats)
     x = torch.cat(batches)
-    mu = x.mean(0)
+    mu = x.mean(0) if bias else torch.zeros(24, dtype=x.dtype)
     cov = (x - mu).T @ (x - mu) / len(x)
     p = stats["0"].output_gram / stats["0"].output_samples
-    w, b = teacher[0].weight.detach(), teacher[0].bias.detach()
+    w = teacher[0].weight.detach()
+    b = teacher[0].bias.detach() if bias else torch.zeros(40, dtype=x.dtype)
     lw = torch.linalg.cholesky(cov + 1e-6 * cov.diagonal().mean() * torch.eye(24, dtype=cov.dtype))
     rw = torch.linalg.cholesky(p + 1e-6 * p.diagonal().mean() * torch.eye(40, dtype=p.dtype))
     s = torch.linalg.svdvals(rw.T @ w @ lw)
     mean_out = w @ mu + b
     optimum = math.sqrt(float(s[5:].square().sum()) / float(s.square().sum() + mean_out @ p @ mean_out))
     assert report.rows[0][3] == pytest.approx(optimum, rel=1e-4)
-    # and the refit layer computes the rank-5 map with the mean error removed (the bias took it)
-    with torch.no_grad():
-        residual = teacher[0](x) - student[0](x)
-    torch.testing.assert_close(residual.mean(0), torch.zeros(40, dtype=x.dtype), rtol=0, atol=1e-9)
+    if bias:  # and the refit layer computes the rank-5 map with the mean error removed (the bias took it)
+        with torch.no_grad():
+            residual = teacher[0](x) - student[0](x)
+        torch.testing.assert_close(residual.mean(0), torch.zeros(40, dtype=x.dtype), rtol=0, atol=1e-9)
+    else:  # the bias-free fit is the best on the raw moments, where the centred one would have left the mean out
+        assert student[0].bias is None and report.rows[0][3] <= report.rows[0][2]
 
 
 def test_refit_refuses_what_it_cannot_work_on():
@@ -93,3 +99,23 @@ def test_a_prior_pulls_toward_the_calibrated_fit_and_never_beats_the_unregulariz
     for bad in (1.0, -0.1):
         with pytest.raises(ValueError, match="prior"):
             refit(student, teacher, batches, prior=bad)
+
+
+def test_layers_reading_the_same_input_share_a_pass_and_a_chain_does_not():
+    """Groups follow the input tensors themselves (query, key and value maps read one tensor): a chain of same-sized
+    layers, whose freed inputs the allocator may hand out again at the same address, is never merged."""
+    from torchtn.compress.refit import _call_groups
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.out = (nn.Linear(40, 40) for _ in range(4))
+            self.chain = nn.Sequential(*(m for _ in range(6) for m in (nn.Linear(40, 40), nn.Tanh())))
+
+        def forward(self, x):
+            return self.chain(self.out(self.q(x) * self.k(x) + self.v(x)))
+
+    model = Block()
+    names = ["q", "k", "v", "out"] + [f"chain.{2 * i}" for i in range(6)]
+    for _ in range(3):
+        assert _call_groups(model, names, torch.randn(64, 40)) == [["q", "k", "v"], ["out"]] + [[n] for n in names[4:]]

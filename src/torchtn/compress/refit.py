@@ -11,7 +11,7 @@ compressed model), in the norm of the error that reaches the model's output when
 
 With the centred moments ``C = E[(x_t − μ_t)(x_s − μ_s)ᵀ]`` and ``G = E[(x_s − μ_s)(x_s − μ_s)ᵀ] = L Lᵀ`` the optimum
 is ``Ŵ = R⁻ᵀ · T_r(Rᵀ W C L⁻ᵀ) · L⁻¹`` (``T_r``: the best rank-r approximation, Eckart–Young; a reduced-rank
-regression) and ``b̂ = b + W μ_t − Ŵ μ_s``. Each refit layer then feeds the next, so errors are corrected rather than
+regression) and ``b̂ = b + W μ_t − Ŵ μ_s`` (a layer without a bias is fitted on the raw moments instead). Each refit layer then feeds the next, so errors are corrected rather than
 compounded — the same idea as the sequential calibration of GPTQ-style and SVD-LLM-style compressors.
 """
 from __future__ import annotations
@@ -65,14 +65,18 @@ class _Moments:
         self.ts.addmm_(xt.T, xs)
         self.ss.addmm_(xs.T, xs)
 
-    def centred(self, prior: float = 0.0) -> tuple[torch.Tensor, ...]:
+    def centred(self, prior: float = 0.0, centre: bool = True) -> tuple[torch.Tensor, ...]:
         """``(μ_t, μ_s, Cov_tt, Cov_ts, Cov_ss)`` per row; with ``prior`` = α, of the rows mixed with weight α with
-        rows whose compressed-model input is the original's (``x_s = x_t``: the plain calibrated fit)."""
+        rows whose compressed-model input is the original's (``x_s = x_t``: the plain calibrated fit). Without
+        ``centre`` (a layer with no bias to take the mean error) the means are zero and the moments raw."""
         n, a = max(self.rows, 1), prior
         mt = self.sum_t / n
         ms = (1 - a) * self.sum_s / n + a * mt
         ts = ((1 - a) * self.ts + a * self.tt) / n
         ss = ((1 - a) * self.ss + a * self.tt) / n
+        if not centre:
+            zero = torch.zeros_like(mt)
+            return zero, zero, self.tt / n, ts, ss
         return mt, ms, self.tt / n - torch.outer(mt, mt), ts - torch.outer(mt, ms), ss - torch.outer(ms, ms)
 
 
@@ -127,10 +131,10 @@ def _call_groups(model: nn.Module, names: list[str], batch: Any) -> list[list[st
     """``names`` in the order ``model`` calls them on ``batch``, grouped where consecutive layers read the same input
     tensor (a block's query, key and value maps: one pass serves them all). Layers called more than once per pass are
     left out (their input is not one thing)."""
-    calls: list[tuple[str, tuple]] = []
+    calls: list[tuple[str, torch.Tensor]] = []  # the input tensors themselves: held, their memory is not reused
     modules = dict(model.named_modules())
-    handles = [modules[n].register_forward_pre_hook(
-        lambda _m, args, n=n: calls.append((n, (args[0].data_ptr(), tuple(args[0].shape))))) for n in names]
+    handles = [modules[n].register_forward_pre_hook(lambda _m, args, n=n: calls.append((n, args[0])))
+               for n in names]
     try:
         with torch.no_grad():
             _run(model, batch)
@@ -142,14 +146,14 @@ def _call_groups(model: nn.Module, names: list[str], batch: Any) -> list[list[st
         counts[n] = counts.get(n, 0) + 1
     groups: list[list[str]] = []
     last_input = None
-    for n, key in calls:
+    for n, tensor in calls:
         if counts[n] != 1:
             continue
-        if groups and key == last_input:
+        if groups and tensor is last_input:
             groups[-1].append(n)
         else:
             groups.append([n])
-        last_input = key
+        last_input = tensor
     return groups
 
 
@@ -177,8 +181,9 @@ def _refit_layer(layer: MPOLinear, original: nn.Linear, moments: _Moments, stats
                  ridge: float, prior: float) -> tuple[float, float]:
     """Re-solve ``layer``'s two cores (and bias) from the moments; returns the relative output errors before/after
     (on the compressed model's real inputs, whatever ``prior``)."""
-    m = moments.centred()
-    mt, ms, _, cts, css = moments.centred(prior)
+    centre = layer.bias is not None  # the bias takes the mean error; without one, the raw moments are fitted
+    m = moments.centred(centre=centre)
+    mt, ms, _, cts, css = moments.centred(prior, centre)
     w = original.weight.detach().double().to(mt.device)
     b = (original.bias.detach().double().to(mt.device) if original.bias is not None
          else torch.zeros(len(w), dtype=torch.float64, device=mt.device))

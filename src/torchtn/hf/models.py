@@ -263,6 +263,7 @@ def refit(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str
     texts = check_texts("texts", texts)
     if len(texts) == 0:
         raise ValueError("refit needs at least one text")
+    linearize(teacher)  # GPT-2's Conv1D maps, as compress made them: the nn.Linear maps the student's replaced
     return _refit(student, teacher, _sorted_batches(student, tokenizer, texts, batch_size, max_length),
                   calibration=calibration, prior=prior, log=log)
 
