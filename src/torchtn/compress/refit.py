@@ -201,7 +201,7 @@ def _refit_layer(layer: MPOLinear, original: nn.Linear, moments: _Moments, stats
     w_new = tt.to_dense().double()
     b_new = b + w @ mt - w_new @ ms
     after = _relative_error(w, b, w_new, b_new, m, sensitivity)
-    if after > before:  # (only through the ridge: the refit is optimal for the moments) keep what was there
+    if after > before:  # (through a prior, whose fit is optimal for the mixed rows, or the ridge) keep what was there
         return before, before
     ref = layer.core_list()[0]
     layer.set_cores([c.to(device=ref.device, dtype=ref.dtype) for c in tt.cores])

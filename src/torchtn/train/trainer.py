@@ -608,6 +608,7 @@ class Trainer:
             self.resumed_epochs = start
         else:
             torch.manual_seed(c.seed)
+            self.resumed_epochs = 0
             self.best = None  # a fresh run: a previous fit's best weights are no candidate
             if self.sweeper is not None:
                 self.sweeper.canonicalize()
