@@ -304,6 +304,7 @@ def test_command_line_compresses_heals_and_refuses_bad_input(tiny, tmp_path, cap
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["ratio"] >= 3 and results["heal_history"]
+    assert (out / "healing.png").read_bytes()[:4] == b"\x89PNG"  # the healing curve
     refit_rows = results["refit"]  # every two-core map, refit in call order, none worse than before
     assert refit_rows and refit_rows[0]["layer"].startswith("encoder.layer.0.")
     assert all(r["output_error_after"] <= r["output_error_before"] for r in refit_rows)

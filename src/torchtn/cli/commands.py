@@ -78,7 +78,8 @@ def cmd_compress_hf(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with: torchtn compress --resume --out {out}", file=sys.stderr)
         return 130
-    print(f"\n{results['table']}\n\nwrote {out}/model (torchtn.hf.load) and {out}/results.json")
+    curve = f", {out}/healing.png" if (out / "healing.png").exists() else ""
+    print(f"\n{results['table']}\n\nwrote {out}/model (torchtn.hf.load), {out}/results.json{curve}")
     return 0
 
 
