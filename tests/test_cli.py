@@ -19,6 +19,8 @@ def test_tiny_compress_run(tmp_path, capsys):
     assert "rank-8" in printed and "test acc tuned %" in printed and "dense" in printed
     results = json.loads((out / "results.json").read_text())
     assert [r["setting"] for r in results["rows"]] == ["rank-2", "rank-8"]
+    assert {"experiment", "command", "machine", "versions", "seconds"} <= set(results)  # as every job's results
+    assert results["experiment"] == "compress" and results["seconds"] > 0
     assert results["dense"]["test_accuracy"] > 0.85  # 4 epochs on digits
     assert (out / "accuracy_vs_compression.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "rank-8.safetensors").is_file() and (out / "dense.safetensors").is_file()

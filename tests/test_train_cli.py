@@ -41,8 +41,14 @@ def test_two_processes_train_the_same_model_as_one(tmp_path, layers):
     assert one["model"] == "fc2" and one["layers"] == layers and one["params"] == sum(v.numel() for v in a.values())
     # rank 0 alone wrote, and printed once
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoints", "model.json", "model.safetensors",
-                                                                     "results.json"]
+                                                                     "results.json", "training.png"]
     assert proc.stdout.count("test accuracy") == 1
+    # the results open as every job's do, with the job and the curve it drew (validation accuracy per epoch)
+    results = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert {"experiment", "command", "machine", "versions", "seconds", "rows", "job", "history"} <= set(results)
+    assert results["versions"]["torchtn"] and results["job"]["layers"] == layers
+    assert [h["epoch"] for h in results["history"]] == [1, 2, 3]
+    assert (tmp_path / "one" / "training.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _processes_writing(out: Path) -> list[int]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["format_table", "format_markdown_table", "machine_description"]
+__all__ = ["format_table", "format_markdown_table", "machine_description", "run_record"]
 
 
 def _cell(value: object) -> str:
@@ -52,3 +52,16 @@ def machine_description() -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def run_record(experiment: str, command: str) -> dict:
+    """What every job's ``results.json`` opens with (conventions.md, "Experiments and their results"): ``experiment``,
+    ``command``, ``machine`` and ``versions`` (torchtn, torch, Python)."""
+    import platform
+
+    import torch
+
+    from ._version import __version__
+
+    return {"experiment": experiment, "command": command, "machine": machine_description(),
+            "versions": {"torchtn": __version__, "torch": torch.__version__, "python": platform.python_version()}}

@@ -38,7 +38,7 @@ from ..io import atomic_write_text, fold_pruned, load_model
 from ..layers import type_name
 from ..models import FC2
 from ..models.user import build_user_model, check_arch, is_user_arch
-from ..report import format_table
+from ..report import format_table, run_record
 from ..train import TrainConfig, evaluate
 from .rundir import available_memory, check_model_fits_data, check_resume, check_writable
 from .stage import train_stage
@@ -280,6 +280,7 @@ def run_compress(config: CompressConfig, out: str | Path, *, resume: bool = Fals
     ``out/results.json``). ``user_model``: the ``model_file``'s model as :func:`preflight` read it (else the file is
     read here) — a torchtn file may hold torchtn layers where the architecture has dense ones: they are compressed
     anew."""
+    started = time.perf_counter()
     out = Path(out)
     data = load_dataset(config.dataset, config.data_dir) if data is None else data
     log(data.describe())
@@ -325,8 +326,10 @@ def run_compress(config: CompressConfig, out: str | Path, *, resume: bool = Fals
             f"{100 * acc_before:.2f}% {how} → {100 * acc_after:.2f}% fine-tuned ({seconds:.1f} s)")
 
     table = results_table(dense_params, dense_acc, dense_seconds, rows, start)
-    results = {"dataset": data.name, "config": asdict(config), "dense": {"params": dense_params, "test_accuracy": dense_acc,
-               "seconds": dense_seconds}, "rows": [asdict(r) for r in rows], "table": table}
+    results = {**run_record("compress", "torchtn compress"), "seconds": time.perf_counter() - started,
+               "dataset": data.name, "config": asdict(config),
+               "dense": {"params": dense_params, "test_accuracy": dense_acc, "seconds": dense_seconds},
+               "rows": [asdict(r) for r in rows], "table": table}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     from ..plotting import plot_accuracy_vs_compression
 

@@ -11,7 +11,6 @@ Output directory (``--resume`` continues the healing from its checkpoint)::
 from __future__ import annotations
 
 import json
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,9 +19,8 @@ from pathlib import Path
 import torch
 
 from .._checks import check_nonnegative_real, check_positive_int, check_positive_real, check_ratio
-from .._version import __version__
 from ..io import atomic_write_text
-from ..report import format_table, machine_description
+from ..report import format_table, run_record
 from .rundir import check_same_settings
 
 __all__ = ["HFCompressJob", "run_hf_compress"]
@@ -235,10 +233,7 @@ def _run(job: HFCompressJob, out: Path, *, resume: bool, progress: bool, log: Ca
     sizes = {"original": _weights_bytes(teacher), "compressed": saved.stat().st_size}
     seconds = time.perf_counter() - started
     results = {
-        "experiment": "compress-hf", "command": "torchtn compress --hf-model", "job": asdict(job),
-        "machine": machine_description(),
-        "versions": {"torchtn": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "seconds": seconds, "layers": report.to_dict()["layers"], "kept_dense": report.skipped, "refit": refit_rows,
+        **run_record("compress-hf", "torchtn compress --hf-model"), "job": asdict(job), "seconds": seconds, "layers": report.to_dict()["layers"], "kept_dense": report.skipped, "refit": refit_rows,
         "parameters": params, "bytes": sizes, "ratio": params["original"] / params["compressed"],
         "quality_before_healing": before, "quality_after_healing": after, "heal_history": history,
         "heal_best_round": best_round,

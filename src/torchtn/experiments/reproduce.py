@@ -7,21 +7,18 @@ refuses settings that differ from the recorded run's.
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .._checks import check_positive_int
-from .._version import __version__
 from ..data import Dataset
 from ..io import atomic_write_text
-from ..report import machine_description
+from ..report import run_record
 from ..train import TrainConfig, evaluate
 from .stage import train_stage
 
@@ -91,9 +88,8 @@ def run_reproduction(config: ReproduceConfig, data: Dataset, out: Path, *, resum
     command = "torchtn reproduce " + config.name + (" --quick" if config.quick else "") + (
         f" --dataset {config.dataset}" if config.dataset else "") + (
         f" --data-dir {config.data_dir}" if config.data_dir else "") + (f" --seeds {config.seeds}" if config.seeds else "")
-    results = {"experiment": config.name, "command": command, "machine": machine_description(),
-               "versions": {"torchtn": __version__, "torch": torch.__version__, "python": platform.python_version()},
-               "seconds": seconds, "quick": config.quick, "config": asdict(config), "rows": rows}
+    results = {**run_record(config.name, command), "seconds": seconds, "quick": config.quick, "config": asdict(config),
+               "rows": rows}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(out / "report.md", rep.report(rows, ctx, results))
     return results

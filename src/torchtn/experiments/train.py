@@ -13,7 +13,6 @@ Under ``torchrun`` the same command runs data-parallel (``Trainer`` wraps the mo
 from __future__ import annotations
 
 import json
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,6 +30,7 @@ from ..layers import ADTNGenerator, TTLayer
 from ..models import MODELS, build_model
 from ..models.blocks import LAYER_KINDS, adtn_config
 from ..models.user import build_user_model, check_arch, is_user_arch
+from ..report import run_record
 from ..train import TrainConfig, Trainer, evaluate
 from ..train.sweep import SweepConfig, Sweeper
 from ..train.trainer import process_group
@@ -142,6 +142,15 @@ def _fresh_adtn_gates(model: torch.nn.Module, unitary: bool, mapping: str = "row
             replace_submodule(model, name, fresh)
 
 
+def _plot_training(history: list[dict], path: Path, title: str) -> None:
+    """The training curve: validation accuracy per epoch (nothing without recorded epochs)."""
+    from ..plotting import plot_lines
+
+    points = [(h["epoch"], 100 * h["metrics"]["accuracy"]) for h in history if "accuracy" in h.get("metrics", {})]
+    if points:
+        plot_lines({"validation accuracy": points}, path, title=title, xlabel="epoch", ylabel="accuracy (%)")
+
+
 def check_train_job(job: TrainJob, data: Dataset) -> None:
     """Before anything is written: the architecture builds and maps this data's images to one score per class."""
     with torch.random.fork_rng():
@@ -175,10 +184,12 @@ def run_train(job: TrainJob, data: Dataset, out: Path, *, resume: bool = False, 
 
         load_model(final, model)
         seconds = float(read_metadata(final)["metadata"].get("seconds", 0.0))
+        history = read_metadata(final)["metadata"].get("history", [])
     else:
         trainer.fit(data, resume=resume)
         model = trainer.model
         seconds = time.perf_counter() - started + trainer.earlier_seconds  # (epochs an interrupted run trained)
+        history = [asdict(h) for h in trainer.history]
     _, acc = evaluate(model, data.x_test, data.y_test)
     params = sum(p.numel() for p in model.parameters())
     row = {"model": job.arch, "dataset": data.name, "seed": job.seed, "params": params, "test_accuracy": acc,
@@ -191,14 +202,15 @@ def run_train(job: TrainJob, data: Dataset, out: Path, *, resume: bool = False, 
     if rank == 0:
         if not final.exists():
             config = {"config": model.config()} if hasattr(model, "config") and not is_user_arch(job.arch) else {}
-            save_model(model, final, {**meta, "seconds": seconds, **config,
+            save_model(model, final, {**meta, "seconds": seconds, "history": history, **config,
                                       **({"sweep": sweep} if sweep is not None else {})})
         if sweep is not None and sweep["history"]:
             from ..plotting import plot_sweep_history
 
             plot_sweep_history(sweep["history"], out / "sweeps.png", title=f"sweep training of {job.arch}")
-        results = {"experiment": "train", "command": "torchtn train", "machine": platform.platform(),
-                   "versions": {"torch": torch.__version__}, "seconds": seconds, "rows": [row]}
+        _plot_training(history, out / "training.png", f"{job.arch} ({job.layers}) on {data.name}")
+        results = {**run_record("train", "torchtn train"), "job": asdict(job), "seconds": seconds, "rows": [row],
+                   "history": history}
         atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
         log(f"{job.arch} ({job.layers}) on {data.name}: {params:,} parameters, test accuracy {100 * acc:.2f}% "
             f"({seconds:.1f} s, {world} process{'es' if world > 1 else ''} on {row['device'].upper()})")
