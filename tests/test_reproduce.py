@@ -38,8 +38,11 @@ def test_quick_run_on_mnist_files_writes_the_shared_results_format(tmp_path, cap
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     # resuming a finished run loads every stage and gives the same rows; other settings are refused
     assert main([*args, "--resume"]) == 0
-    again = json.loads((out / "results.json").read_text())["rows"]
+    resumed = json.loads((out / "results.json").read_text())
+    again = resumed["rows"]
     assert [r["test_accuracy"] for r in again] == [r["test_accuracy"] for r in rows]
+    # its time counts what the first run trained (the stages' recorded seconds), not only the loading
+    assert resumed["seconds"] >= sum(r["seconds"] for r in rows if r["method"] == "scratch")
     capsys.readouterr()
     assert main(["reproduce", "gao2020", "--out", str(out), "--resume", "--no-progress"]) == 0  # its own options
     taken = capsys.readouterr().out

@@ -52,6 +52,7 @@ class Context:
     log: Callable[[str], None]
     timings: dict = field(default_factory=dict)
     device: str | None = None  # where stages train (see resolve_device); None: the CPU
+    earlier_seconds: float = 0.0  # training an earlier, interrupted run of a resumed one did (stages it finished or began)
 
     def stage(self, name: str, model: nn.Module, cfg: TrainConfig, data: Dataset | None = None,
               **trainer_kwargs) -> tuple[nn.Module, float]:
@@ -59,8 +60,11 @@ class Context:
         it and seconds. ``data`` (default: the reproduction's dataset) and ``trainer_kwargs`` (loss, metrics, …) go
         to the trainer."""
         meta = {"reproduce_config": asdict(self.config), "stage": name}
+        started = time.perf_counter()
         seconds = train_stage(model, self.data if data is None else data, cfg, self.out, name, meta,
                               resume=self.resume, device=self.device, **trainer_kwargs)
+        # a stage loaded or continued from an earlier run took more than this call: count the rest as that run's
+        self.earlier_seconds += max(0.0, seconds - (time.perf_counter() - started))
         return model, seconds
 
     def accuracy(self, model: nn.Module) -> float:
@@ -84,7 +88,7 @@ def run_reproduction(config: ReproduceConfig, data: Dataset, out: Path, *, resum
     started = time.perf_counter()
     ctx = Context(config, data, out, resume, progress, log, device=device)
     rows = rep.run(ctx)
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started + ctx.earlier_seconds  # a resumed run: with what the earlier one trained
     command = "torchtn reproduce " + config.name + (" --quick" if config.quick else "") + (
         f" --dataset {config.dataset}" if config.dataset else "") + (
         f" --data-dir {config.data_dir}" if config.data_dir else "") + (f" --seeds {config.seeds}" if config.seeds else "")
