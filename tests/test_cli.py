@@ -30,6 +30,8 @@ def test_tiny_compress_run(tmp_path, capsys):
                  "--resume", "--no-progress"]) == 0
     again = json.loads((out / "results.json").read_text())
     assert [r["acc_after"] for r in again["rows"]] == [r["acc_after"] for r in results["rows"]]
+    # the resumed run's time counts the training the first one did (its stages' recorded seconds)
+    assert again["seconds"] >= results["dense"]["seconds"] + sum(r["seconds"] for r in results["rows"])
 
 
 def test_ratio_run(tmp_path, capsys):

@@ -41,7 +41,7 @@ from ..models.user import build_user_model, check_arch, is_user_arch
 from ..report import format_table, run_record
 from ..train import TrainConfig, evaluate
 from .rundir import available_memory, check_model_fits_data, check_resume, check_writable
-from .stage import train_stage
+from .stage import RunClock, train_stage
 
 __all__ = ["CompressConfig", "CompressRow", "run_compress", "preflight", "DEFAULT_RANKS", "DEFAULT_DEPTHS",
            "results_table"]
@@ -280,7 +280,7 @@ def run_compress(config: CompressConfig, out: str | Path, *, resume: bool = Fals
     ``out/results.json``). ``user_model``: the ``model_file``'s model as :func:`preflight` read it (else the file is
     read here) — a torchtn file may hold torchtn layers where the architecture has dense ones: they are compressed
     anew."""
-    started = time.perf_counter()
+    clock = RunClock()  # (a resumed run's time includes the training its earlier run did)
     out = Path(out)
     data = load_dataset(config.dataset, config.data_dir) if data is None else data
     log(data.describe())
@@ -295,7 +295,7 @@ def run_compress(config: CompressConfig, out: str | Path, *, resume: bool = Fals
     cfg = TrainConfig(epochs=0 if config.model_file else config.dense_epochs, batch_size=config.batch_size,
                       lr=config.lr, seed=config.seed, progress=progress, desc="dense")
     dense_seconds = train_stage(dense, data, cfg, out, "dense", {**base_meta, "stage": "dense"}, resume=resume,
-                                device=device, log=log)
+                                device=device, log=log, clock=clock)
     _, dense_acc = evaluate(dense, data.x_test, data.y_test)
     dense_params = sum(p.numel() for p in dense.parameters())
     source = f"from {config.model_file}" if config.model_file else f"trained ({dense_seconds:.1f} s)"
@@ -312,7 +312,7 @@ def run_compress(config: CompressConfig, out: str | Path, *, resume: bool = Fals
         cfg = TrainConfig(epochs=config.tune_epochs, batch_size=config.batch_size, lr=config.tune_lr,
                           seed=config.seed, progress=progress, desc=name)
         seconds = train_stage(model, data, cfg, out, name, {**base_meta, "stage": name, "tensorize": report.to_dict()},
-                              resume=resume, device=device, started=started, log=log, **heal)
+                              resume=resume, device=device, started=started, log=log, clock=clock, **heal)
         log(str(report))
         val_after = evaluate(model, data.x_val, data.y_val)[1]
         _, acc_after = evaluate(model, data.x_test, data.y_test)
@@ -326,7 +326,7 @@ def run_compress(config: CompressConfig, out: str | Path, *, resume: bool = Fals
             f"{100 * acc_before:.2f}% {how} → {100 * acc_after:.2f}% fine-tuned ({seconds:.1f} s)")
 
     table = results_table(dense_params, dense_acc, dense_seconds, rows, start)
-    results = {**run_record("compress", "torchtn compress"), "seconds": time.perf_counter() - started,
+    results = {**run_record("compress", "torchtn compress"), "seconds": clock.seconds,
                "dataset": data.name, "config": asdict(config),
                "dense": {"params": dense_params, "test_accuracy": dense_acc, "seconds": dense_seconds},
                "rows": [asdict(r) for r in rows], "table": table}

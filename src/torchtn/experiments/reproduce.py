@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from ..data import Dataset
 from ..io import atomic_write_text
 from ..report import run_record
 from ..train import TrainConfig, evaluate
-from .stage import train_stage
+from .stage import RunClock, train_stage
 
 __all__ = ["ReproduceConfig", "Context", "run_reproduction", "rewrite_report", "recorded_results", "mean_std"]
 
@@ -52,7 +51,7 @@ class Context:
     log: Callable[[str], None]
     timings: dict = field(default_factory=dict)
     device: str | None = None  # where stages train (see resolve_device); None: the CPU
-    earlier_seconds: float = 0.0  # training an earlier, interrupted run of a resumed one did (stages it finished or began)
+    clock: RunClock = field(default_factory=RunClock)  # with the training an earlier run of a resumed one did
 
     def stage(self, name: str, model: nn.Module, cfg: TrainConfig, data: Dataset | None = None,
               **trainer_kwargs) -> tuple[nn.Module, float]:
@@ -60,11 +59,8 @@ class Context:
         it and seconds. ``data`` (default: the reproduction's dataset) and ``trainer_kwargs`` (loss, metrics, …) go
         to the trainer."""
         meta = {"reproduce_config": asdict(self.config), "stage": name}
-        started = time.perf_counter()
         seconds = train_stage(model, self.data if data is None else data, cfg, self.out, name, meta,
-                              resume=self.resume, device=self.device, **trainer_kwargs)
-        # a stage loaded or continued from an earlier run took more than this call: count the rest as that run's
-        self.earlier_seconds += max(0.0, seconds - (time.perf_counter() - started))
+                              resume=self.resume, device=self.device, clock=self.clock, **trainer_kwargs)
         return model, seconds
 
     def accuracy(self, model: nn.Module) -> float:
@@ -85,10 +81,9 @@ def run_reproduction(config: ReproduceConfig, data: Dataset, out: Path, *, resum
     rep = get_reproduction(config.name)
     out = Path(out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     ctx = Context(config, data, out, resume, progress, log, device=device)
     rows = rep.run(ctx)
-    seconds = time.perf_counter() - started + ctx.earlier_seconds  # a resumed run: with what the earlier one trained
+    seconds = ctx.clock.seconds  # a resumed run: with what the earlier one trained
     command = "torchtn reproduce " + config.name + (" --quick" if config.quick else "") + (
         f" --dataset {config.dataset}" if config.dataset else "") + (
         f" --data-dir {config.data_dir}" if config.data_dir else "") + (f" --seeds {config.seeds}" if config.seeds else "")
