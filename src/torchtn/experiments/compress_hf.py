@@ -202,7 +202,7 @@ def _run(job: HFCompressJob, out: Path, *, resume: bool, progress: bool, log: Ca
         names = {"mean_cosine": "mean cosine to the original", "nn_agreement": "nearest-neighbour agreement"}
     before = measure()
     log("before healing: " + ", ".join(f"{names[k]} {v:.4f}" for k, v in before.items()))
-    history, best_round = [], None
+    history, best_round, earlier = [], None, 0.0
     if job.heal_minutes > 0:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         # validation (which round's weights to keep) on healing passages set aside, never the held-out ones
@@ -216,7 +216,7 @@ def _run(job: HFCompressJob, out: Path, *, resume: bool, progress: bool, log: Ca
                           progress=progress, seed=job.seed,
                           device=device, batch_size=job.batch_size)
         history = [asdict(r) for r in records]
-        best_round = records.best_round
+        best_round, earlier = records.best_round, records.earlier_seconds
         student.to("cpu")
         _plot_healing(history, best_round, out / "healing.png", "agreement" if job.head else "cosine")
     after = measure()
@@ -231,7 +231,7 @@ def _run(job: HFCompressJob, out: Path, *, resume: bool, progress: bool, log: Ca
     params = {"original": sum(p.numel() for p in teacher.parameters()),
               "compressed": sum(p.numel() for p in student.parameters())}
     sizes = {"original": _weights_bytes(teacher), "compressed": saved.stat().st_size}
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started + earlier  # (a resumed run: with the rounds its earlier run healed)
     results = {
         **run_record("compress-hf", "torchtn compress --hf-model"), "job": asdict(job), "seconds": seconds, "layers": report.to_dict()["layers"], "kept_dense": report.skipped, "refit": refit_rows,
         "parameters": params, "bytes": sizes, "ratio": params["original"] / params["compressed"],

@@ -205,12 +205,15 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer, texts: Sequence[str]
                           **beside(PooledEncoder, match_pooled), **common)
     history = HealHistory(trainer.fit(data, resume=resume))
     history.best_round = trainer.best_epoch
+    history.earlier_seconds = trainer.earlier_seconds
     student.eval()
     return history
 
 
 class HealHistory(list):
     """:func:`heal`'s per-round records (``EpochRecord``), with ``best_round`` — the round whose weights the student
-    ended with (0: its starting weights; ``None`` without ``keep_best``)."""
+    ended with (0: its starting weights; ``None`` without ``keep_best``) — and ``earlier_seconds``, what the rounds an
+    interrupted run healed (continued from its checkpoint) took then."""
 
     best_round: int | None = None
+    earlier_seconds: float = 0.0
