@@ -328,7 +328,9 @@ def test_command_line_compresses_heals_and_refuses_bad_input(tiny, tmp_path, cap
     assert main(["compress", "--out", str(out), "--resume", "--no-progress"]) == 0
     taken = capsys.readouterr().out
     assert f"hf_model={tiny}" in taken and "augment=True" in taken and "keep_dense=['*position_embeddings']" in taken
-    assert json.loads((out / "results.json").read_text())["job"] == results["job"]
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["job"] == results["job"]
+    assert resumed["seconds"] >= sum(r["seconds"] for r in results["heal_history"])  # the first run's healing counted
     assert main(["compress", "--out", str(out), "--resume", "--ratio", "2"]) == 2
     assert "ratio: 3.0 → 2.0" in capsys.readouterr().err
     for bad, message in [(["--hf-model", str(tmp_path)], "is not a Hugging Face model folder"),
