@@ -54,7 +54,8 @@ def train_stage(model: nn.Module, data: Dataset, cfg: TrainConfig, out: Path, na
 
 
 def _train_stage(model: nn.Module, data: Dataset, cfg: TrainConfig, out: Path, name: str, meta: dict, resume: bool,
-                 device, started: float | None, log, trainer_kwargs: dict) -> float:
+                 device: str | torch.device | None, started: float | None, log: Callable[[str], None] | None,
+                 trainer_kwargs: dict) -> float:
     final = out / f"{name}.safetensors"
     if resume and final.exists():
         load_model(final, model)

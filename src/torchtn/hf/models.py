@@ -21,7 +21,7 @@ from ..compress.refit import RefitReport
 from ..compress.refit import refit as _refit
 from .text import _encode, check_texts
 
-__all__ = ["PARTS", "load_pretrained", "progress_bars", "linearize", "part_of", "compress", "calibrate"]
+__all__ = ["PARTS", "load_pretrained", "progress_bars", "linearize", "part_of", "compress", "calibrate", "refit"]
 
 
 PARTS = ("attention", "mlp", "embeddings")
