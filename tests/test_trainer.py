@@ -497,4 +497,5 @@ def test_a_resumed_stage_counts_the_seconds_of_the_epochs_an_earlier_run_trained
     done = Trainer(FC2(64, hidden=16), cfg, checkpoint=tmp_path / "checkpoints" / "s.safetensors")
     history = done.fit(digits, resume=True)  # both epochs from the checkpoint, nothing left to train
     assert done.resumed_epochs == 2 and len(history) == 2
-    assert done.earlier_seconds == pytest.approx(history[0].seconds + history[1].seconds) and history[0].seconds == first
+    assert done.earlier_seconds == pytest.approx(history[0].seconds + history[1].seconds)
+    assert history[0].seconds == first

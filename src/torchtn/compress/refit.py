@@ -11,8 +11,9 @@ compressed model), in the norm of the error that reaches the model's output when
 
 With the centred moments ``C = E[(x_t − μ_t)(x_s − μ_s)ᵀ]`` and ``G = E[(x_s − μ_s)(x_s − μ_s)ᵀ] = L Lᵀ`` the optimum
 is ``Ŵ = R⁻ᵀ · T_r(Rᵀ W C L⁻ᵀ) · L⁻¹`` (``T_r``: the best rank-r approximation, Eckart–Young; a reduced-rank
-regression) and ``b̂ = b + W μ_t − Ŵ μ_s`` (a layer without a bias is fitted on the raw moments instead). Each refit layer then feeds the next, so errors are corrected rather than
-compounded — the same idea as the sequential calibration of GPTQ-style and SVD-LLM-style compressors.
+regression) and ``b̂ = b + W μ_t − Ŵ μ_s`` (a layer without a bias is fitted on the raw moments instead). Each
+refit layer then feeds the next, so errors are corrected rather than compounded — the same idea as the sequential
+calibration of GPTQ-style and SVD-LLM-style compressors.
 """
 from __future__ import annotations
 

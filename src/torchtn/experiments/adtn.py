@@ -192,8 +192,8 @@ def _plot(rows: list[dict], ctx: Context) -> None:
         for (model, kind, depth, mapping), sel in sorted(_groups(rows, method).items(), key=lambda kv: str(kv[0])):
             if model != "fc2":
                 continue
-            name = {"dense": "dense", "mpo": "MPO, bond matched to the ADTN of depth M",
-                    "adtn": f"ADTN, {mapping}"}[kind] + (", fitted to the dense + healed" if method == "compress" else "")
+            name = {"dense": "dense", "mpo": "MPO, bond matched to the ADTN of depth M", "adtn": f"ADTN, {mapping}"}[kind]
+            name += ", fitted to the dense + healed" if method == "compress" else ""
             label = "" if depth is None else f"M={depth}"
             series.setdefault(name, []).append((sel[0]["layer_params"],
                                                 mean_std([r["test_accuracy"] for r in sel])[0], label))

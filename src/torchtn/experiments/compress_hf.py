@@ -7,6 +7,7 @@ Output directory (``--resume`` continues the healing from its checkpoint)::
     out/model/                     the compressed model (torchtn.hf.save: torchtn.safetensors, config, tokenizer)
     out/checkpoints/heal.safetensors  the healing checkpoint (every pass over the corpus)
     out/results.json               per-layer report; parameters, file sizes, quality and throughput before/after
+    out/healing.png                the healing curve (validation per round)
 """
 from __future__ import annotations
 
@@ -233,7 +234,8 @@ def _run(job: HFCompressJob, out: Path, *, resume: bool, progress: bool, log: Ca
     sizes = {"original": _weights_bytes(teacher), "compressed": saved.stat().st_size}
     seconds = time.perf_counter() - started + earlier  # (a resumed run: with the rounds its earlier run healed)
     results = {
-        **run_record("compress-hf", "torchtn compress --hf-model"), "job": asdict(job), "seconds": seconds, "layers": report.to_dict()["layers"], "kept_dense": report.skipped, "refit": refit_rows,
+        **run_record("compress-hf", "torchtn compress --hf-model"), "job": asdict(job), "seconds": seconds,
+        "layers": report.to_dict()["layers"], "kept_dense": report.skipped, "refit": refit_rows,
         "parameters": params, "bytes": sizes, "ratio": params["original"] / params["compressed"],
         "quality_before_healing": before, "quality_after_healing": after, "heal_history": history,
         "heal_best_round": best_round,

@@ -31,6 +31,6 @@ from .healing import HealHistory, PassageAugment, heal
 from .models import PARTS, calibrate, compress, linearize, load_pretrained, part_of, progress_bars, refit
 from .text import HeadLogits, PooledEncoder, embed, head_quality, logits, quality, read_corpus, throughput
 
-__all__ = ["load_pretrained", "progress_bars", "linearize", "compress", "calibrate", "refit", "heal", "embed", "quality",
-           "throughput", "save", "load", "export_dense", "read_corpus", "PARTS", "part_of", "HeadLogits", "logits",
-           "head_quality", "PassageAugment", "PooledEncoder", "HealHistory"]
+__all__ = ["load_pretrained", "progress_bars", "linearize", "compress", "calibrate", "refit", "heal", "embed",
+           "quality", "throughput", "save", "load", "export_dense", "read_corpus", "PARTS", "part_of", "HeadLogits",
+           "logits", "head_quality", "PassageAugment", "PooledEncoder", "HealHistory"]
