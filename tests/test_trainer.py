@@ -499,3 +499,14 @@ def test_a_resumed_stage_counts_the_seconds_of_the_epochs_an_earlier_run_trained
     assert done.resumed_epochs == 2 and len(history) == 2
     assert done.earlier_seconds == pytest.approx(history[0].seconds + history[1].seconds)
     assert history[0].seconds == first
+
+
+def test_the_curve_of_a_trainers_records_is_drawn_from_its_metric_only(tmp_path, digits):
+    """plot_metric_history (train's training.png, --hf-model's healing.png) draws the records holding the metric and
+    draws nothing — no file — when none does."""
+    from torchtn.plotting import plot_metric_history
+
+    history = [dataclasses.asdict(h) for h in Trainer(FC2(64, hidden=16), TrainConfig(epochs=2, progress=False)).fit(
+        digits)]
+    assert plot_metric_history(history, "accuracy", tmp_path / "a.png", scale=100).read_bytes()[:4] == b"\x89PNG"
+    assert plot_metric_history(history, "cosine", tmp_path / "c.png") is None and not (tmp_path / "c.png").exists()

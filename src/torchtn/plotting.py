@@ -130,6 +130,16 @@ def plot_lines(series: dict[str, Sequence[tuple[float, float]]], path: str | os.
     return _save(fig, path)
 
 
+def plot_metric_history(history: Sequence[dict], metric: str, path: str | os.PathLike, *, title: str = "",
+                        xlabel: str = "epoch", ylabel: str = "", scale: float = 1.0) -> Path | None:
+    """One validation metric of a trainer's records (``EpochRecord`` as dicts) against the epoch or round, times
+    ``scale``; nothing (``None``) when no record holds it."""
+    points = [(h["epoch"], scale * h["metrics"][metric]) for h in history if metric in h.get("metrics", {})]
+    if not points:
+        return None
+    return plot_lines({f"validation {metric}": points}, path, title=title, xlabel=xlabel, ylabel=ylabel)
+
+
 def plot_scaling(series: dict[str, Sequence[tuple[float, float]]], path: str | os.PathLike, title: str = "",
                  ylabel: str = "seconds") -> Path:
     """``{name: [(n, value), …]}`` on log-log axes (e.g. time against sequence length), with slope guides n and n²."""

@@ -21,6 +21,7 @@ import torch
 
 from .._checks import check_nonnegative_real, check_positive_int, check_positive_real, check_ratio
 from ..io import atomic_write_text
+from ..plotting import plot_metric_history
 from ..report import format_table, run_record
 from .rundir import check_same_settings
 
@@ -97,19 +98,6 @@ def _weights_bytes(model: torch.nn.Module) -> int:
 
 
 JOB_FILE = "hf_job.json"  # the run's settings, written when it starts: what --resume continues and checks against
-
-
-def _plot_healing(history: list[dict], best_round: int | None, path: Path, metric: str) -> None:
-    """The healing curve: the validation ``metric`` (cosine to the original's sentence embeddings, or the head's
-    top-class agreement) per round, the kept round named."""
-    from ..plotting import plot_lines
-
-    points = [(r["epoch"], r["metrics"][metric]) for r in history if metric in r["metrics"]]
-    if not points:
-        return
-    title = "healing: validation per round" + (f" (kept round {best_round})" if best_round else "")
-    plot_lines({f"validation {metric}": points}, path, title=title, xlabel="round",
-               ylabel=f"{metric} with the original (healing passages set aside)")
 
 
 def recorded_hf_job(out: Path) -> dict | None:
@@ -219,7 +207,11 @@ def _run(job: HFCompressJob, out: Path, *, resume: bool, progress: bool, log: Ca
         history = [asdict(r) for r in records]
         best_round, earlier = records.best_round, records.earlier_seconds
         student.to("cpu")
-        _plot_healing(history, best_round, out / "healing.png", "agreement" if job.head else "cosine")
+        metric = "agreement" if job.head else "cosine"  # the healing curve: the validation metric per round
+        chosen = f" (kept round {best_round})" if best_round else ""
+        plot_metric_history(history, metric, out / "healing.png", xlabel="round",
+                            title=f"healing: validation per round{chosen}",
+                            ylabel=f"{metric} with the original (healing passages set aside)")
     after = measure()
     kept = "" if best_round is None else f", kept round {best_round}" + (" (the start)" if best_round == 0 else "")
     log(f"after healing ({len(history)} rounds{kept}): " + ", ".join(f"{names[k]} {v:.4f}" for k, v in after.items()))

@@ -30,6 +30,7 @@ from ..layers import ADTNGenerator, TTLayer
 from ..models import MODELS, build_model
 from ..models.blocks import LAYER_KINDS, adtn_config
 from ..models.user import build_user_model, check_arch, is_user_arch
+from ..plotting import plot_metric_history
 from ..report import run_record
 from ..train import TrainConfig, Trainer, evaluate
 from ..train.sweep import SweepConfig, Sweeper
@@ -142,15 +143,6 @@ def _fresh_adtn_gates(model: torch.nn.Module, unitary: bool, mapping: str = "row
             replace_submodule(model, name, fresh)
 
 
-def _plot_training(history: list[dict], path: Path, title: str) -> None:
-    """The training curve: validation accuracy per epoch (nothing without recorded epochs)."""
-    from ..plotting import plot_lines
-
-    points = [(h["epoch"], 100 * h["metrics"]["accuracy"]) for h in history if "accuracy" in h.get("metrics", {})]
-    if points:
-        plot_lines({"validation accuracy": points}, path, title=title, xlabel="epoch", ylabel="accuracy (%)")
-
-
 def check_train_job(job: TrainJob, data: Dataset) -> None:
     """Before anything is written: the architecture builds and maps this data's images to one score per class."""
     with torch.random.fork_rng():
@@ -178,13 +170,14 @@ def run_train(job: TrainJob, data: Dataset, out: Path, *, resume: bool = False, 
     trainer = Trainer(model, job.train_config(progress), checkpoint=out / "checkpoints" / "model.safetensors",
                       metadata=meta, device=device)
     final = out / "model.safetensors"
+    recorded = None  # what a finished run wrote into its model file
     if resume and final.exists():
         log(f"{final} exists: the run had finished")
         from ..io import load_model
 
         load_model(final, model)
-        seconds = float(read_metadata(final)["metadata"].get("seconds", 0.0))
-        history = read_metadata(final)["metadata"].get("history", [])
+        recorded = read_metadata(final)["metadata"]
+        seconds, history = float(recorded.get("seconds", 0.0)), recorded.get("history", [])
     else:
         trainer.fit(data, resume=resume)
         model = trainer.model
@@ -195,7 +188,7 @@ def run_train(job: TrainJob, data: Dataset, out: Path, *, resume: bool = False, 
     row = {"model": job.arch, "dataset": data.name, "seed": job.seed, "params": params, "test_accuracy": acc,
            "seconds": seconds, "layers": job.layers, "rank": job.rank if job.layers == "mpo" else None,
            "world_size": world, "optimizer": job.optimizer, "device": next(model.parameters()).device.type}
-    sweep = read_metadata(final)["metadata"].get("sweep") if final.exists() else (
+    sweep = recorded.get("sweep") if recorded is not None else (
         trainer.sweeper.state() if trainer.sweeper is not None else None)
     if sweep is not None and sweep["history"]:
         row["bond_dims"] = {r["layer"]: r["ranks"] for r in sweep["history"]}  # each layer's last sweep
@@ -208,7 +201,8 @@ def run_train(job: TrainJob, data: Dataset, out: Path, *, resume: bool = False, 
             from ..plotting import plot_sweep_history
 
             plot_sweep_history(sweep["history"], out / "sweeps.png", title=f"sweep training of {job.arch}")
-        _plot_training(history, out / "training.png", f"{job.arch} ({job.layers}) on {data.name}")
+        plot_metric_history(history, "accuracy", out / "training.png", ylabel="accuracy (%)", scale=100,
+                            title=f"{job.arch} ({job.layers}) on {data.name}")  # the training curve
         results = {**run_record("train", "torchtn train"), "job": asdict(job), "seconds": seconds, "rows": [row],
                    "history": history}
         atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
