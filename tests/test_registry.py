@@ -208,6 +208,29 @@ def test_every_layer_type_under_activation_checkpointing_and_in_an_ema_model(nam
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
 
 
+@pytest.mark.parametrize("name", sorted(n for n in EXAMPLES if not n.endswith("Parametrization") and
+                                       n != "MPOEmbedding"))  # (those take PyTorch's own layer's input / token ids)
+def test_every_layer_type_refuses_an_input_of_another_dtype_or_no_dimensions_in_one_line(name):
+    """A float32 layer given float64 or integer input (outside autocast), or a 0-d tensor, raises an error naming
+    the dtypes or the shape — not a matmul's "expected m1 and m2 to have the same dtype" or an IndexError from inside
+    the contraction; the same input in the layer's dtype runs."""
+    torch.manual_seed(0)
+    block = EXAMPLES[name]()
+    layer = next(m for m in block.modules() if type(m).__name__ == name)
+    seen = []
+    layer.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    block(torch.randn(5, 48, dtype=torch.float64))
+    x = seen[0].detach()
+    layer.float()
+    assert layer(x.float()).dtype == torch.float32
+    with pytest.raises(TypeError, match=r"input has dtype torch.float64, the layer's parameters torch.float32"):
+        layer(x)
+    with pytest.raises(TypeError, match=r"input has dtype torch.int64.*cast the input \(x.to\(torch.float32\)\)$"):
+        layer(x.long())
+    with pytest.raises(ValueError, match=r"shape \(\): expected"):
+        layer(torch.tensor(1.0))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_every_layer_type_takes_an_empty_batch(name, device):

@@ -20,6 +20,7 @@ __all__ = [
     "check_nonnegative_real",
     "available_memory",
     "check_fits_in_memory",
+    "check_input",
 ]
 
 
@@ -94,6 +95,26 @@ def check_choice(name: str, value: object, choices: Sequence[object]) -> object:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not allowed: expected one of {', '.join(map(repr, choices))}")
     return value
+
+
+def check_input(x: object, like, *, min_dim: int = 1, expected: str = "(*, in_features)") -> None:
+    """Refuse a layer input that is not a tensor of at least ``min_dim`` dimensions with the dtype and device of the
+    layer's parameter ``like`` — in one line naming both, where PyTorch would fail inside a contraction (a matmul's
+    "expected m1 and m2 to have the same dtype") or, for a 0-d tensor, with an IndexError. Under autocast the dtypes
+    may differ (autocast casts each product's operands), as they may for ``nn.Linear``."""
+    import torch
+
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor {expected}, got {type(x).__name__}")
+    if x.dim() < min_dim:
+        raise ValueError(f"input has shape {tuple(x.shape)}: expected {expected}")
+    if x.dtype != like.dtype and not torch.is_autocast_enabled(x.device.type):
+        fix = f"cast the input (x.to({like.dtype}))"
+        if x.is_floating_point():
+            fix += f" or the layer (layer.to({x.dtype}))"
+        raise TypeError(f"input has dtype {x.dtype}, the layer's parameters {like.dtype}: {fix}")
+    if x.device != like.device:
+        raise ValueError(f"input is on {x.device}, the layer's parameters on {like.device}: move one to the other")
 
 
 def error_line(err: BaseException, limit: int = 200) -> str:

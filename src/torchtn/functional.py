@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_input
 from .core._tracing import traced
 from .core.contraction import CostModel, MergedCache, get_cost_model, get_strategy, plan_for, tt_linear_apply
 from .core.tt import check_cores, tt_to_dense
@@ -83,6 +84,7 @@ def mpo_conv2d(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tenso
     in_per_group = math.prod([int(c.shape[2]) for c in cores]) // (kernel_size[0] * kernel_size[1])
     patches_ok = mapping != "spatial" and groups == 1 and not isinstance(padding, str)
     sequential_ok = groups == 1 and is_kernel_tt(cores, kernel_size, mapping)
+    check_input(x, cores[0], min_dim=0, expected=f"(batch, {in_per_group * groups}, H, W)")
     if x.dim() not in (3, 4) or x.shape[-3] != in_per_group * groups:
         raise ValueError(f"input has shape {tuple(x.shape)}: expected (batch, {in_per_group * groups}, H, W) or "
                          f"({in_per_group * groups}, H, W) — {in_per_group * groups} input channels")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .._checks import check_choice, check_fits_in_memory, check_nonnegative_int, check_positive_int
+from .._checks import check_choice, check_fits_in_memory, check_input, check_nonnegative_int, check_positive_int
 from .._modules import holding
 from ..core._tracing import kept, traced
 from ..core.adtn import (
@@ -269,6 +269,7 @@ class ADTNLinear(_ADTNLayer):
         self._init_bias(bias, out_features, kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.generator.scale)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features in its last dimension, expected "
                              f"in_features={self.in_features}")
@@ -325,6 +326,7 @@ class ADTNConv2d(_ADTNLayer):
         self._init_bias(bias, out_channels, kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.generator.scale, min_dim=3, expected=f"(batch, {self.in_channels}, H, W)")
         return F.conv2d(x, self.generator(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _dense_like(self, **kw) -> nn.Conv2d:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_nonnegative_real, check_positive_int
+from .._checks import check_choice, check_input, check_nonnegative_real, check_positive_int
 from ..core._dtypes import half_to_float
 from ..core._tracing import kept, traced
 from ..core.contraction import scratch_buffer
@@ -28,9 +28,13 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"tanh": torch.
                                                                    "identity": lambda x: x}
 
 
-def as_tubes(x: torch.Tensor, features: int | None = None, tubes: int | None = None) -> torch.Tensor:
+def as_tubes(x: torch.Tensor, features: int | None = None, tubes: int | None = None,
+             like: torch.Tensor | None = None) -> torch.Tensor:
     """Images ``(batch, C, H, W)`` -> ``(batch, C·H, W)``; ``(batch, features, tubes)`` unchanged. With ``features``
-    and ``tubes``: checks that the result has them (the error names the shape given)."""
+    and ``tubes``: checks that the result has them (the error names the shape given); with ``like`` (a layer's
+    parameter): that ``x`` has its dtype and device."""
+    if like is not None:
+        check_input(x, like, min_dim=0, expected="(batch, features, tubes) or images (batch, C, H, W)")
     if x.dim() not in (3, 4):
         raise ValueError(f"x has shape {tuple(x.shape)}: expected (batch, features, tubes) or images (batch, C, H, W)")
     out = x.flatten(1, 2) if x.dim() == 4 else x
@@ -223,7 +227,7 @@ class TLinear(_TModule):
         _tubal_init(self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = as_tubes(x, self.in_features, self.tubes)
+        x = as_tubes(x, self.in_features, self.tubes, self.weight)
         return _t_linear(x, self.weight, self.bias, self.T, self._transformed(self.weight))
 
     def layout(self) -> dict[str, Any]:
@@ -261,7 +265,7 @@ class _TStep(_TModule):
         return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = as_tubes(x, self.features, self.tubes)
+        x = as_tubes(x, self.features, self.tubes, self.weight)
         return x + self.h * ACTIVATIONS[self.activation](_t_linear(x, self.operator(), self.bias, self.T))
 
     def layout(self) -> dict[str, Any]:
@@ -338,7 +342,7 @@ class THamiltonian(_TModule):
 
     def forward_states(self, y: torch.Tensor, z: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Y_0, Z_0) -> (Y_depth, Z_depth)`` (``Z_0 = 0`` by default)."""
-        y = as_tubes(y, self.features, self.tubes)
+        y = as_tubes(y, self.features, self.tubes, self.weights[0])
         z = y.new_zeros(y.shape[0], self.width, self.tubes) if z is None else z
         T, act, h = self.T, ACTIVATIONS[self.activation], self.h
         for w, b in zip(self.weights, self.biases):

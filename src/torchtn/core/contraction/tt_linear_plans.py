@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..._checks import check_input
 from .._tracing import jit_tracing, kept, traced
 from ..tt import merge_cores, tt_num_params, tt_ranks, tt_shapes
 from .autotune import autotune_enabled, time_call
@@ -537,6 +538,7 @@ def tt_linear_apply(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.
         y = cache.repeat(x, cores, bias, strategy)
         if y is not None:
             return y
+    check_input(x, cores[0])  # (a repeated call above was checked the first time)
     in_features = 1
     for c in cores:
         in_features *= c.shape[2]
