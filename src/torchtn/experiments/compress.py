@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .._checks import (
+    available_memory,
     check_choice,
     check_nonnegative_int,
     check_positive_int,
@@ -40,7 +41,7 @@ from ..models import FC2
 from ..models.user import build_user_model, check_arch, is_user_arch
 from ..report import format_table, run_record
 from ..train import TrainConfig, evaluate
-from .rundir import available_memory, check_model_fits_data, check_resume, check_writable
+from .rundir import check_model_fits_data, check_resume, check_writable
 from .stage import RunClock, train_stage
 
 __all__ = ["CompressConfig", "CompressRow", "run_compress", "preflight", "DEFAULT_RANKS", "DEFAULT_DEPTHS",
@@ -255,7 +256,7 @@ def preflight(config: CompressConfig, out: Path, resume: bool, data: Dataset) ->
     params = data.num_features * config.hidden + config.hidden + config.hidden * data.num_classes + data.num_classes
     rows = min(config.batch_size, len(data.y_train))
     need = 4 * params * 4 + 4 * rows * (config.hidden + data.num_features) * 4  # w, grad, 2×Adam; activations
-    avail = available_memory()
+    avail = available_memory(torch.device("cpu"))  # (training memory in RAM, as measured here)
     if avail is not None and need > avail:
         raise ValueError(f"--hidden {config.hidden} with --batch-size {config.batch_size}: training this "
                          f"{params:,}-parameter model needs about {need / 2**30:.1f} GiB, and {avail / 2**30:.1f} GiB "

@@ -11,18 +11,7 @@ from .._checks import error_line
 from ..data import Dataset
 from ..io import ModelFileError, read_metadata, read_tensors
 
-__all__ = ["check_writable", "check_resume", "recorded_settings", "available_memory"]
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available now (Linux ``MemAvailable``), or ``None`` where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+__all__ = ["check_writable", "check_resume", "recorded_settings"]
 
 
 def check_writable(out: Path) -> None:
