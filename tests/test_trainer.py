@@ -510,3 +510,28 @@ def test_the_curve_of_a_trainers_records_is_drawn_from_its_metric_only(tmp_path,
         digits)]
     assert plot_metric_history(history, "accuracy", tmp_path / "a.png", scale=100).read_bytes()[:4] == b"\x89PNG"
     assert plot_metric_history(history, "cosine", tmp_path / "c.png") is None and not (tmp_path / "c.png").exists()
+
+
+def test_a_plot_that_fails_half_way_leaves_the_earlier_file_and_no_temporary_one(tmp_path, monkeypatch):
+    """Plots are written atomically (torchtn.io.atomic_write): a savefig that fails after writing part of the image
+    leaves the file already there untouched and no temporary file; the format follows the suffix."""
+    import matplotlib.figure
+
+    from torchtn.plotting import plot_lines
+
+    series = {"a": [(1.0, 0.5), (2.0, 0.7)]}
+    path = tmp_path / "curve.png"
+    path.write_bytes(b"mine")
+    real = matplotlib.figure.Figure.savefig
+
+    def half(self, fh, **kw):
+        fh.write(b"\x89PNG partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half)
+    with pytest.raises(OSError, match="disk full"):
+        plot_lines(series, path)
+    assert path.read_bytes() == b"mine" and sorted(p.name for p in tmp_path.iterdir()) == ["curve.png"]
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", real)
+    assert plot_lines(series, path).read_bytes()[:4] == b"\x89PNG"
+    assert plot_lines(series, tmp_path / "curve.svg").read_text().lstrip().startswith("<?xml")

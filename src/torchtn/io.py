@@ -26,8 +26,8 @@ from ._modules import parent_and_attr, pruned_tensors
 from ._version import __version__
 from .layers.registry import factory_of, layer_type, type_name
 
-__all__ = ["save_model", "load_model", "read_metadata", "tensor_name", "read_tensors", "atomic_write_bytes",
-           "atomic_write_text", "layer_layout", "load_layers", "fold_pruned", "ModelFileError"]
+__all__ = ["save_model", "load_model", "read_metadata", "tensor_name", "read_tensors", "atomic_write",
+           "atomic_write_bytes", "atomic_write_text", "layer_layout", "load_layers", "fold_pruned", "ModelFileError"]
 
 # Limits on what a model file's metadata may claim, checked before any work proportional to it.
 MAX_METADATA_BYTES = 16 << 20
@@ -48,8 +48,10 @@ def _umask() -> int:
     return current
 
 
-def _atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, fsync, then rename over ``path``."""
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """``write(fh)`` into a binary file handle, atomically: through a temporary file in the same directory (a unique
+    name, removed on failure), fsync, then rename over ``path``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -66,7 +68,7 @@ def _atomic(path: Path, write) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    _atomic(Path(path), lambda fh: fh.write(data))
+    atomic_write(path, lambda fh: fh.write(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -19,15 +19,17 @@ def _pyplot():
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    """Write the figure atomically (temporary file, then rename) and close it."""
+    """Write the figure atomically (:func:`torchtn.io.atomic_write`; the format from the suffix, PNG without one) and
+    close it."""
+    from .io import atomic_write
+
     plt = _pyplot()
     path = Path(path)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda fh: fig.savefig(fh, format=path.suffix[1:].lower() or "png"))
+    finally:
+        plt.close(fig)
     return path
 
 
