@@ -18,9 +18,11 @@ from torchtn.core import (
 from torchtn.core.contraction import (
     TTLinearProblem,
     clear_plan_cache,
+    get_cost_model,
     get_strategy,
     plan_cache_info,
     register_strategy,
+    set_cost_model,
     strategy_names,
 )
 from torchtn.core.contraction.tt_linear_plans import _candidates, _spans, fits_dense_memory
@@ -152,6 +154,50 @@ def test_cost_model_reaches_the_layer():
     layer = MPOLinear(1024, 1024, 8, in_shape=(4, 4, 8, 8), out_shape=(4, 4, 8, 8), cost_model=slow_calls)
     default = MPOLinear(1024, 1024, 8, in_shape=(4, 4, 8, 8), out_shape=(4, 4, 8, 8))
     assert layer.plan(64, needs_grad=False).is_dense and not default.plan(64, needs_grad=False).is_dense
+
+
+def test_a_cost_model_set_for_a_device_type_prices_every_layer_on_it_and_drops_cached_plans():
+    """set_cost_model(model, "cpu"): layers without their own model plan with it from the next call (a plan cached
+    under the old model is not reused); another device type keeps its own; bad arguments are named."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Products(TorchDispatchMode):  # the matrix products a call runs
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func.overloadpacket.__name__ in ("mm", "addmm", "bmm", "baddbmm")
+            return func(*args, **(kwargs or {}))
+
+    def products(layer, x):
+        with torch.no_grad(), Products() as mode:
+            y = layer(x)
+        return mode.count, y
+
+    default = get_cost_model("cpu")
+    layer = MPOLinear(1024, 1024, 8, in_shape=(4, 4, 8, 8), out_shape=(4, 4, 8, 8)).eval()
+    x = torch.randn(64, 1024)
+    products(layer, x)  # plans, merges and keeps its groups
+    planned, y = products(layer, x)
+    assert planned > 1 and not layer.plan(64, needs_grad=False).is_dense
+    try:
+        set_cost_model(CostModel(call_overhead=1.0), "cpu")  # every call costs a second: one GEMM wins
+        assert get_cost_model("cpu").call_overhead == 1.0 and get_cost_model("cuda").call_overhead != 1.0
+        assert layer.plan(64, needs_grad=False).is_dense
+        products(layer, x)  # (merges W once)
+        count, y_dense = products(layer, x)  # the layer's own memo of its last call's plan is not reused
+        assert count == 1
+        torch.testing.assert_close(y_dense, y, rtol=1e-4, atol=1e-4)
+    finally:
+        set_cost_model(default, "cpu")
+    assert get_cost_model("cpu") is default and not layer.plan(64, needs_grad=False).is_dense
+    products(layer, x)
+    assert products(layer, x)[0] == planned
+    with pytest.raises(TypeError, match="model must be a CostModel, got dict"):
+        set_cost_model({"call_overhead": 1.0})
+    with pytest.raises(ValueError, match="device_type='' is not allowed"):
+        set_cost_model(default, "")
 
 
 def test_autotuned_choice_is_never_slower_than_the_cost_models_pick():

@@ -14,7 +14,15 @@ import torch.nn.functional as F
 
 from ._checks import check_input
 from .core._tracing import traced
-from .core.contraction import CostModel, MergedCache, get_cost_model, get_strategy, plan_for, tt_linear_apply
+from .core.contraction import (
+    CostModel,
+    MergedCache,
+    get_cost_model,
+    get_strategy,
+    plan_epoch,
+    plan_for,
+    tt_linear_apply,
+)
 from .core.tt import check_cores, tt_to_dense
 
 __all__ = ["mpo_linear", "mpo_conv2d", "conv_kernel_to_matrix", "conv_kernel_from_matrix", "is_kernel_tt"]
@@ -147,7 +155,7 @@ def _cheapest_way(x, cores, kernel_size, stride, padding, dilation, patches_ok, 
     needs_grad = torch.is_grad_enabled() and any([c.requires_grad for c in cores])
     if traced():  # (sizes may be symbolic there: no memo keyed on them, as in tt_linear_apply)
         cache = None
-    key = ("conv", tuple(x.shape), x.dtype, x.device, needs_grad, tuple([c.shape for c in cores]))
+    key = ("conv", tuple(x.shape), x.dtype, x.device, needs_grad, tuple([c.shape for c in cores]), plan_epoch())
     if cache is not None and key in cache.plans:
         return cache.plans[key]
     batch, _, h, w = x.shape

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .._checks import check_positive_int, check_rel_tol
-from ..core.contraction import ContractionPlan, CostModel, autotune_enabled, get_strategy
+from ..core.contraction import ContractionPlan, CostModel, get_strategy, plan_epoch
 from ..core.factorize import resolve_shapes
 from ..core.tt import TTMatrix, inner_ranks, tt_shapes
 from ..functional import mpo_linear
@@ -193,7 +193,7 @@ When the cores need no
         bias = self._parameters.get("bias")
         if not torch.is_grad_enabled():
             y = self._merged.repeat(x, self._modules["cores"]._parameters.values(), bias,
-                                    (self.contraction, self.cost_model, self.autotune, autotune_enabled()))
+                                    (self.contraction, self.cost_model, self.autotune, plan_epoch()))
             if y is not None:
                 return y
         return mpo_linear(x, self.core_list(), bias, contraction=self.contraction, cost_model=self.cost_model,

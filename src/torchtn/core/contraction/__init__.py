@@ -5,7 +5,15 @@ networks, attention) register their strategies with :func:`register_strategy` an
 """
 from .autotune import autotune_enabled, set_autotune, time_call
 from .cost import DEFAULT_COST_MODEL, CostModel, get_cost_model, set_cost_model
-from .planner import clear_plan_cache, get_strategy, make_plan, plan_cache_info, register_strategy, strategy_names
+from .planner import (
+    clear_plan_cache,
+    get_strategy,
+    make_plan,
+    plan_cache_info,
+    plan_epoch,
+    register_strategy,
+    strategy_names,
+)
 from .tt_linear_plans import (
     ContractionPlan,
     MergedCache,
@@ -23,6 +31,6 @@ from .tt_linear_plans import (
 
 __all__ = ["CostModel", "DEFAULT_COST_MODEL", "get_cost_model", "set_cost_model", "set_autotune", "autotune_enabled",
            "time_call", "register_strategy", "strategy_names", "get_strategy", "make_plan", "clear_plan_cache",
-           "plan_cache_info", "ContractionPlan", "TTLinearProblem", "MergedCache", "merge_group",
+           "plan_epoch", "plan_cache_info", "ContractionPlan", "TTLinearProblem", "MergedCache", "merge_group",
            "plan_for", "plan_tt_linear", "prepare_groups", "release_scratch", "scratch_buffer", "tt_linear",
            "tt_linear_apply", "tt_linear_flops"]

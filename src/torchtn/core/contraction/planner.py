@@ -17,7 +17,7 @@ from .._tracing import traced
 from .autotune import AUTOTUNE_CANDIDATES, autotune_enabled
 from .cost import CostModel, get_cost_model
 
-__all__ = ["register_strategy", "strategy_names", "get_strategy", "make_plan", "clear_plan_cache", "plan_cache_info",
+__all__ = ["register_strategy", "strategy_names", "get_strategy", "make_plan", "clear_plan_cache", "plan_epoch", "plan_cache_info",
            "Plan", "MeasuredPlan"]
 
 
@@ -90,10 +90,21 @@ def get_strategy(kind: str, name: str) -> Strategy:
     return known[name]
 
 
+_epoch = [0]  # bumped by clear_plan_cache: plans memoized outside this cache (a layer's) are keyed on it
+
+
 def clear_plan_cache() -> None:
-    """Forget every cached plan (after changing cost models or the autotune setting) and reset the statistics."""
+    """Forget every cached plan (after changing cost models or the autotune setting) and reset the statistics; plans a
+    layer memoized for its own calls are made again too (their keys hold :func:`plan_epoch`)."""
     _CACHE.clear()
     _stats.update(hits=0, misses=0)
+    _epoch[0] += 1
+
+
+def plan_epoch() -> int:
+    """How many times every plan has been forgotten (:func:`clear_plan_cache`): part of the key of any plan kept
+    outside the planner's cache, so that a new cost model or autotune setting reaches it."""
+    return _epoch[0]
 
 
 def plan_cache_info() -> dict[str, int]:

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from ..._checks import check_input
 from .._tracing import jit_tracing, kept, traced
 from ..tt import merge_cores, tt_num_params, tt_ranks, tt_shapes
-from .autotune import autotune_enabled, time_call
+from .autotune import time_call
 from .cost import DEFAULT_COST_MODEL, CostModel
-from .planner import make_plan, register_strategy
+from .planner import make_plan, plan_epoch, register_strategy
 
 __all__ = ["ContractionPlan", "TTLinearProblem", "plan_tt_linear", "plan_for", "merge_group", "prepare_groups",
            "tt_linear", "tt_linear_apply", "tt_linear_flops", "MergedCache", "release_scratch"]
@@ -533,7 +533,8 @@ def tt_linear_apply(x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.
     """
     inference = not torch.is_grad_enabled() and not traced()  # scratch buffers allowed
     fast = cache is not None and inference
-    strategy = (contraction, cost_model, autotune, autotune_enabled())
+    # (plan_epoch: a new cost model for the device or autotune setting reaches plans memoized in ``cache``)
+    strategy = (contraction, cost_model, autotune, plan_epoch())
     if fast:  # inference: a call like the last one reuses its plan and matrices outright
         y = cache.repeat(x, cores, bias, strategy)
         if y is not None:
