@@ -137,6 +137,27 @@ def test_plans_are_cached_per_key_and_rank_changes_give_new_plans():
         assert torch.allclose(layer(x), x @ layer.to_dense().T + layer.bias, atol=1e-12)
 
 
+def test_structural_changes_of_other_modes_are_refused_naming_both():
+    """set_cores and cores_override (sweeps) keep the layer's matrix: cores of other modes are refused with both
+    mode lists; a layer that cannot run on overridden cores says so; the layer is unchanged after each refusal."""
+    layer = MPOLinear(64, 64, 4, in_shape=(8, 8), out_shape=(8, 8), dtype=torch.float64)
+    before = layer.to_dense()
+    other = MPOLinear(64, 64, 4, in_shape=(4, 16), out_shape=(8, 8), dtype=torch.float64).core_list()
+    with pytest.raises(ValueError, match=r"cores of modes \(8, 8\)←\(4, 16\) cannot replace \(8, 8\)←\(8, 8\)"):
+        layer.set_cores(other)
+    with pytest.raises(ValueError, match=r"override cores make a \(64, 48\) matrix, the layer's is \(64, 64\)"):
+        with layer.cores_override([torch.randn(1, 8, 8, 4, dtype=torch.float64),
+                                   torch.randn(4, 8, 6, 1, dtype=torch.float64)]):
+            pass
+    assert torch.equal(layer.to_dense(), before)
+    from torchtn import MPOConv2d
+
+    conv = MPOConv2d(4, 4, 3, rank=2)
+    with pytest.raises(TypeError, match="MPOConv2d cannot run on overridden cores"):
+        with conv.cores_override(conv.core_list()):
+            pass
+
+
 def test_a_plan_checks_its_inputs():
     cores = random_tt((4, 4), (4, 4), 3)
     plan = plan_tt_linear((4, 4), (4, 4), (1, 3, 1), 2, force="rtl")

@@ -105,10 +105,21 @@ def test_checkpoint_is_never_overwritten_by_a_fresh_run(tmp_path, digits):
                                           (dict(optimizer="adagrad"), "optimizer='adagrad'"), (dict(batch_size=0), "batch_size=0"),
                                           (dict(min_lr_fraction=1.5), r"min_lr_fraction=1.5 .*in \[0, 1\]"),
                                           (dict(min_lr_fraction=-0.1), "min_lr_fraction=-0.1"),
-                                          (dict(weight_decay=float("nan")), "weight_decay=nan .*>= 0")])
+                                          (dict(weight_decay=float("nan")), "weight_decay=nan .*>= 0"),
+                                          (dict(seed=2**32), r"seed=4294967296 .*\[0, 2\*\*32\)"),
+                                          (dict(sweep={"max_rank": 4}), "sweep options were given with optimizer='adamw'")])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
+
+
+def test_bad_trainer_arguments_are_named():
+    with pytest.raises(TypeError, match="sweep=3 is not allowed: expected a SweepConfig"):
+        TrainConfig(optimizer="sweep", sweep=3)
+    with pytest.raises(TypeError, match="loss=3 is not allowed: expected one of .* or a callable"):
+        Trainer(FC2(64), loss=3)
+    with pytest.raises(ValueError, match="checkpoint='run.pt' must end in .safetensors"):
+        Trainer(FC2(64), checkpoint="run.pt")
 
 
 def test_data_without_training_rows_is_refused(digits, tmp_path):

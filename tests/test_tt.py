@@ -206,6 +206,28 @@ def test_tt_svd_bad_shapes():
         tt_to_dense([torch.randn(2, 2, 2, 1)])
 
 
+def test_cores_that_do_not_form_a_tt_matrix_are_refused_naming_the_core():
+    with pytest.raises(ValueError, match=r"cores\[1\] has shape \(2, 2, 2\): expected a 4-D tensor"):
+        tt_to_dense([torch.randn(1, 2, 2, 2), torch.randn(2, 2, 2)])
+    with pytest.raises(ValueError, match=r"cores\[1\] has shape list"):
+        tt_to_dense([torch.randn(1, 2, 2, 2), [1.0]])
+    with pytest.raises(ValueError, match=r"cores\[0\] ends in bond 2 but cores\[1\] starts with 3"):
+        tt_to_dense([torch.randn(1, 2, 2, 2), torch.randn(3, 2, 2, 1)])
+    with pytest.raises(ValueError, match="got an empty list"):
+        tt_to_dense([])
+    with pytest.raises(TypeError, match="matrix has dtype torch.int64: expected a floating-point tensor"):
+        tt_svd(torch.ones(16, 16, dtype=torch.long), (4, 4), (4, 4))
+
+
+def test_entropies_of_a_zero_matrix_and_of_a_single_core_are_zero_and_empty():
+    from torchtn.core import entanglement_entropy
+
+    zero = tt_svd(torch.zeros(16, 16), (4, 4), (4, 4))
+    assert torch.equal(tt_to_dense(zero), torch.zeros(16, 16))
+    assert torch.equal(entanglement_entropy(zero), torch.zeros(1, dtype=torch.float64))
+    assert entanglement_entropy([torch.randn(1, 4, 4, 1)]).shape == (0,)
+
+
 def test_bond_report_next_rank_error_is_exact():
     from torchtn.core import bond_report
 
