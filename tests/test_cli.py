@@ -380,6 +380,42 @@ def test_compress_a_pruned_models_state_dict(tmp_path, capsys):
     assert torch.equal(start.fc2.weight, pruned.fc2.weight)
 
 
+def test_compress_reads_plain_safetensors_and_wrapped_state_dicts_and_names_what_it_cannot(tmp_path, capsys):
+    """--model-file takes a state dict saved by safetensors itself (as Hugging Face and most tools write it, no
+    torchtn metadata) and a .pt checkpoint that wraps it as {"state_dict": ...} (Lightning's layout); the run starts
+    from exactly those weights. A damaged file or another suffix is one line, exit 2, nothing written."""
+    from safetensors.torch import save_file
+
+    import torchtn.experiments.compress as compress_job
+    from torchtn.io import load_model
+    from torchtn.models import FC2
+
+    torch.manual_seed(0)
+    users = FC2(64, 256, 10)
+    plain = tmp_path / "plain.safetensors"
+    save_file({k: v.contiguous() for k, v in users.state_dict().items()}, str(plain))
+    wrapped = tmp_path / "wrapped.pt"
+    torch.save({"state_dict": users.state_dict(), "epoch": 3}, wrapped)
+    config = compress_job.CompressConfig(dataset="digits", arch="fc2")
+    for name, file in (("plain", plain), ("wrapped", wrapped)):
+        out = tmp_path / name
+        assert main(["compress", "--arch", "fc2", "--model-file", str(file), "--rank", "2", "--finetune-epochs", "1",
+                     "--out", str(out), "--no-progress"]) == 0
+        start = load_model(out / "dense.safetensors",
+                           compress_job.dense_model(config, compress_job.load_dataset("digits")))
+        assert all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), users.state_dict().values()))
+    capsys.readouterr()
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(plain.read_bytes()[:100])
+    other = tmp_path / "weights.bin"
+    other.write_bytes(b"x")
+    for file, words in ((damaged, "is not a readable safetensors file"), (other, "expected a .safetensors, .pt")):
+        out = tmp_path / f"refused-{file.stem}"
+        assert main(["compress", "--arch", "fc2", "--model-file", str(file), "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_compress_a_torchtn_model_file_further(tmp_path, capsys):
     """A model file torchtn wrote with MPO layers (here from `torchtn train --layers mpo`) is compressed further by
     `compress --model-file`: its MPO layers, at their own modes, to smaller ranks, starting from exactly its weights
