@@ -178,6 +178,11 @@ def test_inspect_reports_bonds_and_refuses_overwrite(tmp_path, capsys):
     assert main(["inspect", str(run)]) == 0
     assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("fc1 ")] == \
         [line for line in printed.splitlines() if line.startswith("fc1 ")]
+    hf_run = tmp_path / "hf-run"  # compress --hf-model's --out: the model in model/ (torchtn.safetensors)
+    save_model(model, hf_run / "model" / "torchtn.safetensors")
+    assert main(["inspect", str(hf_run)]) == 0
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("fc1 ")] == \
+        [line for line in printed.splitlines() if line.startswith("fc1 ")]
     assert main(["inspect", str(tmp_path)]) == 2  # no torchtn.safetensors / model.safetensors: the files it has
     assert "name one of its files: m.safetensors" in capsys.readouterr().err
 

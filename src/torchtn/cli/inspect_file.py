@@ -27,10 +27,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
             return fail(f"--plot {args.plot} cannot be written: {parent} is not a writable directory")
     if args.file.is_dir():
-        found = [args.file / n for n in ("torchtn.safetensors", "model.safetensors") if (args.file / n).is_file()]
+        # a saved Hugging Face model or train's --out; compress --hf-model's --out keeps the model in model/
+        names = ("torchtn.safetensors", "model.safetensors", "model/torchtn.safetensors")
+        found = [args.file / n for n in names if (args.file / n).is_file()]
         if not found:
             others = sorted(p.name for p in args.file.glob("*.safetensors"))
-            return fail(f"{args.file} is a directory with no torchtn.safetensors or model.safetensors"
+            return fail(f"{args.file} is a directory with no {', '.join(names[:-1])} or {names[-1]}"
                          + (f"; name one of its files: {', '.join(others[:8])}" if others else ""))
         args.file = found[0]
     try:

@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "registered type), each bond's rank, entanglement entropy and the relative error "
                                    "the next smaller rank would cause.")
     i.add_argument("file", type=Path, help="a .safetensors file written by torchtn, or a directory holding one "
-                                           "(compress --hf-model's model/, train's --out)")
+                                           "(train's --out; compress --hf-model's --out or its model/)")
     i.add_argument("--plot", type=Path, default=None, help="also write a PNG of entropy per bond (refuses to "
                                                             "overwrite an existing file)")
     parser.commands = dict(sub.choices)  # each command's parser (which options a command line gave: given_options)
