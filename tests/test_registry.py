@@ -69,6 +69,35 @@ def test_every_type_has_an_example():
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_summary_of_a_model_in_memory_is_what_inspect_prints_for_its_file(tmp_path, capsys, name):
+    """torchtn.summary(model) gives, for every layer type, the tables `torchtn inspect` prints for the saved model —
+    one code path (torchtn.summary.layer_tables) for both — headed by the model's class and parameter count."""
+    from torchtn import summary
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 48, dtype=torch.float64), EXAMPLES[name]())
+    text = summary(model)
+    assert text.splitlines()[0] == f"Sequential with {sum(p.numel() for p in model.parameters()):,} parameters"
+    path = save_model(model, tmp_path / "m.safetensors")
+    capsys.readouterr()
+    assert main(["inspect", str(path)]) == 0
+    assert text.splitlines()[1:] == capsys.readouterr().out.splitlines()[1:]
+    # the registered layer, at its place in the model ("1", or "1.<child>" inside the example's block)
+    assert any(line.split()[0].split(".")[0] == "1" for line in text.splitlines()[3:] if line.strip())
+
+
+def test_summary_of_a_bare_layer_and_of_a_model_without_tensor_networks():
+    from torchtn import summary
+
+    text = summary(MPOLinear(16, 16, 2))
+    assert text.splitlines()[0] == "MPOLinear with 64 parameters"
+    assert [line.split()[0] for line in text.splitlines()[3:6]] == ["(model)"] * 3  # three bonds
+    assert summary(nn.Linear(3, 3)).splitlines() == ["Linear with 12 parameters", "no tensor-network layers"]
+    with pytest.raises(TypeError, match="model must be an nn.Module, got dict"):
+        summary({})
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_round_trip_save_load_same_outputs(tmp_path, name):
     block = EXAMPLES[name]()  # a layer of this type, maybe inside a small block (48 features in, 20 out)
     model = nn.Sequential(nn.Linear(48, 48, dtype=torch.float64), block)

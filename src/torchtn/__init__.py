@@ -21,8 +21,9 @@ from .layers import (
     TensorInteraction,
 )
 from .models.dtn import DeepTensorNetwork, TensorBlock
+from .summary import summary
 
 __all__ = ["__version__", "TTMatrix", "tt_svd", "tt_to_dense", "tt_round", "bond_spectra", "entanglement_entropy",
            "MPOLinear", "MPOConv2d", "tensorize", "calibrate", "save_model", "load_model", "ModelFileError",
            "set_autotune", "TensorAttention", "LinearAttention", "SoftmaxAttention", "TensorInteraction", "TensorBlock",
-           "DeepTensorNetwork", "ADTNLinear", "ADTNConv2d", "MPOEmbedding"]
+           "DeepTensorNetwork", "ADTNLinear", "ADTNConv2d", "MPOEmbedding", "summary"]

@@ -9,16 +9,9 @@ from pathlib import Path
 from .flow import fail
 
 
-def _float64():
-    import torch
-
-    return torch.float64
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ..io import ModelFileError, load_layers, read_metadata, tensor_name
-    from ..layers import type_name
-    from ..report import format_table
+    from ..io import ModelFileError, load_layers, read_metadata
+    from ..summary import layer_tables
 
     if args.plot is not None:
         if args.plot.exists():
@@ -38,47 +31,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     try:
         meta = read_metadata(args.file)
         layers = load_layers(args.file)  # every layer checked against the file before any number is computed
-        networks = {name: layer.tt_matrices() for name, layer in layers.items()}
+        blocks, entropies = layer_tables(layers)
     except ModelFileError as err:
         return fail(str(err))
     print(f"{args.file}: {meta.get('model_class')} with {meta.get('num_parameters', 0):,} parameters, "
           f"written by torchtn {meta.get('torchtn_version')} (torch {meta.get('torch_version')})")
+    print("\n".join(blocks))
     no_plot = (f"--plot: nothing written to {args.plot} — no layer of this file has a bond (the plot shows "
                f"entanglement per bond of MPO layers with two or more cores)") if args.plot is not None else None
-    if not layers:
-        print("no tensor-network layers")
-        if no_plot:
-            print(no_plot, file=sys.stderr)
-        return 0
-    plain = [(tensor_name(name), type_name(layer), ", ".join(f"{k}={v}" for k, v in layer.layout().items()),
-              sum(p.numel() for p in layer.parameters()), _counted(layer))
-             for name, layer in layers.items() if not networks[name]]
-    if plain:  # registered layers without tensor-train bonds (t-product layers, ADTNs, …): what they are
-        counted = any(row[-1] for row in plain)
-        print(format_table(["layer", "type", "layout", "parameters", *(["what is counted"] if counted else [])],
-                           [row if counted else row[:-1] for row in plain]))
-        if len(plain) == len(layers):
-            if no_plot:
-                print(no_plot, file=sys.stderr)
-            return 0
-    rows, entropies = [], {}
-    for name, nets in networks.items():
-        for label, tt in nets.items():
-            full = f"{tensor_name(name)}.{label}" if label else tensor_name(name)
-            info = tt.to(dtype=_float64()).bond_report()
-            if not info:  # one core: the dense matrix, no bond
-                rows.append((full, type_name(layers[name]), f"{tt.out_shape}←{tt.in_shape}",
-                             round(tt.compression_ratio, 1), "–", "one core", "–", "–"))
-                continue
-            entropies[full] = [b.entropy for b in info]
-            for b in info:
-                rows.append((full, type_name(layers[name]), f"{tt.out_shape}←{tt.in_shape}",
-                             round(tt.compression_ratio, 1),
-                             b.bond, b.rank, round(b.entropy, 4), b.next_rank_error))
-    print(format_table(["layer", "type", "modes (out←in)", "ratio", "bond", "rank", "entropy S_k", "error at rank−1"],
-                       rows))
-    print("ratio = dense weight entries / core entries; entropy in nats (ln r for a flat spectrum); "
-          "error = ‖W − W'‖/‖W‖ if that bond alone lost one rank")
     sweep = meta.get("metadata", {}).get("sweep") if isinstance(meta.get("metadata"), dict) else None
     if sweep and sweep.get("history"):
         _print_sweep_history(sweep["history"])
@@ -96,18 +56,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             plot_sweep_history(sweep["history"], history_plot, title=f"sweep training of {args.file.name}")
             print(f"wrote {history_plot}")
     return 0
-
-
-def _counted(layer) -> str:
-    """A layer's parameter accounting, for layers that state it (ADTNs: gates + scale + bias, against the dense
-    entries they replace); empty otherwise."""
-    report = getattr(layer, "param_report", None)
-    if not report:
-        return ""
-    parts = [f"{report[k]:,} {k}" for k in ("gates", "scale", "bias") if report.get(k)]
-    live = f"; {report['live']:,} of the generator's {report['generator']:,} can change the weight" \
-        if report.get("live", report.get("generator")) != report.get("generator") else ""
-    return f"{' + '.join(parts)} (for {report['dense_weight']:,} dense weights{live})"
 
 
 def _print_sweep_history(history: list[dict]) -> None:
