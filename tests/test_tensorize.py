@@ -269,3 +269,36 @@ def test_modules_sharing_a_weight_stay_dense_and_stay_tied(kw):
     # tables at all)
     with pytest.raises(ValueError, match="ratio=2 is unreachable: the 3,232 parameters that stay dense"):
         tensorize(_TiedLM(), ratio=2)  # only the untied layer can shrink
+
+
+@pytest.mark.parametrize("make,x", [
+    (lambda: nn.Linear(48, 40, dtype=torch.float64), torch.randn(3, 48, dtype=torch.float64)),
+    (lambda: nn.Conv2d(8, 12, 3, padding=1, dtype=torch.float64), torch.randn(2, 8, 6, 6, dtype=torch.float64)),
+    (lambda: nn.Embedding(60, 16, dtype=torch.float64), torch.tensor([[0, 5, 59]])),
+])
+def test_a_model_that_is_one_layer_comes_back_as_the_torchtn_layer(make, x):
+    """tensorize(nn.Linear(...)) — the model is itself the layer — returns the torchtn layer (it used to register the
+    MPO as a child named "" of a copy of the dense layer and return that, computing as before, its report claiming
+    a conversion and counting both); the layer given is untouched; the report names it "(model)"."""
+    torch.manual_seed(0)
+    dense = make()
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    layer, report = tensorize(dense, rank=64, allow_larger=True)  # full rank: exact
+    assert type(layer).__name__ == "MPO" + type(dense).__name__ and not list(dense.children())
+    assert all(torch.equal(v, before[k]) for k, v in dense.state_dict().items())
+    torch.testing.assert_close(layer(x), dense(x), rtol=1e-9, atol=1e-9)
+    assert report.params_after == sum(p.numel() for p in layer.parameters())
+    assert str(report).splitlines()[2].startswith("(model)")
+    smaller, report = tensorize(layer, rank=2)  # a torchtn layer as the model: compressed anew, from its own map
+    assert type(smaller) is type(layer) and max(smaller.ranks) == 2
+    assert report.params_after == sum(p.numel() for p in smaller.parameters()) < report.params_before
+
+
+def test_a_one_layer_model_kept_as_it_was_and_the_adtn_method():
+    torch.manual_seed(0)
+    mpo = MPOLinear(48, 40, 2, dtype=torch.float64)
+    same, report = tensorize(mpo, rank=32)  # its new MPO would not be smaller: the layer as it was
+    assert same is not mpo and torch.equal(same.to_dense(), mpo.to_dense())
+    assert "not converted: (model) (as it was" in str(report)
+    adtn, report = tensorize(nn.Linear(256, 64), method="adtn", fit_steps=0)
+    assert type(adtn).__name__ == "ADTNLinear" and report.params_after == sum(p.numel() for p in adtn.parameters())

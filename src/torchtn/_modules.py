@@ -13,10 +13,14 @@ def parent_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where submodule ``name`` is, in place."""
+def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` where submodule ``name`` is, in place, and return the model — ``new`` itself for ``name == ""``
+    (the model is the module replaced: nothing holds it, so the caller must take the returned one)."""
+    if not name:
+        return new
     parent, child = parent_and_attr(model, name)
     setattr(parent, child, new)
+    return model
 
 
 def holding(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:

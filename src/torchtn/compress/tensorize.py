@@ -28,7 +28,7 @@ from ..core.adtn import MAPPINGS, adtn_num_params, adtn_qubits
 from ..core.weighting import Weighting, two_core_shapes
 from ..layers.mpo_linear import MPOLinear
 from ..layers.mpo_parametrize import MPOParametrization, TensorSite, attention_sites
-from ..layers.registry import converter_for, densify, put_back
+from ..layers.registry import converter_for, densify_model, put_back
 from ..report import format_table
 from .calibration import LayerStats, sensitive
 
@@ -70,6 +70,9 @@ class LayerReport:
         return tt_compression_ratio(self.in_shape, self.out_shape, self.ranks)
 
 
+ROOT = "(model)"  # how a report names a model that is itself the layer converted
+
+
 @dataclass
 class TensorizeReport:
     """Per-layer results plus whole-model parameter counts; ``print(report)`` shows a table."""
@@ -87,7 +90,7 @@ class TensorizeReport:
     def table(self) -> str:
         calibrated = any(r.output_error is not None for r in self.layers)
         rows = [
-            (r.name, r.layer_type, f"{r.out_features}×{r.in_features}", f"{r.out_shape}←{r.in_shape}" if r.out_shape
+            (r.name or ROOT, r.layer_type, f"{r.out_features}×{r.in_features}", f"{r.out_shape}←{r.in_shape}" if r.out_shape
              else "–", str(r.ranks) if r.depth is None else f"depth {r.depth}",
              r.params_before, r.params_after, round(r.compression_ratio, 1), r.rel_error,
              *([("–" if r.output_error is None else r.output_error)] if calibrated else []),
@@ -105,7 +108,9 @@ class TensorizeReport:
                          "gate (it acts on the fixed start; param_report['live']); rel. error is the fit's "
                          "‖W_adtn − W‖/‖W‖")
         if self.skipped:
-            lines.append("not converted: " + ", ".join(self.skipped))
+            # (a model that is itself the one layer has the name "")
+            lines.append("not converted: " + ", ".join(ROOT + s if not s or s.startswith(" ") else s
+                                                       for s in self.skipped))
         return "\n".join(lines)
 
     __str__ = table
@@ -126,7 +131,7 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip, un
     check_nonnegative_int("fit_steps", fit_steps)
     new = copy.deepcopy(model)
     skip_fn = _skipper(skip)
-    previous = densify(new, skip_fn)  # torchtn layers the model holds already: compressed anew, from their map
+    new, previous = densify_model(new, skip_fn)  # torchtn layers the model holds already: compressed anew, from their map
     inside_mha = _inside_mha(new)
     tied = _tied(new)
     targets, skipped, unsupported = [], [], []
@@ -164,7 +169,7 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip, un
     sites = [(n, site) for n, site in sites if n not in kept]
     for name in kept:  # a torchtn layer stays as it was
         if name in previous:
-            put_back(new, name, previous[name])
+            new = put_back(new, name, previous[name])
     if fit_steps:
         _check_finite([(n, m.weight) for n, m in targets] + [(n, site.value) for n, site in sites], "fitting an ADTN")
     before = sum(p.numel() for p in model.parameters())
@@ -180,7 +185,7 @@ def _tensorize_adtn(model: nn.Module, depth: int, fit_steps: int, skip: Skip, un
     for name, module in targets:
         cls = ADTNLinear if isinstance(module, nn.Linear) else ADTNConv2d
         layer, err = cls.from_dense(module, depth, steps=fit_steps, unitary=unitary, mapping=mapping)
-        replace_submodule(new, name, layer)
+        new = replace_submodule(new, name, layer)  # (the model itself when it is the one layer: name "")
         w = module.weight
         bias = 0 if module.bias is None else module.bias.numel()
         rows.append(LayerReport(name, w.shape[0], w[0].numel(), (), (), (), held(name, module, w) + bias,
@@ -617,7 +622,7 @@ def tensorize(
     new = copy.deepcopy(model)
     # torchtn layers the model holds already are compressed anew, from the map they compute; an MPOLinear keeps its
     # modes (so a smaller rank is the TT-SVD of its own matrix at the same modes, as rounding would give)
-    previous = densify(new, _skipper(skip))
+    new, previous = densify_model(new, _skipper(skip))
     targets, kept = _targets(new, skip)
     kept += _parametrized_elsewhere(new)
     if not targets:
@@ -675,7 +680,7 @@ def tensorize(
         (name, module, cls), tt, (i, o), w = targets[li], tts[li], layer_shapes[li], weights[li]
         layer = cls.from_tt(module, tt, exact_ids=exact[li]) if li in exact else cls.from_tt(module, tt)
         if not isinstance(module, TensorSite):  # a site is parametrized in place by from_tt
-            replace_submodule(new, name, layer)
+            new = replace_submodule(new, name, layer)  # (the model itself when it is the one layer: name "")
         approx = tt.to_dense()
         if li in exact:  # measured over the whole table, its exact rows included
             w, approx = module.weight.detach(), layer.weight.detach()
@@ -687,7 +692,7 @@ def tensorize(
                                 output_error=out_err))
     for name in larger:  # a torchtn layer whose new MPO would not be smaller stays as it was
         if name in previous:
-            put_back(new, name, previous[name])
+            new = put_back(new, name, previous[name])
     after = sum(p.numel() for p in new.parameters())
     kept += [f"{name} (as it was: its new MPO would not be smaller)" if name in previous
              else f"{name} (its MPO would not be smaller)" for name in larger]

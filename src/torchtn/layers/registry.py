@@ -19,7 +19,7 @@ from .._modules import parent_and_attr, replace_submodule
 from ..core.tt import TTMatrix
 
 __all__ = ["register_layer", "convertible_types", "layer_types", "layer_type", "type_name", "converter_for",
-           "densify", "put_back", "RegisteredLayer"]
+           "densify", "densify_model", "put_back", "RegisteredLayer"]
 
 
 class RegisteredLayer(Protocol):
@@ -122,14 +122,10 @@ def densify(model: nn.Module, skip: Callable[[str, nn.Module], bool] | None = No
     for name, module in list(model.named_modules()):
         if skip is not None and skip(name, module):
             continue
-        if name and type_name(module) is not None and hasattr(module, "to_dense_module"):
-            try:
-                dense = module.to_dense_module()
-            except NotImplementedError:
-                dense = None
-            if dense is not None:
-                replace_submodule(model, name, dense)
-                done[name] = module
+        dense = _dense_counterpart(module) if name else None  # (the model itself: densify_model)
+        if dense is not None:
+            replace_submodule(model, name, dense)
+            done[name] = module
         for tensor, chain in list(getattr(module, "parametrizations", {}).items()):
             full = f"{name}.{tensor}" if name else tensor
             if (len(chain) == 1 and type_name(chain[0]) is not None
@@ -143,11 +139,38 @@ def densify(model: nn.Module, skip: Callable[[str, nn.Module], bool] | None = No
     return done
 
 
-def put_back(model: nn.Module, name: str, layer: nn.Module) -> None:
-    """Undo :func:`densify` for one entry of what it returned: ``layer`` back in place of the dense module ``name``,
-    or back as the parametrization of the tensor ``name``."""
+def densify_model(model: nn.Module, skip: Callable[[str, nn.Module], bool] | None = None
+                  ) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """:func:`densify`, the model itself included: when ``model`` is a registered layer with a dense counterpart
+    (and not ``skip``-ped under the name ``""``), that counterpart is returned in its place. Returns ``(the model,
+    {name: the layer replaced})``."""
+    done: dict[str, nn.Module] = {}
+    dense = None if skip is not None and skip("", model) else _dense_counterpart(model)
+    if dense is not None:
+        done[""], model = model, dense
+    done.update(densify(model, skip))
+    return model, done
+
+
+def _dense_counterpart(module: nn.Module) -> nn.Module | None:
+    """A registered layer's PyTorch counterpart (``to_dense_module``), or ``None`` where it has none."""
+    if type_name(module) is None or not hasattr(module, "to_dense_module"):
+        return None
+    try:
+        return module.to_dense_module()
+    except NotImplementedError:
+        return None
+
+
+def put_back(model: nn.Module, name: str, layer: nn.Module) -> nn.Module:
+    """Undo :func:`densify` (or :func:`densify_model`) for one entry of what it returned: ``layer`` back in place of
+    the dense module ``name``, or back as the parametrization of the tensor ``name``. Returns the model (``layer``
+    itself for ``name == ""``, the model that was a registered layer)."""
+    if not name:
+        return layer
     owner, tensor = parent_and_attr(model, name)
     if isinstance(getattr(owner, tensor, None), nn.Module):
         setattr(owner, tensor, layer)
     else:
         parametrize.register_parametrization(owner, tensor, layer, unsafe=True)
+    return model
