@@ -361,6 +361,28 @@ def test_densify_turns_every_layer_type_back_into_pytorchs_own(name):
         assert not any(torch_parametrize.is_parametrized(m) for m in dense.modules())
 
 
+@pytest.mark.parametrize("name", sorted(n for n in EXAMPLES if not n.endswith("Parametrization")))
+def test_a_model_that_is_itself_a_layer_is_densified_by_densify_model_and_refused_by_densify(name):
+    """densify works in place, so it cannot replace the model itself: a registered layer given as the model is
+    refused in one line (it was left as it was, silently); densify_model returns its dense counterpart (the same
+    outputs) — or the layer itself where it has none (t-product layers)."""
+    from torchtn.layers import densify, densify_model
+
+    torch.manual_seed(0)
+    layer = next(m for m in EXAMPLES[name]().modules() if type(m).__name__ == name)
+    dense, done = densify_model(layer)
+    if not hasattr(layer, "to_dense_module") or name.startswith("T"):
+        assert dense is layer and done == {}
+        assert densify(layer) == {}
+        return
+    assert type(dense).__module__.startswith("torch.nn") and done == {"": layer}
+    w = dense.weight
+    torch.testing.assert_close(w, layer.weight.detach(), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=rf"the model is itself a {name}: take model.to_dense_module\(\)"):
+        densify(layer)
+    assert densify(layer, skip=lambda n, m: True) == {}
+
+
 def test_checking_a_file_builds_its_layers_without_making_values(tmp_path):
     """Files' layers are first built on the meta device to check their shapes; initializing them there (PyTorch's
     meta randn, a product with a scalar) imports sympy and the compiler stack, ~1 s of every cold load or inspect.

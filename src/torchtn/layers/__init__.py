@@ -6,7 +6,7 @@ from .mpo_conv import MPOConv2d
 from .mpo_embedding import MPOEmbedding
 from .mpo_linear import MPOLinear
 from .mpo_parametrize import MPOParametrization, mpo_parametrize
-from .registry import converter_for, densify, layer_type, layer_types, register_layer, type_name
+from .registry import converter_for, densify, densify_model, layer_type, layer_types, register_layer, type_name
 from .tensor_interaction import TensorInteraction
 from .tlayers import TAntisymmetric, THamiltonian, TLinear, TResidual
 from .tt_layer import TTLayer
@@ -16,4 +16,4 @@ __all__ = ["MPOLinear", "MPOConv2d", "TTLayer", "ComputedWeight", "WeightCache",
            "TensorAttention", "LinearAttention", "SoftmaxAttention", "TensorInteraction", "TLinear", "TResidual",
            "TAntisymmetric", "THamiltonian", "ADTNLinear",
            "ADTNConv2d", "ADTNGenerator", "ADTNParametrization", "adtn_parametrize", "MPOEmbedding",
-           "MPOParametrization", "mpo_parametrize", "densify"]
+           "MPOParametrization", "mpo_parametrize", "densify", "densify_model"]

@@ -117,7 +117,11 @@ def densify(model: nn.Module, skip: Callable[[str, nn.Module], bool] | None = No
     (``to_dense_module``: ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``) is replaced by it, and every tensor held by
     a registered parametrization alone becomes a plain parameter with the value it reads. Layers with no dense
     counterpart (t-product layers) stay; ``skip(name, module)`` keeps others. Returns ``{name: the layer replaced}``
-    (a parametrized tensor's name is ``<owner>.<tensor>``)."""
+    (a parametrized tensor's name is ``<owner>.<tensor>``). A model that is itself such a layer cannot be replaced in
+    place: that raises ``ValueError`` (:func:`densify_model` returns its counterpart instead)."""
+    if not (skip is not None and skip("", model)) and _dense_counterpart(model) is not None:
+        raise ValueError(f"densify replaces a model's layers in place, but the model is itself a {type_name(model)}: "
+                         f"take model.to_dense_module(), or torchtn.layers.densify_model(model), which returns it")
     done: dict[str, nn.Module] = {}
     for name, module in list(model.named_modules()):
         if skip is not None and skip(name, module):
