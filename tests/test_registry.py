@@ -383,6 +383,47 @@ def test_a_model_that_is_itself_a_layer_is_densified_by_densify_model_and_refuse
     assert densify(layer, skip=lambda n, m: True) == {}
 
 
+@pytest.mark.parametrize("name", sorted(n for n in EXAMPLES if not n.endswith("Parametrization")))
+def test_a_model_that_is_itself_a_layer_saves_loads_and_is_inspected(tmp_path, capsys, name):
+    """save_model(layer): the file records the model itself as the layer (it recorded no layer: inspect said "no
+    tensor-network layers" and a dense skeleton could not take the file); load_model returns the layer, with the
+    skeleton's dtype, and the same outputs."""
+    from torchtn.layers import densify_model
+
+    torch.manual_seed(0)
+    block = EXAMPLES[name]()
+    layer = next(m for m in block.modules() if type(m).__name__ == name)
+    seen = []
+    layer.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    block(torch.randn(5, 48, dtype=torch.float64))
+    x = seen[0]
+    path = save_model(layer, tmp_path / "layer.safetensors")
+    skeleton = densify_model(layer)[0]
+    # a dense skeleton where the layer has a counterpart; else any module: it gives the device and dtype only
+    skeleton = nn.Linear(1, 1, dtype=torch.float64) if skeleton is layer else skeleton.to(torch.float64)
+    loaded = load_model(path, skeleton)
+    assert type(loaded) is type(layer) and loaded is not layer
+    torch.testing.assert_close(loaded(x), layer(x), rtol=0, atol=0)
+    capsys.readouterr()
+    assert main(["inspect", str(path)]) == 0
+    assert "(model)" in capsys.readouterr().out
+
+
+def test_a_file_recording_the_model_as_a_layer_and_layers_inside_it_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from torchtn.io import ModelFileError
+
+    model = nn.Sequential(MPOLinear(16, 16, 2))
+    path = save_model(model, tmp_path / "m.safetensors")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["layers"][""] = meta["layers"]["0"]
+    lying = tmp_path / "lying.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, lying, metadata={"torchtn": json.dumps(meta)})
+    with pytest.raises(ModelFileError, match="records the model itself as a MPOLinear layer and 1 more layer"):
+        load_model(lying, nn.Sequential(nn.Linear(16, 16)))
+
+
 def test_checking_a_file_builds_its_layers_without_making_values(tmp_path):
     """Files' layers are first built on the meta device to check their shapes; initializing them there (PyTorch's
     meta randn, a product with a scalar) imports sympy and the compiler stack, ~1 s of every cold load or inspect.

@@ -82,8 +82,8 @@ def layer_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
     parametrizations stacked with it, so such a model could not load back as it was (it raises ``ValueError``); for
     the same reason a layer whose own tensors are pruned (``torch.nn.utils.prune``) or parametrized is refused."""
     layout = {}
-    for name, m in model.named_modules():
-        if not name or type_name(m) is None:
+    for name, m in model.named_modules():  # (the model itself, when it is a registered layer, under "")
+        if type_name(m) is None:
             continue
         owner, dot, _ = name.rpartition(".")
         holder = model.get_submodule(owner) if dot else None
@@ -92,8 +92,8 @@ def layer_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
                              f"parametrization(s) ({', '.join(type(p).__name__ for p in holder if p is not m)}); a "
                              f"file records the torchtn one only, so the model would load back without them: hold that "
                              f"tensor by the torchtn parametrization alone to save it")
-        held = [f"{name}.{t}" for t in pruned_tensors(m)]
-        held += [f"{name}.{n}".rstrip(".") for n, sub in m.named_modules() if parametrize.is_parametrized(sub)]
+        held = [_key(name, t) for t in pruned_tensors(m)]
+        held += [_key(name, n).rstrip(".") for n, sub in m.named_modules() if parametrize.is_parametrized(sub)]
         if held:
             raise ValueError(f"{name!r}: the {type_name(m)}'s own tensors are held by torch.nn.utils.prune or a "
                              f"parametrization ({', '.join(held)}); a file records the layer's plain tensors, so it "
@@ -227,9 +227,12 @@ def _validated_records(path: Path, meta: Mapping[str, Any]) -> dict[str, dict[st
     records = _recorded_layers(meta)
     if len(records) > MAX_LAYERS:
         raise ModelFileError(f"{path}: {len(records):,} layers recorded, more than the {MAX_LAYERS:,} allowed")
+    if "" in records and len(records) > 1:
+        raise ModelFileError(f"{path}: the file records the model itself as a {records[''].get('type')} layer and "
+                             f"{len(records) - 1} more layer(s) inside it; a registered layer holds none")
     for name, record in records.items():
-        if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH:
-            raise ModelFileError(f"{path}: a layer name is empty or longer than {MAX_NAME_LENGTH} characters")
+        if not isinstance(name, str) or len(name) > MAX_NAME_LENGTH:  # ("": the model itself is the layer)
+            raise ModelFileError(f"{path}: a layer name is not a string or longer than {MAX_NAME_LENGTH} characters")
         if not isinstance(record, dict) or not isinstance(record.get("type"), str) or not isinstance(
                 record.get("spec"), dict):
             raise ModelFileError(f"{path}: the record of layer {name!r} is malformed: expected "
@@ -251,7 +254,7 @@ def _build_checked(path: Path, name: str, record: Mapping[str, Any], shapes: Map
         raise ModelFileError(f"{path}: layer {name!r}: its recorded {record['type']} layout is invalid "
                              f"({type(err).__name__}: {str(err)[:300]})") from None
     for key, param in ghost.state_dict().items():
-        full = f"{name}.{key}"
+        full = _key(name, key)
         if full not in shapes:
             raise ModelFileError(f"{path}: layer {name!r} needs tensor {full!r}, which the file does not hold")
         shape, dtype = shapes[full]
@@ -264,6 +267,11 @@ def _build_checked(path: Path, name: str, record: Mapping[str, Any], shapes: Map
             kind = "floating point" if param.is_floating_point() else "integer (an index buffer)"
             raise ModelFileError(f"{path}: tensor {full!r} has dtype {dtype}; the layer needs it {kind}")
     return cls.from_layout(dict(record["spec"]), **(factory_of(like) if like is not None else {}))
+
+
+def _key(layer: str, key: str) -> str:
+    """The state-dict key of ``key`` in the recorded layer ``layer`` (``""``: the model itself)."""
+    return f"{layer}.{key}" if layer else key
 
 
 def _checked_state(path: Path, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -281,7 +289,7 @@ def load_layers(path: str | os.PathLike) -> dict[str, nn.Module]:
     out = {}
     for name, record in records.items():
         layer = _build_checked(path, name, record, shapes)
-        state = _checked_state(path, read_tensors(path, prefix=f"{name}."))
+        state = _checked_state(path, read_tensors(path, prefix=_key(name, "")))
         try:
             layer.load_state_dict(state)
         except RuntimeError as err:
@@ -343,11 +351,20 @@ def load_model(path: str | os.PathLike, model: nn.Module, *, strict: bool = True
     malformed metadata, tensors whose shapes disagree with it, non-float or non-finite tensors — raises
     :class:`ModelFileError` naming the file and the problem, before the model is changed. A file of a model pruned by
     ``torch.nn.utils.prune`` loads into an unpruned one as the weights it computed with (:func:`fold_pruned`).
-    Returns the (same) model.
+    Returns the (same) model — or, for a file whose model is itself a registered layer (``save_model(MPOLinear(…))``),
+    that layer, built where ``model`` is (its device and dtype) and loaded: take the returned model.
     """
     path = Path(path)
     records = _validated_records(path, read_metadata(path))
     shapes = _tensor_shapes(path)
+    if "" in records:  # the model itself is the recorded layer: it comes back as that layer
+        layer = _build_checked(path, "", records[""], shapes, like=model)
+        state = _checked_state(path, {k: v for k, v in read_tensors(path).items() if not k.startswith("__")})
+        try:
+            layer.load_state_dict(state, strict=strict)
+        except RuntimeError as err:
+            raise ModelFileError(f"{path}: its tensors do not fit the model ({error_line(err, 300)})") from None
+        return layer
     new_layers, new_parametrizations = {}, {}
     for name, record in records.items():
         site = _parametrization_site(model, name)
