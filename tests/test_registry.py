@@ -178,6 +178,37 @@ def test_every_layer_type_exports_and_tracing_leaves_its_caches_alone(name):
         torch.testing.assert_close(program.run_decompositions().module()(x), model(x), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_every_layer_type_exports_with_a_dynamic_batch(name, training):
+    """torch.export with the batch as a dynamic Dim — what AOTInductor and ExecuTorch deployments ask — gives one
+    program for every batch size, equal to eager at another size (the planner's int(batch) specialized the MPO
+    layers' graphs to the example's batch, which torch.export refuses for a dynamic dimension)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 48, dtype=torch.float64), EXAMPLES[name]()).train(training)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    with torch.set_grad_enabled(training):
+        program = torch.export.export(model, (torch.randn(5, 48, dtype=torch.float64),),
+                                      dynamic_shapes=({0: batch},))
+        for rows in (3, 17):
+            x = torch.randn(rows, 48, dtype=torch.float64)
+            torch.testing.assert_close(program.module()(x), model(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mapping", ["kernel", "matrix"])
+def test_a_convolution_exports_with_dynamic_batch_height_and_width(mapping):
+    """The convolution's planner prices its ways (rebuild, patches, four small convolutions) on the example's sizes
+    without guarding on them: one program for every batch and image size."""
+    torch.manual_seed(0)
+    conv = MPOConv2d(6, 8, 3, padding=1, rank=3, mapping=mapping, dtype=torch.float64).eval()
+    dims = {0: torch.export.Dim("batch", min=1, max=512), 2: torch.export.Dim("h", min=4, max=128),
+            3: torch.export.Dim("w", min=4, max=128)}
+    with torch.no_grad():
+        program = torch.export.export(conv, (torch.randn(4, 6, 8, 8, dtype=torch.float64),), dynamic_shapes=(dims,))
+        x = torch.randn(3, 6, 12, 20, dtype=torch.float64)
+        torch.testing.assert_close(program.module()(x), conv(x), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_every_layer_type_exports_to_onnx_and_onnxruntime_agrees(name):
     """torch.onnx.export(dynamo=True) with a dynamic batch, run by onnxruntime at two batch sizes, equals eager (in

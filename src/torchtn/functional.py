@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_input
-from .core._tracing import traced
+from .core._tracing import size_hint, traced
 from .core.contraction import (
     CostModel,
     MergedCache,
@@ -158,7 +158,7 @@ def _cheapest_way(x, cores, kernel_size, stride, padding, dilation, patches_ok, 
     key = ("conv", tuple(x.shape), x.dtype, x.device, needs_grad, tuple([c.shape for c in cores]), plan_epoch())
     if cache is not None and key in cache.plans:
         return cache.plans[key]
-    batch, _, h, w = x.shape
+    batch, _, h, w = (size_hint(s) for s in x.shape)  # (symbolic sizes priced by their example: no guards)
     if isinstance(padding, str):  # "valid", or "same" (stride 1): the output keeps the input's size
         ho, wo = (h, w) if padding == "same" else (_out_size(h, kernel_size[0], stride[0], 0, dilation[0]),
                                                    _out_size(w, kernel_size[1], stride[1], 0, dilation[1]))

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["traced", "jit_tracing", "func_transformed", "kept"]
+__all__ = ["traced", "jit_tracing", "func_transformed", "kept", "size_hint"]
 
 # the public wrappers cost ~90 ns; these ~25 each, on the inference fast path
 _jit_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
@@ -45,3 +45,15 @@ def kept() -> Iterator[None]:
         return
     with torch.inference_mode(False), torch.no_grad():
         yield
+
+
+def size_hint(n: int | torch.SymInt, fallback: int = 64) -> int:
+    """``n`` as a plain int for pricing a plan: a symbolic size (``torch.compile(dynamic=True)``, ``torch.export``
+    with a dynamic ``Dim``) by the example value it was traced with, without a guard on it (``int(n)`` would
+    specialize the graph to that size, which ``torch.export`` refuses for a dynamic dimension); ``fallback`` where it
+    has none (a data-dependent size). A plan is correct at any batch size; only its cost depends on the size."""
+    if isinstance(n, torch.SymInt):
+        from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+        return int(optimization_hint(n, fallback=fallback))
+    return int(n)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_positive_int
-from ..core._tracing import func_transformed, jit_tracing, traced
+from ..core._tracing import func_transformed, jit_tracing, size_hint, traced
 from ..core.factorize import factorize
 from ..core.tt import TTMatrix, inner_ranks
 from .registry import register_layer
@@ -199,7 +199,8 @@ class MPOEmbedding(TTLayer):
             # torch.jit.trace, whose one graph serves every grad mode: the table rebuilt, differentiably)
             out = F.embedding(ids.long(), self._cached_dense()[:rows])
         elif (func_transformed()  # (F.embedding checks the ids itself: under torch.func nothing else can)
-              or ids.numel() * _gathered_per_id(cores) > 4 * math.prod([c.shape[1] * c.shape[2] for c in cores])):
+              or size_hint(ids.numel()) * _gathered_per_id(cores) > 4 * math.prod([c.shape[1] * c.shape[2]
+                                                                                    for c in cores])):
             # many ids: the per-id path would gather more core slices than the table holds; rebuild it (differentiable)
             out = F.embedding(ids.long(), self.tt.to_dense()[:rows])
         else:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..._checks import check_input
-from .._tracing import jit_tracing, kept, traced
+from .._tracing import jit_tracing, kept, size_hint, traced
 from ..tt import merge_cores, tt_num_params, tt_ranks, tt_shapes
 from .autotune import time_call
 from .cost import DEFAULT_COST_MODEL, CostModel
@@ -327,7 +327,7 @@ def plan_tt_linear(
     candidates on ``device`` (default: :func:`~torchtn.core.contraction.autotune_enabled`).
     """
     device = torch.device(device)
-    problem = TTLinearProblem(tuple(in_shape), tuple(out_shape), tuple(ranks), int(batch), dtype, str(device),
+    problem = TTLinearProblem(tuple(in_shape), tuple(out_shape), tuple(ranks), size_hint(batch), dtype, str(device),
                               bool(training), bool(training and input_grad), bool(cache_merged), int(cache_limit))
     return make_plan(KIND, force or "auto", problem, cost_model=model, device=device,
                      measure=_measure(problem), autotune=autotune, anchors=lambda plan: plan.is_dense)
