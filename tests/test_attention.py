@@ -286,3 +286,23 @@ def test_sequence_models_learn_and_round_trip(tmp_path):
     torchtn.save_model(model, tmp_path / "m.safetensors")
     again = torchtn.load_model(tmp_path / "m.safetensors", SequenceClassifier(8, 3, dim=16, depth=1, heads=2))
     torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make", [lambda: torchtn.TensorAttention(16, heads=2),
+                                  lambda: torchtn.LinearAttention(16, heads=2),
+                                  lambda: torchtn.SoftmaxAttention(16, heads=2),
+                                  lambda: torchtn.TensorAttention(16, heads=2, normalize=True, decay=0.9, ridge=0.1),
+                                  lambda: torchtn.DeepTensorNetwork(16, depth=2, heads=2)])
+@pytest.mark.parametrize("training", [False, True])
+def test_the_token_mixers_export_with_a_dynamic_batch(make, training):
+    """torch.export with the batch as a dynamic Dim: one program for every batch size (the attention planner hashed
+    the symbolic batch into its plan key and failed: "unhashable type: non-nested SymInt"). The sequence length is
+    fixed in such a program (the chunked form's reshapes specialize it)."""
+    torch.manual_seed(0)
+    model = make().double().train(training)
+    with torch.set_grad_enabled(training):
+        program = torch.export.export(model, (torch.randn(3, 12, 16, dtype=torch.float64),),
+                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=256)},))
+        for rows in (1, 7):
+            x = torch.randn(rows, 12, 16, dtype=torch.float64)
+            torch.testing.assert_close(program.module()(x), model(x), rtol=0, atol=1e-12)

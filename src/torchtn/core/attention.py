@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_nonnegative_real
+from ._tracing import size_hint
 from .contraction.autotune import time_call
 from .contraction.cost import CostModel
 from .contraction.planner import MeasuredPlan, make_plan, register_strategy
@@ -259,13 +260,19 @@ def _exclusive_scan(x: torch.Tensor, factor: float) -> torch.Tensor:
     return torch.stack(outs, dim=-3)
 
 
+def _chunk_layout(n: int, chunk: int) -> tuple[int, int, int]:
+    """``(c, nc, pad)``: ``n`` tokens in ``nc`` chunks of ``c`` (at most ``chunk``), the last padded by ``pad`` zero
+    tokens."""
+    c = max(1, min(chunk, n))
+    nc = -(-n // c)
+    return c, nc, nc * c - n
+
+
 def _tensor_chunked(q, k, v, masked, normalize, decay, ridge, eps, chunk):
     """Exact chunk-scan form (causal); returns ``(out, state after the last token)``."""
     *lead, n, d = q.shape
     e = v.shape[-1]
-    c = max(1, min(chunk, n))
-    nc = -(-n // c)
-    pad = nc * c - n
+    c, nc, pad = _chunk_layout(n, chunk)
     v1 = torch.cat([v, _ones_column(v)], dim=-1)  # the last value column (v ≡ 1) carries m, h and the denominator
     if pad:  # zero tokens at the end change no earlier output
         q, k, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v1))
@@ -368,9 +375,7 @@ def linear_attention_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tenso
 def _linear_chunked(q, k, v, normalize, decay, eps, chunk):
     *lead, n, d = q.shape
     e = v.shape[-1]
-    c = max(1, min(chunk, n))
-    nc = -(-n // c)
-    pad = nc * c - n
+    c, nc, pad = _chunk_layout(n, chunk)
     v1 = torch.cat([v, _ones_column(v)], dim=-1)
     if pad:
         q, k, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v1))
@@ -574,8 +579,10 @@ def plan_attention(order: str, q: torch.Tensor, v: torch.Tensor, *, masked: bool
     if chunk_size is not None:
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size!r} is not allowed: expected a positive integer or None")
-        return AttentionPlan("chunked", min(chunk_size, q.shape[-2]), float("nan"), float("nan"))
-    problem = AttentionProblem(order, q.shape[-2], q.shape[-1], v.shape[-1], math.prod(q.shape[:-2]), masked,
-                               q.dtype, str(q.device), torch.is_grad_enabled() and q.requires_grad)
+        return AttentionPlan("chunked", min(chunk_size, size_hint(q.shape[-2])), float("nan"), float("nan"))
+    # (symbolic sizes priced by their example, without a guard: see size_hint)
+    problem = AttentionProblem(order, size_hint(q.shape[-2]), q.shape[-1], v.shape[-1],
+                               size_hint(math.prod(q.shape[:-2])), masked, q.dtype, str(q.device),
+                               torch.is_grad_enabled() and q.requires_grad)
     return make_plan(KIND, force, problem, cost_model=cost_model, device=q.device, measure=_measure(problem),
                      autotune=autotune)
