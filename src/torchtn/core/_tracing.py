@@ -48,10 +48,11 @@ def kept() -> Iterator[None]:
 
 
 def size_hint(n: int | torch.SymInt, fallback: int = 64) -> int:
-    """``n`` as a plain int for pricing a plan: a symbolic size (``torch.compile(dynamic=True)``, ``torch.export``
-    with a dynamic ``Dim``) by the example value it was traced with, without a guard on it (``int(n)`` would
-    specialize the graph to that size, which ``torch.export`` refuses for a dynamic dimension); ``fallback`` where it
-    has none (a data-dependent size). A plan is correct at any batch size; only its cost depends on the size."""
+    """``n`` as a plain int for pricing a plan: a symbolic size (``torch.export`` with a dynamic ``Dim``) by the
+    example value it was traced with, without a guard on it (``int(n)`` would specialize the graph to that size,
+    which ``torch.export`` refuses for a dynamic dimension); ``fallback`` where it has none (a data-dependent size).
+    A plan is correct at any batch size; only its cost depends on the size. (``torch.compile(dynamic=True)`` traces
+    through this function and still guards on the plan's price: a new graph where another plan would be cheaper.)"""
     if isinstance(n, torch.SymInt):
         from torch.fx.experimental.symbolic_shapes import optimization_hint
 
