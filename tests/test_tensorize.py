@@ -1,4 +1,6 @@
 """tensorize: copies, exactness, error bounds, global budgets, skip rules, reports."""
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -302,3 +304,30 @@ def test_a_one_layer_model_kept_as_it_was_and_the_adtn_method():
     assert "not converted: (model) (as it was" in str(report)
     adtn, report = tensorize(nn.Linear(256, 64), method="adtn", fit_steps=0)
     assert type(adtn).__name__ == "ADTNLinear" and report.params_after == sum(p.numel() for p in adtn.parameters())
+
+
+def test_a_compiled_model_is_saved_loaded_summarized_and_tensorized_as_the_model_it_wraps(tmp_path):
+    """torch.compile wraps a model in an OptimizedModule whose state_dict names every tensor `_orig_mod.…`: its file
+    named the MPO layer `_orig_mod.0` (class OptimizedModule) and could not be loaded into the plain model. Files,
+    summaries and tensorize now see the model it wraps; a compiled skeleton takes a file too."""
+    from torchtn import load_model, save_model, summary
+
+    def dense():
+        return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(MPOLinear(64, 32, 4), nn.ReLU(), nn.Linear(32, 10))
+    compiled = torch.compile(model, backend="eager")
+    path = save_model(compiled, tmp_path / "m.safetensors")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert list(meta["layers"]) == ["0"] and meta["model_class"] == "Sequential"
+    x = torch.randn(3, 64)
+    plain = load_model(path, dense())
+    torch.testing.assert_close(plain(x), model(x))
+    skeleton = torch.compile(dense(), backend="eager")
+    assert load_model(path, skeleton) is skeleton and isinstance(skeleton._orig_mod[0], MPOLinear)
+    torch.testing.assert_close(skeleton(x), model(x))
+    assert summary(compiled).splitlines()[0] == summary(model).splitlines()[0] == "Sequential with 778 parameters"
+    converted, report = tensorize(torch.compile(dense(), backend="eager"), rank=2)
+    assert type(converted) is nn.Sequential and isinstance(converted[0], MPOLinear)
+    assert [r.name for r in report.layers] == ["0", "2"]

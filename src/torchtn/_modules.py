@@ -4,7 +4,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["parent_and_attr", "replace_submodule", "holding", "pruned_tensors", "check_not_pruned"]
+__all__ = ["parent_and_attr", "replace_submodule", "holding", "pruned_tensors", "check_not_pruned", "unwrapped"]
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module a wrapper runs: ``torch.compile``'s ``OptimizedModule`` (``_orig_mod``) and ``DistributedDataParallel``
+    / ``DataParallel`` (``module``) peeled off, so that files, reports and conversions name the layers as the model
+    itself does (not ``_orig_mod.fc1``)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    while True:
+        if isinstance(model, OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
 
 
 def parent_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:

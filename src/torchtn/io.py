@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ._checks import error_line
-from ._modules import parent_and_attr, pruned_tensors
+from ._modules import parent_and_attr, pruned_tensors, unwrapped
 from ._version import __version__
 from .layers.registry import factory_of, layer_type, type_name
 
@@ -116,8 +116,10 @@ def save_model(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str,
     """Write ``model``'s ``state_dict`` to a ``.safetensors`` file (atomically) and a ``.json`` beside it.
 
     The safetensors header carries the same JSON (``torchtn`` key), so the file alone is enough to reload.
-    Refuses to replace an existing file unless ``overwrite=True``.
+    Refuses to replace an existing file unless ``overwrite=True``. A compiled (``torch.compile``) or DDP-wrapped model
+    is saved as the model it wraps.
     """
+    model = unwrapped(model)
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"path={str(path)!r} must end in .safetensors")
@@ -355,6 +357,7 @@ def load_model(path: str | os.PathLike, model: nn.Module, *, strict: bool = True
     that layer, built where ``model`` is (its device and dtype) and loaded: take the returned model.
     """
     path = Path(path)
+    given, model = model, unwrapped(model)  # a compiled or DDP-wrapped skeleton: into the model it wraps
     records = _validated_records(path, read_metadata(path))
     shapes = _tensor_shapes(path)
     if "" in records:  # the model itself is the recorded layer: it comes back as that layer
@@ -413,4 +416,4 @@ def load_model(path: str | os.PathLike, model: nn.Module, *, strict: bool = True
         model.load_state_dict(state, strict=strict)
     except RuntimeError as err:
         raise ModelFileError(f"{path}: its tensors do not fit the model ({error_line(err, 300)})") from None
-    return model
+    return given

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ._modules import unwrapped
 from .io import tensor_name
 from .layers import type_name
 from .report import format_table
@@ -71,6 +72,7 @@ def summary(model: nn.Module) -> str:
     file, for a model in memory: ``print(torchtn.summary(model))``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    model = unwrapped(model)
     total = sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         blocks, _ = layer_tables(registered_layers(model))

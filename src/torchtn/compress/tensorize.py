@@ -22,7 +22,7 @@ from .._checks import (
     check_ratio,
     check_rel_tol,
 )
-from .._modules import check_not_pruned, replace_submodule
+from .._modules import check_not_pruned, replace_submodule, unwrapped
 from ..core import TTMatrix, bond_caps, inner_ranks, tt_compression_ratio, tt_num_params
 from ..core.adtn import MAPPINGS, adtn_num_params, adtn_qubits
 from ..core.weighting import Weighting, two_core_shapes
@@ -598,6 +598,7 @@ def tensorize(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    model = unwrapped(model)  # a compiled or DDP-wrapped model: the one it wraps (its layers' own names)
     check_choice("method", method, ("mpo", "adtn"))
     check_not_pruned(model, "tensorized")  # (its copy would fail deep inside PyTorch)
     if allocation is None:
