@@ -331,3 +331,9 @@ def test_a_compiled_model_is_saved_loaded_summarized_and_tensorized_as_the_model
     converted, report = tensorize(torch.compile(dense(), backend="eager"), rank=2)
     assert type(converted) is nn.Sequential and isinstance(converted[0], MPOLinear)
     assert [r.name for r in report.layers] == ["0", "2"]
+    from torchtn import calibrate
+
+    trained = torch.compile(dense(), backend="eager")  # calibrated by its layers' own names, as tensorize sees them
+    stats = calibrate(trained, [torch.randn(16, 64) for _ in range(3)])
+    assert sorted(stats) == ["0", "2"]
+    assert isinstance(tensorize(trained, ratio=1.5, calibration=stats)[0][0], MPOLinear)

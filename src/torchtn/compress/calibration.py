@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._modules import unwrapped
 from ..core.weighting import Weighting
 
 __all__ = ["LayerStats", "calibrate", "row_counts", "sensitive"]
@@ -117,7 +118,10 @@ def calibrate(model: nn.Module, batches: Iterable[Any] | Callable[[], Any], *,
     :class:`LayerStats`), from ``probes`` random projections per batch (``seed``: their generator; each probe costs a
     forward and backward pass over ``batches``, which must then be an iterable). A layer whose output never reaches
     ``output`` gets a zero output Gram: it does not matter there, and a ratio budget will spend nothing on it.
+    A compiled (``torch.compile``) or DDP-wrapped model is calibrated as the model it wraps (its layers' own names,
+    run eagerly).
     """
+    model = unwrapped(model)
     if output is not None:
         if callable(batches) and not isinstance(batches, nn.Module):
             raise ValueError("calibrate(output=...) needs batches as an iterable of inputs, not a callable")

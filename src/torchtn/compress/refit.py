@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .._checks import check_nonnegative_real
+from .._modules import unwrapped
 from ..core.tt import TTMatrix
 from ..core.weighting import Weighting, _cholesky, two_core_shapes
 from ..layers.mpo_linear import MPOLinear
@@ -230,6 +231,7 @@ def refit(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], *,
     batches = list(batches)
     if not batches:
         raise ValueError("refit needs at least one batch")
+    student, teacher = unwrapped(student), unwrapped(teacher)  # (compiled or DDP-wrapped: the models they wrap)
     originals = dict(teacher.named_modules())
     names = [n for n, m in student.named_modules() if _two_core(m) and isinstance(originals.get(n), nn.Linear)]
     if not names:
