@@ -387,8 +387,9 @@ def test_compress_a_pruned_models_state_dict(tmp_path, capsys):
 
 def test_compress_reads_plain_safetensors_and_wrapped_state_dicts_and_names_what_it_cannot(tmp_path, capsys):
     """--model-file takes a state dict saved by safetensors itself (as Hugging Face and most tools write it, no
-    torchtn metadata) and a .pt checkpoint that wraps it as {"state_dict": ...} (Lightning's layout); the run starts
-    from exactly those weights. A damaged file or another suffix is one line, exit 2, nothing written."""
+    torchtn metadata), a .pt checkpoint that wraps it as {"state_dict": ...} (Lightning's layout) and one saved from a
+    DDP-wrapped compiled model (every key "module._orig_mod.…"); the run starts from exactly those weights. A damaged
+    file or another suffix is one line, exit 2, nothing written."""
     from safetensors.torch import save_file
 
     import torchtn.experiments.compress as compress_job
@@ -401,8 +402,10 @@ def test_compress_reads_plain_safetensors_and_wrapped_state_dicts_and_names_what
     save_file({k: v.contiguous() for k, v in users.state_dict().items()}, str(plain))
     wrapped = tmp_path / "wrapped.pt"
     torch.save({"state_dict": users.state_dict(), "epoch": 3}, wrapped)
+    ddp_compiled = tmp_path / "ddp.pt"  # saved from DDP(torch.compile(model)): every key "module._orig_mod.…"
+    torch.save({f"module._orig_mod.{k}": v for k, v in users.state_dict().items()}, ddp_compiled)
     config = compress_job.CompressConfig(dataset="digits", arch="fc2")
-    for name, file in (("plain", plain), ("wrapped", wrapped)):
+    for name, file in (("plain", plain), ("wrapped", wrapped), ("ddp", ddp_compiled)):
         out = tmp_path / name
         assert main(["compress", "--arch", "fc2", "--model-file", str(file), "--rank", "2", "--finetune-epochs", "1",
                      "--out", str(out), "--no-progress"]) == 0
