@@ -64,6 +64,18 @@ def _tubes(layer: nn.Module, out_features: int) -> nn.Module:
                                                                                   dtype=torch.float64))
 
 
+def _layer_and_its_input(name: str) -> tuple[nn.Module, torch.Tensor]:
+    """The registered layer of type ``name`` from its example (seeded), and a batch of its own input (float64)."""
+    torch.manual_seed(0)
+    block = EXAMPLES[name]()
+    layer = next(m for m in block.modules() if type(m).__name__ == name)
+    seen = []
+    hook = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    block(torch.randn(5, 48, dtype=torch.float64))
+    hook.remove()
+    return layer, seen[0].detach()
+
+
 def test_every_type_has_an_example():
     assert set(layer_types()) == set(EXAMPLES)
 
@@ -274,13 +286,7 @@ def test_every_layer_type_refuses_an_input_of_another_dtype_or_no_dimensions_in_
     """A float32 layer given float64 or integer input (outside autocast), or a 0-d tensor, raises an error naming
     the dtypes or the shape — not a matmul's "expected m1 and m2 to have the same dtype" or an IndexError from inside
     the contraction; the same input in the layer's dtype runs."""
-    torch.manual_seed(0)
-    block = EXAMPLES[name]()
-    layer = next(m for m in block.modules() if type(m).__name__ == name)
-    seen = []
-    layer.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    block(torch.randn(5, 48, dtype=torch.float64))
-    x = seen[0].detach()
+    layer, x = _layer_and_its_input(name)
     layer.float()
     assert layer(x.float()).dtype == torch.float32
     with pytest.raises(TypeError, match=r"input has dtype torch.float64, the layer's parameters torch.float32"):
@@ -421,13 +427,7 @@ def test_a_model_that_is_itself_a_layer_saves_loads_and_is_inspected(tmp_path, c
     skeleton's dtype, and the same outputs."""
     from torchtn.layers import densify_model
 
-    torch.manual_seed(0)
-    block = EXAMPLES[name]()
-    layer = next(m for m in block.modules() if type(m).__name__ == name)
-    seen = []
-    layer.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    block(torch.randn(5, 48, dtype=torch.float64))
-    x = seen[0]
+    layer, x = _layer_and_its_input(name)
     path = save_model(layer, tmp_path / "layer.safetensors")
     skeleton = densify_model(layer)[0]
     # a dense skeleton where the layer has a counterpart; else any module: it gives the device and dtype only
