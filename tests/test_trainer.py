@@ -246,6 +246,25 @@ def test_structure_change_hook_rebuilds_the_optimizer():
     assert history[-1].val_accuracy > 0.8
 
 
+def test_a_model_returning_a_structure_needs_a_loss_that_reads_it(digits):
+    """A model returning a tuple (or dict, as many libraries' models do) with a built-in loss is refused in one line
+    before training (it was cross_entropy's "argument 'input' must be Tensor, not tuple"); a loss that reads the
+    structure trains it."""
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, x):
+            return (self.fc(x.flatten(1)), None)
+
+    with pytest.raises(TypeError, match="Pair returns a tuple, but loss='cross_entropy' needs one tensor"):
+        Trainer(Pair(), TrainConfig(epochs=1, progress=False)).fit(digits)
+    loss = lambda out, y: torch.nn.functional.cross_entropy(out[0], y)  # noqa: E731
+    history = Trainer(Pair(), TrainConfig(epochs=2, progress=False), loss=loss).fit(digits)
+    assert history[-1].train_loss < history[0].train_loss
+
+
 def test_bad_loss_names_the_argument():
     with pytest.raises(ValueError, match="loss='hinge'"):
         Trainer(FC2(64), loss="hinge")

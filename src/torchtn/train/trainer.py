@@ -363,7 +363,11 @@ class Trainer:
             self.model.train(was_training)
         y = data.y_train
         if not isinstance(out, torch.Tensor):
-            return  # a custom output structure: the loss will say
+            if self.loss_name in LOSSES:  # a built-in loss compares a tensor of outputs with the targets
+                raise TypeError(f"{type(self.model).__name__} returns a {type(out).__name__}, but loss="
+                                f"{self.loss_name!r} needs one tensor of outputs per batch: pass loss=fn(outputs, "
+                                f"targets) that takes what it returns")
+            return  # a custom output structure: the custom loss reads it
         if self.loss_name == "cross_entropy":
             if out.dim() > 1 and out.shape[1] == 1:
                 raise ValueError(f"{type(self.model).__name__} gives one output per example: cross-entropy over one "
