@@ -438,6 +438,10 @@ def test_a_model_that_is_itself_a_layer_saves_loads_and_is_inspected(tmp_path, c
     capsys.readouterr()
     assert main(["inspect", str(path)]) == 0
     assert "(model)" in capsys.readouterr().out
+    from torchtn.io import ModelFileError
+
+    with pytest.raises(ModelFileError, match=rf"a single {name} layer, but the given model is a Sequential holding"):
+        load_model(path, nn.Sequential(skeleton))
 
 
 def test_a_file_recording_the_model_as_a_layer_and_layers_inside_it_is_refused(tmp_path):

@@ -361,6 +361,10 @@ def load_model(path: str | os.PathLike, model: nn.Module, *, strict: bool = True
     records = _validated_records(path, read_metadata(path))
     shapes = _tensor_shapes(path)
     if "" in records:  # the model itself is the recorded layer: it comes back as that layer
+        if strict and list(model.children()):
+            raise ModelFileError(f"{path}: the file's model is a single {records[''].get('type')} layer, but the "
+                                 f"given model is a {type(model).__name__} holding submodules: pass the layer's "
+                                 f"dense counterpart (or the layer itself) as the skeleton")
         layer = _build_checked(path, "", records[""], shapes, like=model)
         state = _checked_state(path, {k: v for k, v in read_tensors(path).items() if not k.startswith("__")})
         try:
