@@ -337,3 +337,39 @@ def test_a_compiled_model_is_saved_loaded_summarized_and_tensorized_as_the_model
     stats = calibrate(trained, [torch.randn(16, 64) for _ in range(3)])
     assert sorted(stats) == ["0", "2"]
     assert isinstance(tensorize(trained, ratio=1.5, calibration=stats)[0][0], MPOLinear)
+
+
+@pytest.mark.parametrize("method", ["mpo", "adtn"])
+def test_frozen_layers_stay_frozen_through_tensorize_and_back(method):
+    """A layer frozen for fine-tuning (requires_grad=False) came back from tensorize trainable: its cores, gates and
+    bias all required gradients, so healing trained what the user had frozen. Each converted layer now keeps the
+    frozen parts of the one it replaces (weight → cores / gates / exact rows, bias → bias), also for an attention's
+    projections, for a torchtn layer compressed anew, and back through densify."""
+    from torchtn.layers import densify
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.Conv2d(4, 8, 3))
+    model[0].requires_grad_(False)  # all frozen
+    model[2].bias.requires_grad_(False)  # only the bias
+    model[3].weight.requires_grad_(False)  # only the weight
+    kw = {"rank": 4} if method == "mpo" else {"fit_steps": 2, "method": "adtn"}
+    new, _ = tensorize(model, **kw)
+
+    def trainable(m):
+        return {n: p.requires_grad for n, p in m.named_parameters()}
+
+    flags = trainable(new)
+    assert not any(v for n, v in flags.items() if n.startswith("0."))
+    assert not flags["2.bias"] and all(v for n, v in flags.items() if n.startswith("2.") and n != "2.bias")
+    assert flags["3.bias"] and not any(v for n, v in flags.items() if n.startswith("3.") and n != "3.bias")
+    if method == "mpo":
+        again, _ = tensorize(new, rank=2)  # compressed anew: through the dense counterpart, still frozen
+        assert trainable(again) == flags
+        densify(again)  # (in place)
+        assert trainable(again) == {"0.weight": False, "0.bias": False, "2.weight": True, "2.bias": False,
+                                    "3.weight": False, "3.bias": True}
+        attention = nn.MultiheadAttention(16, 2)
+        attention.in_proj_weight.requires_grad_(False)
+        held, _ = tensorize(nn.Sequential(attention), rank=2, allow_larger=True)
+        cores = {n: v for n, v in trainable(held).items() if ".cores." in n}
+        assert cores and all(v == ("out_proj" in n) for n, v in cores.items())

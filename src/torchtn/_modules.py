@@ -4,7 +4,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["parent_and_attr", "replace_submodule", "holding", "pruned_tensors", "check_not_pruned", "unwrapped"]
+__all__ = ["parent_and_attr", "replace_submodule", "holding", "pruned_tensors", "check_not_pruned", "unwrapped",
+           "keep_frozen"]
+
+
+def keep_frozen(new: nn.Module, old: nn.Module | torch.Tensor) -> nn.Module:
+    """Leave frozen in ``new`` what was frozen in the module (or tensor) ``old`` it replaces — a dense layer and its
+    tensor-network form, either way: ``new``'s ``bias`` follows ``old``'s bias, every other parameter of ``new``
+    (cores, gates, a table's exact rows) follows ``old``'s other parameters (all frozen: frozen). Nothing is
+    unfrozen. Returns ``new``."""
+    if isinstance(old, torch.Tensor):
+        frozen = {"weight": not old.requires_grad}
+    else:
+        frozen = {}
+        for name, p in old.named_parameters():
+            role = "bias" if name == "bias" else "weight"
+            frozen[role] = frozen.get(role, True) and not p.requires_grad
+    for name, p in new.named_parameters():
+        if frozen.get("bias" if name == "bias" else "weight", False):
+            p.requires_grad_(False)
+    return new
 
 
 def unwrapped(model: nn.Module) -> nn.Module:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._checks import check_choice, check_fits_in_memory, check_input, check_nonnegative_int, check_positive_int
-from .._modules import holding
+from .._modules import holding, keep_frozen
 from ..core._tracing import kept, traced
 from ..core.adtn import (
     ACTIVATIONS,
@@ -233,7 +233,9 @@ class _ADTNLayer(ComputedWeight):
         if dense.bias is not None:
             with torch.no_grad():
                 self.bias.copy_(dense.bias)
-        return self.generator.fit(dense.weight, steps, lr)
+        err = self.generator.fit(dense.weight, steps, lr)
+        keep_frozen(self, dense)
+        return err
 
     def _init_bias(self, bias: bool, out: int, kw: dict) -> None:
         self.bias = nn.Parameter(torch.empty(out, **kw)) if bias else None

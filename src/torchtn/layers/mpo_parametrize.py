@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._checks import check_rel_tol
+from .._modules import keep_frozen
 from ..core.factorize import resolve_shapes
 from ..core.tt import TTMatrix, inner_ranks
 from .registry import register_layer
@@ -95,6 +96,7 @@ class MPOParametrization(TTLayer):
         layer = cls(tuple(value.shape), list(tt.ranks[1:-1]) or 1, tt.in_shape, tt.out_shape, device=value.device,
                     dtype=value.dtype)
         layer.set_cores(tt.cores)
+        keep_frozen(layer, value)
         parametrize.register_parametrization(site.owner, site.tensor, layer, unsafe=True)
         return layer
 
