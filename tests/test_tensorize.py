@@ -373,3 +373,30 @@ def test_frozen_layers_stay_frozen_through_tensorize_and_back(method):
         held, _ = tensorize(nn.Sequential(attention), rank=2, allow_larger=True)
         cores = {n: v for n, v in trainable(held).items() if ".cores." in n}
         assert cores and all(v == ("out_proj" in n) for n, v in cores.items())
+
+
+@pytest.mark.parametrize("method", ["mpo", "adtn"])
+def test_converted_layers_take_the_mode_of_what_they_replace(method):
+    """An eval-mode model came back from tensorize with its converted layers in training mode (an ADTN there
+    regenerates its weight at every call instead of keeping it): every converted layer and parametrization now
+    takes the mode of the module it replaces or the module whose tensor it holds; frozen tensors held by
+    mpo_parametrize / adtn_parametrize stay frozen."""
+    from torch.nn.utils import parametrize
+
+    from torchtn.layers import adtn_parametrize, mpo_parametrize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Dropout(0.1), nn.MultiheadAttention(16, 2)).eval()
+    kw = {"rank": 4} if method == "mpo" else {"fit_steps": 2, "method": "adtn"}
+    def modes(m):  # (PyTorch's parametrize makes its own containers in training mode, whatever the owner's)
+        return {mod.training for mod in m.modules()
+                if not isinstance(mod, (nn.ModuleDict, parametrize.ParametrizationList))}
+
+    assert modes(tensorize(model, allow_larger=True, **kw)[0]) == {False}
+    assert modes(tensorize(model.train(), allow_larger=True, **kw)[0]) == {True}
+    for hold, kwargs in ((mpo_parametrize, {"rank": 2}), (adtn_parametrize, {})):
+        linear = nn.Linear(8, 8).eval()
+        linear.weight.requires_grad_(False)
+        held = hold(linear, "weight", **kwargs)
+        assert not held.training and not any(p.requires_grad for p in held.parameters())
+        assert linear.bias.requires_grad

@@ -5,17 +5,18 @@ import torch
 from torch import nn
 
 __all__ = ["parent_and_attr", "replace_submodule", "holding", "pruned_tensors", "check_not_pruned", "unwrapped",
-           "keep_frozen"]
+           "carry_over"]
 
 
-def keep_frozen(new: nn.Module, old: nn.Module | torch.Tensor) -> nn.Module:
-    """Leave frozen in ``new`` what was frozen in the module (or tensor) ``old`` it replaces — a dense layer and its
-    tensor-network form, either way: ``new``'s ``bias`` follows ``old``'s bias, every other parameter of ``new``
-    (cores, gates, a table's exact rows) follows ``old``'s other parameters (all frozen: frozen). Nothing is
-    unfrozen. Returns ``new``."""
+def carry_over(new: nn.Module, old: nn.Module | torch.Tensor) -> nn.Module:
+    """Carry over to ``new`` what a user set on the module (or tensor) ``old`` it replaces — a dense layer and its
+    tensor-network form, either way: frozen parameters (``new``'s ``bias`` follows ``old``'s bias; every other
+    parameter — cores, gates, a table's exact rows — follows ``old``'s other parameters, frozen if all of them are;
+    nothing is unfrozen) and, for a module, its training or eval mode. Returns ``new``."""
     if isinstance(old, torch.Tensor):
         frozen = {"weight": not old.requires_grad}
     else:
+        new.train(old.training)
         frozen = {}
         for name, p in old.named_parameters():
             role = "bias" if name == "bias" else "weight"

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._checks import check_choice, check_fits_in_memory, check_input, check_nonnegative_int, check_positive_int
-from .._modules import holding, keep_frozen
+from .._modules import carry_over, holding
 from ..core._tracing import kept, traced
 from ..core.adtn import (
     ACTIVATIONS,
@@ -139,18 +139,23 @@ class ADTNGenerator(nn.Module):
     def fit(self, target: torch.Tensor, steps: int = 500, lr: float = 0.02) -> float:
         """Fit the gates and the scale to ``target`` (Adam on ``‖T − target‖²``; ``steps=0``: no fit); returns
         ``‖T − target‖ / ‖target‖``. The gradients the parameters held before are left as they were (the fit's own
-        would otherwise reach the first step of a training loop that zeroes gradients after its step)."""
+        would otherwise reach the first step of a training loop that zeroes gradients after its step), and so is
+        whether they are frozen (a frozen generator is fitted all the same)."""
         check_nonnegative_int("steps", steps)
         target = target.detach().reshape(self.shape)
         params = [self.gates, self.scale]
-        held = [p.grad for p in params]
+        held = [(p.grad, p.requires_grad) for p in params]
         opt = torch.optim.Adam(params, lr=lr)
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            (self._generate() - target).square().sum().backward()
-            opt.step()
-        for p, grad in zip(params, held):
+        with torch.enable_grad():
+            for p in params:
+                p.requires_grad_(True)
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                (self._generate() - target).square().sum().backward()
+                opt.step()
+        for p, (grad, trainable) in zip(params, held):
             p.grad = grad
+            p.requires_grad_(trainable)
         self._cache.clear()
         with torch.no_grad():
             return float((self._generate() - target).norm() / target.norm().clamp_min(1e-30))
@@ -234,7 +239,7 @@ class _ADTNLayer(ComputedWeight):
             with torch.no_grad():
                 self.bias.copy_(dense.bias)
         err = self.generator.fit(dense.weight, steps, lr)
-        keep_frozen(self, dense)
+        carry_over(self, dense)
         return err
 
     def _init_bias(self, bias: bool, out: int, kw: dict) -> None:
@@ -426,5 +431,6 @@ def adtn_parametrize(module: nn.Module, name: str = "weight", depth: int = 2, *,
     with _seeded(seed, tensor.device) if seed is not None else contextlib.nullcontext():
         generator = ADTNGenerator(tuple(tensor.shape), depth, fan_in=fan_in, activation=activation, unitary=unitary,
                                   mapping=mapping, device=tensor.device, dtype=tensor.dtype)
-    parametrize.register_parametrization(module, name, ADTNParametrization(generator), unsafe=True)
+    held = carry_over(ADTNParametrization(generator), tensor).train(module.training)  # (frozen stays frozen)
+    parametrize.register_parametrization(module, name, held, unsafe=True)
     return generator

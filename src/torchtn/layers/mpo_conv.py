@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_choice, check_rel_tol
-from .._modules import keep_frozen
+from .._modules import carry_over
 from ..core.factorize import resolve_shapes, suggest_shapes
 from ..core.tt import TTMatrix, inner_ranks
 from ..functional import conv_kernel_from_matrix, conv_kernel_to_matrix, is_kernel_tt, mpo_conv2d
@@ -176,7 +176,7 @@ class MPOConv2d(TTLayer):
                 p.copy_(g)
             if conv.bias is not None:
                 layer.bias.copy_(conv.bias)
-        return keep_frozen(layer, conv)
+        return carry_over(layer, conv)
 
     def layout(self) -> dict[str, Any]:
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_positive_int
-from .._modules import keep_frozen
+from .._modules import carry_over
 from ..core._tracing import func_transformed, jit_tracing, size_hint, traced
 from ..core.factorize import factorize
 from ..core.tt import TTMatrix, inner_ranks
@@ -294,7 +294,7 @@ class MPOEmbedding(TTLayer):
                 layer.exact.copy_(ref[exact])
             if layer.padding_idx is not None:
                 layer.padding_row.copy_(ref[layer.padding_idx])
-        return keep_frozen(layer, embedding)
+        return carry_over(layer, embedding)
 
     @classmethod
     def from_dense(cls, embedding: nn.Embedding, rank: int | None = None,

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .._checks import check_positive_int, check_rel_tol
-from .._modules import keep_frozen
+from .._modules import carry_over
 from ..core.contraction import ContractionPlan, CostModel, get_strategy, plan_epoch
 from ..core.factorize import resolve_shapes
 from ..core.tt import TTMatrix, inner_ranks, tt_shapes
@@ -148,7 +148,7 @@ When the cores need no
         """The layer replacing ``linear``: weight ``tt`` (cast to ``linear``'s dtype), ``linear``'s bias."""
         ref = linear.weight
         bias = None if linear.bias is None else linear.bias.detach()
-        return keep_frozen(cls.from_cores([c.to(device=ref.device, dtype=ref.dtype) for c in tt.cores], bias=bias,
+        return carry_over(cls.from_cores([c.to(device=ref.device, dtype=ref.dtype) for c in tt.cores], bias=bias,
                                           **kwargs), linear)
 
     def layout(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._checks import check_rel_tol
-from .._modules import keep_frozen
+from .._modules import carry_over
 from ..core.factorize import resolve_shapes
 from ..core.tt import TTMatrix, inner_ranks
 from .registry import register_layer
@@ -96,7 +96,7 @@ class MPOParametrization(TTLayer):
         layer = cls(tuple(value.shape), list(tt.ranks[1:-1]) or 1, tt.in_shape, tt.out_shape, device=value.device,
                     dtype=value.dtype)
         layer.set_cores(tt.cores)
-        keep_frozen(layer, value)
+        carry_over(layer, value).train(site.owner.training)  # (a frozen tensor's cores stay frozen)
         parametrize.register_parametrization(site.owner, site.tensor, layer, unsafe=True)
         return layer
 
