@@ -365,6 +365,8 @@ def test_frozen_layers_stay_frozen_through_tensorize_and_back(method):
     if method == "mpo":
         again, _ = tensorize(new, rank=2)  # compressed anew: through the dense counterpart, still frozen
         assert trainable(again) == flags
+        direct = again[0].eval().to_linear()  # a layer's own dense form: frozen and in the mode where it is
+        assert not direct.training and not any(p.requires_grad for p in direct.parameters())
         densify(again)  # (in place)
         assert trainable(again) == {"0.weight": False, "0.bias": False, "2.weight": True, "2.bias": False,
                                     "3.weight": False, "3.bias": True}

@@ -231,7 +231,8 @@ class _ADTNLayer(ComputedWeight):
     def to_dense_module(self) -> nn.Module:
         """The plain PyTorch module computing the same map (``nn.Linear`` / ``nn.Conv2d``) with the generated weight."""
         ref = self.generator.gates
-        return holding(self._dense_like(device=ref.device, dtype=ref.dtype), self.generator(), self.bias)
+        return carry_over(holding(self._dense_like(device=ref.device, dtype=ref.dtype), self.generator(), self.bias),
+                          self)
 
     def _fit_from(self, dense: nn.Module, steps: int, lr: float) -> float:
         """Fit the generator to ``dense.weight`` and copy its bias; returns the fit error."""

@@ -237,7 +237,7 @@ class MPOEmbedding(TTLayer):
                            dtype=ref.dtype)
         with torch.no_grad():
             out.weight.copy_(self._table(for_readers=False))
-        return out
+        return carry_over(out, self)
 
     to_dense_module = to_embedding
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .._modules import carry_over, parent_and_attr, replace_submodule
+from .._modules import parent_and_attr, replace_submodule
 from ..core.tt import TTMatrix
 
 __all__ = ["register_layer", "convertible_types", "layer_types", "layer_type", "type_name", "converter_for",
@@ -161,7 +161,7 @@ def _dense_counterpart(module: nn.Module) -> nn.Module | None:
     if type_name(module) is None or not hasattr(module, "to_dense_module"):
         return None
     try:
-        return carry_over(module.to_dense_module(), module)
+        return module.to_dense_module()  # (frozen parameters and the mode carried over)
     except NotImplementedError:
         return None
 

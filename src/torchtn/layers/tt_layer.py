@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .._modules import holding
+from .._modules import carry_over, holding
 from ..core._tracing import kept, traced
 from ..core.contraction import MergedCache
 from ..core.tt import BondInfo, TTMatrix, check_cores, tt_ranks
@@ -125,8 +125,9 @@ class TTLayer(ComputedWeight):
         raise NotImplementedError(f"{type(self).__name__} has no dense counterpart")
 
     def _dense_copy(self, module: nn.Module) -> nn.Module:
-        """``module`` (a fresh dense layer of the same geometry) holding this layer's weight and bias."""
-        return holding(module, self.to_dense(), getattr(self, "bias", None))
+        """``module`` (a fresh dense layer of the same geometry) holding this layer's weight and bias, frozen and in
+        the mode where this layer is."""
+        return carry_over(holding(module, self.to_dense(), getattr(self, "bias", None)), self)
 
     # ------------------------------------------------------------------ the TT-matrix
     @property
