@@ -339,3 +339,23 @@ def test_a_layer_used_twice_or_skipped_in_a_batch_is_named_not_half_trained():
             loss="mse").fit(data)
     assert measure(model, data.x_test, data.y_test, "mse")["loss"] < 0.5 * before
     assert model.tn.ranks != (1, 2, 1) or not all(torch.equal(a, b) for a, b in zip(start, model.tn.cores))
+
+
+def test_a_frozen_mpo_layer_is_left_alone_by_the_sweep():
+    """Sweeps trained (and re-ranked) an MPO layer whose cores the user had frozen, and left them trainable; a layer
+    with every core frozen is now left as it is — as an optimizer leaves a frozen parameter — while the others are
+    swept; a model with nothing left to sweep is refused in one line."""
+    from torchtn.models import FC2
+
+    data = load_digits()
+    torch.manual_seed(0)
+    model = FC2(64, hidden=64, layers="mpo", rank=4)
+    model.fc1.requires_grad_(False)
+    frozen, other = model.fc1.to_dense().clone(), model.fc2.to_dense().clone()
+    Trainer(model, TrainConfig(epochs=1, optimizer="sweep", progress=False)).fit(data)
+    assert torch.equal(model.fc1.to_dense(), frozen) and model.fc1.ranks == (1, 4, 4, 4, 1)
+    assert not any(p.requires_grad for p in model.fc1.parameters())
+    assert not torch.equal(model.fc2.to_dense(), other)
+    model.fc2.requires_grad_(False)
+    with pytest.raises(ValueError, match="MPOLinear layer of two or more cores that are not frozen"):
+        Trainer(model, TrainConfig(epochs=1, optimizer="sweep", progress=False))

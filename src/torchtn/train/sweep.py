@@ -82,9 +82,11 @@ class SweepConfig:
 
 def sweepable_layers(model: nn.Module) -> dict[str, TTLayer]:
     """The layers a sweep trains, by name: every TT layer whose forward runs on any chain of cores of its matrix
-    (``sweepable``; today ``MPOLinear``) and that has at least one bond."""
+    (``sweepable``; today ``MPOLinear``), that has at least one bond and whose cores are not frozen (a layer with
+    every core at ``requires_grad=False`` is left as it is, as an optimizer would leave it)."""
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, TTLayer) and getattr(m, "sweepable", False) and len(m.core_list()) >= 2}
+            if isinstance(m, TTLayer) and getattr(m, "sweepable", False) and len(m.core_list()) >= 2
+            and any(c.requires_grad for c in m.core_list())}
 
 
 class _Capture:
@@ -145,7 +147,8 @@ class Sweeper:
         self.names = list(sweepable_layers(model))
         if not self.names:
             raise ValueError("optimizer='sweep' needs a model with at least one MPOLinear layer of two or more cores "
-                             f"(found none in {type(model).__name__}); build it with MPO layers or tensorize it first")
+                             f"that are not frozen (found none in {type(model).__name__}); build it with MPO layers "
+                             f"or tensorize it first")
         for name in self.names:  # a sweep replaces the cores: none may be held by pruning or a parametrization
             self.layer(name)._plain_cores(f"trained by sweeps ({name!r})")
         self.history: list[dict] = []
