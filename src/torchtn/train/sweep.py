@@ -168,6 +168,8 @@ class Sweeper:
             self._captures[name] = _Capture(layer)
 
     def detach(self) -> None:
+        """Remove the hooks; the cores need gradients again (a swept layer's cores were trainable: frozen layers are
+        not swept)."""
         for name, cap in self._captures.items():
             cap.remove()
             for p in self.layer(name).core_list():
