@@ -304,13 +304,16 @@ def load_layers(path: str | os.PathLike) -> dict[str, nn.Module]:
 _PARAMETRIZATION = re.compile(r"^(?:(.+)\.)?parametrizations\.([A-Za-z_][A-Za-z0-9_]*)\.0$")
 
 
+ROOT_NAME = "(model)"  # how reports name a model that is itself the layer (its module name is "")
+
+
 def tensor_name(layer_name: str) -> str:
     """The name a report gives a layer recorded in a file: ``owner.tensor`` for the parametrization of a tensor
-    (``att.parametrizations.in_proj_weight.0`` → ``att.in_proj_weight``, as ``tensorize`` reports it), else the
-    module's own name."""
+    (``att.parametrizations.in_proj_weight.0`` → ``att.in_proj_weight``, as ``tensorize`` reports it), ``(model)``
+    for the model itself, else the module's own name."""
     match = _PARAMETRIZATION.match(layer_name)
     if match is None:
-        return layer_name
+        return layer_name or ROOT_NAME
     return f"{match.group(1)}.{match.group(2)}" if match.group(1) else match.group(2)
 
 

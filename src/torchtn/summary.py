@@ -36,7 +36,7 @@ def layer_tables(layers: Mapping[str, nn.Module]) -> tuple[list[str], dict[str, 
         return ["no tensor-network layers"], {}
     networks = {name: layer.tt_matrices() for name, layer in layers.items()}
     blocks = []
-    plain = [(tensor_name(name) or "(model)", type_name(layer),
+    plain = [(tensor_name(name), type_name(layer),
               ", ".join(f"{k}={v}" for k, v in layer.layout().items()),
               sum(p.numel() for p in layer.parameters()), _counted(layer))
              for name, layer in layers.items() if not networks[name]]
@@ -50,7 +50,7 @@ def layer_tables(layers: Mapping[str, nn.Module]) -> tuple[list[str], dict[str, 
     rows, entropies = [], {}
     for name, nets in networks.items():
         for label, tt in nets.items():
-            base = tensor_name(name) or "(model)"
+            base = tensor_name(name)
             full = f"{base}.{label}" if label else base
             info = tt.to(dtype=torch.float64).bond_report()
             if not info:  # one core: the dense matrix, no bond

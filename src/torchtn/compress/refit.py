@@ -29,6 +29,7 @@ from .._checks import check_nonnegative_real
 from .._modules import unwrapped
 from ..core.tt import TTMatrix
 from ..core.weighting import Weighting, _cholesky, two_core_shapes
+from ..io import tensor_name
 from ..layers.mpo_linear import MPOLinear
 from ..report import format_table
 from .calibration import LayerStats, _run
@@ -91,7 +92,7 @@ class RefitReport:
 
     def table(self) -> str:
         return format_table(["layer", "rank", "output error before", "after refit"],
-                            [(n, r, f"{b:.4f}", f"{a:.4f}") for n, r, b, a in self.rows])
+                            [(tensor_name(n), r, f"{b:.4f}", f"{a:.4f}") for n, r, b, a in self.rows])
 
     def __str__(self) -> str:
         return self.table()

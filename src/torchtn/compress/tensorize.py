@@ -26,6 +26,7 @@ from .._modules import check_not_pruned, replace_submodule, unwrapped
 from ..core import TTMatrix, bond_caps, inner_ranks, tt_compression_ratio, tt_num_params
 from ..core.adtn import MAPPINGS, adtn_num_params, adtn_qubits
 from ..core.weighting import Weighting, two_core_shapes
+from ..io import ROOT_NAME, tensor_name
 from ..layers.mpo_linear import MPOLinear
 from ..layers.mpo_parametrize import MPOParametrization, TensorSite, attention_sites
 from ..layers.registry import converter_for, densify_model, put_back
@@ -70,9 +71,6 @@ class LayerReport:
         return tt_compression_ratio(self.in_shape, self.out_shape, self.ranks)
 
 
-ROOT = "(model)"  # how a report names a model that is itself the layer converted
-
-
 @dataclass
 class TensorizeReport:
     """Per-layer results plus whole-model parameter counts; ``print(report)`` shows a table."""
@@ -90,7 +88,7 @@ class TensorizeReport:
     def table(self) -> str:
         calibrated = any(r.output_error is not None for r in self.layers)
         rows = [
-            (r.name or ROOT, r.layer_type, f"{r.out_features}×{r.in_features}", f"{r.out_shape}←{r.in_shape}" if r.out_shape
+            (tensor_name(r.name), r.layer_type, f"{r.out_features}×{r.in_features}", f"{r.out_shape}←{r.in_shape}" if r.out_shape
              else "–", str(r.ranks) if r.depth is None else f"depth {r.depth}",
              r.params_before, r.params_after, round(r.compression_ratio, 1), r.rel_error,
              *([("–" if r.output_error is None else r.output_error)] if calibrated else []),
@@ -109,7 +107,7 @@ class TensorizeReport:
                          "‖W_adtn − W‖/‖W‖")
         if self.skipped:
             # (a model that is itself the one layer has the name "")
-            lines.append("not converted: " + ", ".join(ROOT + s if not s or s.startswith(" ") else s
+            lines.append("not converted: " + ", ".join(ROOT_NAME + s if not s or s.startswith(" ") else s
                                                        for s in self.skipped))
         return "\n".join(lines)
 
