@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 __all__ = ["parent_and_attr", "replace_submodule", "holding", "pruned_tensors", "check_not_pruned", "unwrapped",
-           "carry_over"]
+           "unwrapped_state", "carry_over"]
 
 
 def carry_over(new: nn.Module, old: nn.Module | torch.Tensor) -> nn.Module:
@@ -30,7 +30,7 @@ def carry_over(new: nn.Module, old: nn.Module | torch.Tensor) -> nn.Module:
 def unwrapped(model: nn.Module) -> nn.Module:
     """The module a wrapper runs: ``torch.compile``'s ``OptimizedModule`` (``_orig_mod``) and ``DistributedDataParallel``
     / ``DataParallel`` (``module``) peeled off, so that files, reports and conversions name the layers as the model
-    itself does (not ``_orig_mod.fc1``)."""
+    itself does (not ``_orig_mod.fc1``). For a state dict saved from a wrapper: :func:`unwrapped_state`."""
     from torch._dynamo.eval_frame import OptimizedModule
 
     while True:
@@ -40,6 +40,22 @@ def unwrapped(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # what those wrappers put before their module's state-dict keys
+
+
+def unwrapped_state(state: dict[str, torch.Tensor], expected) -> dict[str, torch.Tensor]:
+    """A state dict saved from a wrapped model (``ddp_model.state_dict()``: every key ``module.…``; a compiled one:
+    ``_orig_mod.…``; or both) with the wrappers' prefixes taken off, when the model (its keys: ``expected``) expects
+    none."""
+    expected = set(expected)
+    while state and not set(state) & expected:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
 
 
 def parent_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -32,6 +32,7 @@ from .._checks import (
     check_rel_tol,
     error_line,
 )
+from .._modules import unwrapped_state
 from ..compress import tensorize
 from ..core.adtn import MAPPINGS
 from ..data import Dataset, load_dataset
@@ -236,28 +237,13 @@ def load_user_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Modu
         raise ValueError(f"--model-file {path}: expected a .safetensors, .pt or .pth file")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"--model-file {path} does not hold a state dict of tensors")
-    state = _without_wrapper_prefix(state, model.state_dict().keys())
+    state = unwrapped_state(state, model.state_dict().keys())
     try:
         model.load_state_dict(fold_pruned(state, model.state_dict().keys()))
     except RuntimeError as err:
         raise ValueError(f"--model-file {path} does not fit --arch {type(model).__name__}: "
                          f"{str(err).strip().splitlines()[-1].strip()[:200]}") from None
     return model
-
-
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel / DataParallel, torch.compile
-
-
-def _without_wrapper_prefix(state: dict[str, torch.Tensor], expected) -> dict[str, torch.Tensor]:
-    """A state dict saved from a wrapped model (``ddp_model.state_dict()``: every key ``module.…``; a compiled one:
-    ``_orig_mod.…``; or both) with the wrappers' prefixes taken off, when the model expects none."""
-    expected = set(expected)
-    while state and not set(state) & expected:
-        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
-        if prefix is None:
-            break
-        state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
 
 
 def preflight(config: CompressConfig, out: Path, resume: bool, data: Dataset) -> torch.nn.Module | None:
