@@ -442,6 +442,11 @@ def test_a_model_that_is_itself_a_layer_saves_loads_and_is_inspected(tmp_path, c
 
     with pytest.raises(ModelFileError, match=rf"a single {name} layer, but the given model is a Sequential holding"):
         load_model(path, nn.Sequential(skeleton))
+    blank = _layer_and_its_input(name)[0]  # a layer of the same type as the skeleton (it holds submodules too)
+    with torch.no_grad():
+        for p in blank.parameters():
+            p.zero_()
+    torch.testing.assert_close(load_model(path, blank)(x), layer(x), rtol=0, atol=0)
 
 
 def test_a_file_recording_the_model_as_a_layer_and_layers_inside_it_is_refused(tmp_path):
@@ -462,7 +467,7 @@ def test_a_file_recording_the_model_as_a_layer_and_layers_inside_it_is_refused(t
 def test_checking_a_file_builds_its_layers_without_making_values(tmp_path):
     """Files' layers are first built on the meta device to check their shapes; initializing them there (PyTorch's
     meta randn, a product with a scalar) imports sympy and the compiler stack, ~1 s of every cold load or inspect.
-    Read every type's file in a fresh process and check that none of that was imported."""
+    Read every type's file in a fresh process, save and load a model, and check that none of that was imported."""
     import subprocess
     import sys
 
@@ -470,6 +475,9 @@ def test_checking_a_file_builds_its_layers_without_making_values(tmp_path):
              for name in sorted(EXAMPLES)]
     code = ("import sys, torchtn\n"
             f"for path in {paths!r}:\n    torchtn.io.load_layers(path)\n"
+            # (save_model / load_model look for a torch.compile wrapper without importing torch._dynamo for it)
+            f"path = torchtn.save_model(torchtn.MPOLinear(16, 16, 2), {str(tmp_path / 'r.safetensors')!r})\n"
+            "torchtn.load_model(path, torchtn.MPOLinear(16, 16, 2))\n"
             "print(sorted(m for m in ('sympy', 'torch._dynamo') if m in sys.modules))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,6 +1,8 @@
 """Helpers for walking and editing an ``nn.Module`` tree by qualified name (``"encoder.layer.0.fc"``)."""
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -31,10 +33,10 @@ def unwrapped(model: nn.Module) -> nn.Module:
     """The module a wrapper runs: ``torch.compile``'s ``OptimizedModule`` (``_orig_mod``) and ``DistributedDataParallel``
     / ``DataParallel`` (``module``) peeled off, so that files, reports and conversions name the layers as the model
     itself does (not ``_orig_mod.fc1``). For a state dict saved from a wrapper: :func:`unwrapped_state`."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
+    # (a model torch.compile wrapped means its module is loaded: importing it here would cost ~1 s of every save/load)
+    optimized = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", ())
     while True:
-        if isinstance(model, OptimizedModule):
+        if isinstance(model, optimized):
             model = model._orig_mod
         elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module

@@ -364,7 +364,7 @@ def load_model(path: str | os.PathLike, model: nn.Module, *, strict: bool = True
     records = _validated_records(path, read_metadata(path))
     shapes = _tensor_shapes(path)
     if "" in records:  # the model itself is the recorded layer: it comes back as that layer
-        if strict and list(model.children()):
+        if strict and type_name(model) != records[""].get("type") and list(model.children()):
             raise ModelFileError(f"{path}: the file's model is a single {records[''].get('type')} layer, but the "
                                  f"given model is a {type(model).__name__} holding submodules: pass the layer's "
                                  f"dense counterpart (or the layer itself) as the skeleton")
